@@ -1,0 +1,38 @@
+package lab
+
+import (
+	"os"
+	"testing"
+)
+
+// Require skips the test when the process cannot build namespaces (not
+// root), and fails it instead under CI (CI=true), where nothing may skip.
+// It also sweeps namespaces left by dead test processes.
+func Require(tb testing.TB) {
+	tb.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			tb.Fatal("this test needs root (network namespaces, TCP_REPAIR, nftables) and CI=true forbids skipping")
+		}
+		tb.Skip("needs root: network namespaces, TCP_REPAIR and nftables")
+	}
+	if err := Sweep(); err != nil {
+		tb.Logf("lab: sweep of stale namespaces: %v", err)
+	}
+}
+
+// NewTestLAN builds a LAN for a test and removes it when the test ends.
+func NewTestLAN(tb testing.TB, labels ...string) *LAN {
+	tb.Helper()
+	Require(tb)
+	l, err := NewLAN(labels...)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			tb.Errorf("lab: remove LAN: %v", err)
+		}
+	})
+	return l
+}

@@ -1,0 +1,28 @@
+// Package repair is the kernel interface of one TCP socket under TCP_REPAIR:
+// it dumps an established connection into a Snapshot and rebuilds a socket
+// from one. It is the Go counterpart of CRIU's libsoccr.
+//
+// The package has a handful of verbs, used in this order:
+//
+//	source:  (lock the 4-tuple) → Dump → hold … → Discard (commit) or Abort (roll back)
+//	target:  (lock the 4-tuple) → Restore → hold … → (unlock) → Resume (commit) or Discard (abort)
+//
+// Invariants:
+//
+//   - Dump requires that the caller has already blocked every packet of the
+//     connection in both directions (the firewall lock). Without it the queues
+//     change under the dump and the Snapshot is wrong; Dump detects most such
+//     races by re-reading the counters and fails rather than return bad data.
+//   - A Snapshot is single-use: once the source socket has been resumed, a
+//     Snapshot taken from it is stale and restoring it would create a second
+//     endpoint with old sequence numbers.
+//   - A socket returned by Restore is still in repair mode; nothing it does
+//     reaches the peer until Resume. Discard closes a socket in repair mode,
+//     which the kernel does silently: no FIN, no RST.
+//   - Every error path closes the descriptors this package opened and leaves
+//     no socket it created in repair mode.
+//
+// The package does no network I/O beyond the socket itself, keeps no policy
+// and does not log. Errors are *OpError values naming the operation and the
+// connection, wrapping the kernel's errno or one of the sentinel errors.
+package repair
