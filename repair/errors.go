@@ -33,15 +33,15 @@ type Reason uint8
 
 // The reasons a connection is refused.
 const (
-	ReasonState      Reason = iota + 1 // its TCP state is not one this version migrates
-	ReasonULP                          // an upper-layer protocol such as kTLS is attached
-	ReasonMD5                          // TCP-MD5 signatures are in use
-	ReasonAO                           // TCP-AO authentication is in use
-	ReasonMPTCP                        // it is an MPTCP socket
-	ReasonUrgent                       // urgent data is pending
-	ReasonRepairOn                     // the socket is already in repair mode (someone else is migrating it)
-	ReasonNotTCP                       // the descriptor is not a TCP socket
-	ReasonFamily                       // the address family is not IPv4 or IPv6
+	ReasonState    Reason = iota + 1 // its TCP state is not one this version migrates
+	ReasonULP                        // an upper-layer protocol such as kTLS is attached
+	ReasonMD5                        // TCP-MD5 signatures are in use
+	ReasonAO                         // TCP-AO authentication is in use
+	ReasonMPTCP                      // it is an MPTCP socket
+	ReasonUrgent                     // urgent data is pending
+	ReasonRepairOn                   // the socket is already in repair mode (someone else is migrating it)
+	ReasonNotTCP                     // the descriptor is not a TCP socket
+	ReasonFamily                     // the address family is not IPv4 or IPv6
 )
 
 var reasonNames = [...]string{

@@ -165,21 +165,21 @@ type OptMask uint32
 
 // The bits of OptMask.
 const (
-	OptLinger         OptMask = 1 << iota // SO_LINGER was enabled
-	OptBindToDevice                       // SO_BINDTODEVICE was set
-	OptBufLock                            // the kernel reported SO_BUF_LOCK (5.14+)
-	OptCongestion                         // TCP_CONGESTION was read
-	OptRTOMin                             // TCP_RTO_MIN_US was read (6.14+ kernels)
-	OptRTOMax                             // TCP_RTO_MAX_MS was read (6.15+ kernels)
-	OptTxDelay                            // TCP_TX_DELAY was set
-	OptTransparent                        // IP_TRANSPARENT / IPV6_TRANSPARENT was set
-	OptPeekOff                            // SO_PEEK_OFF was set (not -1)
-	OptV6Only                             // IPV6_V6ONLY was set (AF_INET6 only)
-	OptFreebind                           // IP_FREEBIND / IPV6_FREEBIND was set
-	OptTClass                             // IPV6_TCLASS (AF_INET6 only) is valid
-	OptUnicastHops                        // IPV6_UNICAST_HOPS (AF_INET6 only) is valid
-	OptRecvErr                            // IP_RECVERR / IPV6_RECVERR was set
-	OptMaxPacingRate                      // SO_MAX_PACING_RATE was set (not unlimited)
+	OptLinger        OptMask = 1 << iota // SO_LINGER was enabled
+	OptBindToDevice                      // SO_BINDTODEVICE was set
+	OptBufLock                           // the kernel reported SO_BUF_LOCK (5.14+)
+	OptCongestion                        // TCP_CONGESTION was read
+	OptRTOMin                            // TCP_RTO_MIN_US was read (6.14+ kernels)
+	OptRTOMax                            // TCP_RTO_MAX_MS was read (6.15+ kernels)
+	OptTxDelay                           // TCP_TX_DELAY was set
+	OptTransparent                       // IP_TRANSPARENT / IPV6_TRANSPARENT was set
+	OptPeekOff                           // SO_PEEK_OFF was set (not -1)
+	OptV6Only                            // IPV6_V6ONLY was set (AF_INET6 only)
+	OptFreebind                          // IP_FREEBIND / IPV6_FREEBIND was set
+	OptTClass                            // IPV6_TCLASS (AF_INET6 only) is valid
+	OptUnicastHops                       // IPV6_UNICAST_HOPS (AF_INET6 only) is valid
+	OptRecvErr                           // IP_RECVERR / IPV6_RECVERR was set
+	OptMaxPacingRate                     // SO_MAX_PACING_RATE was set (not unlimited)
 )
 
 // Options holds the ordinary socket options that a migration carries: all

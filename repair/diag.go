@@ -1,0 +1,133 @@
+package repair
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// sock_diag attribute types (include/uapi/linux/inet_diag.h).
+const (
+	inetDiagShutdown = 8
+	inetDiagMD5Sig   = 18
+	inetDiagULPInfo  = 19
+
+	inetDiagReqLen = 56 // sizeof(struct inet_diag_req_v2)
+	inetDiagMsgLen = 72 // sizeof(struct inet_diag_msg)
+)
+
+// diagInfo is what one sock_diag lookup tells about a socket that no
+// getsockopt reveals.
+type diagInfo struct {
+	shutdown Shutdown
+	md5      bool // TCP-MD5 keys are installed
+}
+
+// sockDiag looks the connection up by its exact 4-tuple and cookie with
+// NETLINK_SOCK_DIAG in the calling thread's network namespace. The caller
+// needs CAP_NET_ADMIN for the MD5 attribute to be reported.
+func sockDiag(fd int, family uint16, local, remote netip.AddrPort) (diagInfo, error) {
+	var cookie uint64
+	if _, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_COOKIE, unsafe.Pointer(&cookie), 8); err != nil {
+		return diagInfo{}, err
+	}
+	// A socket bound to a device is found only when the lookup names it.
+	ifindex, err := getInt(fd, unix.SOL_SOCKET, unix.SO_BINDTOIFINDEX)
+	if err != nil {
+		return diagInfo{}, err
+	}
+	nl, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return diagInfo{}, err
+	}
+	defer unix.Close(nl)
+
+	var req [unix.NLMSG_HDRLEN + inetDiagReqLen]byte
+	ne := binary.NativeEndian
+	ne.PutUint32(req[0:], uint32(len(req)))
+	ne.PutUint16(req[4:], unix.SOCK_DIAG_BY_FAMILY)
+	ne.PutUint16(req[6:], unix.NLM_F_REQUEST)
+	ne.PutUint32(req[8:], 1) // sequence
+	r := req[unix.NLMSG_HDRLEN:]
+	r[0] = uint8(family)
+	r[1] = unix.IPPROTO_TCP
+	ne.PutUint32(r[4:], ^uint32(0)) // all states
+	binary.BigEndian.PutUint16(r[8:], local.Port())
+	binary.BigEndian.PutUint16(r[10:], remote.Port())
+	putDiagAddr(r[12:28], family, local.Addr())
+	putDiagAddr(r[28:44], family, remote.Addr())
+	ne.PutUint32(r[44:], uint32(ifindex))
+	ne.PutUint64(r[48:], cookie)
+
+	var sa unix.RawSockaddrNetlink
+	sa.Family = unix.AF_NETLINK
+	_, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(nl), uintptr(unsafe.Pointer(&req[0])), uintptr(len(req)), 0,
+		uintptr(unsafe.Pointer(&sa)), unix.SizeofSockaddrNetlink)
+	if e != 0 {
+		return diagInfo{}, e
+	}
+	var buf [8192]byte
+	n, _, e := unix.Syscall6(unix.SYS_RECVFROM, uintptr(nl), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), 0, 0, 0)
+	if e != 0 {
+		return diagInfo{}, e
+	}
+	return parseDiag(buf[:n])
+}
+
+func putDiagAddr(b []byte, family uint16, a netip.Addr) {
+	if family == unix.AF_INET {
+		v4 := a.Unmap().As4()
+		copy(b, v4[:])
+		return
+	}
+	v6 := a.As16()
+	copy(b, v6[:])
+}
+
+func parseDiag(b []byte) (diagInfo, error) {
+	ne := binary.NativeEndian
+	if len(b) < unix.NLMSG_HDRLEN {
+		return diagInfo{}, unix.EBADMSG
+	}
+	mlen := int(ne.Uint32(b[0:]))
+	typ := ne.Uint16(b[4:])
+	if mlen > len(b) || mlen < unix.NLMSG_HDRLEN {
+		return diagInfo{}, unix.EBADMSG
+	}
+	if typ == unix.NLMSG_ERROR {
+		if mlen >= unix.NLMSG_HDRLEN+4 {
+			if errno := -int32(ne.Uint32(b[unix.NLMSG_HDRLEN:])); errno > 0 {
+				return diagInfo{}, unix.Errno(errno)
+			}
+		}
+		return diagInfo{}, unix.EBADMSG
+	}
+	if typ != unix.SOCK_DIAG_BY_FAMILY || mlen < unix.NLMSG_HDRLEN+inetDiagMsgLen {
+		return diagInfo{}, unix.EBADMSG
+	}
+	var info diagInfo
+	attrs := b[unix.NLMSG_HDRLEN+inetDiagMsgLen : mlen]
+	for len(attrs) >= 4 {
+		alen := int(ne.Uint16(attrs[0:]))
+		atyp := ne.Uint16(attrs[2:]) & 0x3fff // NLA_TYPE_MASK
+		if alen < 4 || alen > len(attrs) {
+			break
+		}
+		switch atyp {
+		case inetDiagShutdown:
+			if alen >= 5 {
+				info.shutdown = Shutdown(attrs[4] & 3)
+			}
+		case inetDiagMD5Sig:
+			info.md5 = alen > 4
+		}
+		adv := (alen + 3) &^ 3
+		if adv > len(attrs) {
+			break
+		}
+		attrs = attrs[adv:]
+	}
+	return info, nil
+}

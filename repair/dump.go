@@ -1,0 +1,346 @@
+package repair
+
+import (
+	"errors"
+	"sync"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxCaptureAttempts bounds the re-reads when the counters move under a dump.
+const maxCaptureAttempts = 3
+
+// Dump fills s with the state of the connection on fd: Inspect, then Capture.
+//
+// The caller must already have locked the connection (dropped its packets
+// in both directions on this host) and stopped its owner from using it.
+// On success the socket is left locked and in repair mode: Discard it once
+// the target owns the connection, or Resume it to roll back. On error the
+// socket is back out of repair mode, as it was.
+//
+// Dump reuses the capacity of s.RecvQueue and s.SendQueue, so a caller that
+// recycles Snapshots does not allocate for queues that fit.
+func Dump(fd int, s *Snapshot) error {
+	if err := Inspect(fd, s); err != nil {
+		return err
+	}
+	return Capture(fd, s)
+}
+
+// Inspect is the part of a dump that may run before the connection is
+// locked: it refuses connections that cannot be migrated (returning an
+// *UnsupportedError and changing nothing), and reads the addresses, the
+// shutdown bits and the ordinary socket options into s. The owner of the
+// socket must already be frozen, so that the options do not change.
+//
+// Inspect looks the connection up with NETLINK_SOCK_DIAG (to see TCP-MD5
+// keys and the shutdown bits), so it must run in the socket's network
+// namespace.
+func Inspect(fd int, s *Snapshot) error {
+	recvQ, sendQ := s.RecvQueue[:0], s.SendQueue[:0]
+	*s = Snapshot{RecvQueue: recvQ, SendQueue: sendQ}
+
+	domain, err := getInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+	if err != nil {
+		return &OpError{Op: "getsockopt SO_DOMAIN", Err: err}
+	}
+	if domain != unix.AF_INET && domain != unix.AF_INET6 {
+		return &UnsupportedError{Reason: ReasonFamily, Detail: "domain " + itoa(int(domain))}
+	}
+	s.Family = uint16(domain)
+	proto, err := getInt(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	if err != nil {
+		return &OpError{Op: "getsockopt SO_PROTOCOL", Err: err}
+	}
+	switch proto {
+	case unix.IPPROTO_TCP:
+	case unix.IPPROTO_MPTCP:
+		return &UnsupportedError{Reason: ReasonMPTCP}
+	default:
+		return &UnsupportedError{Reason: ReasonNotTCP, Detail: "protocol " + itoa(int(proto))}
+	}
+	var info [tcpInfoPrefix]byte
+	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
+		return &OpError{Op: "getsockopt TCP_INFO", Err: err}
+	}
+	if st := State(info[0]); st != StateEstablished {
+		local, _ := sockname(fd, false)
+		remote, _ := sockname(fd, true)
+		return &UnsupportedError{Local: local, Remote: remote, Reason: ReasonState, Detail: st.String()}
+	}
+	if s.Local, err = sockname(fd, false); err != nil {
+		return &OpError{Op: "getsockname", Err: err}
+	}
+	if s.Remote, err = sockname(fd, true); err != nil {
+		return &OpError{Op: "getpeername", Local: s.Local, Err: err}
+	}
+	refuse := func(r Reason, detail string) error {
+		return &UnsupportedError{Local: s.Local, Remote: s.Remote, Reason: r, Detail: detail}
+	}
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	if v, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR); err != nil {
+		return opErr("getsockopt TCP_REPAIR", err)
+	} else if v != 0 {
+		return refuse(ReasonRepairOn, "")
+	}
+	var name [16]byte
+	if n, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_ULP, unsafe.Pointer(&name), 16); err != nil {
+		return opErr("getsockopt TCP_ULP", err)
+	} else if ulp := cstring(name[:n]); len(ulp) > 0 {
+		return refuse(ReasonULP, string(ulp))
+	}
+	var ao [64]byte
+	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, tcpAOInfo, unsafe.Pointer(&ao), uint32(len(ao))); err == nil {
+		return refuse(ReasonAO, "")
+	} else if !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENOPROTOOPT) {
+		return opErr("getsockopt TCP_AO_INFO", err)
+	}
+	if v, err := ioctlInt(fd, unix.SIOCATMARK); err != nil {
+		return opErr("ioctl SIOCATMARK", err)
+	} else if v != 0 {
+		return refuse(ReasonUrgent, "")
+	}
+	diag, err := sockDiag(fd, s.Family, s.Local, s.Remote)
+	if err != nil {
+		return opErr("sock_diag lookup (is the socket in this network namespace?)", err)
+	}
+	if diag.md5 {
+		return refuse(ReasonMD5, "")
+	}
+	s.Shutdown = diag.shutdown
+	if op, err := readOptions(fd, s.Family, &s.Options); err != nil {
+		return opErr(op, err)
+	}
+	return nil
+}
+
+// Capture completes a Snapshot that Inspect began: repair on, then the
+// state, negotiated options, sequence numbers, window, timestamp and both
+// queues (REPAIR-NOTES 3.2, steps D4 to D14). The connection must be locked.
+//
+// If the counters change between the first read and the re-read at the end
+// (traffic leaked past the lock), Capture retries a few times and then
+// fails with ErrUnstable. On success the socket stays in repair mode with no
+// queue selected; on error it is taken back out of repair mode.
+func Capture(fd int, s *Snapshot) (err error) {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		return opErr("turn repair on", err)
+	}
+	defer func() {
+		if err != nil {
+			_ = resume(fd, s, unix.TCP_REPAIR_OFF)
+		}
+	}()
+	if s.Options.Mask&OptPeekOff != 0 {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, -1); err != nil {
+			return opErr("clear SO_PEEK_OFF", err)
+		}
+	}
+	for attempt := 1; ; attempt++ {
+		err = capture(fd, s)
+		if !errors.Is(err, ErrUnstable) || attempt == maxCaptureAttempts {
+			return err
+		}
+	}
+}
+
+func capture(fd int, s *Snapshot) error {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	var info [tcpInfoPrefix]byte
+	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
+		return opErr("getsockopt TCP_INFO", err)
+	}
+	s.State = State(info[0])
+	if s.State != StateEstablished {
+		return &UnsupportedError{Local: s.Local, Remote: s.Remote, Reason: ReasonState, Detail: s.State.String()}
+	}
+	opts := info[5]
+	s.Flags = FlagWindow
+	if opts&tcpiOptSACK != 0 {
+		s.Flags |= FlagSACK
+	}
+	if opts&tcpiOptECN != 0 {
+		s.Flags |= FlagECN
+	}
+	s.SndWScale, s.RcvWScale = 0, 0
+	if opts&tcpiOptWScale != 0 {
+		s.Flags |= FlagWScale
+		s.SndWScale, s.RcvWScale = info[6]&0xf, info[6]>>4
+	}
+
+	outq, unsq, inq, op, err := queueLengths(fd)
+	if err != nil {
+		return opErr(op, err)
+	}
+	mss, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG)
+	if err != nil {
+		return opErr("getsockopt TCP_MAXSEG", err)
+	}
+	s.MSSClamp = uint32(mss)
+	s.Timestamp = 0
+	if opts&tcpiOptTimestamps != 0 {
+		s.Flags |= FlagTimestamps
+		ts, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP)
+		if err != nil {
+			return opErr("getsockopt TCP_TIMESTAMP", err)
+		}
+		s.Timestamp = uint32(ts)
+		if kernelUsecTS() {
+			if s.Timestamp&1 != 0 || opts&tcpiOptUsecTS != 0 {
+				s.Flags |= FlagUsecTS
+			}
+			s.Timestamp &^= 1
+		} else if s.Timestamp&1 != 0 {
+			s.Timestamp++ // never step back: round an odd pre-6.7 value up (REPAIR-NOTES 4.5)
+		}
+	}
+	if err := getWindow(fd, &s.Window); err != nil {
+		if errors.Is(err, unix.ENOPROTOOPT) {
+			return opErr("getsockopt TCP_REPAIR_WINDOW", ErrNoRepairWindow)
+		}
+		return opErr("getsockopt TCP_REPAIR_WINDOW", err)
+	}
+
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+		return opErr("select receive queue", err)
+	}
+	rseq, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return opErr("getsockopt TCP_QUEUE_SEQ (receive)", err)
+	}
+	s.RecvSeq = uint32(rseq)
+	if s.RecvQueue, err = peekQueue(fd, s.RecvQueue, int(inq)); err != nil {
+		return opErr("peek receive queue", err)
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+		return opErr("select send queue", err)
+	}
+	sseq, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return opErr("getsockopt TCP_QUEUE_SEQ (send)", err)
+	}
+	s.SendSeq = uint32(sseq)
+	if s.SendQueue, err = peekQueue(fd, s.SendQueue, int(outq)); err != nil {
+		return opErr("peek send queue", err)
+	}
+	s.Unsent = uint32(unsq)
+
+	// D14: re-read every counter; any change means packets got past the lock.
+	sseq2, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return opErr("getsockopt TCP_QUEUE_SEQ (send)", err)
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+		return opErr("select receive queue", err)
+	}
+	rseq2, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return opErr("getsockopt TCP_QUEUE_SEQ (receive)", err)
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		return opErr("deselect queue", err)
+	}
+	outq2, unsq2, inq2, op, err := queueLengths(fd)
+	if err != nil {
+		return opErr(op, err)
+	}
+	if sseq2 != sseq || rseq2 != rseq || outq2 != outq || unsq2 != unsq || inq2 != inq {
+		return opErr("re-read counters", ErrUnstable)
+	}
+	return nil
+}
+
+// queueLengths reads SIOCOUTQ, SIOCOUTQNSD and SIOCINQ; on error it names
+// the failed operation.
+func queueLengths(fd int) (outq, unsq, inq int32, op string, err error) {
+	if outq, err = ioctlInt(fd, unix.SIOCOUTQ); err != nil {
+		return 0, 0, 0, "ioctl SIOCOUTQ", err
+	}
+	if unsq, err = ioctlInt(fd, unix.SIOCOUTQNSD); err != nil {
+		return 0, 0, 0, "ioctl SIOCOUTQNSD", err
+	}
+	if inq, err = ioctlInt(fd, unix.SIOCINQ); err != nil {
+		return 0, 0, 0, "ioctl SIOCINQ", err
+	}
+	if outq < 0 || unsq < 0 || inq < 0 || unsq > outq {
+		return 0, 0, 0, "queue lengths", ErrQueueMismatch
+	}
+	return outq, unsq, inq, "", nil
+}
+
+// peekQueue peeks want+1 bytes of the selected queue into buf (grown if
+// needed) and insists on getting exactly want: one more byte proves there
+// is no hidden data (CRIU issue #622).
+func peekQueue(fd int, buf []byte, want int) ([]byte, error) {
+	if cap(buf) < want+1 {
+		buf = make([]byte, want+1)
+	}
+	if want == 0 {
+		var one [1]byte
+		n, err := peek(fd, one[:])
+		if err != nil {
+			return buf[:0], err
+		}
+		if n != 0 {
+			return buf[:0], ErrQueueMismatch
+		}
+		return buf[:0], nil
+	}
+	buf = buf[:want+1]
+	n, err := peek(fd, buf)
+	if err != nil {
+		if errors.Is(err, unix.EFAULT) {
+			return buf[:0], ErrQueueMismatch // more data than the buffer: hidden bytes
+		}
+		return buf[:0], err
+	}
+	if n != want {
+		return buf[:0], ErrQueueMismatch
+	}
+	return buf[:want], nil
+}
+
+var usecTS = sync.OnceValue(func() bool { return kernelAtLeast(6, 7) })
+
+// kernelUsecTS reports whether TCP_TIMESTAMP carries the microsecond flag in
+// bit 0 (Linux 6.7+). There is no runtime probe for it (REPAIR-NOTES 8.1).
+func kernelUsecTS() bool { return usecTS() }
+
+func kernelAtLeast(major, minor int) bool {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return false
+	}
+	maj, min := parseRelease(unix.ByteSliceToString(u.Release[:]))
+	return maj > major || maj == major && min >= minor
+}
+
+func parseRelease(r string) (major, minor int) {
+	n, part := 0, 0
+	for i := 0; i < len(r); i++ {
+		c := r[i]
+		if c >= '0' && c <= '9' {
+			n = n*10 + int(c-'0')
+			continue
+		}
+		if part == 0 {
+			major, n, part = n, 0, 1
+			if c == '.' {
+				continue
+			}
+		}
+		break
+	}
+	if part == 0 {
+		return n, 0
+	}
+	return major, n
+}

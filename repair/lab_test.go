@@ -1,0 +1,329 @@
+package repair
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+)
+
+// hosts is the lab of the cross-host tests: a peer that stays put, and a
+// source and a target host between which the service address moves.
+type hosts struct {
+	lan            *lab.LAN
+	peer, src, dst *lab.NS
+	peerAddr, svc  netip.Addr
+	bits           int
+}
+
+func newHosts(t *testing.T, v6 bool) *hosts {
+	t.Helper()
+	lan := lab.NewTestLAN(t, "peer", "src", "dst")
+	h := &hosts{lan: lan, peer: lan.Host("peer"), src: lan.Host("src"), dst: lan.Host("dst")}
+	base := [4]string{"198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.10"}
+	h.bits = 24
+	if v6 {
+		base = [4]string{"fd00::1", "fd00::2", "fd00::3", "fd00::10"}
+		h.bits = 64
+	}
+	for i, ns := range []*lab.NS{h.peer, h.src, h.dst} {
+		if err := ns.AddAddr(netip.PrefixFrom(netip.MustParseAddr(base[i]), h.bits)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.peerAddr = netip.MustParseAddr(base[0])
+	h.svc = netip.MustParseAddr(base[3])
+	if err := h.src.AddAddr(netip.PrefixFrom(h.svc, h.bits)); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// moveService moves the service address from the source to the target, as
+// the switch phase of a migration does, and makes the peer forget the old
+// link-layer address (a gratuitous ARP would do that on a real network).
+func (h *hosts) moveService(t *testing.T) {
+	t.Helper()
+	p := netip.PrefixFrom(h.svc, h.bits)
+	if err := h.src.DelAddr(p); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.dst.AddAddr(p); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.peer.FlushNeigh(h.svc); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// nftLock drops the connection's packets on a host with a test-only table
+// (the firewall package is tested on its own). Prerouting and output at
+// priority -300 see packets before conntrack and before the route lookup,
+// so the lock works before the address is local.
+func nftLock(t *testing.T, ns *lab.NS, local, remote netip.AddrPort, inputOnly bool) {
+	t.Helper()
+	ipk := "ip"
+	if local.Addr().Unmap().Is6() {
+		ipk = "ip6"
+	}
+	l, r := netip.AddrPortFrom(local.Addr().Unmap(), local.Port()), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	in := fmt.Sprintf("%s saddr %s tcp sport %d %s daddr %s tcp dport %d counter drop", ipk, r.Addr(), r.Port(), ipk, l.Addr(), l.Port())
+	out := fmt.Sprintf("%s saddr %s tcp sport %d %s daddr %s tcp dport %d counter drop", ipk, l.Addr(), l.Port(), ipk, r.Addr(), r.Port())
+	script := "table inet repairtest {\n chain pre { type filter hook prerouting priority -300;\n  " + in + "\n }\n"
+	if !inputOnly {
+		script += " chain out { type filter hook output priority -300;\n  " + out + "\n }\n"
+	}
+	script += "}\n"
+	cmd := ns.Command("nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft lock in %s: %v: %s", ns.Label, err, out)
+	}
+}
+
+func nftUnlock(t *testing.T, ns *lab.NS) {
+	t.Helper()
+	if out, err := ns.Exec("nft", "delete", "table", "inet", "repairtest"); err != nil {
+		t.Fatalf("nft unlock in %s: %v: %s", ns.Label, err, out)
+	}
+}
+
+// rawDial creates a TCP socket of the given family in ns, binds it to local
+// and connects it to remote; IPv4 addresses on an AF_INET6 socket are used
+// IPv4-mapped (a dual-stack socket). It returns the connection.
+func rawDial(t *testing.T, ns *lab.NS, family int, local, remote netip.AddrPort, setup func(fd int) error) *net.TCPConn {
+	t.Helper()
+	var conn net.Conn
+	err := ns.Do(func() error {
+		fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+		if err != nil {
+			return err
+		}
+		f := os.NewFile(uintptr(fd), "dial")
+		defer f.Close()
+		if family == unix.AF_INET6 {
+			if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
+				return err
+			}
+		}
+		if setup != nil {
+			if err := setup(fd); err != nil {
+				return err
+			}
+		}
+		if err := unix.Bind(fd, sockaddr(family, local)); err != nil {
+			return fmt.Errorf("bind %s: %w", local, err)
+		}
+		if err := unix.Connect(fd, sockaddr(family, remote)); err != nil {
+			return fmt.Errorf("connect %s: %w", remote, err)
+		}
+		conn, err = net.FileConn(f)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return conn.(*net.TCPConn)
+}
+
+func sockaddr(family int, ap netip.AddrPort) unix.Sockaddr {
+	if family == unix.AF_INET {
+		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}
+	}
+	a := ap.Addr()
+	if a.Is4() {
+		a = netip.AddrFrom16(a.As16())
+	}
+	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
+}
+
+// listen opens a listener in ns; setup runs on the listening socket (its
+// options are inherited by accepted connections).
+func listen(t *testing.T, ns *lab.NS, addr netip.AddrPort, setup func(fd int) error) net.Listener {
+	t.Helper()
+	var ln net.Listener
+	err := ns.Do(func() error {
+		lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			if err := c.Control(func(fd uintptr) {
+				if setup != nil {
+					serr = setup(int(fd))
+				}
+			}); err != nil {
+				return err
+			}
+			return serr
+		}}
+		var err error
+		ln, err = lc.Listen(context.Background(), "tcp", addr.String())
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// pattern fills b with the test stream of direction dir starting at offset
+// off. Every byte depends on its offset, so a lost, repeated or reordered
+// byte shows up as a mismatch.
+func pattern(b []byte, dir byte, off int64) {
+	for i := range b {
+		x := uint64(off+int64(i)) + uint64(dir)<<40
+		x ^= x >> 7
+		x *= 0x9E3779B97F4A7C15
+		b[i] = byte(x >> 56)
+	}
+}
+
+// checkStream reads n bytes from r and compares them with the pattern of dir
+// from offset off.
+func checkStream(r io.Reader, dir byte, off, n int64) error {
+	buf := make([]byte, 64<<10)
+	want := make([]byte, len(buf))
+	for done := int64(0); done < n; {
+		k := int(min(int64(len(buf)), n-done))
+		m, err := io.ReadFull(r, buf[:k])
+		if err != nil {
+			return fmt.Errorf("read at offset %d: %w", off+done, err)
+		}
+		pattern(want[:m], dir, off+done)
+		if !bytes.Equal(buf[:m], want[:m]) {
+			i := 0
+			for buf[i] == want[i] {
+				i++
+			}
+			return fmt.Errorf("stream %d corrupt at offset %d", dir, off+done+int64(i))
+		}
+		done += int64(m)
+	}
+	return nil
+}
+
+func writeStream(w io.Writer, dir byte, off, n int64) error {
+	buf := make([]byte, 64<<10)
+	for done := int64(0); done < n; {
+		k := int(min(int64(len(buf)), n-done))
+		pattern(buf[:k], dir, off+done)
+		m, err := w.Write(buf[:k])
+		done += int64(m)
+		if err != nil {
+			return fmt.Errorf("write at offset %d: %w", off+done, err)
+		}
+	}
+	return nil
+}
+
+// tcpCounters reads the Tcp line of /proc/net/snmp in ns.
+func tcpCounters(t *testing.T, ns *lab.NS) map[string]int64 {
+	t.Helper()
+	out, err := ns.Exec("cat", "/proc/net/snmp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names, vals []string
+	for _, line := range strings.Split(string(out), "\n") {
+		if !strings.HasPrefix(line, "Tcp:") {
+			continue
+		}
+		if names == nil {
+			names = strings.Fields(line)[1:]
+		} else {
+			vals = strings.Fields(line)[1:]
+		}
+	}
+	m := map[string]int64{}
+	for i, n := range names {
+		if i < len(vals) {
+			m[n], _ = strconv.ParseInt(vals[i], 10, 64)
+		}
+	}
+	return m
+}
+
+// captureFlags runs tcpdump on the switch's bridge, keeping TCP segments with
+// RST or FIN set. stop ends it and returns the segments it saw.
+func captureFlags(t *testing.T, sw *lab.NS, port uint16, v6 bool) (stop func() []string) {
+	t.Helper()
+	file := t.TempDir() + "/cap.pcap"
+	filter := fmt.Sprintf("tcp port %d and tcp[tcpflags] & (tcp-rst|tcp-fin) != 0", port)
+	if v6 { // libpcap cannot index TCP over IPv6: the flags are at 40+13
+		filter = fmt.Sprintf("ip6 and tcp port %d and ip6[53] & 5 != 0", port)
+	}
+	cmd := sw.Command("tcpdump", "-i", "br0", "-U", "-n", "-w", file, filter)
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("tcpdump: %v", err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "listening on") {
+				close(ready)
+				break
+			}
+		}
+		io.Copy(io.Discard, stderr)
+	}()
+	select {
+	case <-ready:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("tcpdump did not start")
+	}
+	return func() []string {
+		time.Sleep(100 * time.Millisecond) // let the last packets reach the capture buffer
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		out, err := exec.Command("tcpdump", "-n", "-r", file).CombinedOutput()
+		if err != nil {
+			t.Fatalf("tcpdump -r: %v: %s", err, out)
+		}
+		var lines []string
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.Contains(l, "Flags") {
+				lines = append(lines, l)
+			}
+		}
+		return lines
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func fdOf(t *testing.T, c *net.TCPConn) int {
+	t.Helper()
+	var fd int
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(f uintptr) { fd = int(f) })
+	return fd
+}

@@ -1,0 +1,290 @@
+package repair
+
+import (
+	"errors"
+	"math"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// minChunk is the smallest write Restore falls back to when the kernel
+// answers ENOMEM to a large queue write (old kernels build one linear
+// buffer per call).
+const minChunk = 1024
+
+// Restore builds a socket for the connection s describes and returns its
+// descriptor, still in repair mode (REPAIR-NOTES 4.1, steps R1 to R16).
+//
+// The caller must have locked the 4-tuple on this host first, so no early
+// packet meets a half-built socket and nothing the socket emits escapes.
+// The descriptor is non-blocking and close-on-exec. Once the lock is gone,
+// Resume hands the connection to the kernel; Discard throws it away
+// silently.
+//
+// The local address need not be configured on this host yet: if bind fails
+// with EADDRNOTAVAIL, Restore marks the socket transparent (IP_TRANSPARENT
+// or IPV6_TRANSPARENT), which lets both bind and the repair-mode connect
+// succeed; Resume clears the flag again unless the source socket had it.
+// The address must be local by the time the socket is resumed.
+//
+// On error no descriptor is left open.
+func Restore(s *Snapshot) (fd int, err error) {
+	if err := s.Validate(); err != nil {
+		return -1, err
+	}
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	fd, err = unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return -1, opErr("socket", err)
+	}
+	defer func() {
+		if err != nil {
+			unix.Close(fd) // in repair mode, or never connected: silent either way
+			fd = -1
+		}
+	}()
+	if s.Family == unix.AF_INET6 {
+		if err := setInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, b2i(s.Options.Mask&OptV6Only != 0)); err != nil {
+			return fd, opErr("setsockopt IPV6_V6ONLY", err)
+		}
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		return fd, opErr("turn repair on", err)
+	}
+	if op, err := writeEarlyOptions(fd, s.Family, &s.Options); err != nil {
+		return fd, opErr(op, err)
+	}
+	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2); err != nil {
+		return fd, opErr("setsockopt SO_SNDBUFFORCE", err)
+	}
+	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2); err != nil {
+		return fd, opErr("setsockopt SO_RCVBUFFORCE", err)
+	}
+	if err := bindRaw(fd, s.Family, s.Local); errors.Is(err, unix.EADDRNOTAVAIL) {
+		level, transparent, _ := ipLevel(s.Family)
+		if err := setInt(fd, level, transparent, 1); err != nil {
+			return fd, opErr("setsockopt IP_TRANSPARENT (local address not on this host)", err)
+		}
+		if err := bindRaw(fd, s.Family, s.Local); err != nil {
+			return fd, opErr("bind (transparent)", err)
+		}
+	} else if err != nil {
+		return fd, opErr("bind", err)
+	}
+
+	// R7: queue start sequence numbers, before connect and before any data.
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+		return fd, opErr("select receive queue", err)
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue)))); err != nil {
+		return fd, opErr("setsockopt TCP_QUEUE_SEQ (receive)", err)
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+		return fd, opErr("select send queue", err)
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue)))); err != nil {
+		return fd, opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
+	}
+	// R8: with repair on, connect sends nothing and goes straight to ESTABLISHED.
+	if err := connectRaw(fd, s.Family, s.Remote); err != nil {
+		return fd, opErr("connect", err)
+	}
+	// R9, R10: negotiated options, then the timestamp clock.
+	if err := setRepairOptions(fd, s); err != nil {
+		return fd, opErr("setsockopt TCP_REPAIR_OPTIONS", err)
+	}
+	if s.Flags&FlagTimestamps != 0 {
+		ts := s.Timestamp
+		if s.Flags&FlagUsecTS != 0 && kernelUsecTS() {
+			ts |= 1
+		}
+		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts)); err != nil {
+			return fd, opErr("setsockopt TCP_TIMESTAMP", err)
+		}
+	}
+	// R11, R12: receive bytes, then sent-but-unacknowledged bytes.
+	if len(s.RecvQueue) > 0 {
+		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+			return fd, opErr("select receive queue", err)
+		}
+		if err := writeQueue(fd, s.RecvQueue); err != nil {
+			return fd, opErr("write receive queue", err)
+		}
+		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+			return fd, opErr("select send queue", err)
+		}
+	}
+	if sent := s.SentUnacked(); len(sent) > 0 {
+		if err := writeQueue(fd, sent); err != nil {
+			return fd, opErr("write send queue", err)
+		}
+	}
+	// R13: never-sent bytes go in with repair off, so they stay unsent. The
+	// peer window is still 0 and the lock holds, so nothing leaves the host.
+	if unsent := s.NeverSent(); len(unsent) > 0 {
+		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
+			return fd, opErr("leave repair for unsent data", err)
+		}
+		werr := writeQueue(fd, unsent)
+		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+			return fd, opErr("re-enter repair after unsent data", err)
+		}
+		if werr != nil {
+			return fd, opErr("write unsent data", werr)
+		}
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		return fd, opErr("deselect queue", err)
+	}
+	// R14: the window, after the queues (the kernel checks it against rcv_nxt).
+	if s.Flags&FlagWindow != 0 {
+		w := s.Window
+		if err := setWindow(fd, &w); err != nil {
+			return fd, opErr("setsockopt TCP_REPAIR_WINDOW", err)
+		}
+	}
+	// R16: the remaining options, final buffer sizes and SO_BUF_LOCK bits.
+	if op, err := writeLateOptions(fd, s.Family, &s.Options); err != nil {
+		return fd, opErr(op, err)
+	}
+	if s.Shutdown&ShutRead != 0 {
+		if err := unix.Shutdown(fd, unix.SHUT_RD); err != nil {
+			return fd, opErr("shutdown(SHUT_RD)", err)
+		}
+	}
+	if err := verifyRestored(fd, s); err != nil {
+		return fd, opErr("verify restored socket", err)
+	}
+	return fd, nil
+}
+
+// setRepairOptions writes the negotiated options in one TCP_REPAIR_OPTIONS
+// call: SACK, window scale and timestamps as negotiated, the MSS clamp always.
+func setRepairOptions(fd int, s *Snapshot) error {
+	var opts [4]unix.TCPRepairOpt
+	n := 0
+	if s.Flags&FlagSACK != 0 {
+		opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_SACK_PERMITTED}
+		n++
+	}
+	if s.Flags&FlagWScale != 0 {
+		opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_WINDOW, Val: uint32(s.SndWScale) | uint32(s.RcvWScale)<<16}
+		n++
+	}
+	if s.Flags&FlagTimestamps != 0 {
+		opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_TIMESTAMP}
+		n++
+	}
+	opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_MAXSEG, Val: s.MSSClamp}
+	n++
+	return setsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS, unsafe.Pointer(&opts[0]), uint32(n)*uint32(unsafe.Sizeof(opts[0])))
+}
+
+// writeQueue writes data to the selected queue, continuing after short
+// writes and halving the chunk on ENOMEM. EAGAIN means the buffers are too
+// small for the queue, which the restore inflated to avoid: it fails.
+func writeQueue(fd int, data []byte) error {
+	chunk := len(data)
+	for len(data) > 0 {
+		n, err := send(fd, data[:min(chunk, len(data))])
+		switch {
+		case errors.Is(err, unix.ENOMEM) && chunk > minChunk:
+			chunk = max(chunk/2, minChunk)
+			continue
+		case err != nil:
+			return err
+		case n == 0:
+			return unix.EAGAIN
+		}
+		data = data[n:]
+	}
+	return nil
+}
+
+// verifyRestored reads the queue lengths and sequence numbers back
+// (REPAIR-NOTES 4.7) and leaves no queue selected.
+func verifyRestored(fd int, s *Snapshot) error {
+	outq, unsq, inq, op, err := queueLengths(fd)
+	if err != nil {
+		return errors.New(op + ": " + err.Error())
+	}
+	if int(outq) != len(s.SendQueue) || uint32(unsq) != s.Unsent || int(inq) != len(s.RecvQueue) {
+		return ErrRestoreMismatch
+	}
+	var info [tcpInfoPrefix]byte
+	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
+		return err
+	}
+	if State(info[0]) != s.State {
+		return ErrRestoreMismatch
+	}
+	return nil
+}
+
+var offQuiet = func() int32 {
+	// TCP_REPAIR_OFF_NO_WP (4.18+) leaves repair without a useless window
+	// probe; older kernels take only the plain value.
+	if kernelAtLeast(4, 18) {
+		return unix.TCP_REPAIR_OFF_NO_WP
+	}
+	return unix.TCP_REPAIR_OFF
+}()
+
+func repairOffQuiet() int32 { return offQuiet }
+
+// Resume takes the socket out of repair mode and puts back what repair mode
+// changed: SO_REUSEADDR (cleared by repair-off), SO_PEEK_OFF, and the
+// transparent flag Restore may have set. Leaving repair sends a window probe
+// that re-synchronises the peer, so the lock must already be gone.
+//
+// Resume serves both ends: on the target it is the commit of a restored
+// socket; on the source it rolls back a dumped one.
+func Resume(fd int, s *Snapshot) error {
+	return resume(fd, s, unix.TCP_REPAIR_OFF)
+}
+
+func resume(fd int, s *Snapshot, mode int32) error {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
+		return opErr("turn repair off", err)
+	}
+	if s.Options.ReuseAddr {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return opErr("setsockopt SO_REUSEADDR", err)
+		}
+	}
+	if s.Options.Mask&OptPeekOff != 0 {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, s.Options.PeekOff); err != nil {
+			return opErr("setsockopt SO_PEEK_OFF", err)
+		}
+	}
+	if s.Options.Mask&OptTransparent == 0 {
+		level, transparent, _ := ipLevel(s.Family)
+		if err := setInt(fd, level, transparent, 0); err != nil {
+			return opErr("clear IP_TRANSPARENT", err)
+		}
+	}
+	return nil
+}
+
+// Discard closes fd silently: it makes sure the socket is in repair mode
+// and closes it, and the kernel then tears the connection down without a
+// FIN or a RST. The connection dies only when every descriptor of the
+// socket is closed (a copy held by another process keeps it alive), and it
+// must stay locked until then.
+func Discard(fd int) error {
+	err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+	cerr := unix.Close(fd)
+	if err != nil {
+		return &OpError{Op: "discard: turn repair on", Err: err}
+	}
+	if cerr != nil {
+		return &OpError{Op: "discard: close", Err: cerr}
+	}
+	return nil
+}

@@ -1,0 +1,307 @@
+package repair
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const peerPort = 5000
+
+// TestRoundTripCrossHost moves a live connection between two hosts: it is
+// dumped on the source with unread received data, sent-unacknowledged data
+// and never-sent data queued, discarded there silently, restored on the
+// target before the service address has moved there, and resumed once the
+// address has moved. The peer, the kernel's own TCP stack, then checks every
+// byte of both streams, including megabytes sent after the move, and a
+// capture on the bridge shows no RST and no FIN.
+func TestRoundTripCrossHost(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		v6     bool
+		family int
+	}{
+		{"ipv4", false, unix.AF_INET},
+		{"ipv6", true, unix.AF_INET6},
+		{"ipv4-mapped", false, unix.AF_INET6},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testRoundTrip(t, tc.v6, tc.family) })
+	}
+}
+
+func testRoundTrip(t *testing.T, v6 bool, family int) {
+	h := newHosts(t, v6)
+	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
+	ln := listen(t, h.peer, peerAP, func(fd int) error {
+		// A small receive buffer on the peer fills quickly, so the source
+		// keeps never-sent data.
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 32<<10)
+	})
+	local := netip.AddrPortFrom(h.svc, 40001)
+	src := rawDial(t, h.src, family, local, peerAP, setUnusualOptions)
+	defer src.Close()
+	pc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := pc.(*net.TCPConn)
+	defer peer.Close()
+	stopCapture := captureFlags(t, h.lan.Switch, peerPort, v6)
+	before := tcpCounters(t, h.peer)
+
+	// Unread data in the source's receive queue.
+	const toSrc = 64 << 10
+	if err := writeStream(peer, 1, 0, toSrc); err != nil {
+		t.Fatal(err)
+	}
+	srcFd := fdOf(t, src)
+	waitFor(t, "data in the source's receive queue", 5*time.Second, func() bool {
+		n, _ := unix.IoctlGetInt(srcFd, unix.SIOCINQ)
+		return n == toSrc
+	})
+
+	// Sent-unacknowledged data: drop the peer's ACKs, then write. The
+	// peer's window soon closes, so the rest stays never sent.
+	nftLock(t, h.src, local, peerAP, true)
+	src.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+	fromSrc, _ := writeStreamN(src, 0, 0, 3<<20)
+	src.SetWriteDeadline(time.Time{})
+	nftUnlock(t, h.src)
+	nftLock(t, h.src, local, peerAP, false)
+
+	var snap Snapshot
+	if err := h.src.Do(func() error { return Dump(srcFd, &snap) }); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("dumped: state %s recvq %d sendq %d (unsent %d) mss %d wscale %d/%d flags %#x",
+		snap.State, len(snap.RecvQueue), len(snap.SendQueue), snap.Unsent, snap.MSSClamp, snap.SndWScale, snap.RcvWScale, snap.Flags)
+	if len(snap.RecvQueue) != toSrc {
+		t.Fatalf("receive queue %d bytes, want %d", len(snap.RecvQueue), toSrc)
+	}
+	if int64(len(snap.SendQueue)) > fromSrc || snap.Unsent == 0 || len(snap.SentUnacked()) == 0 {
+		t.Fatalf("send queue %d bytes (unsent %d) of %d written: the test needs both sent-unacked and never-sent data",
+			len(snap.SendQueue), snap.Unsent, fromSrc)
+	}
+	// The peer already holds everything before the send queue.
+	peerHas := fromSrc - int64(len(snap.SendQueue))
+	if err := checkBytes(snap.RecvQueue, 1, 0); err != nil {
+		t.Fatal("receive queue: ", err)
+	}
+	if err := checkBytes(snap.SendQueue, 0, peerHas); err != nil {
+		t.Fatal("send queue: ", err)
+	}
+
+	// A second dump of the held connection is equal but for the timestamp
+	// clock, which moves on.
+	again := snap
+	again.RecvQueue, again.SendQueue = nil, nil
+	if err := Capture(srcFd, &again); err != nil {
+		t.Fatal(err)
+	}
+	if seqAfter(snap.Timestamp, again.Timestamp) {
+		t.Errorf("timestamp went back: %d then %d", snap.Timestamp, again.Timestamp)
+	}
+	again.Timestamp = snap.Timestamp
+	if d := diffFields(snap, again); len(d) != 0 {
+		t.Errorf("second dump differs: %v", d)
+	}
+	srcInfo := tcpInfo(t, srcFd)
+
+	// The source lets go silently; its lock stays until the address moved.
+	if err := Discard(dupFd(t, srcFd)); err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+
+	nftLock(t, h.dst, local, peerAP, false)
+	var fd int
+	if err := h.dst.Do(func() (err error) { fd, err = Restore(&snap); return err }); err != nil {
+		t.Fatal(err)
+	}
+	h.moveService(t)
+	nftUnlock(t, h.dst)
+	if err := Resume(fd, &snap); err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "restored")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	restored := c.(*net.TCPConn)
+	defer restored.Close()
+	rfd := fdOf(t, restored)
+
+	// What carried across reads back equal.
+	compareInfo(t, srcInfo, tcpInfo(t, rfd))
+	var got Options
+	if op, err := readOptions(rfd, snap.Family, &got); err != nil {
+		t.Fatal(op, err)
+	}
+	compareOptions(t, snap.Options, got)
+
+	// Every byte of both streams, then 4 MiB more each way.
+	const more = 4 << 20
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	deadline := time.Now().Add(60 * time.Second)
+	restored.SetDeadline(deadline)
+	peer.SetDeadline(deadline)
+	wg.Add(4)
+	go func() { defer wg.Done(); errs <- checkStream(restored, 1, 0, toSrc+more) }()
+	go func() { defer wg.Done(); errs <- checkStream(peer, 0, 0, fromSrc+more) }()
+	go func() { defer wg.Done(); errs <- writeStream(restored, 0, fromSrc, more) }()
+	go func() { defer wg.Done(); errs <- writeStream(peer, 1, toSrc, more) }()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	nftUnlock(t, h.src)
+
+	if segs := stopCapture(); len(segs) != 0 {
+		t.Errorf("capture saw RST or FIN segments:\n%v", segs)
+	}
+	after := tcpCounters(t, h.peer)
+	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
+		if after[k] != before[k] {
+			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
+		}
+	}
+}
+
+// writeStreamN writes up to n bytes of the pattern and returns how many the
+// kernel took before the write deadline.
+func writeStreamN(c *net.TCPConn, dir byte, off, n int64) (int64, error) {
+	buf := make([]byte, n)
+	pattern(buf, dir, off)
+	m, err := c.Write(buf)
+	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		return int64(m), err
+	}
+	return int64(m), nil
+}
+
+func checkBytes(b []byte, dir byte, off int64) error {
+	return checkStream(bytesReader(b), dir, off, int64(len(b)))
+}
+
+type sliceReader struct{ b []byte }
+
+func (r *sliceReader) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, errors.New("EOF")
+	}
+	n := copy(p, r.b)
+	r.b = r.b[n:]
+	return n, nil
+}
+
+func bytesReader(b []byte) *sliceReader { return &sliceReader{b} }
+
+func dupFd(t *testing.T, fd int) int {
+	t.Helper()
+	d, err := unix.Dup(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// setUnusualOptions gives the source socket non-default values of the
+// options a migration carries, so the test sees them travel.
+func setUnusualOptions(fd int) error {
+	set := []struct{ level, opt, val int }{
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 77},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 11},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 5},
+		{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+		{unix.SOL_SOCKET, unix.SO_MARK, 0x42},
+		{unix.SOL_SOCKET, unix.SO_PRIORITY, 3},
+		{unix.SOL_SOCKET, unix.SO_RCVLOWAT, 2},
+		{unix.SOL_SOCKET, unix.SO_SNDBUF, 1 << 20}, // pins the send buffer; the receive side stays autotuned
+		{unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, 123456},
+		{unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, 1 << 20},
+		{unix.IPPROTO_TCP, unix.TCP_LINGER2, 17},
+		{unix.IPPROTO_IP, unix.IP_TOS, 0x20},
+		{unix.IPPROTO_IP, unix.IP_TTL, 33},
+	}
+	for _, s := range set {
+		if err := unix.SetsockoptInt(fd, s.level, s.opt, s.val); err != nil {
+			return err
+		}
+	}
+	if err := unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 7}); err != nil {
+		return err
+	}
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &unix.Timeval{Sec: 9}); err != nil {
+		return err
+	}
+	if err := unix.SetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, "reno"); err != nil {
+		return err
+	}
+	if err := unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, "eth0"); err != nil {
+		return err
+	}
+	if d, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN); d == unix.AF_INET6 {
+		return unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_TCLASS, 0x28)
+	}
+	return nil
+}
+
+// compareOptions checks that every carried option reads back equal. The
+// receive buffer is autotuned on both ends, so only its lock bit is compared.
+func compareOptions(t *testing.T, want, got Options) {
+	t.Helper()
+	if want.RcvBuf > got.RcvBuf {
+		t.Errorf("receive buffer shrank: %d -> %d", want.RcvBuf, got.RcvBuf)
+	}
+	want.RcvBuf, got.RcvBuf = 0, 0
+	if want.BufLock != 1 {
+		t.Errorf("source SO_BUF_LOCK %d, want 1 (send pinned, receive autotuned)", want.BufLock)
+	}
+	if d := diffFields(want, got); len(d) != 0 {
+		t.Errorf("options differ after restore (source vs restored): %v", d)
+	}
+}
+
+// info is what TCP_INFO says of the negotiated connection.
+type info struct {
+	options, wscale byte
+	sndMSS          uint32
+	congestion      string
+}
+
+func tcpInfo(t *testing.T, fd int) info {
+	t.Helper()
+	var raw [232]byte
+	n, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, ptr(&raw[0]), uint32(len(raw)))
+	if err != nil || n < 20 {
+		t.Fatalf("TCP_INFO: %v (%d bytes)", err, n)
+	}
+	cc, err := unix.GetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info{options: raw[5] &^ tcpiOptECN, wscale: raw[6], sndMSS: nativeU32(raw[16:20]), congestion: cc}
+}
+
+func compareInfo(t *testing.T, src, dst info) {
+	t.Helper()
+	if src != dst {
+		t.Errorf("TCP_INFO differs: source %+v, restored %+v", src, dst)
+	}
+	if src.options&(tcpiOptSACK|tcpiOptTimestamps|tcpiOptWScale) != tcpiOptSACK|tcpiOptTimestamps|tcpiOptWScale {
+		t.Errorf("source did not negotiate SACK, timestamps and window scaling: %#x", src.options)
+	}
+}

@@ -1,0 +1,203 @@
+package repair
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Kernel values that golang.org/x/sys/unix does not define.
+const (
+	tcpNoQueue   = 0 // TCP_NO_QUEUE: no queue selected
+	tcpRecvQueue = 1 // TCP_RECV_QUEUE
+	tcpSendQueue = 2 // TCP_SEND_QUEUE
+
+	tcpAOInfo  = 40 // TCP_AO_INFO (6.7+): getsockopt succeeds only when TCP-AO is in use
+	tcpIsMPTCP = 43 // TCP_IS_MPTCP
+
+	tcpiOptTimestamps = 1  // TCPI_OPT_TIMESTAMPS
+	tcpiOptSACK       = 2  // TCPI_OPT_SACK
+	tcpiOptWScale     = 4  // TCPI_OPT_WSCALE
+	tcpiOptECN        = 8  // TCPI_OPT_ECN
+	tcpiOptUsecTS     = 64 // TCPI_OPT_USEC_TS
+
+	repairWindowSize = 20 // sizeof(struct tcp_repair_window)
+	tcpInfoPrefix    = 8  // the bytes of struct tcp_info this package decodes
+)
+
+// The raw syscalls below keep their arguments on the caller's stack: each
+// pointer is converted to uintptr inside the call expression, so nothing
+// escapes and an idle dump allocates nothing.
+
+func getsockoptRaw(fd, level, opt int, p unsafe.Pointer, n uint32) (uint32, error) {
+	l := n
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(unsafe.Pointer(&l)), 0)
+	if e != 0 {
+		return 0, e
+	}
+	return l, nil
+}
+
+func setsockoptRaw(fd, level, opt int, p unsafe.Pointer, n uint32) error {
+	_, _, e := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(n), 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+func getInt(fd, level, opt int) (int32, error) {
+	var v int32
+	_, err := getsockoptRaw(fd, level, opt, unsafe.Pointer(&v), 4)
+	return v, err
+}
+
+func setInt(fd, level, opt int, v int32) error {
+	return setsockoptRaw(fd, level, opt, unsafe.Pointer(&v), 4)
+}
+
+func ioctlInt(fd int, req uint) (int32, error) {
+	var v int32
+	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
+	if e != 0 {
+		return 0, e
+	}
+	return v, nil
+}
+
+func getWindow(fd int, w *Window) error {
+	_, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(w), repairWindowSize)
+	return err
+}
+
+func setWindow(fd int, w *Window) error {
+	return setsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(w), repairWindowSize)
+}
+
+// peek copies up to len(buf) bytes of the selected queue without consuming them.
+func peek(fd int, buf []byte) (int, error) {
+	var p unsafe.Pointer
+	var one byte
+	if len(buf) > 0 {
+		p = unsafe.Pointer(&buf[0])
+	} else {
+		p = unsafe.Pointer(&one)
+	}
+	for {
+		n, _, e := unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(p), uintptr(len(buf)), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+		if e == unix.EINTR {
+			continue
+		}
+		if e == unix.EAGAIN {
+			return 0, nil
+		}
+		if e != 0 {
+			return 0, e
+		}
+		return int(n), nil
+	}
+}
+
+// send writes buf with one send(2) call and returns how much went in.
+func send(fd int, buf []byte) (int, error) {
+	for {
+		n, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			return int(n), e
+		}
+		return int(n), nil
+	}
+}
+
+// sockname reads the local (peer=false) or remote address of fd.
+func sockname(fd int, peer bool) (netip.AddrPort, error) {
+	var rsa unix.RawSockaddrAny
+	l := uint32(unsafe.Sizeof(rsa))
+	trap := uintptr(unix.SYS_GETSOCKNAME)
+	if peer {
+		trap = unix.SYS_GETPEERNAME
+	}
+	_, _, e := unix.RawSyscall(trap, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&l)))
+	if e != 0 {
+		return netip.AddrPort{}, e
+	}
+	return fromRaw(&rsa)
+}
+
+func fromRaw(rsa *unix.RawSockaddrAny) (netip.AddrPort, error) {
+	switch rsa.Addr.Family {
+	case unix.AF_INET:
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
+		port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), port), nil
+	case unix.AF_INET6:
+		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
+		port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
+		a := netip.AddrFrom16(sa.Addr)
+		if sa.Scope_id != 0 {
+			a = a.WithZone(itoa(int(sa.Scope_id)))
+		}
+		return netip.AddrPortFrom(a, port), nil
+	}
+	return netip.AddrPort{}, unix.EAFNOSUPPORT
+}
+
+// toRaw builds the sockaddr for family from ap; an IPv4 address on an
+// AF_INET6 socket is written as IPv4-mapped.
+func toRaw(family uint16, ap netip.AddrPort, rsa *unix.RawSockaddrAny) (uint32, error) {
+	a := ap.Addr()
+	switch family {
+	case unix.AF_INET:
+		if !a.Unmap().Is4() {
+			return 0, unix.EAFNOSUPPORT
+		}
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
+		sa.Family = unix.AF_INET
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], ap.Port())
+		sa.Addr = a.Unmap().As4()
+		return unix.SizeofSockaddrInet4, nil
+	case unix.AF_INET6:
+		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
+		sa.Family = unix.AF_INET6
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], ap.Port())
+		sa.Addr = a.As16()
+		if z := a.Zone(); z != "" {
+			if ifi, err := interfaceIndex(z); err == nil {
+				sa.Scope_id = ifi
+			}
+		}
+		return unix.SizeofSockaddrInet6, nil
+	}
+	return 0, unix.EAFNOSUPPORT
+}
+
+func bindRaw(fd int, family uint16, ap netip.AddrPort) error {
+	var rsa unix.RawSockaddrAny
+	l, err := toRaw(family, ap, &rsa)
+	if err != nil {
+		return err
+	}
+	_, _, e := unix.RawSyscall(unix.SYS_BIND, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(l))
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+func connectRaw(fd int, family uint16, ap netip.AddrPort) error {
+	var rsa unix.RawSockaddrAny
+	l, err := toRaw(family, ap, &rsa)
+	if err != nil {
+		return err
+	}
+	_, _, e := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(l))
+	if e != 0 && e != unix.EINPROGRESS {
+		return e
+	}
+	return nil
+}
