@@ -10,6 +10,7 @@ import (
 
 // sock_diag attribute types (include/uapi/linux/inet_diag.h).
 const (
+	inetDiagInfo     = 2
 	inetDiagShutdown = 8
 	inetDiagMD5Sig   = 18
 	inetDiagULPInfo  = 19
@@ -53,6 +54,7 @@ func sockDiag(fd int, family uint16, local, remote netip.AddrPort) (diagInfo, er
 	r := req[unix.NLMSG_HDRLEN:]
 	r[0] = uint8(family)
 	r[1] = unix.IPPROTO_TCP
+	r[2] = 1 << (inetDiagInfo - 1) // the kernel adds the MD5 keys only with the info block
 	ne.PutUint32(r[4:], ^uint32(0)) // all states
 	binary.BigEndian.PutUint16(r[8:], local.Port())
 	binary.BigEndian.PutUint16(r[10:], remote.Port())

@@ -1,9 +1,9 @@
 package repair
 
 import (
+	"encoding/binary"
 	"fmt"
 	"reflect"
-	"encoding/binary"
 	"unsafe"
 )
 
