@@ -1,0 +1,306 @@
+package repair
+
+import (
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+)
+
+// benchConn builds a loopback connection in a fresh namespace. With queued
+// true, 64 KiB wait unread in the client's receive queue and about 64 KiB
+// in its send queue (the server neither reads nor opens its window).
+func benchConn(b *testing.B, queued bool) (*lab.NS, int) {
+	b.Helper()
+	lab.Require(b)
+	ns, err := lab.NewNS("bench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ns.Close() })
+	var cl, sv int
+	err = ns.Do(func() error {
+		ln, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(ln)
+		unix.SetsockoptInt(ln, unix.SOL_SOCKET, unix.SO_RCVBUF, 4096)
+		if err := unix.Bind(ln, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+			return err
+		}
+		unix.Listen(ln, 1)
+		sa, _ := unix.Getsockname(ln)
+		cl, _ = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err := unix.Connect(cl, sa); err != nil {
+			return err
+		}
+		sv, _, err = unix.Accept4(ln, unix.SOCK_CLOEXEC)
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { unix.Close(cl); unix.Close(sv) })
+	if queued {
+		buf := make([]byte, 64<<10)
+		if n, err := unix.Write(sv, buf); err != nil || n != len(buf) {
+			b.Fatalf("server write: %d %v", n, err)
+		}
+		unix.SetNonblock(cl, true)
+		for {
+			outq, _ := unix.IoctlGetInt(cl, unix.SIOCOUTQ)
+			if outq >= 64<<10 {
+				break
+			}
+			if _, err := unix.Write(cl, buf[:min(4096, 64<<10-outq)]); err != nil {
+				break
+			}
+		}
+		waitInq(b, cl, 64<<10)
+	}
+	return ns, cl
+}
+
+func waitInq(b *testing.B, fd, n int) {
+	for i := 0; i < 100000; i++ {
+		if q, _ := unix.IoctlGetInt(fd, unix.SIOCINQ); q >= n {
+			return
+		}
+	}
+	b.Fatal("receive queue never filled")
+}
+
+// BenchmarkDump measures Dump (Inspect then Capture) of one connection,
+// each split out, and the bare syscall sequence of a dump with no Go-side
+// work, in the same run.
+func BenchmarkDump(b *testing.B) {
+	for _, q := range []struct {
+		name   string
+		queued bool
+	}{{"idle", false}, {"64KiB", true}} {
+		b.Run(q.name+"/Dump", func(b *testing.B) {
+			ns, fd := benchConn(b, q.queued)
+			var s Snapshot
+			ns.Do(func() error {
+				b.ReportAllocs()
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					if err := Dump(fd, &s); err != nil {
+						b.Fatal(err)
+					}
+					b.StopTimer()
+					setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
+					b.StartTimer()
+				}
+				return nil
+			})
+			b.ReportMetric(float64(len(s.RecvQueue)+len(s.SendQueue)), "queued-bytes")
+		})
+		b.Run(q.name+"/Inspect", func(b *testing.B) {
+			ns, fd := benchConn(b, q.queued)
+			var s Snapshot
+			ns.Do(func() error {
+				b.ReportAllocs()
+				for i := 0; i < b.N; i++ {
+					if err := Inspect(fd, &s); err != nil {
+						b.Fatal(err)
+					}
+				}
+				return nil
+			})
+		})
+		b.Run(q.name+"/Capture", func(b *testing.B) {
+			ns, fd := benchConn(b, q.queued)
+			var s Snapshot
+			ns.Do(func() error { return Inspect(fd, &s) })
+			b.ReportAllocs()
+			for i := 0; i < b.N; i++ {
+				if err := Capture(fd, &s); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(q.name+"/bare-syscalls", func(b *testing.B) {
+			ns, fd := benchConn(b, q.queued)
+			buf := make([]byte, 256<<10)
+			ns.Do(func() error {
+				b.ReportAllocs()
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					bareInspect(fd)
+					bareCapture(fd, buf)
+					b.StopTimer()
+					setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
+					b.StartTimer()
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// BenchmarkRestore measures Restore of a dumped connection into a second
+// namespace, followed by the silent close of the result, beside the bare
+// syscall sequence of the same restore and close.
+func BenchmarkRestore(b *testing.B) {
+	for _, q := range []struct {
+		name   string
+		queued bool
+	}{{"idle", false}, {"64KiB", true}} {
+		ns, fd := benchConn(b, q.queued)
+		var s Snapshot
+		if err := ns.Do(func() error { return Dump(fd, &s) }); err != nil {
+			b.Fatal(err)
+		}
+		dst, err := lab.NewNS("bench-dst")
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { dst.Close() })
+		dst.IP("link", "set", "lo", "up")
+		b.Run(q.name+"/Restore+Discard", func(b *testing.B) {
+			dst.Do(func() error {
+				b.ReportAllocs()
+				for i := 0; i < b.N; i++ {
+					rfd, err := Restore(&s)
+					if err != nil {
+						b.Fatal(err)
+					}
+					unix.Close(rfd) // still in repair mode: silent
+				}
+				return nil
+			})
+		})
+		b.Run(q.name+"/bare-syscalls", func(b *testing.B) {
+			dst.Do(func() error {
+				b.ReportAllocs()
+				for i := 0; i < b.N; i++ {
+					if err := bareRestore(&s); err != nil {
+						b.Fatal(err)
+					}
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// The bare sequences below make the same system calls as Inspect, Capture
+// and Restore, in the same order, with no checks, no error wrapping and no
+// struct filling: the floor that the real functions are compared with.
+
+var scratch [8192]byte
+
+func rawGet(fd, level, opt int, n uint32) {
+	l := n
+	unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)), 0)
+}
+
+func rawSet(fd, level, opt int, v int32) {
+	unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+}
+
+func rawIoctl(fd int, req uint) {
+	unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&scratch[0])))
+}
+
+func bareInspect(fd int) {
+	rawGet(fd, unix.SOL_SOCKET, unix.SO_DOMAIN, 4)
+	rawGet(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL, 4)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoPrefix)
+	l := uint32(128)
+	unix.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))
+	unix.RawSyscall(unix.SYS_GETPEERNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 4)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_ULP, 16)
+	rawGet(fd, unix.IPPROTO_TCP, tcpAOInfo, 64)
+	rawIoctl(fd, unix.SIOCATMARK)
+	rawGet(fd, unix.SOL_SOCKET, unix.SO_BINDTOIFINDEX, 4)
+	rawGet(fd, unix.SOL_SOCKET, unix.SO_COOKIE, 8)
+	// The sock_diag lookup: socket, request, answer, close.
+	s, _ := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	var req [unix.NLMSG_HDRLEN + inetDiagReqLen]byte
+	req[0], req[4], req[6], req[16], req[17], req[18] = byte(len(req)), unix.SOCK_DIAG_BY_FAMILY, unix.NLM_F_REQUEST, unix.AF_INET, unix.IPPROTO_TCP, 2
+	var sa unix.RawSockaddrNetlink
+	sa.Family = unix.AF_NETLINK
+	unix.Syscall6(unix.SYS_SENDTO, uintptr(s), uintptr(unsafe.Pointer(&req[0])), uintptr(len(req)), 0, uintptr(unsafe.Pointer(&sa)), unix.SizeofSockaddrNetlink)
+	unix.Syscall6(unix.SYS_RECVFROM, uintptr(s), uintptr(unsafe.Pointer(&scratch[0])), uintptr(len(scratch)), 0, 0, 0)
+	unix.Close(s)
+	// The options: as many getsockopt calls as readOptions makes on IPv4.
+	for i := 0; i < 4+len(boolOpts)+len(intOpts)+len(uintOpts)+len(optionalOpts)+11; i++ {
+		rawGet(fd, unix.SOL_SOCKET, unix.SO_PRIORITY, 4)
+	}
+}
+
+func bareCapture(fd int, buf []byte) {
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoPrefix)
+	rawIoctl(fd, unix.SIOCOUTQ)
+	rawIoctl(fd, unix.SIOCOUTQNSD)
+	rawIoctl(fd, unix.SIOCINQ)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG, 4)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, 4)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, repairWindowSize)
+	for _, q := range []int32{tcpRecvQueue, tcpSendQueue} {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, q)
+		rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, 4)
+		unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+	}
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, 4)
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, 4)
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
+	rawIoctl(fd, unix.SIOCOUTQ)
+	rawIoctl(fd, unix.SIOCOUTQNSD)
+	rawIoctl(fd, unix.SIOCINQ)
+}
+
+func bareRestore(s *Snapshot) error {
+	fd, err := unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return err
+	}
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1)
+	if s.Options.Mark != 0 {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(s.Options.Mark))
+	}
+	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 1<<30)
+	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 1<<30)
+	if err := bindRaw(fd, s.Family, s.Local); err != nil {
+		return err
+	}
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue))))
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue))))
+	if err := connectRaw(fd, s.Family, s.Remote); err != nil {
+		return err
+	}
+	setRepairOptions(fd, s)
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(s.Timestamp))
+	if len(s.RecvQueue) > 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+		send(fd, s.RecvQueue)
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+	}
+	if s.Unsent > 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, -1)
+		send(fd, s.NeverSent())
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1)
+	}
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
+	w := s.Window
+	setWindow(fd, &w)
+	// As many setsockopt calls as writeLateOptions makes on IPv4.
+	for i := 0; i < 5+len(boolOpts)+len(intOpts)+len(uintOpts)-1+3; i++ {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_PRIORITY, 0)
+	}
+	rawIoctl(fd, unix.SIOCOUTQ)
+	rawIoctl(fd, unix.SIOCOUTQNSD)
+	rawIoctl(fd, unix.SIOCINQ)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoPrefix)
+	return unix.Close(fd)
+}
