@@ -54,7 +54,7 @@ func sockDiag(fd int, family uint16, local, remote netip.AddrPort) (diagInfo, er
 	r := req[unix.NLMSG_HDRLEN:]
 	r[0] = uint8(family)
 	r[1] = unix.IPPROTO_TCP
-	r[2] = 1 << (inetDiagInfo - 1) // the kernel adds the MD5 keys only with the info block
+	r[2] = 1 << (inetDiagInfo - 1)  // the kernel adds the MD5 keys only with the info block
 	ne.PutUint32(r[4:], ^uint32(0)) // all states
 	binary.BigEndian.PutUint16(r[8:], local.Port())
 	binary.BigEndian.PutUint16(r[10:], remote.Port())

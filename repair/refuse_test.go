@@ -243,7 +243,7 @@ func TestRollback(t *testing.T) {
 func TestValidate(t *testing.T) {
 	good := Snapshot{
 		Family: unix.AF_INET, State: StateEstablished, Flags: FlagWindow | FlagWScale | FlagSACK,
-		Local:  netip.MustParseAddrPort("198.18.0.10:80"), Remote: netip.MustParseAddrPort("198.18.0.1:5000"),
+		Local: netip.MustParseAddrPort("198.18.0.10:80"), Remote: netip.MustParseAddrPort("198.18.0.1:5000"),
 		SndWScale: 7, RcvWScale: 7, MSSClamp: 1460, SendSeq: 1000, RecvSeq: 5000,
 		Window:    Window{SndWl1: 4999, SndWnd: 1000, MaxWindow: 2000, RcvWnd: 1000, RcvWup: 5000},
 		SendQueue: make([]byte, 10), Unsent: 4,
