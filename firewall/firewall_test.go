@@ -1,0 +1,188 @@
+package firewall
+
+import (
+	"bytes"
+	"errors"
+	"go/parser"
+	"go/token"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+// TestConstants pins the names and values other processes and other hosts
+// rely on: changing one breaks sweeping, crafted packets or docs.
+func TestConstants(t *testing.T) {
+	if TablePrefix != "tcpmigrate_" || DefaultBypassMark != 0x746d || Priority != -300 ||
+		chainIn != "in" || chainOut != "out" || setV4 != "v4" || setV6 != "v6" ||
+		DefaultLease != 10*time.Second || MaxInstanceLen != 64 {
+		t.Fatal("a pinned constant changed; update docs/firewall.md and every caller first")
+	}
+	if TableName("m1") != "tcpmigrate_m1" {
+		t.Fatalf("TableName = %q", TableName("m1"))
+	}
+}
+
+func TestNormalize(t *testing.T) {
+	for _, tc := range []struct {
+		in   Tuple
+		want Tuple
+		ok   bool
+	}{
+		{Tuple{ap("198.18.0.1:80"), ap("198.18.0.2:4000")}, Tuple{ap("198.18.0.1:80"), ap("198.18.0.2:4000")}, true},
+		{Tuple{ap("[::ffff:198.18.0.1]:80"), ap("[::ffff:198.18.0.2]:4000")}, Tuple{ap("198.18.0.1:80"), ap("198.18.0.2:4000")}, true},
+		{Tuple{ap("[::ffff:198.18.0.1]:80"), ap("198.18.0.2:4000")}, Tuple{ap("198.18.0.1:80"), ap("198.18.0.2:4000")}, true},
+		{Tuple{ap("[fe80::1%eth0]:80"), ap("[fe80::2%eth0]:4000")}, Tuple{ap("[fe80::1]:80"), ap("[fe80::2]:4000")}, true},
+		{Tuple{ap("[fd00::1]:80"), ap("[fd00::2]:4000")}, Tuple{ap("[fd00::1]:80"), ap("[fd00::2]:4000")}, true},
+		{Tuple{ap("[fd00::1]:80"), ap("198.18.0.2:4000")}, Tuple{}, false},
+		{Tuple{ap("198.18.0.1:0"), ap("198.18.0.2:4000")}, Tuple{}, false},
+		{Tuple{ap("0.0.0.0:80"), ap("198.18.0.2:4000")}, Tuple{}, false},
+		{Tuple{ap("198.18.0.1:80"), ap("[::]:4000")}, Tuple{}, false},
+		{Tuple{}, Tuple{}, false},
+	} {
+		got, ok := tc.in.normalize()
+		if ok != tc.ok || ok && got != tc.want {
+			t.Errorf("normalize(%v) = %v, %v; want %v, %v", tc.in, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+// TestKeys checks the element encoding: each pair yields the ingress and
+// egress keys, addresses and ports in network order, ports padded to four
+// bytes; a tuple and its mirror share the pair.
+func TestKeys(t *testing.T) {
+	tu := Tuple{Local: ap("198.18.0.2:80"), Remote: ap("198.18.0.1:40000")}
+	p, side := pairOf(tu)
+	mp, mside := pairOf(Tuple{Local: tu.Remote, Remote: tu.Local})
+	if p != mp || side == mside || side|mside != sideAB|sideBA {
+		t.Fatalf("tuple and mirror: pairs %v %v sides %d %d", p, mp, side, mside)
+	}
+	got := p.appendKeys(nil)
+	want := []byte{
+		198, 18, 0, 1, 0x9c, 0x40, 0, 0, 198, 18, 0, 2, 0, 80, 0, 0, // ingress: remote . rport . local . lport
+		198, 18, 0, 2, 0, 80, 0, 0, 198, 18, 0, 1, 0x9c, 0x40, 0, 0, // egress: local . lport . remote . rport
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("keys\n got %x\nwant %x", got, want)
+	}
+	if len(got) != 2*keyLen4 {
+		t.Fatalf("key length %d", len(got))
+	}
+	p6, _ := pairOf(Tuple{Local: ap("[fd00::2]:80"), Remote: ap("[fd00::1]:40000")})
+	if k := p6.appendKeys(nil); len(k) != 2*keyLen6 || k[16] != 0x9c || k[17] != 0x40 || k[18] != 0 || k[19] != 0 {
+		t.Fatalf("v6 keys %x", k)
+	}
+	self := Tuple{Local: ap("198.18.0.1:5000"), Remote: ap("198.18.0.1:5000")}
+	sp, ss := pairOf(self)
+	if ss != sideAB|sideBA || len(sp.appendKeys(nil)) != keyLen4 || len(sp.tuples(ss)) != 1 {
+		t.Fatalf("self-connected tuple: sides %d keys %d", ss, len(sp.appendKeys(nil)))
+	}
+}
+
+func TestCollect(t *testing.T) {
+	a := Tuple{Local: ap("198.18.0.2:80"), Remote: ap("198.18.0.1:40000")}
+	mirror := Tuple{Local: a.Remote, Remote: a.Local}
+	mapped := Tuple{Local: ap("[::ffff:198.18.0.2]:80"), Remote: ap("[::ffff:198.18.0.1]:40000")}
+	ps, err := collect("lock", "t", []Tuple{a, mapped, mirror})
+	if err != nil || len(ps) != 1 || ps[0].sides != sideAB|sideBA {
+		t.Fatalf("collect = %v, %v", ps, err)
+	}
+	bad := Tuple{Local: ap("198.18.0.2:0"), Remote: a.Remote}
+	_, err = collect("lock", "tcpmigrate_t", []Tuple{a, bad})
+	var fe *Error
+	if !errors.Is(err, ErrInvalidTuple) || !errors.As(err, &fe) || len(fe.Tuples) != 1 || fe.Tuples[0] != bad {
+		t.Fatalf("collect with a bad tuple: %v", err)
+	}
+	if want := "firewall: lock tcpmigrate_t: 198.18.0.2:0->198.18.0.1:40000: invalid tuple"; err.Error() != want {
+		t.Fatalf("error text %q, want %q", err.Error(), want)
+	}
+}
+
+func TestErrorText(t *testing.T) {
+	var ts []Tuple
+	for i := range 5 {
+		ts = append(ts, Tuple{Local: ap("198.18.0.2:80"), Remote: netip.AddrPortFrom(netip.MustParseAddr("198.18.0.1"), uint16(1000+i))})
+	}
+	err := &Error{Op: "renew", Table: "tcpmigrate_x", Tuples: ts, Err: ErrLeaseLapsed}
+	want := "firewall: renew tcpmigrate_x: 198.18.0.2:80->198.18.0.1:1000: 198.18.0.2:80->198.18.0.1:1001: " +
+		"198.18.0.2:80->198.18.0.1:1002: (and 2 more): lease lapsed before renewal"
+	if err.Error() != want {
+		t.Fatalf("got  %q\nwant %q", err.Error(), want)
+	}
+	if !errors.Is(err, ErrLeaseLapsed) {
+		t.Fatal("errors.Is(ErrLeaseLapsed) = false")
+	}
+	for _, s := range []error{ErrInvalidConfig, ErrInvalidTuple, ErrExists, ErrClosed, ErrNotLocked, ErrLeaseLapsed, ErrRenewerRunning, ErrNotSupported} {
+		if !strings.HasPrefix(s.Error(), "firewall: ") {
+			t.Errorf("sentinel %q lacks the package prefix", s)
+		}
+	}
+}
+
+func TestConfig(t *testing.T) {
+	c, err := Config{Instance: "mig-1.a_B"}.withDefaults()
+	if err != nil || c.BypassMark != DefaultBypassMark || c.Lease != DefaultLease {
+		t.Fatalf("defaults: %+v, %v", c, err)
+	}
+	c, err = Config{Instance: "x", Lease: 2500*time.Millisecond + 7, BypassMark: 1}.withDefaults()
+	if err != nil || c.Lease != 2500*time.Millisecond || c.BypassMark != 1 {
+		t.Fatalf("explicit: %+v, %v", c, err)
+	}
+	for _, bad := range []Config{
+		{},
+		{Instance: strings.Repeat("a", MaxInstanceLen+1)},
+		{Instance: "a/b"},
+		{Instance: "a b"},
+		{Instance: "x", Lease: time.Millisecond},
+		{Instance: "x", Lease: -time.Second},
+		{Instance: "x", Lease: MaxLease + time.Second},
+		{Instance: "x", NetNS: -1},
+	} {
+		if _, err := bad.withDefaults(); !errors.Is(err, ErrInvalidConfig) {
+			t.Errorf("%+v: err = %v, want ErrInvalidConfig", bad, err)
+		}
+	}
+}
+
+// TestImports encodes the layering of DESIGN.md: firewall imports nothing
+// of the project, and outside the standard library only x/sys and
+// google/nftables (with mdlayher/netlink, the type of its socket options).
+func TestImports(t *testing.T) {
+	files, err := filepath.Glob("*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	allowed := []string{"golang.org/x/sys/", "github.com/google/nftables", "github.com/mdlayher/netlink"}
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		af, err := parser.ParseFile(token.NewFileSet(), f, nil, parser.ImportsOnly)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, im := range af.Imports {
+			path, _ := strconv.Unquote(im.Path.Value)
+			first, _, _ := strings.Cut(path, "/")
+			if !strings.Contains(first, ".") {
+				continue // standard library
+			}
+			ok := false
+			for _, a := range allowed {
+				ok = ok || strings.HasPrefix(path, a)
+			}
+			if !ok {
+				t.Errorf("%s imports %s, which the layering forbids", f, path)
+			}
+		}
+	}
+	if _, err := os.Stat("doc.go"); err != nil {
+		t.Errorf("package has no doc.go: %v", err)
+	}
+}

@@ -1,0 +1,522 @@
+package firewall
+
+import (
+	"errors"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// leaseMargin is how close to its deadline a lease counts as possibly
+// lapsed: the kernel may expire the elements before a batch sent now is
+// processed. Tuples that close are handled with an extra add that makes the
+// batch valid whether or not the kernel still has them.
+const leaseMargin = 250 * time.Millisecond
+
+// Lock is the connection lock of one agent instance in one network
+// namespace: a private nftables table whose chains drop every TCP packet of
+// the locked 4-tuples, in both directions, except those carrying the bypass
+// mark.
+//
+// Each method that changes the lock sends one netlink batch, which the
+// kernel applies atomically: every tuple of a call is locked (or unlocked)
+// at the same instant, or none is. A Lock is safe for concurrent use; its
+// calls are applied one at a time.
+type Lock struct {
+	cfg   Config
+	table *nftables.Table
+	v4    *nftables.Set
+	v6    *nftables.Set
+	nsfd  int // our duplicate of the namespace descriptor
+	owner int // the owner socket, bound while the instance lives
+
+	// mu guards held and closed, and serialises the batches so that held
+	// follows the kernel's order of changes.
+	mu     sync.Mutex
+	held   map[pair]holding
+	closed bool
+
+	// renewMu guards renewer.
+	renewMu sync.Mutex
+	renewer *renewer
+}
+
+// holding is what the Lock knows of one pair in the kernel.
+type holding struct {
+	// deadline is the earliest instant the kernel may expire the pair's
+	// elements: the start of the batch that last (re)created them plus the
+	// lease.
+	deadline time.Time
+	sides    uint8
+}
+
+// New creates the lock of cfg.Instance in cfg.NetNS: the table, both sets,
+// both chains and their rules, in one batch. It fails with ErrExists if a
+// live process holds the instance or if its table is left over from a dead
+// one (Sweep removes those). It needs CAP_NET_ADMIN in the namespace.
+//
+// The instance is held through an abstract unix socket named after the
+// table, bound in the same namespace; the kernel releases it when the
+// process exits, however it exits, which is how Sweep tells live instances
+// from dead ones.
+func New(cfg Config) (*Lock, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, &Error{Op: "new", Err: err}
+	}
+	name := TableName(cfg.Instance)
+	fail := func(err error) (*Lock, error) { return nil, &Error{Op: "new", Table: name, Err: err} }
+
+	nsfd, err := dupNetNS(cfg.NetNS)
+	if err != nil {
+		return fail(err)
+	}
+	var owner int
+	err = inNetNS(nsfd, func() error {
+		var err error
+		owner, err = claimOwner(name)
+		return err
+	})
+	if err != nil {
+		unix.Close(nsfd)
+		return fail(err)
+	}
+	l := &Lock{
+		cfg:   cfg,
+		table: &nftables.Table{Name: name, Family: nftables.TableFamilyINet},
+		nsfd:  nsfd,
+		owner: owner,
+		held:  make(map[pair]holding),
+	}
+	if err := l.create(); err != nil {
+		unix.Close(owner)
+		unix.Close(nsfd)
+		if errors.Is(err, unix.EEXIST) {
+			err = ErrExists
+		}
+		return fail(err)
+	}
+	return l, nil
+}
+
+var (
+	keyType4 = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeIPAddr, nftables.TypeInetService)
+	keyType6 = nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeIP6Addr, nftables.TypeInetService)
+)
+
+// create sends the batch that builds the table. The table is created with
+// NLM_F_EXCL so that an existing one is never adopted or changed.
+func (l *Lock) create() error {
+	c, err := l.conn(0)
+	if err != nil {
+		return err
+	}
+	c.CreateTable(l.table)
+	// Set IDs only link the rules to the sets within this batch; fixing them
+	// keeps google/nftables from touching its unsynchronised global counter.
+	l.v4 = &nftables.Set{Table: l.table, Name: setV4, ID: 1, KeyType: keyType4,
+		HasTimeout: true, Timeout: l.cfg.Lease, Concatenation: true}
+	l.v6 = &nftables.Set{Table: l.table, Name: setV6, ID: 2, KeyType: keyType6,
+		HasTimeout: true, Timeout: l.cfg.Lease, Concatenation: true}
+	for _, s := range []*nftables.Set{l.v4, l.v6} {
+		if err := c.AddSet(s, nil); err != nil {
+			return err
+		}
+	}
+	accept := nftables.ChainPolicyAccept
+	for _, ch := range []*nftables.Chain{
+		{Name: chainIn, Table: l.table, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept},
+		{Name: chainOut, Table: l.table, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept},
+	} {
+		c.AddChain(ch)
+		for _, exprs := range [][]expr.Any{
+			bypassRule(l.cfg.BypassMark),
+			dropRule(l.v4),
+			dropRule(l.v6),
+		} {
+			c.AddRule(&nftables.Rule{Table: l.table, Chain: ch, Exprs: exprs})
+		}
+	}
+	return c.Flush()
+}
+
+// bypassRule is "meta mark == mark accept".
+func bypassRule(mark uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(mark)},
+		&expr.Verdict{Kind: expr.VerdictAccept},
+	}
+}
+
+// dropRule is "meta nfproto F meta l4proto tcp
+// ip[6] saddr . tcp sport . ip[6] daddr . tcp dport @set counter drop".
+// The concatenation is loaded into consecutive 32-bit registers starting at
+// register 1 (NFT_REG32_00), as nft does, each port padded to 4 bytes.
+func dropRule(s *nftables.Set) []expr.Any {
+	proto, alen, src, dst := byte(unix.NFPROTO_IPV4), uint32(4), uint32(12), uint32(16)
+	if s.Name == setV6 {
+		proto, alen, src, dst = unix.NFPROTO_IPV6, 16, 8, 24
+	}
+	const reg32 = 8 // NFT_REG32_00
+	words := alen / 4
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: src, Len: alen},
+		&expr.Payload{DestRegister: reg32 + words, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
+		&expr.Payload{DestRegister: reg32 + words + 1, Base: expr.PayloadBaseNetworkHeader, Offset: dst, Len: alen},
+		&expr.Payload{DestRegister: reg32 + 2*words + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID},
+		&expr.Counter{},
+		&expr.Verdict{Kind: expr.VerdictDrop},
+	}
+}
+
+// BypassMark returns the packet mark that passes the lock. Packets the
+// agent crafts must carry exactly this mark (SO_MARK).
+func (l *Lock) BypassMark() uint32 { return l.cfg.BypassMark }
+
+// Lease returns the lease of each locked tuple.
+func (l *Lock) Lease() time.Duration { return l.cfg.Lease }
+
+// Table returns the name of the lock's nftables table.
+func (l *Lock) Table() string { return l.table.Name }
+
+// Lock drops every packet of each tuple, both directions, from the moment
+// the batch commits, for one lease (renew it with Renew or StartRenewer).
+// Tuples already locked stay locked and keep their lease. An invalid tuple
+// fails the whole call before anything is sent (ErrInvalidTuple).
+func (l *Lock) Lock(ts []Tuple) error {
+	pairs, err := collect("lock", l.table.Name, ts)
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return &Error{Op: "lock", Table: l.table.Name, Err: ErrClosed}
+	}
+	if len(pairs) == 0 {
+		return nil
+	}
+	var tx batch
+	for _, ps := range pairs {
+		tx.add.put(ps.p)
+	}
+	start := time.Now()
+	if err := l.flush(&tx); err != nil {
+		return &Error{Op: "lock", Table: l.table.Name, Err: err}
+	}
+	for _, ps := range pairs {
+		h, ok := l.held[ps.p]
+		if !ok {
+			h.deadline = start.Add(l.cfg.Lease)
+		}
+		h.sides |= ps.sides
+		l.held[ps.p] = h
+	}
+	return nil
+}
+
+// Unlock lets the packets of each tuple through again, all at the same
+// instant. Tuples this Lock does not hold are ignored. If both ends of a
+// connection are locked here (a tuple and its mirror), its packets keep
+// being dropped until both are unlocked.
+func (l *Lock) Unlock(ts []Tuple) error {
+	pairs, err := collect("unlock", l.table.Name, ts)
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return &Error{Op: "unlock", Table: l.table.Name, Err: ErrClosed}
+	}
+	var tx batch
+	now := time.Now()
+	for _, ps := range pairs {
+		h, ok := l.held[ps.p]
+		if !ok || h.sides&^ps.sides != 0 {
+			continue
+		}
+		if h.deadline.Sub(now) <= leaseMargin {
+			// The kernel may have expired it: add it first so the delete
+			// cannot fail with ENOENT and abort the batch.
+			tx.guard.put(ps.p)
+		}
+		tx.del.put(ps.p)
+	}
+	if err := l.flush(&tx); err != nil {
+		return &Error{Op: "unlock", Table: l.table.Name, Err: err}
+	}
+	for _, ps := range pairs {
+		h, ok := l.held[ps.p]
+		if !ok {
+			continue
+		}
+		if h.sides &^= ps.sides; h.sides == 0 {
+			delete(l.held, ps.p)
+		} else {
+			l.held[ps.p] = h
+		}
+	}
+	return nil
+}
+
+// Renew gives each tuple, which must be locked by l, a full lease from now,
+// in one batch, without unlocking it even for an instant (the batch deletes
+// and re-adds the elements; the kernel swaps them atomically). If a tuple is
+// not locked the call fails with ErrNotLocked and nothing is renewed. If
+// leases had lapsed, or were within a few hundred milliseconds of lapsing,
+// those tuples are locked again and the call reports them with
+// ErrLeaseLapsed after renewing everything.
+func (l *Lock) Renew(ts []Tuple) error {
+	pairs, err := collect("renew", l.table.Name, ts)
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return &Error{Op: "renew", Table: l.table.Name, Err: ErrClosed}
+	}
+	var missing []Tuple
+	for _, ps := range pairs {
+		if h, ok := l.held[ps.p]; !ok || h.sides&ps.sides != ps.sides {
+			missing = append(missing, ps.p.tuples(ps.sides)...)
+		}
+	}
+	if missing != nil {
+		return &Error{Op: "renew", Table: l.table.Name, Tuples: missing, Err: ErrNotLocked}
+	}
+	return l.renew(pairs)
+}
+
+// RenewAll renews every tuple l holds, as Renew does.
+func (l *Lock) RenewAll() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return &Error{Op: "renew", Table: l.table.Name, Err: ErrClosed}
+	}
+	pairs := make([]pairSides, 0, len(l.held))
+	for p, h := range l.held {
+		pairs = append(pairs, pairSides{p, h.sides})
+	}
+	return l.renew(pairs)
+}
+
+// renew runs with l.mu held.
+func (l *Lock) renew(pairs []pairSides) error {
+	if len(pairs) == 0 {
+		return nil
+	}
+	var tx batch
+	var lapsed []Tuple
+	now := time.Now()
+	for _, ps := range pairs {
+		h := l.held[ps.p]
+		if h.deadline.Sub(now) <= leaseMargin {
+			tx.guard.put(ps.p)
+			lapsed = append(lapsed, ps.p.tuples(h.sides)...)
+		}
+		tx.del.put(ps.p)
+		tx.add.put(ps.p)
+	}
+	start := time.Now()
+	if err := l.flush(&tx); err != nil {
+		return &Error{Op: "renew", Table: l.table.Name, Err: err}
+	}
+	for _, ps := range pairs {
+		h := l.held[ps.p]
+		h.deadline = start.Add(l.cfg.Lease)
+		l.held[ps.p] = h
+	}
+	if lapsed != nil {
+		return &Error{Op: "renew", Table: l.table.Name, Tuples: lapsed, Err: ErrLeaseLapsed}
+	}
+	return nil
+}
+
+// Close stops the renewer and deletes the table with every lock in it, in
+// one batch, then releases the instance. It is idempotent; a table that is
+// already gone is not an error. If the deletion fails, the Lock stays open
+// and Close may be called again.
+func (l *Lock) Close() error {
+	l.StopRenewer()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil
+	}
+	c, err := l.conn(0)
+	if err == nil {
+		c.DelTable(l.table)
+		err = c.Flush()
+	}
+	if err != nil && !errors.Is(err, unix.ENOENT) {
+		return &Error{Op: "close", Table: l.table.Name, Err: err}
+	}
+	l.closed = true
+	l.held = nil
+	unix.Close(l.owner)
+	unix.Close(l.nsfd)
+	return nil
+}
+
+// pairSides is one pair of a call and the sides the call names.
+type pairSides struct {
+	p     pair
+	sides uint8
+}
+
+// collect normalizes ts into distinct pairs, in first-seen order, or fails
+// with ErrInvalidTuple naming every bad tuple.
+func collect(op, table string, ts []Tuple) ([]pairSides, error) {
+	var bad []Tuple
+	idx := make(map[pair]int, len(ts))
+	pairs := make([]pairSides, 0, len(ts))
+	for _, t := range ts {
+		n, ok := t.normalize()
+		if !ok {
+			bad = append(bad, t)
+			continue
+		}
+		p, s := pairOf(n)
+		if i, ok := idx[p]; ok {
+			pairs[i].sides |= s
+			continue
+		}
+		idx[p] = len(pairs)
+		pairs = append(pairs, pairSides{p, s})
+	}
+	if bad != nil {
+		return nil, &Error{Op: op, Table: table, Tuples: bad, Err: ErrInvalidTuple}
+	}
+	return pairs, nil
+}
+
+// keys accumulates set keys of one family per purpose.
+type keys struct {
+	v4, v6 []byte
+}
+
+func (k *keys) put(p pair) {
+	if p.is4() {
+		k.v4 = p.appendKeys(k.v4)
+	} else {
+		k.v6 = p.appendKeys(k.v6)
+	}
+}
+
+// batch is one transaction on the sets: guard elements are added first
+// (making the following deletes valid whatever the kernel expired), then
+// del elements deleted, then add elements added.
+type batch struct {
+	guard, del, add keys
+}
+
+// Element lists are split into messages of at most maxListBytes, since a
+// netlink attribute's length is 16 bits; elemOverhead is the attribute
+// framing around each key. All messages still go in one batch.
+const (
+	maxListBytes = 48 << 10
+	elemOverhead = 16
+)
+
+// flush sends tx as one batch. It runs with l.mu held.
+func (l *Lock) flush(tx *batch) error {
+	type op struct {
+		del  bool
+		s    *nftables.Set
+		keys []byte
+	}
+	ops := []op{
+		{false, l.v4, tx.guard.v4}, {false, l.v6, tx.guard.v6},
+		{true, l.v4, tx.del.v4}, {true, l.v6, tx.del.v6},
+		{false, l.v4, tx.add.v4}, {false, l.v6, tx.add.v6},
+	}
+	size := 0
+	for _, o := range ops {
+		size += len(o.keys) + len(o.keys)/int(o.s.KeyType.Bytes)*elemOverhead
+	}
+	if size == 0 {
+		return nil
+	}
+	c, err := l.conn(size)
+	if err != nil {
+		return err
+	}
+	for _, o := range ops {
+		if len(o.keys) == 0 {
+			continue
+		}
+		kl := int(o.s.KeyType.Bytes)
+		els := make([]nftables.SetElement, len(o.keys)/kl)
+		for i := range els {
+			els[i].Key = o.keys[i*kl : (i+1)*kl : (i+1)*kl]
+		}
+		per := maxListBytes / (kl + elemOverhead)
+		for chunk := range slices.Chunk(els, per) {
+			if o.del {
+				err = c.SetDeleteElements(o.s, chunk)
+			} else {
+				err = c.SetAddElements(o.s, chunk)
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+	return c.Flush()
+}
+
+// conn returns a netlink connection to nftables in the lock's namespace
+// whose send buffer fits a batch of about size bytes. Each batch dials its
+// own socket, so that a failed batch never leaves stray replies behind.
+func (l *Lock) conn(size int) (*nftables.Conn, error) {
+	return newConn(l.nsfd, size)
+}
+
+func newConn(nsfd, size int) (*nftables.Conn, error) {
+	opts := []nftables.ConnOption{nftables.WithNetNSFd(nsfd)}
+	if size > 0 {
+		opts = append(opts, nftables.WithSockOptions(sendBuffer(size+size/4+64<<10)))
+	}
+	return nftables.New(opts...)
+}
+
+// sendBuffer raises the socket's send buffer to n bytes: a batch goes out in
+// one sendmsg, which netlink refuses beyond the buffer (EMSGSIZE).
+// SO_SNDBUFFORCE (CAP_NET_ADMIN, which nftables needs anyway) may exceed
+// net.core.wmem_max.
+func sendBuffer(n int) nftables.SockOption {
+	return func(c *netlink.Conn) error {
+		rc, err := c.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var serr error
+		err = rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, n)
+			if serr == unix.EPERM {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, n)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}
+}

@@ -1,0 +1,560 @@
+package firewall
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
+)
+
+// childEnv makes the test binary act as a lock-holding agent (see
+// runChild) instead of running tests.
+const childEnv = "TCPMIGRATE_FIREWALL_TEST_CHILD"
+
+func TestMain(m *testing.M) {
+	if spec := os.Getenv(childEnv); spec != "" {
+		os.Exit(runChild(spec))
+	}
+	goleak.VerifyTestMain(m)
+}
+
+// runChild is an agent that locks one tuple with a short lease, says
+// "locked" on stdout and then waits for stdin to close (it is SIGKILLed
+// first). spec is "netns-name instance lease local remote".
+func runChild(spec string) int {
+	f := strings.Fields(spec)
+	if len(f) != 5 {
+		fmt.Fprintf(os.Stderr, "bad child spec %q\n", spec)
+		return 2
+	}
+	ns, err := os.Open("/run/netns/" + f[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	lease, err := time.ParseDuration(f[2])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	l, err := New(Config{Instance: f[1], NetNS: int(ns.Fd()), Lease: lease})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	tu := Tuple{Local: netip.MustParseAddrPort(f[3]), Remote: netip.MustParseAddrPort(f[4])}
+	if err := l.Lock([]Tuple{tu}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println("locked")
+	var buf [1]byte
+	os.Stdin.Read(buf[:])
+	return 0
+}
+
+// TestLockHoldsFlow locks a live connection on host b and checks, for each
+// address family: nothing sent either way arrives while locked and the
+// drop rules count the packets; conntrack on b never sees them; after the
+// unlock every byte arrives exactly once, in order, without any RST and
+// through a stateful ruleset that drops invalid packets.
+func TestLockHoldsFlow(t *testing.T) {
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) {
+			a, b := newLAN(t)
+			// A stateful ruleset of b's own, after conntrack: dropping invalid
+			// packets would break the flow if the lock had confused conntrack.
+			nftScript(t, b, `table inet host {
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ct state invalid counter drop
+	}
+	chain output {
+		type filter hook output priority filter; policy accept;
+		ct state invalid counter drop
+	}
+}
+`)
+			if err := b.Do(func() error {
+				return os.WriteFile("/proc/sys/net/netfilter/nf_conntrack_acct", []byte("1"), 0)
+			}); err != nil {
+				t.Fatal(err)
+			}
+
+			ca, cb := dialPair(t, a, b, f)
+			hello := pattern(1, 1000)
+			if _, err := ca.Write(hello); err != nil {
+				t.Fatal(err)
+			}
+			readExactly(t, "b", cb, hello, 5*time.Second)
+			if _, err := cb.Write(hello); err != nil {
+				t.Fatal(err)
+			}
+			readExactly(t, "a", ca, hello, 5*time.Second)
+
+			l := newTestLock(t, Config{Instance: "flow", NetNS: b.Handle()})
+			tu := tupleOf(cb)
+			if err := l.Lock([]Tuple{tu}); err != nil {
+				t.Fatal(err)
+			}
+			ct := conntrackEntry(t, b, tu)
+			if ct == "" {
+				t.Fatal("no conntrack entry for the connection on b")
+			}
+			ctBefore := conntrackPackets(t, ct)
+			rstA, rstB := snmp(t, a, "Tcp", "OutRsts"), snmp(t, b, "Tcp", "OutRsts")
+			recvA, recvB := bytesReceived(t, ca), bytesReceived(t, cb)
+
+			toB, toA := pattern(2, 64<<10), pattern(3, 32<<10)
+			if _, err := ca.Write(toB); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := cb.Write(toA); err != nil {
+				t.Fatal(err)
+			}
+			// Two drops per chain: the first transmission and at least one
+			// retransmission on each side.
+			waitFor(t, 10*time.Second, "drops in both chains", func() bool {
+				in, out := dropCounts(t, b, l.Table())
+				return in >= 2 && out >= 2
+			})
+			if got := bytesReceived(t, cb); got != recvB {
+				t.Errorf("b received %d bytes while locked", got-recvB)
+			}
+			if got := bytesReceived(t, ca); got != recvA {
+				t.Errorf("a received %d bytes while locked", got-recvA)
+			}
+			ct = conntrackEntry(t, b, tu)
+			if got := conntrackPackets(t, ct); got != ctBefore {
+				t.Errorf("conntrack on b saw %d packets the lock dropped: %s", got-ctBefore, ct)
+			}
+			in, out := dropCounts(t, b, l.Table())
+			t.Logf("locked: dropped %d inbound, %d outbound packets", in, out)
+
+			start := time.Now()
+			if err := l.Unlock([]Tuple{tu}); err != nil {
+				t.Fatal(err)
+			}
+			readExactly(t, "b", cb, toB, 15*time.Second)
+			readExactly(t, "a", ca, toA, 15*time.Second)
+			t.Logf("flow resumed %v after the unlock", time.Since(start).Round(time.Millisecond))
+			bye := pattern(4, 100)
+			if _, err := ca.Write(bye); err != nil {
+				t.Fatal(err)
+			}
+			readExactly(t, "b", cb, bye, 5*time.Second)
+			if _, err := cb.Write(bye); err != nil {
+				t.Fatal(err)
+			}
+			readExactly(t, "a", ca, bye, 5*time.Second)
+
+			checkHealthy(t, "a", ca)
+			checkHealthy(t, "b", cb)
+			if d := snmp(t, a, "Tcp", "OutRsts") - rstA; d != 0 {
+				t.Errorf("a sent %d RSTs", d)
+			}
+			if d := snmp(t, b, "Tcp", "OutRsts") - rstB; d != 0 {
+				t.Errorf("b sent %d RSTs", d)
+			}
+			ct = conntrackEntry(t, b, tu)
+			if !strings.Contains(ct, " ESTABLISHED ") || conntrackPackets(t, ct) <= ctBefore {
+				t.Errorf("conntrack entry after the unlock: %s", ct)
+			}
+			if host := nftList(t, b, "table", "inet", "host"); strings.Count(host, "counter packets 0 bytes 0") != 2 {
+				t.Errorf("b's ruleset dropped invalid packets:\n%s", host)
+			}
+			if n := setLen(t, b, l.Table(), setV4) + setLen(t, b, l.Table(), setV6); n != 0 {
+				t.Errorf("%d elements left after the unlock", n)
+			}
+		})
+	}
+}
+
+// TestBypassMark checks that packets carrying exactly the bypass mark pass
+// both chains of a held lock, while unmarked packets and packets with
+// another mark are dropped. Both ends live on host b, so the marked
+// packets cross the output chain and then, looped back, the prerouting
+// chain.
+func TestBypassMark(t *testing.T) {
+	_, b := newLAN(t)
+	l := newTestLock(t, Config{Instance: "bypass", NetNS: b.Handle()})
+	if l.BypassMark() != DefaultBypassMark {
+		t.Fatalf("BypassMark() = %#x", l.BypassMark())
+	}
+	for _, tc := range []struct {
+		name   string
+		mark   uint32
+		passes bool
+	}{
+		{"exact", DefaultBypassMark, true},
+		{"other", DefaultBypassMark | 1<<16, false},
+		{"none", 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var ln net.Listener
+			var client *net.TCPConn
+			err := b.Do(func() error {
+				var err error
+				ln, err = net.Listen("tcp", "198.18.0.2:0")
+				if err != nil {
+					return err
+				}
+				d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+					var serr error
+					err := rc.Control(func(fd uintptr) {
+						serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(tc.mark))
+					})
+					if err != nil {
+						return err
+					}
+					return serr
+				}}
+				c, err := d.Dial("tcp", ln.Addr().String())
+				if err == nil {
+					client = c.(*net.TCPConn)
+				}
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			sc, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			server := sc.(*net.TCPConn)
+			defer client.Close()
+			defer server.Close()
+
+			tu := tupleOf(client)
+			if err := l.Lock([]Tuple{tu}); err != nil {
+				t.Fatal(err)
+			}
+			in0, out0 := dropCounts(t, b, l.Table())
+			recvServer, recvClient := bytesReceived(t, server), bytesReceived(t, client)
+			fromClient, fromServer := pattern(5, 4000), pattern(6, 3000)
+			if _, err := client.Write(fromClient); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := server.Write(fromServer); err != nil {
+				t.Fatal(err)
+			}
+			if tc.passes {
+				// The marked client's data arrives through both chains; the
+				// unmarked server's replies are dropped.
+				readExactly(t, "server", server, fromClient, 5*time.Second)
+				waitFor(t, 10*time.Second, "drops of the server's packets", func() bool {
+					_, out := dropCounts(t, b, l.Table())
+					return out > out0
+				})
+			} else {
+				waitFor(t, 10*time.Second, "drops of both ends' packets", func() bool {
+					_, out := dropCounts(t, b, l.Table())
+					return out >= out0+2
+				})
+				if got := bytesReceived(t, server); got != recvServer {
+					t.Errorf("server received %d bytes from a client marked %#x", got-recvServer, tc.mark)
+				}
+			}
+			if got := bytesReceived(t, client); got != recvClient {
+				t.Errorf("client received %d unmarked bytes through the lock", got-recvClient)
+			}
+			if in, _ := dropCounts(t, b, l.Table()); in != in0 {
+				// Looped-back packets were already dropped on output.
+				t.Errorf("prerouting dropped %d looped-back packets", in-in0)
+			}
+			if err := l.Unlock([]Tuple{tu}); err != nil {
+				t.Fatal(err)
+			}
+			if !tc.passes {
+				readExactly(t, "server", server, fromClient, 15*time.Second)
+			}
+			readExactly(t, "client", client, fromServer, 15*time.Second)
+		})
+	}
+}
+
+// tuples returns n distinct tuples of the family of local.
+func tuples(n int, local, remote netip.Addr) []Tuple {
+	ts := make([]Tuple, n)
+	for i := range ts {
+		ts[i] = Tuple{
+			Local:  netip.AddrPortFrom(local, 80+uint16(i/50000)),
+			Remote: netip.AddrPortFrom(remote, 10000+uint16(i%50000)),
+		}
+	}
+	return ts
+}
+
+// TestManyTuples locks and unlocks 10,000 connections of each family,
+// each call one batch, and counts the elements in the kernel.
+func TestManyTuples(t *testing.T) {
+	lab.Require(t)
+	ns, err := lab.NewNS("many")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	l := newTestLock(t, Config{Instance: "many", NetNS: ns.Handle()})
+	const n = 10000
+	v4 := tuples(n, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.1.1"))
+	v6 := tuples(n, netip.MustParseAddr("fd00::2"), netip.MustParseAddr("fd00::1:1"))
+	// IPv4-mapped addresses name the same connections as plain IPv4.
+	mapped := make([]Tuple, n)
+	for i, tu := range v4 {
+		mapped[i] = Tuple{
+			Local:  netip.AddrPortFrom(netip.AddrFrom16(tu.Local.Addr().As16()), tu.Local.Port()),
+			Remote: netip.AddrPortFrom(netip.AddrFrom16(tu.Remote.Addr().As16()), tu.Remote.Port()),
+		}
+	}
+	count := func() (int, int) {
+		return setLen(t, ns, l.Table(), setV4), setLen(t, ns, l.Table(), setV6)
+	}
+	for _, step := range []struct {
+		name   string
+		op     func([]Tuple) error
+		ts     []Tuple
+		c4, c6 int
+	}{
+		{"lock v4", l.Lock, v4, 2 * n, 0},
+		{"lock v6", l.Lock, v6, 2 * n, 2 * n},
+		{"lock again (mapped)", l.Lock, mapped, 2 * n, 2 * n},
+		{"renew", l.Renew, append(slices.Clone(v4), v6...), 2 * n, 2 * n},
+		{"unlock half of v4", l.Unlock, v4[:n/2], n, 2 * n},
+		{"unlock all v4 (mapped)", l.Unlock, mapped, 0, 2 * n},
+		{"unlock v4 again", l.Unlock, v4, 0, 2 * n},
+		{"unlock v6", l.Unlock, v6, 0, 0},
+	} {
+		start := time.Now()
+		if err := step.op(step.ts); err != nil {
+			t.Fatalf("%s: %v", step.name, err)
+		}
+		took := time.Since(start)
+		if c4, c6 := count(); c4 != step.c4 || c6 != step.c6 {
+			t.Fatalf("after %s: %d v4 and %d v6 elements, want %d and %d", step.name, c4, c6, step.c4, step.c6)
+		}
+		t.Logf("%s (%d tuples): %v", step.name, len(step.ts), took.Round(time.Microsecond))
+	}
+}
+
+// TestMirrorAndIdempotence covers the bookkeeping: a tuple and its mirror
+// (both ends of a connection on one host) share their elements, which go
+// only when both are unlocked; a self-connected socket is one element;
+// renewing an unlocked tuple fails; bad tuples fail the whole call.
+func TestMirrorAndIdempotence(t *testing.T) {
+	lab.Require(t)
+	ns, err := lab.NewNS("mirror")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	l := newTestLock(t, Config{Instance: "mirror", NetNS: ns.Handle()})
+	tu := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.2:40000")}
+	mirror := Tuple{Local: tu.Remote, Remote: tu.Local}
+	self := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:5000"), Remote: netip.MustParseAddrPort("198.18.0.2:5000")}
+	n4 := func() int { return setLen(t, ns, l.Table(), setV4) }
+
+	if err := l.Lock([]Tuple{tu, self}); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Lock([]Tuple{mirror}); err != nil {
+		t.Fatal(err)
+	}
+	if n := n4(); n != 3 {
+		t.Fatalf("%d elements, want 3", n)
+	}
+	if err := l.Unlock([]Tuple{tu}); err != nil {
+		t.Fatal(err)
+	}
+	if n := n4(); n != 3 {
+		t.Fatalf("unlocking one end removed the other's elements: %d left", n)
+	}
+	if err := l.Renew([]Tuple{tu}); !errors.Is(err, ErrNotLocked) {
+		t.Fatalf("renew of an unlocked tuple: %v", err)
+	}
+	if err := l.Renew([]Tuple{mirror, self}); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Unlock([]Tuple{mirror, self, mirror}); err != nil {
+		t.Fatal(err)
+	}
+	if n := n4(); n != 0 {
+		t.Fatalf("%d elements left", n)
+	}
+	bad := Tuple{Local: tu.Local, Remote: netip.MustParseAddrPort("[fd00::1]:1")}
+	err = l.Lock([]Tuple{tu, bad})
+	var fe *Error
+	if !errors.As(err, &fe) || !errors.Is(err, ErrInvalidTuple) || fe.Op != "lock" || len(fe.Tuples) != 1 {
+		t.Fatalf("lock with a bad tuple: %v", err)
+	}
+	if n := n4(); n != 0 {
+		t.Fatalf("a refused call locked %d elements", n)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatalf("second close: %v", err)
+	}
+	if err := l.Lock([]Tuple{tu}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("lock after close: %v", err)
+	}
+	if names := tableNames(t, ns); len(names) != 0 {
+		t.Fatalf("tables left after close: %v", names)
+	}
+}
+
+// TestLeaseExpiryAndRenewal checks that a renewer keeps a lock alive across
+// several leases, that without renewal the kernel drops the elements after
+// one lease, that Unlock of lapsed tuples succeeds and that RenewAll reports
+// (and repairs) a lapse.
+func TestLeaseExpiryAndRenewal(t *testing.T) {
+	lab.Require(t)
+	ns, err := lab.NewNS("lease")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	l := newTestLock(t, Config{Instance: "lease", NetNS: ns.Handle(), Lease: MinLease})
+	t1 := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.1:40000")}
+	t2 := Tuple{Local: netip.MustParseAddrPort("[fd00::2]:80"), Remote: netip.MustParseAddrPort("[fd00::1]:40000")}
+	if err := l.Lock([]Tuple{t1, t2}); err != nil {
+		t.Fatal(err)
+	}
+	count := func() int { return setLen(t, ns, l.Table(), setV4) + setLen(t, ns, l.Table(), setV6) }
+
+	if err := l.StartRenewer(0, func(err error) { t.Errorf("renewer: %v", err) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StartRenewer(0, nil); !errors.Is(err, ErrRenewerRunning) {
+		t.Fatalf("second renewer: %v", err)
+	}
+	// Watch the lock for three leases: it must never be missing.
+	start := time.Now()
+	waitFor(t, 10*time.Second, "three leases to pass with the renewer", func() bool {
+		if n := count(); n != 4 {
+			t.Fatalf("%d elements after %v with a renewer", n, time.Since(start))
+		}
+		return time.Since(start) > 3*l.Lease()
+	})
+	l.StopRenewer()
+
+	expired := time.Now()
+	waitFor(t, l.Lease()+2*time.Second, "the elements to expire", func() bool { return count() == 0 })
+	t.Logf("elements expired %v after the renewer stopped (lease %v)", time.Since(expired).Round(time.Millisecond), l.Lease())
+
+	if err := l.Unlock([]Tuple{t1}); err != nil {
+		t.Fatalf("unlock of a lapsed tuple: %v", err)
+	}
+	err = l.RenewAll()
+	var fe *Error
+	if !errors.Is(err, ErrLeaseLapsed) || !errors.As(err, &fe) || len(fe.Tuples) != 1 || fe.Tuples[0] != t2 {
+		t.Fatalf("RenewAll after a lapse: %v", err)
+	}
+	if n := count(); n != 2 {
+		t.Fatalf("lapsed tuple not locked again: %d elements", n)
+	}
+	if err := l.Renew([]Tuple{t2}); err != nil {
+		t.Fatalf("renew right after: %v", err)
+	}
+}
+
+// TestKilledAgent runs a lock in a child process, SIGKILLs it, and checks
+// that the connection stays held until the lease runs out, then flows again
+// with every byte and no RST, and that Sweep then removes the dead
+// instance's table while leaving a live instance's alone.
+func TestKilledAgent(t *testing.T) {
+	a, b := newLAN(t)
+	ca, cb := dialPair(t, a, b, families[0])
+	tu := tupleOf(cb)
+	live := newTestLock(t, Config{Instance: "live", NetNS: b.Handle()})
+	liveTu := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:1"), Remote: netip.MustParseAddrPort("198.18.0.9:1")}
+	if err := live.Lock([]Tuple{liveTu}); err != nil {
+		t.Fatal(err)
+	}
+
+	const lease = 2 * time.Second
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s dead %v %v %v", childEnv, b.Name, lease, tu.Local, tu.Remote))
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdin.Close()
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	select {
+	case line := <-lines(stdout):
+		if line != "locked" {
+			t.Fatalf("child said %q", line)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("child did not lock in time")
+	}
+	rstA, rstB := snmp(t, a, "Tcp", "OutRsts"), snmp(t, b, "Tcp", "OutRsts")
+	recvB := bytesReceived(t, cb)
+	data := pattern(7, 20000)
+	if _, err := ca.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the child's lock to drop packets", func() bool {
+		in, _ := dropCounts(t, b, TableName("dead"))
+		return in >= 1
+	})
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	cmd.Wait()
+	if got := bytesReceived(t, cb); got != recvB {
+		t.Fatalf("b received %d bytes through the child's lock", got-recvB)
+	}
+
+	waitFor(t, lease+3*time.Second, "the dead agent's elements to expire", func() bool {
+		return setLen(t, b, TableName("dead"), setV4) == 0
+	})
+	t.Logf("elements gone %v after SIGKILL (lease %v)", time.Since(killed).Round(time.Millisecond), lease)
+	readExactly(t, "b", cb, data, 20*time.Second)
+	t.Logf("flow resumed %v after SIGKILL", time.Since(killed).Round(time.Millisecond))
+	checkHealthy(t, "a", ca)
+	checkHealthy(t, "b", cb)
+	if d := snmp(t, a, "Tcp", "OutRsts") - rstA; d != 0 {
+		t.Errorf("a sent %d RSTs", d)
+	}
+	if d := snmp(t, b, "Tcp", "OutRsts") - rstB; d != 0 {
+		t.Errorf("b sent %d RSTs", d)
+	}
+
+	removed, err := Sweep(b.Handle(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(removed, []string{"dead"}) {
+		t.Fatalf("Sweep removed %v, want [dead]", removed)
+	}
+	if names := tableNames(t, b); !slices.Equal(names, []string{live.Table()}) {
+		t.Fatalf("tables after the sweep: %v", names)
+	}
+	if n := setLen(t, b, live.Table(), setV4); n != 2 {
+		t.Fatalf("the live instance lost its lock: %d elements", n)
+	}
+}

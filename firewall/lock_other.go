@@ -1,0 +1,50 @@
+//go:build !linux
+
+package firewall
+
+import "time"
+
+// Lock is the connection lock; it exists only on Linux.
+type Lock struct{}
+
+func unsupported(op string) error { return &Error{Op: op, Err: ErrNotSupported} }
+
+// New fails with ErrNotSupported outside Linux.
+func New(cfg Config) (*Lock, error) { return nil, unsupported("new") }
+
+// Sweep fails with ErrNotSupported outside Linux.
+func Sweep(netns int, keep func(instance string) bool) ([]string, error) {
+	return nil, unsupported("sweep")
+}
+
+// BypassMark returns 0 outside Linux.
+func (l *Lock) BypassMark() uint32 { return 0 }
+
+// Lease returns 0 outside Linux.
+func (l *Lock) Lease() time.Duration { return 0 }
+
+// Table returns "" outside Linux.
+func (l *Lock) Table() string { return "" }
+
+// Lock fails with ErrNotSupported outside Linux.
+func (l *Lock) Lock(ts []Tuple) error { return unsupported("lock") }
+
+// Unlock fails with ErrNotSupported outside Linux.
+func (l *Lock) Unlock(ts []Tuple) error { return unsupported("unlock") }
+
+// Renew fails with ErrNotSupported outside Linux.
+func (l *Lock) Renew(ts []Tuple) error { return unsupported("renew") }
+
+// RenewAll fails with ErrNotSupported outside Linux.
+func (l *Lock) RenewAll() error { return unsupported("renew") }
+
+// StartRenewer fails with ErrNotSupported outside Linux.
+func (l *Lock) StartRenewer(interval time.Duration, onErr func(error)) error {
+	return unsupported("renew")
+}
+
+// StopRenewer does nothing outside Linux.
+func (l *Lock) StopRenewer() {}
+
+// Close does nothing outside Linux.
+func (l *Lock) Close() error { return nil }

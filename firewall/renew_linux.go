@@ -1,0 +1,76 @@
+package firewall
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// renewer is the background goroutine of StartRenewer.
+type renewer struct {
+	stop chan struct{}
+	done chan struct{}
+}
+
+// StartRenewer starts a goroutine that calls RenewAll every interval until
+// StopRenewer or Close, so that the locks of a live agent never lapse while
+// those of a dead one lapse within a lease. interval 0 means a third of the
+// lease; otherwise it must be positive and at most half the lease. Every
+// error of RenewAll is passed to onErr (if not nil), from the renewer's
+// goroutine; an ErrLeaseLapsed there means the renewer fell behind and the
+// tuples it names were briefly unlocked.
+func (l *Lock) StartRenewer(interval time.Duration, onErr func(error)) error {
+	if interval == 0 {
+		interval = l.cfg.Lease / 3
+	}
+	if interval <= 0 || interval > l.cfg.Lease/2 {
+		return &Error{Op: "renew", Table: l.table.Name,
+			Err: fmt.Errorf("%w: renew interval %v outside (0, %v]", ErrInvalidConfig, interval, l.cfg.Lease/2)}
+	}
+	l.renewMu.Lock()
+	defer l.renewMu.Unlock()
+	l.mu.Lock()
+	closed := l.closed
+	l.mu.Unlock()
+	if closed {
+		return &Error{Op: "renew", Table: l.table.Name, Err: ErrClosed}
+	}
+	if l.renewer != nil {
+		return &Error{Op: "renew", Table: l.table.Name, Err: ErrRenewerRunning}
+	}
+	r := &renewer{stop: make(chan struct{}), done: make(chan struct{})}
+	l.renewer = r
+	go func() {
+		defer close(r.done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-r.stop:
+				return
+			case <-t.C:
+			}
+			err := l.RenewAll()
+			if err != nil && onErr != nil {
+				onErr(err)
+			}
+			if errors.Is(err, ErrClosed) {
+				return
+			}
+		}
+	}()
+	return nil
+}
+
+// StopRenewer stops the renewer started by StartRenewer and waits for its
+// goroutine to end. It does nothing if no renewer runs.
+func (l *Lock) StopRenewer() {
+	l.renewMu.Lock()
+	r := l.renewer
+	l.renewer = nil
+	l.renewMu.Unlock()
+	if r != nil {
+		close(r.stop)
+		<-r.done
+	}
+}
