@@ -558,3 +558,221 @@ func TestKilledAgent(t *testing.T) {
 		t.Fatalf("the live instance lost its lock: %d elements", n)
 	}
 }
+
+// otherRuleset is a host's own firewall: tables of several families, a set,
+// a map, counters, a table whose name starts like ours but is not ours, and
+// one with our prefix in another family.
+const otherRuleset = `table inet filter {
+	set blocked {
+		type ipv4_addr . inet_service
+		flags timeout
+		elements = { 198.51.100.1 . 22 }
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ct state established,related accept
+		ip saddr . tcp dport @blocked counter drop
+		tcp dport 22 counter accept
+	}
+	chain output {
+		type filter hook output priority raw; policy accept;
+		meta mark 0x746d counter accept
+	}
+}
+table ip nat {
+	map portmap {
+		type inet_service : ipv4_addr
+		elements = { 8080 : 198.18.0.1 }
+	}
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		dnat to tcp dport map @portmap
+	}
+}
+table inet tcpmigrate {
+	chain c {
+		type filter hook prerouting priority -300; policy accept;
+	}
+}
+table ip tcpmigrate_ipfamily {
+	chain c {
+		type filter hook output priority 0; policy accept;
+	}
+}
+`
+
+// TestOthersUntouched checks that two instances never touch each other's
+// locks and that the rest of the ruleset is byte for byte what it was,
+// during and after their lives, sweeps included.
+func TestOthersUntouched(t *testing.T) {
+	lab.Require(t)
+	ns, err := lab.NewNS("others")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	nftScript(t, ns, otherRuleset)
+	before := nftList(t, ns, "ruleset")
+	others := func() string {
+		// Our tables are last in the listing: they were created last.
+		s := nftList(t, ns, "ruleset")
+		if i := strings.Index(s, "table inet "+TablePrefix); i >= 0 {
+			s = s[:i]
+		}
+		return s
+	}
+
+	one := newTestLock(t, Config{Instance: "one", NetNS: ns.Handle()})
+	two := newTestLock(t, Config{Instance: "two", NetNS: ns.Handle(), BypassMark: 7})
+	shared := tuples(100, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.0.1"))
+	own := tuples(10, netip.MustParseAddr("fd00::2"), netip.MustParseAddr("fd00::1"))
+	for _, step := range []func() error{
+		func() error { return one.Lock(shared) },
+		func() error { return two.Lock(append(slices.Clone(shared), own...)) },
+		func() error { return one.Renew(shared) },
+		func() error { return one.Unlock(shared) },
+	} {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := setLen(t, ns, two.Table(), setV4); n != 200 {
+		t.Fatalf("the other instance's lock changed: %d v4 elements, want 200", n)
+	}
+	if n := setLen(t, ns, two.Table(), setV6); n != 20 {
+		t.Fatalf("the other instance's lock changed: %d v6 elements, want 20", n)
+	}
+	if got := others(); got != before {
+		t.Fatalf("the host's ruleset changed while locks were held:\n--- before\n%s\n--- during\n%s", before, got)
+	}
+	if removed, err := Sweep(ns.Handle(), nil); err != nil || len(removed) != 0 {
+		t.Fatalf("Sweep with two live instances removed %v, %v", removed, err)
+	}
+	if err := one.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := setLen(t, ns, two.Table(), setV4); n != 200 {
+		t.Fatalf("closing one instance changed the other: %d v4 elements", n)
+	}
+	if err := two.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if after := nftList(t, ns, "ruleset"); after != before {
+		t.Fatalf("the ruleset changed:\n--- before\n%s\n--- after\n%s", before, after)
+	}
+}
+
+// TestSweep checks whom Sweep removes: tables of instances whose owner is
+// gone (a closed owner socket, or a table made by hand), unless keep
+// spares them; never a live instance's, nor tables outside the pattern.
+func TestSweep(t *testing.T) {
+	lab.Require(t)
+	ns, err := lab.NewNS("sweep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	nftScript(t, ns, otherRuleset+`table inet tcpmigrate_byhand {
+	set v4 {
+		type ipv4_addr . inet_service . ipv4_addr . inet_service
+		flags timeout
+	}
+}
+`)
+	live := newTestLock(t, Config{Instance: "live", NetNS: ns.Handle()})
+	var dead []*Lock
+	for _, inst := range []string{"dead1", "dead2", "spared"} {
+		l, err := New(Config{Instance: inst, NetNS: ns.Handle()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// What the kernel does when the process dies: the owner socket goes.
+		unix.Close(l.owner)
+		dead = append(dead, l)
+	}
+	if _, err := New(Config{Instance: "live", NetNS: ns.Handle()}); !errors.Is(err, ErrExists) {
+		t.Fatalf("New of a live instance: %v", err)
+	}
+	if _, err := New(Config{Instance: "dead1", NetNS: ns.Handle()}); !errors.Is(err, ErrExists) {
+		t.Fatalf("New over a dead instance's table: %v", err)
+	}
+
+	var asked []string
+	removed, err := Sweep(ns.Handle(), func(inst string) bool {
+		asked = append(asked, inst)
+		return inst == "spared"
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"byhand", "dead1", "dead2"}; !slices.Equal(removed, want) {
+		t.Fatalf("Sweep removed %v, want %v", removed, want)
+	}
+	slices.Sort(asked)
+	if want := []string{"byhand", "dead1", "dead2", "live", "spared"}; !slices.Equal(asked, want) {
+		t.Fatalf("keep was asked about %v, want %v", asked, want)
+	}
+	names := tableNames(t, ns)
+	slices.Sort(names)
+	if want := []string{"filter", "tcpmigrate", TableName("live"), TableName("spared")}; !slices.Equal(names, want) {
+		t.Fatalf("inet tables after the sweep: %v, want %v", names, want)
+	}
+	if removed, err := Sweep(ns.Handle(), nil); err != nil || !slices.Equal(removed, []string{"spared"}) {
+		t.Fatalf("second sweep removed %v, %v", removed, err)
+	}
+	if removed, err := Sweep(ns.Handle(), nil); err != nil || len(removed) != 0 {
+		t.Fatalf("third sweep removed %v, %v", removed, err)
+	}
+	if err := live.Lock(tuples(1, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.0.1"))); err != nil {
+		t.Fatalf("the live lock after sweeps: %v", err)
+	}
+	// The dead instances' name is free again, and their Close, if they
+	// had one left, finds nothing to delete.
+	for _, l := range dead {
+		l.owner = -1
+		if err := l.Close(); err != nil {
+			t.Fatalf("close after the sweep: %v", err)
+		}
+	}
+	again := newTestLock(t, Config{Instance: "dead1", NetNS: ns.Handle()})
+	if err := again.Lock(tuples(1, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.0.1"))); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCurrentNamespace checks that NetNS 0 pins the namespace of the thread
+// that calls New, even when later calls come from other threads.
+func TestCurrentNamespace(t *testing.T) {
+	lab.Require(t)
+	ns, err := lab.NewNS("current")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	var l *Lock
+	if err := ns.Do(func() error {
+		var err error
+		l, err = New(Config{Instance: "current"})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	ts := tuples(3, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.0.1"))
+	if err := l.Lock(ts); err != nil {
+		t.Fatal(err)
+	}
+	if n := setLen(t, ns, l.Table(), setV4); n != 6 {
+		t.Fatalf("%d elements in the namespace of New, want 6", n)
+	}
+	if removed, err := func() (r []string, err error) {
+		err = ns.Do(func() error {
+			var err error
+			r, err = Sweep(0, nil)
+			return err
+		})
+		return r, err
+	}(); err != nil || len(removed) != 0 {
+		t.Fatalf("Sweep(0) in the namespace removed %v, %v", removed, err)
+	}
+}
