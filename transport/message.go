@@ -1,0 +1,463 @@
+package transport
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"net/netip"
+	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/repair"
+)
+
+// Message is one typed message of the protocol: a handshake message (Hello,
+// Accept, Reject) or a control message of the two-phase handoff. The set is
+// closed: only the types of this package implement it.
+type Message interface {
+	// Type returns the message's wire type.
+	Type() MsgType
+	appendFields(b []byte) []byte
+	decodeFields(b []byte) error
+}
+
+// MigrationID identifies one migration. The source draws it at random; the
+// target records outcomes under it, so that an in-doubt source can ask.
+type MigrationID [16]byte
+
+// NewMigrationID returns a random MigrationID.
+func NewMigrationID() MigrationID {
+	var id MigrationID
+	_, _ = rand.Read(id[:]) // crypto/rand.Read does not fail (Go 1.24+)
+	return id
+}
+
+// String returns the ID as 32 hexadecimal digits.
+func (id MigrationID) String() string { return hex.EncodeToString(id[:]) }
+
+// Verdict is the outcome of one connection: its index in the migration, a
+// code, and a human-readable reason (empty for VerdictOK).
+type Verdict struct {
+	Index  uint32
+	Code   VerdictCode
+	Reason string
+}
+
+// OK reports whether the verdict is VerdictOK.
+func (v Verdict) OK() bool { return v.Code == VerdictOK }
+
+var verdictTable = newTable("verdict",
+	uintField(1, "index", func(v *Verdict) *uint32 { return &v.Index }),
+	uintField(2, "code", func(v *Verdict) *VerdictCode { return &v.Code }),
+	stringField(3, "reason", func(v *Verdict) *string { return &v.Reason }),
+)
+
+// Hello is what each side says of itself in the handshake: its kernel's
+// repair features, the codecs it accepts and the limits it enforces on what
+// it receives. A sender respects the peer's limits.
+type Hello struct {
+	// Features are the kernel features of the sender (repair.Probe).
+	Features repair.Features
+	// Kernel is the sender's kernel release.
+	Kernel string
+	// Congestion lists the congestion-control algorithms the sender has.
+	Congestion []string
+	// Codecs is the set of codecs the sender accepts, one bit per Codec
+	// (bit 0: none, bit 1: zstd).
+	Codecs uint32
+	// Limits are the sender's receive limits.
+	Limits Limits
+	// Software names the sender's program and version, for reports.
+	Software string
+}
+
+var helloTable = newTable("hello",
+	uintField(1, "features", func(m *Hello) *repair.Features { return &m.Features }),
+	stringField(2, "kernel", func(m *Hello) *string { return &m.Kernel }),
+	stringsField(3, "congestion", func(m *Hello) *[]string { return &m.Congestion }),
+	uintField(4, "codecs", func(m *Hello) *uint32 { return &m.Codecs }),
+	uintField(5, "max_frame", func(m *Hello) *uint32 { return &m.Limits.MaxFrame }),
+	uintField(6, "max_snapshot", func(m *Hello) *uint32 { return &m.Limits.MaxSnapshot }),
+	uintField(7, "max_migration", func(m *Hello) *uint64 { return &m.Limits.MaxMigration }),
+	uintField(8, "max_connections", func(m *Hello) *uint32 { return &m.Limits.MaxConnections }),
+	uintField(9, "decoder_max_window", func(m *Hello) *uint64 { return &m.Limits.DecoderMaxWindow }),
+	stringField(10, "software", func(m *Hello) *string { return &m.Software }),
+)
+
+// Accepts reports whether the sender of the Hello accepts codec c.
+func (m *Hello) Accepts(c Codec) bool { return c == CodecNone || m.Codecs&(1<<c) != 0 }
+
+// Accept says that the sender accepts the peer's Hello. It has no fields.
+type Accept struct{}
+
+var acceptTable = newTable[Accept]("accept")
+
+// Reject says that the sender refuses the handshake, and why.
+type Reject struct {
+	Code   RejectCode
+	Reason string
+}
+
+var rejectTable = newTable("reject",
+	uintField(1, "code", func(m *Reject) *RejectCode { return &m.Code }),
+	stringField(2, "reason", func(m *Reject) *string { return &m.Reason }),
+)
+
+// streamOpen is the first frame of every yamux stream.
+type streamOpen struct {
+	Kind  StreamKind
+	Codec Codec
+}
+
+var streamOpenTable = newTable("stream-open",
+	uintField(1, "kind", func(m *streamOpen) *StreamKind { return &m.Kind }),
+	uintField(2, "codec", func(m *streamOpen) *Codec { return &m.Codec }),
+)
+
+// Prepare opens a migration (source → target): Count connections follow on
+// snapshot streams, indexed 0 to Count-1. Lease bounds how long the target
+// may hold its locks without hearing from the source.
+type Prepare struct {
+	Migration MigrationID
+	Count     uint32
+	Lease     time.Duration
+}
+
+var prepareTable = newTable("prepare",
+	fixedField(1, "migration", 16, func(m *Prepare) []byte { return m.Migration[:] }),
+	uintField(2, "count", func(m *Prepare) *uint32 { return &m.Count }),
+	durationField(3, "lease", func(m *Prepare) *time.Duration { return &m.Lease }),
+)
+
+// Verdicts carries the target's verdicts on a batch of connections (target →
+// source). The target may send many, as restores finish; each connection
+// gets exactly one verdict.
+type Verdicts struct {
+	Migration MigrationID
+	Verdicts  []Verdict
+}
+
+var verdictsTable = newTable("verdicts",
+	fixedField(1, "migration", 16, func(m *Verdicts) []byte { return m.Migration[:] }),
+	nestedListField(2, "verdict", verdictTable, func(m *Verdicts) *[]Verdict { return &m.Verdicts }),
+)
+
+// Prepared says that every verdict has been sent (target → source): Count
+// verdicts in all, OK of them VerdictOK. The target now holds OK connections
+// restored and locked, waiting for Commit or Abort.
+type Prepared struct {
+	Migration MigrationID
+	Count     uint32
+	OK        uint32
+}
+
+var preparedTable = newTable("prepared",
+	fixedField(1, "migration", 16, func(m *Prepared) []byte { return m.Migration[:] }),
+	uintField(2, "count", func(m *Prepared) *uint32 { return &m.Count }),
+	uintField(3, "ok", func(m *Prepared) *uint32 { return &m.OK }),
+)
+
+// Switch says that the source has released the service addresses in Addrs
+// and the target should claim them now (source → target). Addrs is empty
+// when a hook outside tcpmigrate moves the addresses.
+type Switch struct {
+	Migration MigrationID
+	Addrs     []netip.Prefix
+}
+
+var switchTable = newTable("switch",
+	fixedField(1, "migration", 16, func(m *Switch) []byte { return m.Migration[:] }),
+	prefixesField(2, "addr", func(m *Switch) *[]netip.Prefix { return &m.Addrs }),
+)
+
+// Switched says that the target has claimed the addresses (target → source).
+type Switched struct {
+	Migration MigrationID
+}
+
+var switchedTable = newTable("switched",
+	fixedField(1, "migration", 16, func(m *Switched) []byte { return m.Migration[:] }),
+)
+
+// Commit tells the target to commit every connection it prepared, except
+// those listed in Exclude, which the source has rolled back on its side and
+// the target must discard (source → target).
+type Commit struct {
+	Migration MigrationID
+	Exclude   []uint32
+}
+
+var commitTable = newTable("commit",
+	fixedField(1, "migration", 16, func(m *Commit) []byte { return m.Migration[:] }),
+	uint32sField(2, "exclude", func(m *Commit) *[]uint32 { return &m.Exclude }),
+)
+
+// Committed says that the target has committed and durably recorded the
+// outcome (target → source). Failed lists the connections that could not be
+// delivered after commit; every other committed connection was delivered.
+type Committed struct {
+	Migration MigrationID
+	Failed    []Verdict
+}
+
+var committedTable = newTable("committed",
+	fixedField(1, "migration", 16, func(m *Committed) []byte { return m.Migration[:] }),
+	nestedListField(2, "failed", verdictTable, func(m *Committed) *[]Verdict { return &m.Failed }),
+)
+
+// Abort rolls the migration back (either side, before Commit is sent).
+type Abort struct {
+	Migration MigrationID
+	Code      AbortCode
+	Reason    string
+}
+
+var abortTable = newTable("abort",
+	fixedField(1, "migration", 16, func(m *Abort) []byte { return m.Migration[:] }),
+	uintField(2, "code", func(m *Abort) *AbortCode { return &m.Code }),
+	stringField(3, "reason", func(m *Abort) *string { return &m.Reason }),
+)
+
+// Query asks the target what became of a migration (source → target), to
+// resolve the in-doubt window after a lost link.
+type Query struct {
+	Migration MigrationID
+}
+
+var queryTable = newTable("query",
+	fixedField(1, "migration", 16, func(m *Query) []byte { return m.Migration[:] }),
+)
+
+// Outcome answers a Query with the target's record (target → source).
+// Verdicts lists the connections that did not end VerdictOK.
+type Outcome struct {
+	Migration MigrationID
+	State     MigrationState
+	Verdicts  []Verdict
+}
+
+var outcomeTable = newTable("outcome",
+	fixedField(1, "migration", 16, func(m *Outcome) []byte { return m.Migration[:] }),
+	uintField(2, "state", func(m *Outcome) *MigrationState { return &m.State }),
+	nestedListField(3, "verdict", verdictTable, func(m *Outcome) *[]Verdict { return &m.Verdicts }),
+)
+
+// endRecord closes a snapshot stream: Count records came before it.
+type endRecord struct {
+	Count uint32
+}
+
+var endTable = newTable("end",
+	uintField(1, "count", func(m *endRecord) *uint32 { return &m.Count }),
+)
+
+// Type returns MsgHello.
+func (*Hello) Type() MsgType { return MsgHello }
+
+// Type returns MsgAccept.
+func (*Accept) Type() MsgType { return MsgAccept }
+
+// Type returns MsgReject.
+func (*Reject) Type() MsgType { return MsgReject }
+
+// Type returns MsgStreamOpen.
+func (*streamOpen) Type() MsgType { return MsgStreamOpen }
+
+// Type returns MsgPrepare.
+func (*Prepare) Type() MsgType { return MsgPrepare }
+
+// Type returns MsgVerdicts.
+func (*Verdicts) Type() MsgType { return MsgVerdicts }
+
+// Type returns MsgPrepared.
+func (*Prepared) Type() MsgType { return MsgPrepared }
+
+// Type returns MsgSwitch.
+func (*Switch) Type() MsgType { return MsgSwitch }
+
+// Type returns MsgSwitched.
+func (*Switched) Type() MsgType { return MsgSwitched }
+
+// Type returns MsgCommit.
+func (*Commit) Type() MsgType { return MsgCommit }
+
+// Type returns MsgCommitted.
+func (*Committed) Type() MsgType { return MsgCommitted }
+
+// Type returns MsgAbort.
+func (*Abort) Type() MsgType { return MsgAbort }
+
+// Type returns MsgQuery.
+func (*Query) Type() MsgType { return MsgQuery }
+
+// Type returns MsgOutcome.
+func (*Outcome) Type() MsgType { return MsgOutcome }
+
+// Type returns MsgEnd.
+func (*endRecord) Type() MsgType { return MsgEnd }
+
+func (m *Hello) appendFields(b []byte) []byte      { return helloTable.appendFields(b, m) }
+func (m *Accept) appendFields(b []byte) []byte     { return acceptTable.appendFields(b, m) }
+func (m *Reject) appendFields(b []byte) []byte     { return rejectTable.appendFields(b, m) }
+func (m *streamOpen) appendFields(b []byte) []byte { return streamOpenTable.appendFields(b, m) }
+func (m *Prepare) appendFields(b []byte) []byte    { return prepareTable.appendFields(b, m) }
+func (m *Verdicts) appendFields(b []byte) []byte   { return verdictsTable.appendFields(b, m) }
+func (m *Prepared) appendFields(b []byte) []byte   { return preparedTable.appendFields(b, m) }
+func (m *Switch) appendFields(b []byte) []byte     { return switchTable.appendFields(b, m) }
+func (m *Switched) appendFields(b []byte) []byte   { return switchedTable.appendFields(b, m) }
+func (m *Commit) appendFields(b []byte) []byte     { return commitTable.appendFields(b, m) }
+func (m *Committed) appendFields(b []byte) []byte  { return committedTable.appendFields(b, m) }
+func (m *Abort) appendFields(b []byte) []byte      { return abortTable.appendFields(b, m) }
+func (m *Query) appendFields(b []byte) []byte      { return queryTable.appendFields(b, m) }
+func (m *Outcome) appendFields(b []byte) []byte    { return outcomeTable.appendFields(b, m) }
+func (m *endRecord) appendFields(b []byte) []byte  { return endTable.appendFields(b, m) }
+
+func (m *Hello) decodeFields(b []byte) error      { return helloTable.decode(m, b) }
+func (m *Accept) decodeFields(b []byte) error     { return acceptTable.decode(m, b) }
+func (m *Reject) decodeFields(b []byte) error     { return rejectTable.decode(m, b) }
+func (m *streamOpen) decodeFields(b []byte) error { return streamOpenTable.decode(m, b) }
+func (m *Prepare) decodeFields(b []byte) error    { return prepareTable.decode(m, b) }
+func (m *Verdicts) decodeFields(b []byte) error   { return verdictsTable.decode(m, b) }
+func (m *Prepared) decodeFields(b []byte) error   { return preparedTable.decode(m, b) }
+func (m *Switch) decodeFields(b []byte) error     { return switchTable.decode(m, b) }
+func (m *Switched) decodeFields(b []byte) error   { return switchedTable.decode(m, b) }
+func (m *Commit) decodeFields(b []byte) error     { return commitTable.decode(m, b) }
+func (m *Committed) decodeFields(b []byte) error  { return committedTable.decode(m, b) }
+func (m *Abort) decodeFields(b []byte) error      { return abortTable.decode(m, b) }
+func (m *Query) decodeFields(b []byte) error      { return queryTable.decode(m, b) }
+func (m *Outcome) decodeFields(b []byte) error    { return outcomeTable.decode(m, b) }
+func (m *endRecord) decodeFields(b []byte) error  { return endTable.decode(m, b) }
+
+// phase says where a message type may appear.
+type phase uint8
+
+const (
+	phaseHandshake phase = iota + 1 // on the raw connection, before yamux
+	phaseStream                     // first frame of a yamux stream
+	phaseControl                    // on the control stream
+	phaseSnapshot                   // in the body of a snapshot stream
+)
+
+// msgInfo describes one message type for the dispatch table.
+type msgInfo struct {
+	name  string
+	phase phase
+	new   func() Message // nil for MsgSnapshot, which is decoded by decodeSnapshot
+}
+
+// msgTable is indexed by message type; decoding checks the range, then
+// dispatches through it.
+var msgTable = [...]msgInfo{
+	MsgHello:      {"HELLO", phaseHandshake, func() Message { return new(Hello) }},
+	MsgAccept:     {"ACCEPT", phaseHandshake, func() Message { return new(Accept) }},
+	MsgReject:     {"REJECT", phaseHandshake, func() Message { return new(Reject) }},
+	MsgStreamOpen: {"STREAM_OPEN", phaseStream, func() Message { return new(streamOpen) }},
+	MsgPrepare:    {"PREPARE", phaseControl, func() Message { return new(Prepare) }},
+	MsgVerdicts:   {"VERDICTS", phaseControl, func() Message { return new(Verdicts) }},
+	MsgPrepared:   {"PREPARED", phaseControl, func() Message { return new(Prepared) }},
+	MsgSwitch:     {"SWITCH", phaseControl, func() Message { return new(Switch) }},
+	MsgSwitched:   {"SWITCHED", phaseControl, func() Message { return new(Switched) }},
+	MsgCommit:     {"COMMIT", phaseControl, func() Message { return new(Commit) }},
+	MsgCommitted:  {"COMMITTED", phaseControl, func() Message { return new(Committed) }},
+	MsgAbort:      {"ABORT", phaseControl, func() Message { return new(Abort) }},
+	MsgQuery:      {"QUERY", phaseControl, func() Message { return new(Query) }},
+	MsgOutcome:    {"OUTCOME", phaseControl, func() Message { return new(Outcome) }},
+	MsgSnapshot:   {"SNAPSHOT", phaseSnapshot, nil},
+	MsgEnd:        {"END", phaseSnapshot, func() Message { return new(endRecord) }},
+}
+
+// errSkip is returned by decodeMessage for an ancillary type it does not
+// know: the caller drops the frame and reads the next.
+var errSkip = &OpError{Op: "decode", Err: ErrUnexpected}
+
+// decodeMessage decodes the body of a frame of type t expected in phase p.
+func decodeMessage(p phase, t MsgType, body []byte) (Message, error) {
+	if int(t) >= len(msgTable) || msgTable[t].name == "" {
+		if t >= msgAncillary {
+			return nil, errSkip
+		}
+		return nil, malformedf("unknown message type 0x%02x", uint8(t))
+	}
+	info := &msgTable[t]
+	if info.phase != p || info.new == nil {
+		return nil, unexpected(t, p)
+	}
+	m := info.new()
+	if err := m.decodeFields(body); err != nil {
+		return nil, err
+	}
+	if err := validate(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+var phaseNames = [...]string{
+	phaseHandshake: "the handshake",
+	phaseStream:    "a stream's first frame",
+	phaseControl:   "the control stream",
+	phaseSnapshot:  "a snapshot stream",
+}
+
+func unexpected(t MsgType, p phase) error {
+	return &unexpectedError{t: t, where: phaseNames[p]}
+}
+
+type unexpectedError struct {
+	t     MsgType
+	where string
+}
+
+func (e *unexpectedError) Error() string {
+	return "unexpected message: " + e.t.String() + " in " + e.where
+}
+
+func (e *unexpectedError) Is(target error) bool { return target == ErrUnexpected }
+
+// validate checks what the field tables cannot: required fields.
+func validate(m Message) error {
+	switch m := m.(type) {
+	case *Reject:
+		if m.Code == 0 {
+			return malformedf("reject: no code")
+		}
+	case *Verdicts:
+		return validateVerdicts("verdicts", m.Verdicts)
+	case *Committed:
+		return validateVerdicts("committed", m.Failed)
+	case *Outcome:
+		if m.State == 0 {
+			return malformedf("outcome: no state")
+		}
+		return validateVerdicts("outcome", m.Verdicts)
+	case *Abort:
+		if m.Code == 0 {
+			return malformedf("abort: no code")
+		}
+	case *streamOpen:
+		if m.Kind == 0 {
+			return malformedf("stream-open: no kind")
+		}
+	}
+	return nil
+}
+
+func validateVerdicts(name string, vs []Verdict) error {
+	for i := range vs {
+		if vs[i].Code == 0 {
+			return malformedf("%s: verdict for connection %d has no code", name, vs[i].Index)
+		}
+	}
+	return nil
+}
+
+// appendFrame appends m as a frame: length, type, fields.
+func appendFrame(b []byte, m Message) []byte {
+	start := len(b)
+	b = append(b, 0, 0, 0, 0, byte(m.Type()))
+	b = m.appendFields(b)
+	putFrameLength(b[start:], len(b)-start-4)
+	return b
+}
+
+func putFrameLength(b []byte, n int) {
+	b[0], b[1], b[2], b[3] = byte(n>>24), byte(n>>16), byte(n>>8), byte(n)
+}
