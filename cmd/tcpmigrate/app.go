@@ -11,9 +11,11 @@ type usageError struct{ error }
 
 func newApp() *cli.App {
 	return &cli.App{
-		Name:         "tcpmigrate",
-		Usage:        "live-migrate established TCP connections between Linux hosts",
-		Commands:     []*cli.Command{},
+		Name:  "tcpmigrate",
+		Usage: "live-migrate established TCP connections between Linux hosts",
+		Commands: []*cli.Command{
+			demoCommand(),
+		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 	}
 }

@@ -16,13 +16,14 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/nsdo"
 )
 
 // Prefix starts the name of every namespace the lab creates; the rest is the
@@ -89,26 +90,7 @@ func (n *NS) Close() error {
 
 // Do runs fn with the calling goroutine's OS thread inside the namespace.
 // Sockets fn creates belong to the namespace for their whole life.
-func (n *NS) Do(fn func() error) error {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("lab: current namespace: %w", err)
-	}
-	defer orig.Close()
-	if err := netns.Set(n.handle); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("lab: enter namespace %s: %w", n.Name, err)
-	}
-	ferr := fn()
-	if err := netns.Set(orig); err != nil {
-		// The thread is in the wrong namespace: let it die with the goroutine.
-		return errors.Join(ferr, fmt.Errorf("lab: leave namespace %s: %w", n.Name, err))
-	}
-	runtime.UnlockOSThread()
-	return ferr
-}
+func (n *NS) Do(fn func() error) error { return nsdo.Do(int(n.handle), fn) }
 
 // Handle returns the namespace's file descriptor handle, for APIs (such as
 // netlink connections) that take one. It stays owned by n.

@@ -1,0 +1,137 @@
+package demo
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Pattern fills b with the bytes of stream dir starting at offset off. Each
+// byte depends on its offset, so a lost, repeated or reordered byte shows up
+// as a mismatch at the reader.
+func Pattern(b []byte, dir byte, off int64) {
+	for i := range b {
+		x := uint64(off+int64(i)) + uint64(dir)<<40
+		x ^= x >> 7
+		x *= 0x9E3779B97F4A7C15
+		b[i] = byte(x >> 56)
+	}
+}
+
+// endpoint streams the pattern one way and checks the other way on one
+// connection. It can be paused (its goroutines stop at an exact byte
+// offset) and resumed on another connection, which is how the workload
+// moves with its connection.
+type endpoint struct {
+	out, in byte // pattern directions written and read
+
+	mu      sync.Mutex
+	conn    *net.TCPConn
+	sent    int64 // bytes written so far
+	checked int64 // bytes received and verified so far
+	err     error
+
+	lastRecv atomic.Int64 // unix nanoseconds of the last byte received
+	maxGap   atomic.Int64 // the longest gap between received bytes, ns
+
+	stop chan struct{}
+	done sync.WaitGroup
+}
+
+func newEndpoint(out, in byte) *endpoint { return &endpoint{out: out, in: in} }
+
+// start begins streaming on c from the current offsets.
+func (e *endpoint) start(c *net.TCPConn) {
+	e.conn = c
+	e.stop = make(chan struct{})
+	c.SetDeadline(time.Time{})
+	e.lastRecv.Store(time.Now().UnixNano())
+	e.done.Add(2)
+	go e.writer(c)
+	go e.reader(c)
+}
+
+// pause stops both goroutines at exact offsets and returns once they have.
+func (e *endpoint) pause() {
+	close(e.stop)
+	e.conn.SetDeadline(time.Now())
+	e.done.Wait()
+}
+
+func (e *endpoint) fail(err error) {
+	e.mu.Lock()
+	if e.err == nil {
+		e.err = err
+	}
+	e.mu.Unlock()
+}
+
+func (e *endpoint) error() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.err
+}
+
+func stopped(err error, stop chan struct{}) bool {
+	select {
+	case <-stop:
+		return errors.Is(err, os.ErrDeadlineExceeded)
+	default:
+		return false
+	}
+}
+
+func (e *endpoint) writer(c *net.TCPConn) {
+	defer e.done.Done()
+	buf := make([]byte, 16<<10)
+	for {
+		select {
+		case <-e.stop:
+			return
+		default:
+		}
+		Pattern(buf, e.out, e.sent)
+		n, err := c.Write(buf)
+		e.sent += int64(n)
+		if err != nil {
+			if !stopped(err, e.stop) {
+				e.fail(fmt.Errorf("write at offset %d: %w", e.sent, err))
+			}
+			return
+		}
+		time.Sleep(time.Millisecond) // a steady stream, not a flood
+	}
+}
+
+func (e *endpoint) reader(c *net.TCPConn) {
+	defer e.done.Done()
+	buf := make([]byte, 64<<10)
+	want := make([]byte, len(buf))
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			now := time.Now().UnixNano()
+			if gap := now - e.lastRecv.Swap(now); gap > e.maxGap.Load() {
+				e.maxGap.Store(gap)
+			}
+			Pattern(want[:n], e.in, e.checked)
+			for i := 0; i < n; i++ {
+				if buf[i] != want[i] {
+					e.fail(fmt.Errorf("stream corrupt at offset %d", e.checked+int64(i)))
+					return
+				}
+			}
+			e.checked += int64(n)
+		}
+		if err != nil {
+			if !stopped(err, e.stop) {
+				e.fail(fmt.Errorf("read at offset %d: %w", e.checked, err))
+			}
+			return
+		}
+	}
+}
