@@ -1,0 +1,200 @@
+package procsock_test
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"testing"
+	"unsafe"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/procsock"
+)
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+func cookie(t *testing.T, f *os.File) uint64 {
+	t.Helper()
+	var c uint64
+	l := uint32(8)
+	rc, err := f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	rc.Control(func(fd uintptr) {
+		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_COOKIE,
+			uintptr(unsafe.Pointer(&c)), uintptr(unsafe.Pointer(&l)), 0)
+		if e != 0 {
+			serr = e
+		}
+	})
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	return c
+}
+
+func addrs(t *testing.T, f *os.File) (local, remote netip.AddrPort) {
+	t.Helper()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var la, ra unix.Sockaddr
+	var lerr, rerr error
+	rc.Control(func(fd uintptr) {
+		la, lerr = unix.Getsockname(int(fd))
+		ra, rerr = unix.Getpeername(int(fd))
+	})
+	if lerr != nil || rerr != nil {
+		t.Fatal(lerr, rerr)
+	}
+	return toAddrPort(la), toAddrPort(ra)
+}
+
+func toAddrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
+	}
+	return netip.AddrPort{}
+}
+
+func TestDup(t *testing.T) {
+	w := newWorld(t)
+	h := startHelper(t, w.app,
+		"dial="+w.srv4.String(),
+		"dup",
+		"dial="+w.srv6.String(),
+		"listen="+netip.AddrPortFrom(appV6, 0).String(),
+	)
+	socks, err := procsock.List(h.pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	taken := procsock.Taken(socks)
+	if len(taken) != 2 {
+		t.Fatalf("%d sockets taken, want 2:%s", len(taken), dumpList(socks))
+	}
+
+	t.Run("SameSockets", func(t *testing.T) {
+		before := openFDs(t)
+		fds := []int{taken[0].FDs[0], taken[0].FDs[1], taken[1].FDs[0]}
+		files, err := procsock.Dup(h.pid, fds)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := openFDs(t); got != before+3 {
+			t.Errorf("%d descriptors open after Dup of 3, want %d", got, before+3)
+		}
+		for i, f := range files {
+			s := taken[0]
+			if i == 2 {
+				s = taken[1]
+			}
+			if c := cookie(t, f); c != s.Cookie {
+				t.Errorf("copy of fd %d has SO_COOKIE %d, sock_diag said %d", fds[i], c, s.Cookie)
+			}
+			if l, r := addrs(t, f); l != s.Local || r != s.Remote {
+				t.Errorf("copy of fd %d is %s->%s, want %s->%s", fds[i], l, r, s.Local, s.Remote)
+			}
+			f.Close()
+		}
+		if got := openFDs(t); got != before {
+			t.Errorf("%d descriptors open after closing the copies, want %d", got, before)
+		}
+
+		files, err = procsock.DupSockets(h.pid, taken)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, f := range files {
+			if c := cookie(t, f); c != taken[i].Cookie {
+				t.Errorf("DupSockets copy %d has SO_COOKIE %d, want %d", i, c, taken[i].Cookie)
+			}
+			f.Close()
+		}
+	})
+
+	t.Run("Failures", func(t *testing.T) {
+		before := openFDs(t)
+		check := func(name string, files []*os.File, err error, want error, fd int) {
+			t.Helper()
+			var pe *procsock.Error
+			if files != nil || !errors.Is(err, want) || !errors.As(err, &pe) || pe.PID != h.pid || pe.FD != fd {
+				t.Errorf("%s: files %v, error %v; want %v naming pid %d fd %d", name, files, err, want, h.pid, fd)
+			}
+			if got := openFDs(t); got != before {
+				t.Errorf("%s: %d descriptors open, want %d: a copy leaked", name, got, before)
+			}
+		}
+		files, err := procsock.Dup(h.pid, []int{taken[0].FD(), taken[1].FD(), 999})
+		check("Dup of a closed descriptor", files, err, unix.EBADF, 999)
+
+		changed := append([]procsock.Socket(nil), taken...)
+		changed[1].Inode++
+		files, err = procsock.DupSockets(h.pid, changed)
+		check("DupSockets of a reused descriptor", files, err, procsock.ErrChanged, taken[1].FD())
+
+		changed = append([]procsock.Socket(nil), taken...)
+		changed[0].FDs = []int{0} // the helper's stdin, a pipe
+		files, err = procsock.DupSockets(h.pid, changed)
+		check("DupSockets of a pipe", files, err, procsock.ErrNotSocket, 0)
+
+		changed[0].FDs = nil
+		files, err = procsock.DupSockets(h.pid, changed)
+		check("DupSockets of a socket without descriptor", files, err, procsock.ErrNoDescriptor, -1)
+	})
+
+	t.Run("NoProcess", func(t *testing.T) {
+		_, err := procsock.Dup(1<<30, []int{0})
+		if !errors.Is(err, unix.ESRCH) {
+			t.Errorf("Dup of a missing process: %v, want ESRCH", err)
+		}
+	})
+}
+
+func TestNetNS(t *testing.T) {
+	w := newWorld(t)
+	h := startHelper(t, w.app, "dial="+w.srv4.String())
+	ns, err := procsock.NetNS(h.pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	if !ns.Equal(netns.NsHandle(w.app.Handle())) || ns.Equal(netns.NsHandle(w.peer.Handle())) {
+		t.Errorf("NetNS(%d) is not the app namespace", h.pid)
+	}
+	var inside netns.NsHandle
+	err = procsock.InNetNS(h.pid, func() (err error) {
+		inside, err = netns.Get()
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inside.Close()
+	if !inside.Equal(ns) {
+		t.Errorf("InNetNS ran fn outside the process's namespace")
+	}
+	self, err := netns.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer self.Close()
+	if self.Equal(ns) {
+		t.Errorf("the test goroutine's thread was left in the app namespace")
+	}
+}
