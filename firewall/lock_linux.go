@@ -36,11 +36,12 @@ type Lock struct {
 	nsfd  int // our duplicate of the namespace descriptor
 	owner int // the owner socket, bound while the instance lives
 
-	// mu guards held and closed, and serialises the batches so that held
+	// mu guards held, closed and nl, and serialises the batches so that held
 	// follows the kernel's order of changes.
 	mu     sync.Mutex
 	held   map[pair]holding
 	closed bool
+	nl     *nftables.Conn // lasting netlink socket, dialled on first use
 
 	// renewMu guards renewer.
 	renewMu sync.Mutex
@@ -113,7 +114,7 @@ var (
 // create sends the batch that builds the table. The table is created with
 // NLM_F_EXCL so that an existing one is never adopted or changed.
 func (l *Lock) create() error {
-	c, err := l.conn(0)
+	c, err := newConn(l.nsfd, 0, false)
 	if err != nil {
 		return err
 	}
@@ -211,6 +212,7 @@ func (l *Lock) Lock(ts []Tuple) error {
 		return nil
 	}
 	var tx batch
+	tx.add.reserve(pairs)
 	for _, ps := range pairs {
 		tx.add.put(ps.p)
 	}
@@ -244,6 +246,7 @@ func (l *Lock) Unlock(ts []Tuple) error {
 		return &Error{Op: "unlock", Table: l.table.Name, Err: ErrClosed}
 	}
 	var tx batch
+	tx.del.reserve(pairs)
 	now := time.Now()
 	for _, ps := range pairs {
 		h, ok := l.held[ps.p]
@@ -323,6 +326,8 @@ func (l *Lock) renew(pairs []pairSides) error {
 		return nil
 	}
 	var tx batch
+	tx.del.reserve(pairs)
+	tx.add.reserve(pairs)
 	var lapsed []Tuple
 	now := time.Now()
 	for _, ps := range pairs {
@@ -363,10 +368,14 @@ func (l *Lock) Close() error {
 	c, err := l.conn(0)
 	if err == nil {
 		c.DelTable(l.table)
-		err = c.Flush()
+		err = l.flushOn(c)
 	}
 	if err != nil && !errors.Is(err, unix.ENOENT) {
 		return &Error{Op: "close", Table: l.table.Name, Err: err}
+	}
+	if l.nl != nil {
+		l.nl.CloseLasting()
+		l.nl = nil
 	}
 	l.closed = true
 	l.held = nil
@@ -410,6 +419,18 @@ func collect(op, table string, ts []Tuple) ([]pairSides, error) {
 // keys accumulates set keys of one family per purpose.
 type keys struct {
 	v4, v6 []byte
+}
+
+// reserve makes room for the keys of pairs.
+func (k *keys) reserve(pairs []pairSides) {
+	n4 := 0
+	for _, ps := range pairs {
+		if ps.p.is4() {
+			n4++
+		}
+	}
+	k.v4 = slices.Grow(k.v4, 2*n4*keyLen4)
+	k.v6 = slices.Grow(k.v6, 2*(len(pairs)-n4)*keyLen6)
 }
 
 func (k *keys) put(p pair) {
@@ -475,24 +496,73 @@ func (l *Lock) flush(tx *batch) error {
 				err = c.SetAddElements(o.s, chunk)
 			}
 			if err != nil {
+				l.discard(c) // it holds part of a batch
 				return err
 			}
 		}
 	}
-	return c.Flush()
+	return l.flushOn(c)
 }
+
+// lastingBuffer is the send buffer of the lasting socket: the largest batch
+// it takes (a limit, not an allocation). Larger batches, beyond some 50,000
+// tuples, get a socket of their own.
+const lastingBuffer = 16 << 20
 
 // conn returns a netlink connection to nftables in the lock's namespace
-// whose send buffer fits a batch of about size bytes. Each batch dials its
-// own socket, so that a failed batch never leaves stray replies behind.
+// for a batch of about size bytes. It runs with l.mu held.
+//
+// Batches share one lasting socket because closing a netfilter netlink
+// socket waits for an RCU grace period whenever a recent batch deleted
+// something (the kernel flushes its deferred frees on release), which
+// costs about 10 ms. A socket whose batch failed is closed and replaced, so
+// that no stray reply of a failed batch is read as the answer to another.
 func (l *Lock) conn(size int) (*nftables.Conn, error) {
-	return newConn(l.nsfd, size)
+	if bufferFor(size) > lastingBuffer {
+		return newConn(l.nsfd, bufferFor(size), false)
+	}
+	if l.nl == nil {
+		c, err := newConn(l.nsfd, lastingBuffer, true)
+		if err != nil {
+			return nil, err
+		}
+		l.nl = c
+	}
+	return l.nl, nil
 }
 
-func newConn(nsfd, size int) (*nftables.Conn, error) {
+// flushOn sends the batch queued on c; if the batch failed, it drops c.
+// It runs with l.mu held.
+func (l *Lock) flushOn(c *nftables.Conn) error {
+	err := c.Flush()
+	if err != nil || c != l.nl {
+		l.discard(c)
+	}
+	return err
+}
+
+// discard closes c and forgets it if it is the lasting connection. It runs
+// with l.mu held.
+func (l *Lock) discard(c *nftables.Conn) {
+	c.CloseLasting()
+	if c == l.nl {
+		l.nl = nil
+	}
+}
+
+// bufferFor returns a send buffer size that fits a batch of about size
+// bytes of elements, with room for the netlink and attribute headers.
+func bufferFor(size int) int { return size + size/4 + 64<<10 }
+
+// newConn returns a connection to nftables in nsfd whose sockets have a send
+// buffer of buf bytes (0: the default), lasting or dialled per operation.
+func newConn(nsfd, buf int, lasting bool) (*nftables.Conn, error) {
 	opts := []nftables.ConnOption{nftables.WithNetNSFd(nsfd)}
-	if size > 0 {
-		opts = append(opts, nftables.WithSockOptions(sendBuffer(size+size/4+64<<10)))
+	if buf > 0 {
+		opts = append(opts, nftables.WithSockOptions(sendBuffer(buf)))
+	}
+	if lasting {
+		opts = append(opts, nftables.AsLasting())
 	}
 	return nftables.New(opts...)
 }

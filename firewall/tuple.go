@@ -1,7 +1,8 @@
 package firewall
 
 import (
-	"encoding/binary"
+	"bytes"
+	"cmp"
 	"net/netip"
 )
 
@@ -35,13 +36,32 @@ func (t Tuple) normalize() (Tuple, bool) {
 	return n, l.Addr().Is4() == r.Addr().Is4()
 }
 
+// endpoint is an address and port in a compact, pointer-free form that
+// hashes and compares fast; IPv4 addresses are stored IPv4-mapped.
+type endpoint struct {
+	addr [16]byte
+	port uint16
+}
+
+func endpointOf(ap netip.AddrPort) endpoint {
+	return endpoint{addr: ap.Addr().As16(), port: ap.Port()}
+}
+
+func (e endpoint) compare(o endpoint) int {
+	if c := bytes.Compare(e.addr[:], o.addr[:]); c != 0 {
+		return c
+	}
+	return cmp.Compare(e.port, o.port)
+}
+
 // pair is an unordered connection: the two endpoints of a normalized Tuple
 // in a fixed order (a <= b). A tuple and its mirror (local and remote
 // swapped, which is the same connection seen from its other end, as when
 // both ends live on one host) share one pair and therefore the same two set
 // elements.
 type pair struct {
-	a, b netip.AddrPort
+	a, b endpoint
+	v4   bool
 }
 
 // Sides of a pair that a Lock holds: the tuple a->b, the tuple b->a, or
@@ -53,29 +73,39 @@ const (
 
 // pairOf returns the pair of a normalized tuple and the side the tuple is.
 func pairOf(t Tuple) (pair, uint8) {
-	switch c := t.Local.Compare(t.Remote); {
+	l, r := endpointOf(t.Local), endpointOf(t.Remote)
+	v4 := t.Local.Addr().Is4()
+	switch c := l.compare(r); {
 	case c < 0:
-		return pair{t.Local, t.Remote}, sideAB
+		return pair{l, r, v4}, sideAB
 	case c > 0:
-		return pair{t.Remote, t.Local}, sideBA
+		return pair{r, l, v4}, sideBA
 	default:
-		return pair{t.Local, t.Remote}, sideAB | sideBA
+		return pair{l, r, v4}, sideAB | sideBA
 	}
+}
+
+func (p pair) addrPort(e endpoint) netip.AddrPort {
+	a := netip.AddrFrom16(e.addr)
+	if p.v4 {
+		a = a.Unmap()
+	}
+	return netip.AddrPortFrom(a, e.port)
 }
 
 // tuples returns the tuples of p that sides names.
 func (p pair) tuples(sides uint8) []Tuple {
 	var ts []Tuple
 	if sides&sideAB != 0 {
-		ts = append(ts, Tuple{Local: p.a, Remote: p.b})
+		ts = append(ts, Tuple{Local: p.addrPort(p.a), Remote: p.addrPort(p.b)})
 	}
 	if sides&sideBA != 0 && p.a != p.b {
-		ts = append(ts, Tuple{Local: p.b, Remote: p.a})
+		ts = append(ts, Tuple{Local: p.addrPort(p.b), Remote: p.addrPort(p.a)})
 	}
 	return ts
 }
 
-func (p pair) is4() bool { return p.a.Addr().Is4() }
+func (p pair) is4() bool { return p.v4 }
 
 // Key lengths of the two sets: address . port . address . port, each port
 // padded to a 4-byte register as nftables concatenations are.
@@ -89,18 +119,20 @@ const (
 // thus matches in both directions: the ingress key (remote·rport·local·lport)
 // and the egress key (local·lport·remote·rport) are the two keys of its pair.
 func (p pair) appendKeys(dst []byte) []byte {
-	dst = appendKey(dst, p.a, p.b)
+	dst = p.appendKey(dst, p.a, p.b)
 	if p.a != p.b {
-		dst = appendKey(dst, p.b, p.a)
+		dst = p.appendKey(dst, p.b, p.a)
 	}
 	return dst
 }
 
-func appendKey(dst []byte, src, dstAP netip.AddrPort) []byte {
-	dst = append(dst, src.Addr().AsSlice()...)
-	dst = binary.BigEndian.AppendUint16(dst, src.Port())
-	dst = append(dst, 0, 0)
-	dst = append(dst, dstAP.Addr().AsSlice()...)
-	dst = binary.BigEndian.AppendUint16(dst, dstAP.Port())
-	return append(dst, 0, 0)
+func (p pair) appendKey(dst []byte, src, to endpoint) []byte {
+	from := 0
+	if p.v4 {
+		from = 12
+	}
+	dst = append(dst, src.addr[from:]...)
+	dst = append(dst, byte(src.port>>8), byte(src.port), 0, 0)
+	dst = append(dst, to.addr[from:]...)
+	return append(dst, byte(to.port>>8), byte(to.port), 0, 0)
 }
