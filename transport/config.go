@@ -208,6 +208,13 @@ func (s *settings) clientTLS(serverName string) *tls.Config {
 	if t.ServerName == "" {
 		t.ServerName = serverName
 	}
+	if t.GetClientCertificate == nil && len(t.Certificates) > 0 {
+		// crypto/tls sends no certificate at all when ours is not signed by
+		// a CA the server names; send it anyway, so that the server can say
+		// what is wrong with it.
+		cert := t.Certificates[0]
+		t.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
+	}
 	return t
 }
 

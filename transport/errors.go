@@ -137,11 +137,11 @@ type HandshakeError struct {
 
 // Error returns a sentence naming who refused, the code and the reason.
 func (e *HandshakeError) Error() string {
-	who := "refused the peer"
+	who := "this side refused the peer"
 	if e.Remote {
-		who = "refused by the peer"
+		who = "the peer refused this side"
 	}
-	return "transport: handshake " + who + ": " + e.Code.String() + ": " + e.Reason
+	return "transport: handshake: " + who + ": " + e.Code.String() + ": " + e.Reason
 }
 
 // Is makes errors.Is match ErrHandshake, and the sentinel of the code:
