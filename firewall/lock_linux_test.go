@@ -776,3 +776,44 @@ func TestCurrentNamespace(t *testing.T) {
 		t.Fatalf("Sweep(0) in the namespace removed %v, %v", removed, err)
 	}
 }
+
+// TestConcurrentUse locks and unlocks from several goroutines while the
+// renewer runs; run with -race it checks the locking of the bookkeeping.
+func TestConcurrentUse(t *testing.T) {
+	lab.Require(t)
+	ns, err := lab.NewNS("concurrent")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	l := newTestLock(t, Config{Instance: "concurrent", NetNS: ns.Handle(), Lease: MinLease})
+	if err := l.StartRenewer(50*time.Millisecond, func(err error) { t.Errorf("renewer: %v", err) }); err != nil {
+		t.Fatal(err)
+	}
+	errc := make(chan error, 4)
+	for g := range 4 {
+		go func() {
+			ts := tuples(100, netip.AddrFrom4([4]byte{198, 18, 0, byte(g + 1)}), netip.MustParseAddr("198.18.1.1"))
+			for range 20 {
+				if err := l.Lock(ts); err != nil {
+					errc <- err
+					return
+				}
+				if err := l.Unlock(ts); err != nil {
+					errc <- err
+					return
+				}
+			}
+			errc <- nil
+		}()
+	}
+	for range 4 {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.StopRenewer()
+	if n := setLen(t, ns, l.Table(), setV4); n != 0 {
+		t.Fatalf("%d elements left", n)
+	}
+}
