@@ -66,7 +66,9 @@ func Claim(ctx context.Context, cfg Config) error {
 
 // Release removes the address from the device, whatever prefix length it is
 // configured with there. Release is idempotent: an address that is not
-// configured is not an error. A missing device is ErrNoDevice.
+// configured is not an error. A missing device is ErrNoDevice. Release sends
+// nothing on the network, and returns ctx's error without changing anything
+// if ctx has already ended.
 //
 // For IPv4, removing a primary address also removes the secondary addresses
 // of its subnet unless the device has promote_secondaries set; a service
