@@ -196,8 +196,9 @@ func (l *Lock) Table() string { return l.table.Name }
 
 // Lock drops every packet of each tuple, both directions, from the moment
 // the batch commits, for one lease (renew it with Renew or StartRenewer).
-// Tuples already locked stay locked and keep their lease. An invalid tuple
-// fails the whole call before anything is sent (ErrInvalidTuple).
+// Tuples already locked stay locked and keep their lease; a tuple whose
+// lease ran out is locked afresh. An invalid tuple fails the whole call
+// before anything is sent (ErrInvalidTuple).
 func (l *Lock) Lock(ts []Tuple) error {
 	pairs, err := collect("lock", l.table.Name, ts)
 	if err != nil {
@@ -222,7 +223,10 @@ func (l *Lock) Lock(ts []Tuple) error {
 	}
 	for _, ps := range pairs {
 		h, ok := l.held[ps.p]
-		if !ok {
+		// A pair held already keeps its deadline, unless its lease ran out
+		// well before this batch: then the kernel had dropped it and the
+		// batch added it afresh.
+		if !ok || start.Sub(h.deadline) > leaseMargin {
 			h.deadline = start.Add(l.cfg.Lease)
 		}
 		h.sides |= ps.sides

@@ -418,8 +418,8 @@ func TestMirrorAndIdempotence(t *testing.T) {
 
 // TestLeaseExpiryAndRenewal checks that a renewer keeps a lock alive across
 // several leases, that without renewal the kernel drops the elements after
-// one lease, that Unlock of lapsed tuples succeeds and that RenewAll reports
-// (and repairs) a lapse.
+// one lease, that Unlock of lapsed tuples succeeds, that Lock of a lapsed
+// tuple locks it afresh, and that RenewAll reports (and repairs) a lapse.
 func TestLeaseExpiryAndRenewal(t *testing.T) {
 	lab.Require(t)
 	ns, err := lab.NewNS("lease")
@@ -430,7 +430,8 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 	l := newTestLock(t, Config{Instance: "lease", NetNS: ns.Handle(), Lease: MinLease})
 	t1 := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.1:40000")}
 	t2 := Tuple{Local: netip.MustParseAddrPort("[fd00::2]:80"), Remote: netip.MustParseAddrPort("[fd00::1]:40000")}
-	if err := l.Lock([]Tuple{t1, t2}); err != nil {
+	t3 := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.1:40001")}
+	if err := l.Lock([]Tuple{t1, t2, t3}); err != nil {
 		t.Fatal(err)
 	}
 	count := func() int { return setLen(t, ns, l.Table(), setV4) + setLen(t, ns, l.Table(), setV6) }
@@ -444,7 +445,7 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 	// Watch the lock for three leases: it must never be missing.
 	start := time.Now()
 	waitFor(t, 10*time.Second, "three leases to pass with the renewer", func() bool {
-		if n := count(); n != 4 {
+		if n := count(); n != 6 {
 			t.Fatalf("%d elements after %v with a renewer", n, time.Since(start))
 		}
 		return time.Since(start) > 3*l.Lease()
@@ -453,18 +454,30 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 
 	expired := time.Now()
 	waitFor(t, l.Lease()+2*time.Second, "the elements to expire", func() bool { return count() == 0 })
-	t.Logf("elements expired %v after the renewer stopped (lease %v)", time.Since(expired).Round(time.Millisecond), l.Lease())
+	gone := time.Now()
+	t.Logf("elements expired %v after the renewer stopped (lease %v)", gone.Sub(expired).Round(time.Millisecond), l.Lease())
+	// The lock's own view of the deadline is earlier than the kernel's; let
+	// the margin pass after the kernel's so that the lock knows for sure.
+	waitFor(t, time.Second, "the lease margin to pass", func() bool {
+		return time.Since(gone) > leaseMargin
+	})
 
-	if err := l.Unlock([]Tuple{t1}); err != nil {
+	if err := l.Unlock([]Tuple{t3}); err != nil {
 		t.Fatalf("unlock of a lapsed tuple: %v", err)
+	}
+	if err := l.Lock([]Tuple{t1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Renew([]Tuple{t1}); err != nil {
+		t.Fatalf("renew of a tuple locked afresh: %v", err)
 	}
 	err = l.RenewAll()
 	var fe *Error
 	if !errors.Is(err, ErrLeaseLapsed) || !errors.As(err, &fe) || len(fe.Tuples) != 1 || fe.Tuples[0] != t2 {
 		t.Fatalf("RenewAll after a lapse: %v", err)
 	}
-	if n := count(); n != 2 {
-		t.Fatalf("lapsed tuple not locked again: %d elements", n)
+	if n := count(); n != 4 {
+		t.Fatalf("%d elements after RenewAll, want 4 (t1 and the lapsed t2 locked again)", n)
 	}
 	if err := l.Renew([]Tuple{t2}); err != nil {
 		t.Fatalf("renew right after: %v", err)
