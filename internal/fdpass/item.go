@@ -1,0 +1,51 @@
+package fdpass
+
+import (
+	"net/netip"
+	"os"
+)
+
+// Item is one socket with its metadata.
+type Item struct {
+	// File is the socket. Items returned by a receive own their File and the
+	// caller must close it (CloseItems). Items given to a send stay the
+	// caller's: a send does not close them, and the peer gets descriptors of
+	// its own for the same sockets.
+	File *os.File
+	// Local and Remote are the connection's addresses as the sender states
+	// them; the receiver does not check them against the socket. Either may
+	// be the zero AddrPort when the sender did not say.
+	Local, Remote netip.AddrPort
+	// State is the application's opaque state for the connection: at most
+	// the receiver's Limits.MaxState bytes (and never more than MaxStateLen).
+	// A received empty state is nil.
+	State []byte
+	// ID names the connection, such as a migration's connection ID. The IDs
+	// of one message are distinct.
+	ID uint64
+}
+
+// CloseItems closes the files of items and returns the first error.
+func CloseItems(items []Item) error {
+	var first error
+	for i := range items {
+		if items[i].File == nil {
+			continue
+		}
+		if err := items[i].File.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// Message is one message received by Conn.Receive.
+type Message struct {
+	// Kind is KindSockets, KindHandBack, KindCommitted or KindAck.
+	Kind Kind
+	// Items are the sockets of KindSockets and KindHandBack, in the order
+	// they were sent.
+	Items []Item
+	// IDs are the connection IDs of KindCommitted and KindAck.
+	IDs []uint64
+}
