@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/tcpmigrate/tcpmigrate/internal/freeze"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
@@ -49,7 +51,9 @@ func TestMain(m *testing.M) {
 		json.NewEncoder(os.Stdout).Encode(f.Record())
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	// Every goroutine a test starts (acceptors, pipe readers, reapers) ends
+	// with the test's cleanups, and InNetNS leaves none behind.
+	goleak.VerifyTestMain(m)
 }
 
 // proc is a child process of a test. It is killed and reaped when the test

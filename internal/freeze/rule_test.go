@@ -44,7 +44,7 @@ func TestReadStat(t *testing.T) {
 	if err != nil || st.state != 'T' || st.startTime != 987654321 {
 		t.Errorf("readStat: %+v, %v; want state T start 987654321", st, err)
 	}
-	self, err := readStat("/proc/self/stat")
+	self, err := readStat("/proc/thread-self/stat") // the running thread: state R
 	if err != nil || self.state != 'R' || self.startTime == 0 {
 		t.Errorf("readStat of itself: %+v, %v", self, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/netip"
 	"os"
+	"strconv"
 	"testing"
 	"unsafe"
 
@@ -13,13 +14,32 @@ import (
 	"github.com/tcpmigrate/tcpmigrate/internal/procsock"
 )
 
-func openFDs(t *testing.T) int {
+// held counts this process's descriptors that are copies of the helper's
+// sockets (by inode), plus its pidfds (os/exec keeps one per child, so the
+// callers compare with a count taken before). Other descriptors come and go
+// with the runtime and the test's own sockets, so they are not counted.
+func held(t *testing.T, socks []procsock.Socket) int {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
 		t.Fatal(err)
 	}
-	return len(ents)
+	n := 0
+	for _, e := range ents {
+		link, err := os.Readlink("/proc/self/fd/" + e.Name())
+		if err != nil {
+			continue
+		}
+		if link == "anon_inode:[pidfd]" {
+			n++
+		}
+		for _, s := range socks {
+			if link == "socket:["+strconv.FormatUint(s.Inode, 10)+"]" {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 func cookie(t *testing.T, f *os.File) uint64 {
@@ -90,14 +110,14 @@ func TestDup(t *testing.T) {
 	}
 
 	t.Run("SameSockets", func(t *testing.T) {
-		before := openFDs(t)
+		base := held(t, socks)
 		fds := []int{taken[0].FDs[0], taken[0].FDs[1], taken[1].FDs[0]}
 		files, err := procsock.Dup(h.pid, fds)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := openFDs(t); got != before+3 {
-			t.Errorf("%d descriptors open after Dup of 3, want %d", got, before+3)
+		if n := held(t, socks) - base; n != 3 {
+			t.Errorf("%d copies held after Dup of 3 descriptors (or a pidfd left open)", n)
 		}
 		for i, f := range files {
 			s := taken[0]
@@ -112,8 +132,8 @@ func TestDup(t *testing.T) {
 			}
 			f.Close()
 		}
-		if got := openFDs(t); got != before {
-			t.Errorf("%d descriptors open after closing the copies, want %d", got, before)
+		if n := held(t, socks) - base; n != 0 {
+			t.Errorf("%d copies held after closing them all", n)
 		}
 
 		files, err = procsock.DupSockets(h.pid, taken)
@@ -129,15 +149,15 @@ func TestDup(t *testing.T) {
 	})
 
 	t.Run("Failures", func(t *testing.T) {
-		before := openFDs(t)
+		base := held(t, socks)
 		check := func(name string, files []*os.File, err error, want error, fd int) {
 			t.Helper()
 			var pe *procsock.Error
 			if files != nil || !errors.Is(err, want) || !errors.As(err, &pe) || pe.PID != h.pid || pe.FD != fd {
 				t.Errorf("%s: files %v, error %v; want %v naming pid %d fd %d", name, files, err, want, h.pid, fd)
 			}
-			if got := openFDs(t); got != before {
-				t.Errorf("%s: %d descriptors open, want %d: a copy leaked", name, got, before)
+			if n := held(t, socks) - base; n != 0 {
+				t.Errorf("%s: %d copies or pidfds left open", name, n)
 			}
 		}
 		files, err := procsock.Dup(h.pid, []int{taken[0].FD(), taken[1].FD(), 999})

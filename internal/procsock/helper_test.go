@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
@@ -25,7 +26,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(helperEnv) == "1" {
 		os.Exit(helperMain(os.Args[1:]))
 	}
-	os.Exit(m.Run())
+	// Every goroutine a test starts (acceptors, pipe readers, reapers) ends
+	// with the test's cleanups, and InNetNS leaves none behind.
+	goleak.VerifyTestMain(m)
 }
 
 // helperMain is a plain program that opens sockets as its arguments say and
