@@ -22,7 +22,8 @@
 // processes, a systemd service with helpers) is stopped with SIGSTOP
 // alone: the others go on running. Freezing a whole shared cgroup would
 // stop processes that were not asked for; a caller that wants it can ask
-// for it in a later version.
+// for it in a later version. The rule is checked once, just before the
+// freeze: a process moved into the cgroup after that is frozen with it.
 //
 // Invariants:
 //

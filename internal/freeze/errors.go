@@ -35,6 +35,7 @@ type Error struct {
 	Err error
 }
 
+// Error returns "freeze: OP pid PID: ERR".
 func (e *Error) Error() string {
 	return "freeze: " + e.Op + " pid " + strconv.Itoa(e.PID) + ": " + e.Err.Error()
 }

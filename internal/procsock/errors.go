@@ -28,6 +28,8 @@ type Error struct {
 	Err error
 }
 
+// Error returns "procsock: OP pid PID fd FD: ERR", without the fd part when
+// there is no descriptor.
 func (e *Error) Error() string {
 	s := "procsock: " + e.Op + " pid " + strconv.Itoa(e.PID)
 	if e.FD >= 0 {
