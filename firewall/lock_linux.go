@@ -388,38 +388,6 @@ func (l *Lock) Close() error {
 	return nil
 }
 
-// pairSides is one pair of a call and the sides the call names.
-type pairSides struct {
-	p     pair
-	sides uint8
-}
-
-// collect normalizes ts into distinct pairs, in first-seen order, or fails
-// with ErrInvalidTuple naming every bad tuple.
-func collect(op, table string, ts []Tuple) ([]pairSides, error) {
-	var bad []Tuple
-	idx := make(map[pair]int, len(ts))
-	pairs := make([]pairSides, 0, len(ts))
-	for _, t := range ts {
-		n, ok := t.normalize()
-		if !ok {
-			bad = append(bad, t)
-			continue
-		}
-		p, s := pairOf(n)
-		if i, ok := idx[p]; ok {
-			pairs[i].sides |= s
-			continue
-		}
-		idx[p] = len(pairs)
-		pairs = append(pairs, pairSides{p, s})
-	}
-	if bad != nil {
-		return nil, &Error{Op: op, Table: table, Tuples: bad, Err: ErrInvalidTuple}
-	}
-	return pairs, nil
-}
-
 // keys accumulates set keys of one family per purpose.
 type keys struct {
 	v4, v6 []byte
