@@ -1,7 +1,6 @@
 package repair
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -9,8 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -229,79 +226,30 @@ func writeStream(w io.Writer, dir byte, off, n int64) error {
 	return nil
 }
 
-// tcpCounters reads the Tcp line of /proc/net/snmp in ns.
+// tcpCounters reads the Tcp counters of /proc/net/snmp in ns.
 func tcpCounters(t *testing.T, ns *lab.NS) map[string]int64 {
 	t.Helper()
-	out, err := ns.Exec("cat", "/proc/net/snmp")
+	m, err := ns.TCPCounters()
 	if err != nil {
 		t.Fatal(err)
-	}
-	var names, vals []string
-	for _, line := range strings.Split(string(out), "\n") {
-		if !strings.HasPrefix(line, "Tcp:") {
-			continue
-		}
-		if names == nil {
-			names = strings.Fields(line)[1:]
-		} else {
-			vals = strings.Fields(line)[1:]
-		}
-	}
-	m := map[string]int64{}
-	for i, n := range names {
-		if i < len(vals) {
-			m[n], _ = strconv.ParseInt(vals[i], 10, 64)
-		}
 	}
 	return m
 }
 
-// captureFlags runs tcpdump on the switch's bridge, keeping TCP segments with
-// RST or FIN set. stop ends it and returns the segments it saw.
-func captureFlags(t *testing.T, sw *lab.NS, port uint16, v6 bool) (stop func() []string) {
+// captureFlags runs tcpdump on the switch's bridge, keeping TCP segments of
+// port with RST or FIN set. stop ends it and returns the segments it saw.
+func captureFlags(t *testing.T, lan *lab.LAN, port uint16, v6 bool) (stop func() []string) {
 	t.Helper()
-	file := t.TempDir() + "/cap.pcap"
-	filter := fmt.Sprintf("tcp port %d and tcp[tcpflags] & (tcp-rst|tcp-fin) != 0", port)
-	if v6 { // libpcap cannot index TCP over IPv6: the flags are at 40+13
-		filter = fmt.Sprintf("ip6 and tcp port %d and ip6[53] & 5 != 0", port)
-	}
-	cmd := sw.Command("tcpdump", "-i", "br0", "-U", "-n", "-w", file, filter)
-	stderr, _ := cmd.StderrPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("tcpdump: %v", err)
-	}
-	ready := make(chan struct{})
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			if strings.Contains(sc.Text(), "listening on") {
-				close(ready)
-				break
-			}
-		}
-		io.Copy(io.Discard, stderr)
-	}()
-	select {
-	case <-ready:
-	case <-time.After(10 * time.Second):
-		cmd.Process.Kill()
-		t.Fatal("tcpdump did not start")
+	c, err := lan.CaptureFlags(port, v6, t.TempDir()+"/cap.pcap")
+	if err != nil {
+		t.Fatal(err)
 	}
 	return func() []string {
-		time.Sleep(100 * time.Millisecond) // let the last packets reach the capture buffer
-		cmd.Process.Signal(os.Interrupt)
-		cmd.Wait()
-		out, err := exec.Command("tcpdump", "-n", "-r", file).CombinedOutput()
+		segs, err := c.Stop()
 		if err != nil {
-			t.Fatalf("tcpdump -r: %v: %s", err, out)
+			t.Fatal(err)
 		}
-		var lines []string
-		for _, l := range strings.Split(string(out), "\n") {
-			if strings.Contains(l, "Flags") {
-				lines = append(lines, l)
-			}
-		}
-		return lines
+		return segs
 	}
 }
 

@@ -193,7 +193,7 @@ func TestRollback(t *testing.T) {
 	}
 	peer := pc.(*net.TCPConn)
 	defer peer.Close()
-	stop := captureFlags(t, h.lan.Switch, peerPort, false)
+	stop := captureFlags(t, h.lan, peerPort, false)
 
 	if err := writeStream(peer, 1, 0, 1000); err != nil {
 		t.Fatal(err)

@@ -52,7 +52,7 @@ func testRoundTrip(t *testing.T, v6 bool, family int) {
 	}
 	peer := pc.(*net.TCPConn)
 	defer peer.Close()
-	stopCapture := captureFlags(t, h.lan.Switch, peerPort, v6)
+	stopCapture := captureFlags(t, h.lan, peerPort, v6)
 	before := tcpCounters(t, h.peer)
 
 	// Unread data in the source's receive queue.

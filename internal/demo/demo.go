@@ -20,6 +20,7 @@ import (
 
 	"github.com/tcpmigrate/tcpmigrate/firewall"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
 	"github.com/tcpmigrate/tcpmigrate/repair"
 )
 
@@ -88,8 +89,8 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		return nil, err
 	}
 	defer ln.Close()
-	work := make([]*endpoint, o.Conns)
-	clients := make([]*endpoint, o.Conns)
+	work := make([]*streamcheck.Endpoint, o.Conns)
+	clients := make([]*streamcheck.Endpoint, o.Conns)
 	conns := make([]*net.TCPConn, o.Conns)
 	for i := range o.Conns {
 		var c net.Conn
@@ -105,9 +106,10 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			return nil, err
 		}
 		conns[i] = s.(*net.TCPConn)
-		clients[i], work[i] = newEndpoint(0, 1), newEndpoint(1, 0)
-		clients[i].start(c.(*net.TCPConn))
-		work[i].start(conns[i])
+		clients[i], work[i] = streamcheck.NewEndpoint(0, 1), streamcheck.NewEndpoint(1, 0)
+		clients[i].Interval, work[i].Interval = time.Millisecond, time.Millisecond
+		clients[i].Start(c.(*net.TCPConn))
+		work[i].Start(conns[i])
 	}
 	resetsBefore, err := resets(peer)
 	if err != nil {
@@ -130,17 +132,17 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	r := &Report{Conns: o.Conns, StateBytes: state}
 	var errs []error
 	for i := range o.Conns {
-		work[i].pause()
-		clients[i].pause()
-		for _, e := range []*endpoint{work[i], clients[i]} {
-			if err := e.error(); err != nil {
+		work[i].Pause()
+		clients[i].Pause()
+		for _, e := range []*streamcheck.Endpoint{work[i], clients[i]} {
+			if err := e.Err(); err != nil {
 				errs = append(errs, fmt.Errorf("connection %d: %w", i, err))
 			}
 		}
 		r.Freeze = append(r.Freeze, freeze)
-		r.Stall = append(r.Stall, time.Duration(clients[i].maxGap.Load()))
-		r.ToPeer += clients[i].checked
-		r.FromPeer += work[i].checked
+		r.Stall = append(r.Stall, clients[i].MaxGap())
+		r.ToPeer += clients[i].Checked()
+		r.FromPeer += work[i].Checked()
 	}
 	// Counted before anything is closed: closing a socket with unread data
 	// resets its peer, which is the demo's doing, not the migration's.
@@ -150,7 +152,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	r.PeerResets = resetsAfter - resetsBefore
 	for _, w := range work {
-		w.conn.Close()
+		w.Conn().Close()
 	}
 	return r, errors.Join(errs...)
 }
@@ -159,7 +161,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 // target: freeze the workload, lock on the source, dump, lock on the target,
 // restore, move the address, unlock on the target, resume; then the source
 // copies are closed silently.
-func migrate(lan *lab.LAN, svc netip.Prefix, work []*endpoint, conns []*net.TCPConn, logf func(string, ...any)) (time.Duration, int64, error) {
+func migrate(lan *lab.LAN, svc netip.Prefix, work []*streamcheck.Endpoint, conns []*net.TCPConn, logf func(string, ...any)) (time.Duration, int64, error) {
 	src, dst, peer := lan.Host("src"), lan.Host("dst"), lan.Host("peer")
 	id := strconv.Itoa(os.Getpid())
 	srcLock, err := firewall.New(firewall.Config{Instance: "demo-src-" + id, NetNS: src.Handle()})
@@ -174,7 +176,7 @@ func migrate(lan *lab.LAN, svc netip.Prefix, work []*endpoint, conns []*net.TCPC
 	defer dstLock.Close()
 
 	for _, w := range work {
-		w.pause() // the owner stops touching its sockets
+		w.Pause() // the owner stops touching its sockets
 	}
 	tuples := make([]firewall.Tuple, len(conns))
 	fds := make([]int, len(conns))
@@ -264,7 +266,7 @@ func migrate(lan *lab.LAN, svc netip.Prefix, work []*endpoint, conns []*net.TCPC
 		if err != nil {
 			return 0, 0, err
 		}
-		work[i].start(c.(*net.TCPConn))
+		work[i].Start(c.(*net.TCPConn))
 		conns[i].Close() // in repair mode: the source copy dies silently
 	}
 	logf("migrated %d connections: dump %s, freeze (source lock to target unlock) %s, %d bytes of queued state",

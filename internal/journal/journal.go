@@ -14,6 +14,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/freeze"
 )
 
 // DefaultDir is where the agents keep their journals unless told otherwise.
@@ -36,6 +38,8 @@ type Conn struct {
 	// FD is the connection's descriptor in the owning process (source with
 	// --pid), or -1.
 	FD int `json:"fd"`
+	// Family is the socket's address family (unix.AF_INET or AF_INET6).
+	Family uint16 `json:"family"`
 	// ReuseAddr is the socket's SO_REUSEADDR, which leaving repair clears.
 	ReuseAddr bool `json:"reuse_addr,omitempty"`
 }
@@ -55,10 +59,8 @@ type Record struct {
 	NetNS string `json:"netns,omitempty"`
 	// PID is the process whose sockets move (source with --pid), or 0.
 	PID int `json:"pid,omitempty"`
-	// Freeze is how the process was frozen ("cgroup" or "sigstop") and,
-	// for the cgroup freezer, the cgroup's path.
-	Freeze     string `json:"freeze,omitempty"`
-	FreezePath string `json:"freeze_path,omitempty"`
+	// Freeze is how the process was frozen, for freeze.ThawRecord.
+	Freeze *freeze.Record `json:"freeze,omitempty"`
 	// Released and Claimed are addresses moved by this agent.
 	Released []netip.Prefix `json:"released,omitempty"`
 	Claimed  []netip.Prefix `json:"claimed,omitempty"`

@@ -1,4 +1,9 @@
-package demo
+// Package streamcheck runs the checksummed byte streams that the demo, the
+// benchmarks and the end-to-end tests push through migrating connections:
+// each endpoint writes a pattern stream and verifies the one it reads, so a
+// lost, repeated or reordered byte is caught at the exact offset, and it
+// records the longest gap between bytes arriving (the stall its side saw).
+package streamcheck
 
 import (
 	"errors"
@@ -22,11 +27,11 @@ func Pattern(b []byte, dir byte, off int64) {
 	}
 }
 
-// endpoint streams the pattern one way and checks the other way on one
+// Endpoint streams the pattern one way and checks the other way on one
 // connection. It can be paused (its goroutines stop at an exact byte
-// offset) and resumed on another connection, which is how the workload
-// moves with its connection.
-type endpoint struct {
+// offset) and resumed on another connection, which is how a workload moves
+// with its connection.
+type Endpoint struct {
 	out, in byte // pattern directions written and read
 
 	mu      sync.Mutex
@@ -35,6 +40,9 @@ type endpoint struct {
 	checked int64 // bytes received and verified so far
 	err     error
 
+	// Interval paces the writer: it sleeps this long between 16 KiB writes.
+	Interval time.Duration
+
 	lastRecv atomic.Int64 // unix nanoseconds of the last byte received
 	maxGap   atomic.Int64 // the longest gap between received bytes, ns
 
@@ -42,10 +50,11 @@ type endpoint struct {
 	done sync.WaitGroup
 }
 
-func newEndpoint(out, in byte) *endpoint { return &endpoint{out: out, in: in} }
+// NewEndpoint returns an endpoint that writes stream out and reads stream in.
+func NewEndpoint(out, in byte) *Endpoint { return &Endpoint{out: out, in: in} }
 
-// start begins streaming on c from the current offsets.
-func (e *endpoint) start(c *net.TCPConn) {
+// Start begins streaming on c from the current offsets.
+func (e *Endpoint) Start(c *net.TCPConn) {
 	e.conn = c
 	e.stop = make(chan struct{})
 	c.SetDeadline(time.Time{})
@@ -55,14 +64,14 @@ func (e *endpoint) start(c *net.TCPConn) {
 	go e.reader(c)
 }
 
-// pause stops both goroutines at exact offsets and returns once they have.
-func (e *endpoint) pause() {
+// Pause stops both goroutines at exact offsets and returns once they have.
+func (e *Endpoint) Pause() {
 	close(e.stop)
 	e.conn.SetDeadline(time.Now())
 	e.done.Wait()
 }
 
-func (e *endpoint) fail(err error) {
+func (e *Endpoint) fail(err error) {
 	e.mu.Lock()
 	if e.err == nil {
 		e.err = err
@@ -70,7 +79,9 @@ func (e *endpoint) fail(err error) {
 	e.mu.Unlock()
 }
 
-func (e *endpoint) error() error {
+// Err returns the first error the endpoint met: a corrupt stream, or a
+// read or write that failed other than by Pause.
+func (e *Endpoint) Err() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.err
@@ -85,7 +96,7 @@ func stopped(err error, stop chan struct{}) bool {
 	}
 }
 
-func (e *endpoint) writer(c *net.TCPConn) {
+func (e *Endpoint) writer(c *net.TCPConn) {
 	defer e.done.Done()
 	buf := make([]byte, 16<<10)
 	for {
@@ -103,11 +114,13 @@ func (e *endpoint) writer(c *net.TCPConn) {
 			}
 			return
 		}
-		time.Sleep(time.Millisecond) // a steady stream, not a flood
+		if e.Interval > 0 {
+			time.Sleep(e.Interval) // a steady stream, not a flood
+		}
 	}
 }
 
-func (e *endpoint) reader(c *net.TCPConn) {
+func (e *Endpoint) reader(c *net.TCPConn) {
 	defer e.done.Done()
 	buf := make([]byte, 64<<10)
 	want := make([]byte, len(buf))
@@ -135,3 +148,18 @@ func (e *endpoint) reader(c *net.TCPConn) {
 		}
 	}
 }
+
+// Conn returns the connection the endpoint streams on.
+func (e *Endpoint) Conn() *net.TCPConn { return e.conn }
+
+// Sent and Checked return the bytes written and verified so far; call them
+// only while the endpoint is paused.
+func (e *Endpoint) Sent() int64    { return e.sent }
+func (e *Endpoint) Checked() int64 { return e.checked }
+
+// MaxGap returns the longest time between two arrivals of bytes.
+func (e *Endpoint) MaxGap() time.Duration { return time.Duration(e.maxGap.Load()) }
+
+// SetOffsets sets where the streams continue, for an endpoint rebuilt from
+// state carried with a migrated connection.
+func (e *Endpoint) SetOffsets(sent, checked int64) { e.sent, e.checked = sent, checked }

@@ -1,0 +1,107 @@
+package lab
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// TCPCounters returns the Tcp counters of /proc/net/snmp in the namespace
+// (ActiveOpens, EstabResets, OutRsts, ...).
+func (n *NS) TCPCounters() (map[string]int64, error) {
+	var b []byte
+	err := n.Do(func() (err error) {
+		b, err = os.ReadFile("/proc/thread-self/net/snmp")
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("lab: read snmp in %s: %w", n.Label, err)
+	}
+	var names []string
+	m := map[string]int64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Tcp:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		for i := 1; i < len(f) && i < len(names); i++ {
+			m[names[i]], _ = strconv.ParseInt(f[i], 10, 64)
+		}
+	}
+	return m, nil
+}
+
+// Resets sums the reset counters (EstabResets and OutRsts) of TCPCounters.
+func (n *NS) Resets() (int64, error) {
+	m, err := n.TCPCounters()
+	if err != nil {
+		return 0, err
+	}
+	return m["EstabResets"] + m["OutRsts"], nil
+}
+
+// Capture is a running tcpdump.
+type Capture struct {
+	cmd  *exec.Cmd
+	file string
+}
+
+// CaptureFlags starts tcpdump on the bridge of the switch namespace,
+// keeping only TCP segments of port with RST or FIN set. file is where the
+// capture is written.
+func (l *LAN) CaptureFlags(port uint16, v6 bool, file string) (*Capture, error) {
+	filter := fmt.Sprintf("tcp port %d and tcp[tcpflags] & (tcp-rst|tcp-fin) != 0", port)
+	if v6 { // libpcap cannot index TCP over IPv6: the flags are at 40+13
+		filter = fmt.Sprintf("ip6 and tcp port %d and ip6[53] & 5 != 0", port)
+	}
+	cmd := l.Switch.Command("tcpdump", "-i", "br0", "-U", "-n", "-w", file, filter)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("lab: tcpdump: %w", err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "listening on") {
+				close(ready)
+				break
+			}
+		}
+		io.Copy(io.Discard, stderr)
+	}()
+	select {
+	case <-ready:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, fmt.Errorf("lab: tcpdump did not start")
+	}
+	return &Capture{cmd: cmd, file: file}, nil
+}
+
+// Stop ends the capture and returns the segments it kept, one line each.
+func (c *Capture) Stop() ([]string, error) {
+	time.Sleep(100 * time.Millisecond) // let the last packets reach the capture buffer
+	c.cmd.Process.Signal(os.Interrupt)
+	c.cmd.Wait()
+	out, err := exec.Command("tcpdump", "-n", "-r", c.file).CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("lab: tcpdump -r: %w: %s", err, out)
+	}
+	lines := strings.Split(string(out), "\n")
+	return slices.DeleteFunc(lines, func(l string) bool { return !strings.Contains(l, "Flags") }), nil
+}
