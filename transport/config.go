@@ -27,20 +27,34 @@ type Limits struct {
 	// MaxConnections bounds the number of snapshot records received over one
 	// link; connection indices must also be below it.
 	MaxConnections uint32
-	// DecoderMaxWindow bounds the zstd window (the decoder's history buffer)
-	// of a compressed snapshot stream, and so the decoder's memory. It must
-	// be at least EncoderWindow.
-	DecoderMaxWindow uint64
 }
+
+// Compression says when a side compresses the chunks of the snapshot
+// streams it sends (each chunk is raw or zstd; see docs/protocol.md).
+type Compression uint8
+
+// The compression modes.
+const (
+	// CompressAuto compresses a chunk when that is faster than sending it
+	// raw: when the compressor outruns the link and the data compresses.
+	// It measures both as it goes, so a fast link (loopback, or a network
+	// faster than one core's zstd) gets raw chunks and a slower one
+	// compressed chunks.
+	CompressAuto Compression = iota
+	// CompressAlways compresses every chunk (sent raw only when it does
+	// not shrink).
+	CompressAlways
+	// CompressNever sends every chunk raw, and asks the peer to do the same.
+	CompressNever
+)
 
 // DefaultLimits returns the limits used for zero members of Limits.
 func DefaultLimits() Limits {
 	return Limits{
-		MaxFrame:         DefaultMaxFrame,
-		MaxSnapshot:      DefaultMaxSnapshot,
-		MaxMigration:     DefaultMaxMigration,
-		MaxConnections:   DefaultMaxConnections,
-		DecoderMaxWindow: DefaultDecoderMaxWindow,
+		MaxFrame:       DefaultMaxFrame,
+		MaxSnapshot:    DefaultMaxSnapshot,
+		MaxMigration:   DefaultMaxMigration,
+		MaxConnections: DefaultMaxConnections,
 	}
 }
 
@@ -57,9 +71,6 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxConnections == 0 {
 		l.MaxConnections = d.MaxConnections
-	}
-	if l.DecoderMaxWindow == 0 {
-		l.DecoderMaxWindow = d.DecoderMaxWindow
 	}
 	return l
 }
@@ -84,9 +95,10 @@ type Config struct {
 	// Require lists kernel features the peer must have; the handshake fails
 	// with ErrMissingFeature on both sides when one is missing.
 	Require repair.Features
-	// Uncompressed makes this side accept and send uncompressed snapshot
-	// streams only. By default both sides accept zstd and send with it.
-	Uncompressed bool
+	// Compression says when this side compresses the snapshot streams it
+	// sends. CompressNever also asks the peer not to compress what it sends:
+	// the link then runs uncompressed both ways.
+	Compression Compression
 	// Limits are this side's receive limits.
 	Limits Limits
 
@@ -161,9 +173,8 @@ func (c *Config) settings() (*settings, error) {
 	}
 	s := &settings{cfg: c, limits: c.Limits.withDefaults(),
 		handshakeTimeout: c.HandshakeTimeout, keepAlive: c.KeepAliveInterval, kaTimeout: c.KeepAliveTimeout}
-	if s.limits.DecoderMaxWindow < EncoderWindow {
-		return nil, fmt.Errorf("%w: Limits.DecoderMaxWindow %d is below the protocol's encoder window %d",
-			ErrConfig, s.limits.DecoderMaxWindow, EncoderWindow)
+	if c.Compression > CompressNever {
+		return nil, fmt.Errorf("%w: unknown Compression %d", ErrConfig, c.Compression)
 	}
 	if s.handshakeTimeout < 0 || s.keepAlive < 0 || s.kaTimeout < 0 {
 		return nil, fmt.Errorf("%w: negative timeout", ErrConfig)
@@ -191,7 +202,7 @@ func (s *settings) hello() *Hello {
 		Limits:     s.limits,
 		Software:   c.Software,
 	}
-	if !c.Uncompressed {
+	if c.Compression != CompressNever {
 		h.Codecs |= 1 << CodecZstd
 	}
 	if h.Software == "" {

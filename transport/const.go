@@ -34,9 +34,9 @@ const (
 	// HandshakeMaxFrame bounds the frames of the handshake (Hello, Accept,
 	// Reject), which are read before any limit has been exchanged.
 	HandshakeMaxFrame = 64 << 10
-	// EncoderWindow is the largest zstd window a sender uses. Receivers must
-	// accept at least this window (Limits.DecoderMaxWindow).
-	EncoderWindow = 1 << 20
+	// MaxChunk bounds a chunk of a snapshot stream's body, as sent and as
+	// decoded: the zstd decoder of a stream never holds more.
+	MaxChunk = 128 << 10
 )
 
 // MsgType is the type byte of a frame. Types 0x80 to 0xFF are ancillary: a
@@ -235,7 +235,6 @@ const (
 	DefaultMaxSnapshot       = 64 << 20 // 64 MiB
 	DefaultMaxMigration      = 4 << 30  // 4 GiB
 	DefaultMaxConnections    = 1 << 20  // 1,048,576
-	DefaultDecoderMaxWindow  = 8 << 20  // 8 MiB
 	DefaultHandshakeTimeout  = 10 * time.Second
 	DefaultKeepAliveInterval = 1 * time.Second
 	DefaultKeepAliveTimeout  = 4 * time.Second

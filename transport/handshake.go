@@ -72,12 +72,7 @@ func (s *settings) evaluate(lo, hi uint16, peer *Hello) (uint16, Codec, *Reject)
 	}
 	peer.Limits = peer.Limits.withDefaults()
 	codec := CodecNone
-	if !s.cfg.Uncompressed && peer.Accepts(CodecZstd) {
-		if peer.Limits.DecoderMaxWindow < EncoderWindow {
-			return 0, 0, &Reject{Code: RejectMalformed, Reason: fmt.Sprintf(
-				"the peer accepts zstd with a window of %d bytes, below the protocol's %d",
-				peer.Limits.DecoderMaxWindow, EncoderWindow)}
-		}
+	if s.cfg.Compression != CompressNever && peer.Accepts(CodecZstd) {
 		codec = CodecZstd
 	}
 	return v, codec, nil

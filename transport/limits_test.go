@@ -3,6 +3,7 @@ package transport
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"io"
 	mrand "math/rand/v2"
@@ -18,7 +19,7 @@ import (
 // as a buggy or hostile sender would.
 func ignorePeerLimits(cl *Link) {
 	cl.peer.Limits = Limits{MaxFrame: 1 << 30, MaxSnapshot: 1<<32 - 1, MaxMigration: 1 << 62,
-		MaxConnections: 1<<32 - 1, DecoderMaxWindow: 1 << 30}
+		MaxConnections: 1<<32 - 1}
 }
 
 // sendAll writes the snapshots on one stream and closes it; it returns the
@@ -176,19 +177,37 @@ func snapshotBody(t *testing.T, n int) []byte {
 	return appendFrame(b, &endRecord{Count: uint32(n)})
 }
 
-func zstdCompress(t *testing.T, p []byte, opts ...zstd.EOption) []byte {
-	var out bytes.Buffer
-	enc, err := zstd.NewWriter(&out, opts...)
+// rawChunks cuts body into raw chunks of at most n bytes.
+func rawChunks(body []byte, n int) []byte {
+	var out []byte
+	for len(body) > 0 {
+		k := min(n, len(body))
+		out = binary.BigEndian.AppendUint32(out, uint32(k))
+		out = append(out, body[:k]...)
+		body = body[k:]
+	}
+	return out
+}
+
+// zstdChunk returns one compressed chunk holding p.
+func zstdChunk(t testing.TB, p []byte, opts ...zstd.EOption) []byte {
+	enc, err := zstd.NewWriter(nil, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := enc.Write(p); err != nil {
-		t.Fatal(err)
+	z := enc.EncodeAll(p, nil)
+	return append(binary.BigEndian.AppendUint32(nil, uint32(len(z))|chunkZstd), z...)
+}
+
+// zstdChunks cuts body into compressed chunks of at most n bytes.
+func zstdChunks(t testing.TB, body []byte, n int) []byte {
+	var out []byte
+	for len(body) > 0 {
+		k := min(n, len(body))
+		out = append(out, zstdChunk(t, body[:k])...)
+		body = body[k:]
 	}
-	if err := enc.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return out.Bytes()
+	return out
 }
 
 // TestSnapshotStreamInputs feeds hand-made snapshot streams to a reader.
@@ -197,33 +216,40 @@ func TestSnapshotStreamInputs(t *testing.T) {
 	records := body[:len(body)-len(appendFrame(nil, &endRecord{Count: 20}))]
 	zopen := appendFrame(nil, &streamOpen{Kind: StreamSnapshots, Codec: CodecZstd})
 	nopen := appendFrame(nil, &streamOpen{Kind: StreamSnapshots, Codec: CodecNone})
-	good := zstdCompress(t, body, zstd.WithWindowSize(EncoderWindow))
-	corrupt := bytes.Clone(good)
-	for i := len(corrupt) / 2; i < len(corrupt)/2+16; i++ {
+	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+	zchunks := zstdChunks(t, body, 10000)
+	corrupt := bytes.Clone(zchunks)
+	for i := 20; i < 40; i++ {
 		corrupt[i] ^= 0x5a
 	}
-	// A window of 64 MiB over 10 MiB of data, against the default 8 MiB
-	// limit: the frame header alone asks for more than the decoder allows.
-	bigWindow := zstdCompress(t, append(bytes.Repeat(body, 10<<20/len(body)+1), body...),
-		zstd.WithWindowSize(64<<20), zstd.WithEncoderLevel(zstd.SpeedFastest))
+	half := len(body) / 2
+	bomb := zstdChunk(t, make([]byte, 10<<20))
+	bigWindow := zstdChunk(t, body, zstd.WithWindowSize(64<<20), zstd.WithSingleSegment(false))
 	cases := []struct {
 		name string
 		in   []byte
 		ok   int
 		is   error
 	}{
-		{"zstd", append(bytes.Clone(zopen), good...), 20, nil},
-		{"none", append(bytes.Clone(nopen), body...), 20, nil},
-		{"no end record", append(bytes.Clone(nopen), records...), 20, ErrTruncated},
-		{"cut in a record", append(bytes.Clone(nopen), body[:len(body)/2]...), -1, ErrTruncated},
-		{"zstd cut short", append(bytes.Clone(zopen), good[:len(good)/2]...), -1, ErrTruncated},
-		{"zstd corrupt", append(bytes.Clone(zopen), corrupt...), -1, ErrMalformed},
-		{"zstd window over the limit", append(bytes.Clone(zopen), bigWindow...), 0, ErrLimit},
-		{"not zstd", append(bytes.Clone(zopen), body...), 0, ErrMalformed},
-		{"data after the end", append(append(bytes.Clone(nopen), body...), 1, 2, 3), 20, ErrMalformed},
-		{"wrong count in end", append(append(bytes.Clone(nopen), records...), appendFrame(nil, &endRecord{Count: 3})...), 20, ErrMalformed},
+		{"zstd chunks", cat(zopen, zchunks), 20, nil},
+		{"raw chunks", cat(nopen, rawChunks(body, 777)), 20, nil},
+		{"raw and zstd chunks", cat(zopen, rawChunks(body[:half], 5000), zstdChunks(t, body[half:], 3000)), 20, nil},
+		{"one byte per chunk", cat(nopen, rawChunks(body, 1)), 20, nil},
+		{"no end record", cat(nopen, rawChunks(records, 4096)), 20, ErrTruncated},
+		{"cut in a record", cat(nopen, rawChunks(body[:half], 4096)), -1, ErrTruncated},
+		{"chunk cut short", cat(zopen, zchunks[:len(zchunks)-10]), -1, ErrTruncated},
+		{"chunk header cut short", cat(nopen, rawChunks(body, 4096), []byte{0, 0}), 20, ErrTruncated},
+		{"zstd corrupt", cat(zopen, corrupt), 0, ErrMalformed},
+		{"zstd bomb", cat(zopen, bomb), 0, ErrLimit},
+		{"zstd window over the chunk", cat(zopen, bigWindow), -1, nil},
+		{"not zstd", cat(zopen, []byte{0x80, 0, 0, 4, 1, 2, 3, 4}), 0, ErrMalformed},
+		{"compressed chunk in an uncompressed stream", cat(nopen, zchunks), 0, ErrMalformed},
+		{"chunk over the limit", cat(nopen, binary.BigEndian.AppendUint32(nil, MaxChunk+1)), 0, ErrLimit},
+		{"empty chunk", cat(nopen, []byte{0, 0, 0, 0}), 0, ErrMalformed},
+		{"data after the end", cat(nopen, rawChunks(cat(body, []byte{1, 2, 3}), 4096)), 20, ErrMalformed},
+		{"wrong count in end", cat(nopen, rawChunks(cat(records, appendFrame(nil, &endRecord{Count: 3})), 4096)), 20, ErrMalformed},
 		{"a control stream", appendFrame(nil, &streamOpen{Kind: StreamControl}), 0, ErrUnexpected},
-		{"control message inside", append(bytes.Clone(nopen), appendFrame(nil, &Commit{})...), 0, ErrUnexpected},
+		{"control message inside", cat(nopen, rawChunks(appendFrame(nil, &Commit{}), 100)), 0, ErrUnexpected},
 		{"empty stream", nil, 0, ErrTruncated},
 	}
 	for _, c := range cases {
@@ -233,7 +259,7 @@ func TestSnapshotStreamInputs(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			n, err := readAll(ctx, sv)
-			if c.is == nil && err != nil || c.is != nil && !errors.Is(err, c.is) {
+			if c.is == nil && c.ok >= 0 && err != nil || c.is != nil && !errors.Is(err, c.is) {
 				t.Errorf("got %v, want %v", err, c.is)
 			}
 			if c.ok >= 0 && n != c.ok {
@@ -245,8 +271,8 @@ func TestSnapshotStreamInputs(t *testing.T) {
 		})
 	}
 	t.Run("codec not offered", func(t *testing.T) {
-		cl, sv := linkPair(t, kindTCP, func(_, s *Config) { s.Uncompressed = true })
-		rawStream(t, cl, append(bytes.Clone(zopen), good...))
+		cl, sv := linkPair(t, kindTCP, func(_, s *Config) { s.Compression = CompressNever })
+		rawStream(t, cl, cat(zopen, zchunks))
 		if _, err := readAll(context.Background(), sv); !errors.Is(err, ErrMalformed) {
 			t.Errorf("got %v, want ErrMalformed", err)
 		}

@@ -24,15 +24,16 @@ import (
 // stream; a lost peer ends them too, within about KeepAliveInterval +
 // KeepAliveTimeout.
 type Link struct {
-	conn    *watchConn
-	sess    *yamux.Session
-	ctrl    *Control
-	peer    *Hello
-	local   *Hello
-	version uint16
-	codec   Codec
-	limits  Limits
-	tls     *tls.ConnectionState
+	conn        *watchConn
+	sess        *yamux.Session
+	ctrl        *Control
+	peer        *Hello
+	local       *Hello
+	version     uint16
+	codec       Codec
+	compression Compression
+	limits      Limits
+	tls         *tls.ConnectionState
 
 	closing atomic.Bool // Close was called
 
@@ -197,12 +198,13 @@ func newLink(ctx context.Context, conn net.Conn, s *settings, client bool, serve
 		return nil, err
 	}
 	l := &Link{
-		conn:    &watchConn{Conn: res.conn},
-		peer:    res.peer,
-		local:   s.hello(),
-		version: res.version,
-		codec:   res.codec,
-		limits:  s.limits,
+		conn:        &watchConn{Conn: res.conn},
+		peer:        res.peer,
+		local:       s.hello(),
+		version:     res.version,
+		codec:       res.codec,
+		compression: s.cfg.Compression,
+		limits:      s.limits,
 	}
 	if tc, ok := res.conn.(*tls.Conn); ok {
 		st := tc.ConnectionState()
@@ -276,8 +278,9 @@ func (l *Link) Local() *Hello { return l.local }
 // Version returns the protocol version the link runs.
 func (l *Link) Version() uint16 { return l.version }
 
-// Codec returns the codec this side's snapshot streams use: CodecZstd
-// unless either side asked for Uncompressed.
+// Codec returns the codec negotiated for snapshot streams: CodecZstd unless
+// either side asked for CompressNever. With CodecZstd, each chunk is
+// compressed or not as the sender's Compression mode decides.
 func (l *Link) Codec() Codec { return l.codec }
 
 // TLSState returns the TLS connection state (the peer's verified
@@ -304,7 +307,7 @@ func (l *Link) Done() <-chan struct{} { return l.sess.CloseChan() }
 // ErrPeerLost that says what was seen (the connection's error, or yamux's
 // reason such as a keepalive timeout).
 func (l *Link) Err() error {
-	if !l.sess.IsClosed() {
+	if l.sess == nil || !l.sess.IsClosed() { // no session: a codec test's Link
 		return nil
 	}
 	if l.closing.Load() {

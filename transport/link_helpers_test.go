@@ -176,6 +176,11 @@ func connPair(t testing.TB, k kind) (client, server net.Conn) {
 func handshakePair(t testing.TB, k kind, ccfg, scfg *Config) (cl, sv *Link, cerr, serr error) {
 	t.Helper()
 	cc, sc := connPair(t, k)
+	return handshakeConns(cc, sc, ccfg, scfg)
+}
+
+// handshakeConns runs Client and Server on the two ends of a connection.
+func handshakeConns(cc, sc net.Conn, ccfg, scfg *Config) (cl, sv *Link, cerr, serr error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup

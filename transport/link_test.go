@@ -57,9 +57,9 @@ func TestUncompressedNegotiated(t *testing.T) {
 		t.Run(side, func(t *testing.T) {
 			cl, sv := linkPair(t, kindTCP, func(c, s *Config) {
 				if side == "client" {
-					c.Uncompressed = true
+					c.Compression = CompressNever
 				} else {
-					s.Uncompressed = true
+					s.Compression = CompressNever
 				}
 			})
 			if cl.Codec() != CodecNone || sv.Codec() != CodecNone {
@@ -475,10 +475,10 @@ func TestConfigErrors(t *testing.T) {
 	if _, err := Listen("127.0.0.1:0", both); !errors.Is(err, ErrConfig) {
 		t.Errorf("TLS and Insecure: %v, want ErrConfig", err)
 	}
-	small := InsecureConfig()
-	small.Limits.DecoderMaxWindow = 4096
-	if _, err := Listen("127.0.0.1:0", small); !errors.Is(err, ErrConfig) {
-		t.Errorf("tiny decoder window: %v, want ErrConfig", err)
+	bad := InsecureConfig()
+	bad.Compression = 9
+	if _, err := Listen("127.0.0.1:0", bad); !errors.Is(err, ErrConfig) {
+		t.Errorf("unknown compression: %v, want ErrConfig", err)
 	}
 	if _, err := LoadConfig("/nonexistent.crt", "/nonexistent.key", "/nonexistent.ca"); err == nil {
 		t.Error("LoadConfig of missing files succeeded")

@@ -78,8 +78,7 @@ var helloTable = newTable("hello",
 	uintField(6, "max_snapshot", func(m *Hello) *uint32 { return &m.Limits.MaxSnapshot }),
 	uintField(7, "max_migration", func(m *Hello) *uint64 { return &m.Limits.MaxMigration }),
 	uintField(8, "max_connections", func(m *Hello) *uint32 { return &m.Limits.MaxConnections }),
-	uintField(9, "decoder_max_window", func(m *Hello) *uint64 { return &m.Limits.DecoderMaxWindow }),
-	stringField(10, "software", func(m *Hello) *string { return &m.Software }),
+	stringField(9, "software", func(m *Hello) *string { return &m.Software }),
 )
 
 // Accepts reports whether the sender of the Hello accepts codec c.

@@ -1,12 +1,13 @@
 package transport
 
 import (
-	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/yamux"
 	"github.com/klauspost/compress/zstd"
@@ -15,20 +16,27 @@ import (
 )
 
 // A snapshot stream is a yamux stream that starts with a StreamOpen frame
-// (kind snapshots, and its codec), sent as it is, followed by its body: the
-// Snapshot records and one End record, compressed as one zstd stream when
-// the codec is zstd. See docs/protocol.md.
+// (kind snapshots; codec zstd if its chunks may be compressed), followed by
+// its body: Snapshot records then one End record, cut into chunks of at most
+// MaxChunk bytes. Each chunk is sent as it is or as one zstd frame, decided
+// chunk by chunk (see Compression). See docs/protocol.md.
+//
+//	chunk := header:u32be payload
+//	header bit 31: 1 = payload is a zstd frame, 0 = payload is raw
+//	header bits 0-30: payload length, 1 to MaxChunk
+//
+// A zstd frame decodes to at most MaxChunk bytes.
 
-// Encoders and decoders are pooled: a zstd encoder holds its tables and
-// window, a decoder its history, and making one per stream would dominate
-// the cost of a stream of small snapshots. Both run with concurrency 1:
-// no goroutines, and the cores go to the streams themselves.
+// Encoders and decoders are pooled: a zstd encoder holds its match tables,
+// and making one per stream would dominate the cost of a stream of small
+// snapshots. Each runs with concurrency 1 (no goroutines of its own); the
+// streams are the unit of parallelism.
 var (
 	encoderPool = sync.Pool{New: func() any {
 		e, err := zstd.NewWriter(nil,
 			zstd.WithEncoderLevel(zstd.SpeedFastest),
 			zstd.WithEncoderConcurrency(1),
-			zstd.WithWindowSize(EncoderWindow),
+			zstd.WithWindowSize(MaxChunk),
 			zstd.WithEncoderCRC(true),
 		)
 		if err != nil {
@@ -39,8 +47,8 @@ var (
 	decoderPool = sync.Pool{New: func() any {
 		d, err := zstd.NewReader(nil,
 			zstd.WithDecoderConcurrency(1),
-			zstd.WithDecoderMaxWindow(DefaultDecoderMaxWindow),
-			zstd.WithDecoderMaxMemory(DefaultDecoderMaxWindow),
+			zstd.WithDecoderMaxWindow(MaxChunk),
+			zstd.WithDecoderMaxMemory(MaxChunk),
 		)
 		if err != nil {
 			panic("transport: zstd decoder: " + err.Error())
@@ -49,33 +57,64 @@ var (
 	}}
 )
 
-// Buffer sizes of a snapshot stream.
 const (
-	streamBufSize = 64 << 10  // bufio on the yamux stream, each direction
-	inlineQueues  = 16 << 10  // queues up to this size are copied into the record buffer
-	keepBuf       = 256 << 10 // a record buffer larger than this is not kept
+	chunkZstd   = 1 << 31 // the header bit of a compressed chunk
+	chunkHeader = 4
+	// inflight is the number of chunk buffers of a writer: one being
+	// filled, one being compressed or queued, one being sent.
+	inflight = 3
 )
 
-// SnapshotWriter writes (index, snapshot) records to one snapshot stream. It
-// is not safe for concurrent use; open one stream per goroutine. Records are
-// buffered (and compressed): Flush sends what was written so far, Close ends
-// the stream.
-type SnapshotWriter struct {
-	link  *Link
-	st    *yamux.Stream
-	bw    *bufio.Writer
-	enc   *zstd.Encoder // nil for CodecNone
-	out   io.Writer     // enc or bw
-	buf   []byte
-	count uint32
-	err   error // sticky
-	stop  func()
-	done  bool
+// chunk is a buffer of the writer: header room, then the payload.
+type chunk struct {
+	raw  []byte // chunkHeader bytes of room, then up to MaxChunk body bytes
+	wire []byte // what is sent: raw, or zbuf, with the header filled in
+	zbuf []byte // the compressed form, header room included
+	in   int    // body bytes in the chunk
+	zstd bool
 }
 
-// OpenSnapshotStream opens a snapshot stream to the peer, compressed with
-// the link's codec. ctx bounds the stream's whole life: once it ends, writes
-// fail. The caller must Close (or Abort) the writer.
+// WriterStats counts what a SnapshotWriter sent.
+type WriterStats struct {
+	Records    uint32 // records written
+	Chunks     int    // chunks sent
+	Compressed int    // of them, sent compressed
+	Bytes      int64  // body bytes (records as encoded)
+	WireBytes  int64  // chunk bytes on the stream, headers included
+}
+
+// SnapshotWriter writes (index, snapshot) records to one snapshot stream. It
+// is not safe for concurrent use: open one stream per goroutine. Records are
+// buffered in chunks: the caller's goroutine encodes and compresses them
+// while a goroutine of the writer sends the previous chunk. Flush sends
+// what was written so far; Close ends the stream.
+type SnapshotWriter struct {
+	link   *Link
+	st     *yamux.Stream
+	mode   Compression
+	policy policy
+	enc    *zstd.Encoder // nil when the stream is not compressed
+
+	cur   *chunk      // being filled
+	free  chan *chunk // buffers back from the sender
+	sendq chan *chunk // to the sender goroutine
+	done  chan struct{}
+
+	mu      sync.Mutex // guards sendErr and the fields the sender updates
+	sendErr error
+	wireDur time.Duration // time the sender spent writing, since the last chunk
+	wireN   int
+
+	scratch []byte // the record being encoded
+	stats   WriterStats
+	err     error // sticky, in the caller's goroutine
+	stop    func()
+	closed  bool
+}
+
+// OpenSnapshotStream opens a snapshot stream to the peer. ctx bounds the
+// stream's whole life: once it ends, writes fail. The caller must Close (or
+// Abort) the writer.
 func (l *Link) OpenSnapshotStream(ctx context.Context) (*SnapshotWriter, error) {
 	const op = "open snapshot stream"
 	if err := ctx.Err(); err != nil {
@@ -85,41 +124,86 @@ func (l *Link) OpenSnapshotStream(ctx context.Context) (*SnapshotWriter, error) 
 	if err != nil {
 		return nil, opError(op, l.ioErr(err))
 	}
-	w := &SnapshotWriter{link: l, st: st, bw: bufio.NewWriterSize(st, streamBufSize)}
+	w := &SnapshotWriter{link: l, st: st, mode: l.compression,
+		free: make(chan *chunk, inflight), sendq: make(chan *chunk, 1), done: make(chan struct{})}
+	if l.codec != CodecZstd {
+		w.mode = CompressNever
+	}
 	w.stop = watchStream(ctx, st.SetWriteDeadline)
-	w.buf = appendFrame(w.buf, &streamOpen{Kind: StreamSnapshots, Codec: l.codec})
-	if _, err := w.bw.Write(w.buf); err != nil {
-		w.Abort()
-		return nil, opError(op, l.ioErr(err))
-	}
-	w.out = w.bw
-	if l.codec == CodecZstd {
+	codec := CodecNone
+	if w.mode != CompressNever {
+		codec = CodecZstd
 		w.enc = encoderPool.Get().(*zstd.Encoder)
-		w.enc.Reset(w.bw)
-		w.out = w.enc
 	}
+	hdr := appendFrame(nil, &streamOpen{Kind: StreamSnapshots, Codec: codec})
+	if _, err := st.Write(hdr); err != nil {
+		w.release(l.ioErr(err))
+		return nil, opError(op, w.err)
+	}
+	for i := 0; i < inflight; i++ {
+		w.free <- &chunk{raw: make([]byte, chunkHeader, chunkHeader+MaxChunk)}
+	}
+	w.cur = <-w.free
+	go w.sender()
 	return w, nil
+}
+
+// sender writes chunks to the stream, in order, until sendq is closed.
+func (w *SnapshotWriter) sender() {
+	defer close(w.done)
+	for {
+		var c *chunk
+		select {
+		case c = <-w.sendq:
+		case <-w.link.Done(): // an abandoned writer must not outlive its link
+			w.fail(w.link.Err())
+			return
+		}
+		if c == nil {
+			return
+		}
+		w.mu.Lock()
+		failed := w.sendErr != nil
+		w.mu.Unlock()
+		if !failed {
+			start := time.Now()
+			_, err := w.st.Write(c.wire)
+			d := time.Since(start)
+			w.mu.Lock()
+			w.wireDur += d
+			w.wireN += len(c.wire)
+			w.mu.Unlock()
+			if err != nil {
+				w.fail(w.link.ioErr(err))
+			}
+		}
+		w.free <- c
+	}
+}
+
+func (w *SnapshotWriter) fail(err error) {
+	w.mu.Lock()
+	if w.sendErr == nil {
+		w.sendErr = err
+	}
+	w.mu.Unlock()
 }
 
 // Write appends the record (index, s). It fails with a *LimitError, before
 // writing anything, when the record exceeds a limit the peer announced (its
-// MaxSnapshot, MaxConnections or MaxMigration); the stream stays usable. Any
-// other error is sticky: the stream is lost and Close returns it too.
+// MaxSnapshot, MaxConnections or MaxMigration); the stream stays usable.
+// Any other error is sticky: the stream is lost, and Close returns it too.
 func (w *SnapshotWriter) Write(index uint32, s *repair.Snapshot) error {
 	const op = "snapshot write"
-	if w.err != nil {
-		return opError(op, w.err)
-	}
-	if w.done {
-		return opError(op, ErrClosed)
+	if err := w.check(); err != nil {
+		return opError(op, err)
 	}
 	// The record is encoded with its queues last (as snapshotTable orders
-	// them), so that large queues go from the snapshot to the compressor
-	// without a copy.
+	// them), so that large queues are copied once, into the chunks.
 	r := record{index: index, snap: *s}
 	rq, sq := s.RecvQueue, s.SendQueue
 	r.snap.RecvQueue, r.snap.SendQueue = nil, nil
-	b := append(w.buf[:0], 0, 0, 0, 0, byte(MsgSnapshot))
+	b := append(w.scratch[:0], 0, 0, 0, 0, byte(MsgSnapshot))
 	b = snapshotTable.appendFields(b, &r)
 	size := len(b) - 4
 	if len(rq) > 0 {
@@ -135,124 +219,264 @@ func (w *SnapshotWriter) Write(index uint32, s *repair.Snapshot) error {
 		return opError(op, fmt.Errorf("connection %d: %w", index, err))
 	}
 	putFrameLength(b, size)
-	inline := len(rq)+len(sq) <= inlineQueues
 	if len(rq) > 0 {
 		b = appendHeader(b, tagRecvQueue, len(rq))
-		if inline {
-			b = append(b, rq...)
-		} else {
-			b = w.write(b, rq)
-		}
+		w.put(b)
+		b = b[:0]
+		w.put(rq)
 	}
 	if len(sq) > 0 {
 		b = appendHeader(b, tagSendQueue, len(sq))
-		if inline {
-			b = append(b, sq...)
-		} else {
-			b = w.write(b, sq)
-		}
+		w.put(b)
+		b = b[:0]
+		w.put(sq)
 	}
-	w.write(b, nil)
-	if cap(b) <= keepBuf {
-		w.buf = b[:0]
+	w.put(b)
+	if cap(b) <= 4<<10 {
+		w.scratch = b[:0]
 	}
 	if w.err != nil {
 		return opError(op, w.err)
 	}
-	w.count++
+	w.stats.Records++
 	return nil
 }
 
-// write sends b and then p, and returns b emptied.
-func (w *SnapshotWriter) write(b, p []byte) []byte {
-	if w.err == nil && len(b) > 0 {
-		_, w.err = w.out.Write(b)
-	}
-	if w.err == nil && len(p) > 0 {
-		_, w.err = w.out.Write(p)
+func (w *SnapshotWriter) check() error {
+	if w.err == nil {
+		w.mu.Lock()
+		w.err = w.sendErr
+		w.mu.Unlock()
 	}
 	if w.err != nil {
-		w.err = w.link.ioErr(w.err)
+		return w.err
 	}
-	return b[:0]
+	if w.closed {
+		return ErrClosed
+	}
+	return nil
 }
 
-// Flush sends every record written so far to the peer.
+// put appends body bytes to the chunks, sending each chunk that fills.
+func (w *SnapshotWriter) put(p []byte) {
+	for len(p) > 0 && w.err == nil {
+		c := w.cur
+		n := copy(c.raw[len(c.raw):cap(c.raw)], p)
+		c.raw = c.raw[:len(c.raw)+n]
+		p = p[n:]
+		if len(c.raw) == cap(c.raw) {
+			w.seal()
+		}
+	}
+}
+
+// seal compresses the current chunk if that pays, hands it to the sender
+// and takes a free buffer.
+func (w *SnapshotWriter) seal() {
+	c := w.cur
+	c.in = len(c.raw) - chunkHeader
+	if c.in == 0 || w.err != nil {
+		return
+	}
+	w.mu.Lock()
+	wireDur, wireN := w.wireDur, w.wireN
+	w.wireDur, w.wireN = 0, 0
+	w.mu.Unlock()
+	w.policy.wire(wireN, wireDur)
+
+	c.wire, c.zstd = c.raw, false
+	if w.enc != nil && w.policy.compress(w.mode) {
+		start := time.Now()
+		c.zbuf = w.enc.EncodeAll(c.raw[chunkHeader:], append(c.zbuf[:0], 0, 0, 0, 0))
+		zn := len(c.zbuf) - chunkHeader
+		w.policy.compressed(c.in, zn, time.Since(start))
+		if zn < c.in {
+			c.wire, c.zstd = c.zbuf, true
+		}
+	}
+	n := uint32(len(c.wire) - chunkHeader)
+	if c.zstd {
+		n |= chunkZstd
+	}
+	binary.BigEndian.PutUint32(c.wire, n)
+	w.stats.Chunks++
+	if c.zstd {
+		w.stats.Compressed++
+	}
+	w.stats.Bytes += int64(c.in)
+	w.stats.WireBytes += int64(len(c.wire))
+
+	select {
+	case w.sendq <- c:
+	case <-w.done:
+		w.mu.Lock()
+		w.err = w.sendErr
+		w.mu.Unlock()
+		return
+	}
+	select {
+	case w.cur = <-w.free:
+	case <-w.done:
+		w.mu.Lock()
+		w.err = w.sendErr
+		w.mu.Unlock()
+		if w.err == nil {
+			w.err = ErrClosed
+		}
+		return
+	}
+	w.cur.raw = w.cur.raw[:chunkHeader]
+}
+
+// Flush sends every record written so far and waits until the stream has
+// taken them.
 func (w *SnapshotWriter) Flush() error {
 	const op = "snapshot flush"
-	if w.err == nil && w.enc != nil {
-		w.err = w.enc.Flush()
+	if err := w.check(); err != nil {
+		return opError(op, err)
 	}
-	if w.err == nil {
-		w.err = w.bw.Flush()
-	}
-	if w.err != nil {
-		w.err = w.link.ioErr(w.err)
-		return opError(op, w.err)
-	}
-	return nil
-}
-
-// Close writes the End record, flushes, and closes the stream for writing.
-// The peer's reader then sees every record and a clean end. Close returns
-// the writer's first error, if any; it releases the writer's resources in
-// every case.
-func (w *SnapshotWriter) Close() error {
-	const op = "snapshot close"
-	if w.done {
-		return nil
-	}
-	if w.err == nil {
-		w.write(appendFrame(w.buf[:0], &endRecord{Count: w.count}), nil)
-	}
-	if w.err == nil && w.enc != nil {
-		if err := w.enc.Close(); err != nil {
-			w.err = w.link.ioErr(err)
+	w.seal()
+	// Every buffer back in the free list (or being filled) means the sender
+	// has written everything.
+	var held []*chunk
+	for len(held) < inflight-1 && w.err == nil {
+		select {
+		case c := <-w.free:
+			held = append(held, c)
+		case <-w.done:
+			w.mu.Lock()
+			w.err = w.sendErr
+			w.mu.Unlock()
 		}
 	}
-	if w.err == nil {
-		if err := w.bw.Flush(); err != nil {
-			w.err = w.link.ioErr(err)
-		}
+	for _, c := range held {
+		w.free <- c
 	}
-	err := w.err
-	w.release()
-	if err != nil {
+	if err := w.check(); err != nil {
 		return opError(op, err)
 	}
 	return nil
 }
 
-// Abort closes the stream without its End record: the peer's reader fails
-// with ErrTruncated, and records still buffered here are dropped.
-func (w *SnapshotWriter) Abort() {
-	if w.err == nil {
-		w.err = errAborted
+// Close writes the End record, sends every chunk and closes the stream for
+// writing: the peer's reader then sees every record and a clean end. Close
+// returns the writer's first error, if any, and releases its resources in
+// every case.
+func (w *SnapshotWriter) Close() error {
+	const op = "snapshot close"
+	if w.closed {
+		return nil
 	}
-	w.release()
+	if w.check() == nil {
+		w.put(appendFrame(w.scratch[:0], &endRecord{Count: w.stats.Records}))
+		w.seal()
+	}
+	w.release(nil)
+	if w.err != nil {
+		return opError(op, w.err)
+	}
+	return nil
+}
+
+// Abort closes the stream without its End record: the peer's reader fails
+// with ErrTruncated, and records not yet sent are dropped.
+func (w *SnapshotWriter) Abort() {
+	w.release(errAborted)
 }
 
 var errAborted = errors.New("transport: snapshot stream aborted")
 
-func (w *SnapshotWriter) release() {
-	if w.done {
+// release stops the sender, closes the stream and returns the encoder. A
+// non-nil err makes the sender drop what is queued.
+func (w *SnapshotWriter) release(err error) {
+	if w.closed {
 		return
 	}
-	w.done = true
-	if w.enc != nil {
+	w.closed = true
+	if err != nil {
+		w.fail(err)
 		if w.err == nil {
-			w.enc.Reset(nil)
-			encoderPool.Put(w.enc)
+			w.err = err
 		}
+	}
+	if w.cur != nil { // the sender runs
+		close(w.sendq)
+		<-w.done
+		w.mu.Lock()
+		if w.err == nil {
+			w.err = w.sendErr
+		}
+		w.mu.Unlock()
+	}
+	if w.enc != nil {
+		encoderPool.Put(w.enc)
 		w.enc = nil
 	}
 	w.stop()
 	_ = w.st.Close()
-	w.buf = nil
+	w.cur, w.scratch = nil, nil
 }
 
+// Stats returns what the writer has sent so far.
+func (w *SnapshotWriter) Stats() WriterStats { return w.stats }
+
 // Count returns the number of records written.
-func (w *SnapshotWriter) Count() uint32 { return w.count }
+func (w *SnapshotWriter) Count() uint32 { return w.stats.Records }
+
+// policy decides, chunk by chunk, whether compressing pays. With the
+// sending pipelined behind the compression, a compressed stream runs at
+// min(c, r·L) bytes of body per second and a raw one at L, where c is the
+// compression speed, r the ratio and L the speed at which the stream takes
+// bytes. Compression pays when c > L and r > 1, by a margin. On a fast link
+// (loopback, or a network faster than the compressor) chunks go raw; on a
+// slower one, compressed. While chunks go raw, every probeEvery-th is
+// compressed anyway to keep c and r current.
+type policy struct {
+	c, r, l float64 // estimates: compression bytes/s, ratio, wire bytes/s
+	n       int     // chunks since the last compressed one
+}
+
+const (
+	probeEvery = 32
+	ewma       = 0.25 // weight of the newest sample
+	margin     = 1.1  // compression must win by this factor
+)
+
+func (p *policy) compress(mode Compression) bool {
+	switch mode {
+	case CompressAlways:
+		return true
+	case CompressNever:
+		return false
+	}
+	p.n++
+	if p.c == 0 || p.l == 0 || p.n >= probeEvery {
+		return true // no estimate yet, or time to probe
+	}
+	return p.r > margin && p.c > margin*p.l
+}
+
+func (p *policy) compressed(in, out int, d time.Duration) {
+	p.n = 0
+	if d <= 0 || out <= 0 {
+		return
+	}
+	p.c = mix(p.c, float64(in)/d.Seconds())
+	p.r = mix(p.r, float64(in)/float64(out))
+}
+
+func (p *policy) wire(n int, d time.Duration) {
+	if n > 0 && d > 0 {
+		p.l = mix(p.l, float64(n)/d.Seconds())
+	}
+}
+
+func mix(old, x float64) float64 {
+	if old == 0 {
+		return x
+	}
+	return old + ewma*(x-old)
+}
 
 // SnapshotReader reads the records of one snapshot stream. It is not safe
 // for concurrent use. Each record is checked against this side's limits
@@ -260,16 +484,26 @@ func (w *SnapshotWriter) Count() uint32 { return w.count }
 // and its index (below MaxConnections, and new on this link).
 type SnapshotReader struct {
 	link   *Link
-	st     *yamux.Stream
-	br     *bufio.Reader
-	dec    *zstd.Decoder // nil for CodecNone
-	in     io.Reader     // dec or br
-	opened bool          // the StreamOpen frame was read
+	st     io.ReadCloser // the yamux stream
+	body   chunkReader
+	opened bool // the StreamOpen frame was read
 	count  uint32
 	err    error // sticky; io.EOF after the End record
 	stop   func()
 	closed bool
 	hdr    [frameHeaderSize]byte
+}
+
+// chunkReader reads the body of a snapshot stream: the chunks' payloads,
+// decoded, one after the other.
+type chunkReader struct {
+	st    io.Reader
+	codec Codec         // the codec the StreamOpen frame declared
+	dec   *zstd.Decoder // taken from the pool at the first compressed chunk
+	data  []byte        // the current chunk's unread bytes
+	buf   []byte        // the current chunk, decoded
+	zbuf  []byte        // a compressed payload
+	eof   bool
 }
 
 // AcceptSnapshotStream waits for the peer to open a snapshot stream and
@@ -284,9 +518,14 @@ func (l *Link) AcceptSnapshotStream(ctx context.Context) (*SnapshotReader, error
 		}
 		return nil, opError(op, l.ioErr(err))
 	}
-	r := &SnapshotReader{link: l, st: st, br: bufio.NewReaderSize(st, streamBufSize)}
+	r := newSnapshotReader(l, st)
 	r.stop = watchStream(ctx, st.SetReadDeadline)
 	return r, nil
+}
+
+// newSnapshotReader returns a reader of the snapshot stream st for link l.
+func newSnapshotReader(l *Link, st io.ReadCloser) *SnapshotReader {
+	return &SnapshotReader{link: l, st: st, body: chunkReader{st: st}, stop: func() {}}
 }
 
 // Next returns the next record: the connection's index and its snapshot,
@@ -327,7 +566,7 @@ func (r *SnapshotReader) next() (uint32, *repair.Snapshot, error) {
 		}
 	}
 	for {
-		size, t, err := readHeader(r.in, &r.hdr)
+		size, t, err := readHeader(&r.body, &r.hdr)
 		if err == io.EOF {
 			return 0, nil, fmt.Errorf("%w: the stream ended after %d records without its end record", ErrTruncated, r.count)
 		}
@@ -343,7 +582,7 @@ func (r *SnapshotReader) next() (uint32, *repair.Snapshot, error) {
 				return 0, nil, err
 			}
 			// A fresh buffer per record: the snapshot's queues alias it.
-			body, err := readBody(r.in, int(size-1), nil)
+			body, err := readBody(&r.body, int(size-1), nil)
 			if err != nil {
 				return 0, nil, err
 			}
@@ -360,7 +599,7 @@ func (r *SnapshotReader) next() (uint32, *repair.Snapshot, error) {
 			if err := checkSize("frame size", size, lim.MaxFrame); err != nil {
 				return 0, nil, err
 			}
-			body, err := readBody(r.in, int(size-1), nil)
+			body, err := readBody(&r.body, int(size-1), nil)
 			if err != nil {
 				return 0, nil, err
 			}
@@ -381,9 +620,9 @@ func (r *SnapshotReader) next() (uint32, *repair.Snapshot, error) {
 	}
 }
 
-// open reads the StreamOpen frame and sets up the decoder.
+// open reads the StreamOpen frame.
 func (r *SnapshotReader) open() error {
-	m, err := readMessage(r.br, phaseStream, r.link.limits.MaxFrame, "frame size", nil)
+	m, err := readMessage(r.st, phaseStream, r.link.limits.MaxFrame, "frame size", nil)
 	if err == io.EOF {
 		return fmt.Errorf("%w: the stream closed before its first frame", ErrTruncated)
 	}
@@ -397,24 +636,88 @@ func (r *SnapshotReader) open() error {
 	if !r.link.local.Accepts(so.Codec) {
 		return malformedf("the stream uses codec %s, which this side did not offer", so.Codec)
 	}
+	r.body.codec = so.Codec
 	r.opened = true
-	r.in = r.br
-	if so.Codec == CodecZstd {
-		w := r.link.limits.DecoderMaxWindow
-		r.dec = decoderPool.Get().(*zstd.Decoder)
-		if err := r.dec.ResetWithOptions(r.br, zstd.WithDecoderMaxWindow(w), zstd.WithDecoderMaxMemory(w)); err != nil {
-			return fmt.Errorf("zstd: %w", err)
-		}
-		r.in = r.dec
-	}
 	return nil
 }
 
-// finish checks that the body ends right after the End record (which also
-// makes the zstd decoder verify the frame's checksum).
+// Read returns io.EOF at the end of the stream, between two chunks.
+func (r *chunkReader) Read(p []byte) (int, error) {
+	for len(r.data) == 0 {
+		if r.eof {
+			return 0, io.EOF
+		}
+		if err := r.loadChunk(); err != nil {
+			return 0, err
+		}
+	}
+	n := copy(p, r.data)
+	r.data = r.data[n:]
+	return n, nil
+}
+
+// loadChunk reads the next chunk and decodes it.
+func (r *chunkReader) loadChunk() error {
+	var h [chunkHeader]byte
+	n, err := io.ReadFull(r.st, h[:])
+	if err == io.EOF {
+		r.eof = true
+		return nil
+	}
+	if err != nil {
+		return bodyErr(err, n, chunkHeader)
+	}
+	hdr := binary.BigEndian.Uint32(h[:])
+	size, compressed := hdr&^chunkZstd, hdr&chunkZstd != 0
+	if size == 0 {
+		return malformedf("empty chunk")
+	}
+	if err := checkSize("chunk size", size, MaxChunk); err != nil {
+		return err
+	}
+	// Buffers grow to the largest chunk seen, and are reused.
+	if !compressed {
+		r.data, err = readBody(r.st, int(size), r.buf)
+		if cap(r.data) > cap(r.buf) {
+			r.buf = r.data[:0]
+		}
+		return err
+	}
+	if r.codec != CodecZstd {
+		return malformedf("a compressed chunk in a stream declared uncompressed")
+	}
+	z, err := readBody(r.st, int(size), r.zbuf)
+	if cap(z) > cap(r.zbuf) {
+		r.zbuf = z[:0]
+	}
+	if err != nil {
+		return err
+	}
+	if r.dec == nil {
+		r.dec = decoderPool.Get().(*zstd.Decoder)
+	}
+	// The decoder stops at MaxChunk bytes (WithDecoderMaxMemory), whatever
+	// the frame claims.
+	out, err := r.dec.DecodeAll(z, r.buf[:0])
+	if cap(out) > cap(r.buf) {
+		r.buf = out[:0]
+	}
+	switch {
+	case errors.Is(err, zstd.ErrDecoderSizeExceeded), errors.Is(err, zstd.ErrWindowSizeExceeded):
+		return &LimitError{Limit: "decoded chunk size", Max: MaxChunk}
+	case err != nil:
+		return malformedf("zstd chunk: %v", err)
+	case len(out) == 0:
+		return malformedf("a compressed chunk that decodes to nothing")
+	}
+	r.data = out
+	return nil
+}
+
+// finish checks that the body ends right after the End record.
 func (r *SnapshotReader) finish() error {
 	var one [1]byte
-	n, err := io.ReadFull(r.in, one[:])
+	n, err := io.ReadFull(&r.body, one[:])
 	if n > 0 {
 		return malformedf("data after the end record")
 	}
@@ -435,32 +738,21 @@ func (r *SnapshotReader) mapErr(err error) error {
 		return lerr
 	}
 	switch {
-	case errors.Is(err, zstd.ErrWindowSizeExceeded), errors.Is(err, zstd.ErrDecoderSizeExceeded):
-		return &LimitError{Limit: "decoder window", Max: r.link.limits.DecoderMaxWindow}
 	case errors.Is(err, yamux.ErrTimeout):
 		return fmt.Errorf("stream deadline: %w", context.DeadlineExceeded)
 	case errors.Is(err, io.ErrUnexpectedEOF):
 		return fmt.Errorf("%w: %v", ErrTruncated, err)
-	case errors.Is(err, ErrTruncated):
-		return err
-	}
-	if r.dec != nil {
-		// Anything else from inside the decoder is corrupt input.
-		return malformedf("zstd: %v", err)
 	}
 	return err
 }
 
 func (r *SnapshotReader) releaseDecoder() {
-	if r.dec == nil {
-		return
+	b := &r.body
+	if b.dec != nil {
+		decoderPool.Put(b.dec)
+		b.dec = nil
 	}
-	if r.err == io.EOF {
-		_ = r.dec.Reset(nil)
-		decoderPool.Put(r.dec)
-	}
-	r.dec = nil
-	r.in = nil
+	b.buf, b.zbuf, b.data = nil, nil, nil
 }
 
 // Count returns the number of records read.
