@@ -93,18 +93,20 @@ func BenchmarkLink(b *testing.B) {
 			b.SetBytes(conns * qlen)
 			b.ResetTimer()
 			start := time.Now()
+			var st WriterStats
 			for i := 0; i < b.N; i++ {
 				var err error
 				if c.name == "copy" {
 					err = plainCopy(cl, sv, ring, conns*qlen)
 				} else {
-					err = pumpOnce(cl, sv, c.streams, conns, func(i int) *repair.Snapshot { return benchSnapshot(ring, qlen) })
+					st, err = pumpStats(cl, sv, c.streams, conns, func(i int) *repair.Snapshot { return benchSnapshot(ring, qlen) })
 				}
 				if err != nil {
 					b.Fatal(err)
 				}
 			}
 			b.ReportMetric(float64(b.N)*conns*qlen/time.Since(start).Seconds()/1e6, "MB/s")
+			reportStats(b, st)
 		})
 	}
 }
@@ -169,6 +171,12 @@ func pump(cl, sv *Link, streams, n int, snap func(int) *repair.Snapshot) error {
 // pumpOnce sends n snapshots (indices 0 to n-1) from cl to sv and waits for
 // all of them to be read.
 func pumpOnce(cl, sv *Link, streams, n int, snap func(int) *repair.Snapshot) error {
+	_, err := pumpStats(cl, sv, streams, n, snap)
+	return err
+}
+
+// pumpStats is pumpOnce; it also returns the writers' statistics, summed.
+func pumpStats(cl, sv *Link, streams, n int, snap func(int) *repair.Snapshot) (WriterStats, error) {
 	// A new migration on the same link: forget the indices seen.
 	sv.mu.Lock()
 	sv.seen, sv.records, sv.bytes = nil, 0, 0
@@ -178,6 +186,10 @@ func pumpOnce(cl, sv *Link, streams, n int, snap func(int) *repair.Snapshot) err
 
 	ctx := context.Background()
 	errc := make(chan error, 2*streams)
+	var (
+		mu    sync.Mutex
+		total WriterStats
+	)
 	for s := 0; s < streams; s++ {
 		go func() {
 			w, err := cl.OpenSnapshotStream(ctx)
@@ -192,7 +204,16 @@ func pumpOnce(cl, sv *Link, streams, n int, snap func(int) *repair.Snapshot) err
 					return
 				}
 			}
-			errc <- w.Close()
+			err = w.Close()
+			st := w.Stats()
+			mu.Lock()
+			total.Records += st.Records
+			total.Chunks += st.Chunks
+			total.Compressed += st.Compressed
+			total.Bytes += st.Bytes
+			total.WireBytes += st.WireBytes
+			mu.Unlock()
+			errc <- err
 		}()
 		go func() {
 			r, err := sv.AcceptSnapshotStream(ctx)
@@ -220,7 +241,16 @@ func pumpOnce(cl, sv *Link, streams, n int, snap func(int) *repair.Snapshot) err
 			first = err
 		}
 	}
-	return first
+	return total, first
+}
+
+// reportStats adds the share of chunks sent compressed and the ratio of
+// body bytes to wire bytes to a benchmark's results.
+func reportStats(b *testing.B, st WriterStats) {
+	if st.Chunks > 0 {
+		b.ReportMetric(100*float64(st.Compressed)/float64(st.Chunks), "%zstd-chunks")
+		b.ReportMetric(float64(st.Bytes)/float64(st.WireBytes), "ratio")
+	}
 }
 
 // plainCopy copies n bytes from the ring over a raw yamux stream of the
@@ -275,18 +305,20 @@ func BenchmarkLinkThrottled(b *testing.B) {
 			b.SetBytes(conns * qlen)
 			b.ResetTimer()
 			start := time.Now()
+			var st WriterStats
 			for i := 0; i < b.N; i++ {
 				var err error
 				if c.name == "copy" {
 					err = plainCopy(cl, sv, ring, conns*qlen)
 				} else {
-					err = pumpOnce(cl, sv, 1, conns, func(i int) *repair.Snapshot { return benchSnapshot(ring, qlen) })
+					st, err = pumpStats(cl, sv, 1, conns, func(i int) *repair.Snapshot { return benchSnapshot(ring, qlen) })
 				}
 				if err != nil {
 					b.Fatal(err)
 				}
 			}
 			b.ReportMetric(float64(b.N)*conns*qlen/time.Since(start).Seconds()/1e6, "MB/s")
+			reportStats(b, st)
 		})
 	}
 }

@@ -330,3 +330,77 @@ func TestStreamContext(t *testing.T) {
 		t.Fatalf("accept: %v, want DeadlineExceeded", err)
 	}
 }
+
+// TestCompressionPolicy: CompressAuto compresses when the compressor
+// outruns the link and the data shrinks, and probes now and then when not.
+func TestCompressionPolicy(t *testing.T) {
+	var p policy
+	if !p.compress(CompressAuto) {
+		t.Error("no estimates yet: want a compressed probe")
+	}
+	p.compressed(128<<10, 75<<10, 650*time.Microsecond) // ~200 MB/s, ratio 1.7
+	p.wire(128<<10, 200*time.Microsecond)               // ~650 MB/s: a fast link
+	raw := 0
+	for i := 0; i < 3*probeEvery; i++ {
+		if !p.compress(CompressAuto) {
+			raw++
+		} else {
+			p.compressed(128<<10, 75<<10, 650*time.Microsecond)
+		}
+	}
+	if want := 3*probeEvery - 3; raw != want {
+		t.Errorf("fast link: %d raw chunks of %d, want %d (a probe every %d)", raw, 3*probeEvery, want, probeEvery)
+	}
+	for i := 0; i < 20; i++ {
+		p.wire(128<<10, 1300*time.Microsecond) // ~100 MB/s: a slow link
+	}
+	if !p.compress(CompressAuto) {
+		t.Error("slow link, data that compresses: want compression")
+	}
+	for i := 0; i < 20; i++ {
+		p.compressed(128<<10, 128<<10, 650*time.Microsecond) // incompressible
+	}
+	if p.compress(CompressAuto) {
+		t.Error("slow link, incompressible data: want raw")
+	}
+	if !p.compress(CompressAlways) || p.compress(CompressNever) {
+		t.Error("CompressAlways and CompressNever must not adapt")
+	}
+}
+
+// TestWriterStats: the modes show in what was sent.
+func TestWriterStats(t *testing.T) {
+	for _, mode := range []Compression{CompressAlways, CompressNever, CompressAuto} {
+		cl, sv := linkPair(t, kindPipe, func(c, _ *Config) { c.Compression = mode })
+		ctx := context.Background()
+		ring := newQueueRing()
+		w, err := cl.OpenSnapshotStream(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() { _, _ = readAll(ctx, sv) }()
+		for i := 0; i < 100; i++ {
+			if err := w.Write(uint32(i), benchSnapshot(ring, 64<<10)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+		st := w.Stats()
+		t.Logf("mode %d: %+v, ratio %.2f", mode, st, float64(st.Bytes)/float64(st.WireBytes))
+		if st.Records != 100 || st.Chunks < 50 || st.Bytes < 100*64<<10 {
+			t.Errorf("mode %d: stats %+v", mode, st)
+		}
+		switch mode {
+		case CompressAlways:
+			if st.Compressed != st.Chunks || float64(st.Bytes)/float64(st.WireBytes) < 1.5 {
+				t.Errorf("CompressAlways: %+v", st)
+			}
+		case CompressNever:
+			if st.Compressed != 0 || st.WireBytes <= st.Bytes {
+				t.Errorf("CompressNever: %+v", st)
+			}
+		}
+	}
+}

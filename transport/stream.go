@@ -102,8 +102,8 @@ type SnapshotWriter struct {
 
 	mu      sync.Mutex // guards sendErr and the fields the sender updates
 	sendErr error
-	wireDur time.Duration // time the sender spent writing, since the last chunk
-	wireN   int
+	wireDur time.Duration // time the sender spent writing backlogged chunks, since the last seal
+	wireN   int           // their bytes
 
 	scratch []byte // the record being encoded
 	stats   WriterStats
@@ -148,11 +148,15 @@ func (l *Link) OpenSnapshotStream(ctx context.Context) (*SnapshotWriter, error) 
 	return w, nil
 }
 
-// sender writes chunks to the stream, in order, until sendq is closed.
+// sender writes chunks to the stream, in order, until sendq is closed. It
+// measures the link's speed on the chunks it found already queued when it
+// was ready for them: only then is the link the bottleneck, and the time a
+// write takes its real cost.
 func (w *SnapshotWriter) sender() {
 	defer close(w.done)
 	for {
 		var c *chunk
+		ready := time.Now()
 		select {
 		case c = <-w.sendq:
 		case <-w.link.Done(): // an abandoned writer must not outlive its link
@@ -162,6 +166,7 @@ func (w *SnapshotWriter) sender() {
 		if c == nil {
 			return
 		}
+		backlogged := time.Since(ready) < backlogWait
 		w.mu.Lock()
 		failed := w.sendErr != nil
 		w.mu.Unlock()
@@ -169,10 +174,12 @@ func (w *SnapshotWriter) sender() {
 			start := time.Now()
 			_, err := w.st.Write(c.wire)
 			d := time.Since(start)
-			w.mu.Lock()
-			w.wireDur += d
-			w.wireN += len(c.wire)
-			w.mu.Unlock()
+			if backlogged {
+				w.mu.Lock()
+				w.wireDur += d
+				w.wireN += len(c.wire)
+				w.mu.Unlock()
+			}
 			if err != nil {
 				w.fail(w.link.ioErr(err))
 			}
@@ -426,20 +433,23 @@ func (w *SnapshotWriter) Count() uint32 { return w.stats.Records }
 // policy decides, chunk by chunk, whether compressing pays. With the
 // sending pipelined behind the compression, a compressed stream runs at
 // min(c, r·L) bytes of body per second and a raw one at L, where c is the
-// compression speed, r the ratio and L the speed at which the stream takes
-// bytes. Compression pays when c > L and r > 1, by a margin. On a fast link
-// (loopback, or a network faster than the compressor) chunks go raw; on a
-// slower one, compressed. While chunks go raw, every probeEvery-th is
-// compressed anyway to keep c and r current.
+// compression speed, r the ratio and L the speed at which the link takes
+// bytes when it is the bottleneck. Compression pays when c > L and r > 1
+// (by a margin: a ratio near 1 is not worth the CPU). L is only measured
+// while the sender has a backlog; a link that never has one is not the
+// bottleneck, and chunks go raw. Every probeEvery-th chunk is compressed
+// anyway, to keep c and r current. On a fast link (loopback, or a network
+// faster than one core's zstd) chunks go raw; on a slower one, compressed.
 type policy struct {
 	c, r, l float64 // estimates: compression bytes/s, ratio, wire bytes/s
 	n       int     // chunks since the last compressed one
 }
 
 const (
-	probeEvery = 32
-	ewma       = 0.25 // weight of the newest sample
-	margin     = 1.1  // compression must win by this factor
+	probeEvery  = 32
+	ewma        = 0.25                   // weight of the newest sample
+	margin      = 1.1                    // the ratio compression must reach
+	backlogWait = 100 * time.Microsecond // a chunk that came sooner was waiting
 )
 
 func (p *policy) compress(mode Compression) bool {
@@ -450,10 +460,10 @@ func (p *policy) compress(mode Compression) bool {
 		return false
 	}
 	p.n++
-	if p.c == 0 || p.l == 0 || p.n >= probeEvery {
+	if p.c == 0 || p.n >= probeEvery {
 		return true // no estimate yet, or time to probe
 	}
-	return p.r > margin && p.c > margin*p.l
+	return p.l > 0 && p.r > margin && p.c > p.l
 }
 
 func (p *policy) compressed(in, out int, d time.Duration) {
