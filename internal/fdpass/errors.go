@@ -36,8 +36,9 @@ var (
 	ErrInvalid = errors.New("fdpass: invalid argument")
 )
 
-// OpError is a failed operation. Op names it (such as "listen
-// /run/tcpmigrate/handoff.sock", "accept", "receive" or "send sockets"); Err
+// OpError is a failed operation. Op names it and the socket file (such as
+// "listen /run/tcpmigrate/handoff.sock" or "receive on
+// /run/tcpmigrate/handoff.sock"); Err
 // is a sentinel error of this package (possibly wrapped with details), a
 // *PeerError, a *RemoteError, or the kernel's errno.
 type OpError struct {

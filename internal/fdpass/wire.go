@@ -286,9 +286,9 @@ func decodeBatch(f *frame, h header, body []byte, lim Limits) error {
 		if int64(n) > int64(len(p)) {
 			return fmt.Errorf("%w: socket %d record claims %d bytes, %d left in the frame", ErrMalformed, i, n, len(p))
 		}
-		it, err := decodeRecord(p[:n], lim)
+		it, err := decodeRecord(p[:n], lim, i)
 		if err != nil {
-			return fmt.Errorf("socket %d: %w", i, err)
+			return err
 		}
 		f.items = append(f.items, it)
 		p = p[n:]
@@ -299,32 +299,32 @@ func decodeBatch(f *frame, h header, body []byte, lim Limits) error {
 	return nil
 }
 
-// decodeRecord decodes one socket's record; bytes after the known fields
-// belong to a later revision and are ignored.
-func decodeRecord(r []byte, lim Limits) (Item, error) {
+// decodeRecord decodes the record of the i-th socket of a frame; bytes after
+// the known fields belong to a later revision and are ignored.
+func decodeRecord(r []byte, lim Limits, i int) (Item, error) {
 	var it Item
 	if len(r) < recordFixedLen {
-		return it, fmt.Errorf("%w: %d-byte record, at least %d needed", ErrMalformed, len(r), recordFixedLen)
+		return it, fmt.Errorf("%w: socket %d: %d-byte record, at least %d needed", ErrMalformed, i, len(r), recordFixedLen)
 	}
 	it.ID = binary.BigEndian.Uint64(r)
 	r = r[8:]
 	var err error
-	if it.Local, r, err = decodeAddr(r); err != nil {
-		return it, fmt.Errorf("local address: %w", err)
+	if it.Local, r, err = decodeAddr(r, i, "local"); err != nil {
+		return it, err
 	}
-	if it.Remote, r, err = decodeAddr(r); err != nil {
-		return it, fmt.Errorf("remote address: %w", err)
+	if it.Remote, r, err = decodeAddr(r, i, "remote"); err != nil {
+		return it, err
 	}
 	if len(r) < 4 {
-		return it, fmt.Errorf("%w: record ends before the state length", ErrMalformed)
+		return it, fmt.Errorf("%w: socket %d: record ends before the state length", ErrMalformed, i)
 	}
 	n := binary.BigEndian.Uint32(r)
 	r = r[4:]
 	if int64(n) > int64(lim.MaxState) {
-		return it, fmt.Errorf("%w: state blob of %d bytes, at most %d accepted", ErrTooLarge, n, lim.MaxState)
+		return it, fmt.Errorf("%w: socket %d: state blob of %d bytes, at most %d accepted", ErrTooLarge, i, n, lim.MaxState)
 	}
 	if int64(n) > int64(len(r)) {
-		return it, fmt.Errorf("%w: state blob of %d bytes, %d left in the record", ErrMalformed, n, len(r))
+		return it, fmt.Errorf("%w: socket %d: state blob of %d bytes, %d left in the record", ErrMalformed, i, n, len(r))
 	}
 	if n > 0 {
 		it.State = append([]byte(nil), r[:n]...)
@@ -332,36 +332,37 @@ func decodeRecord(r []byte, lim Limits) (Item, error) {
 	return it, nil
 }
 
-func decodeAddr(r []byte) (netip.AddrPort, []byte, error) {
+// decodeAddr decodes the local or remote address of the i-th socket.
+func decodeAddr(r []byte, i int, which string) (netip.AddrPort, []byte, error) {
 	if len(r) < 1 {
-		return netip.AddrPort{}, r, fmt.Errorf("%w: record ends before the address", ErrMalformed)
+		return netip.AddrPort{}, r, fmt.Errorf("%w: socket %d: record ends before the %s address", ErrMalformed, i, which)
 	}
 	switch r[0] {
 	case familyNone:
 		return netip.AddrPort{}, r[1:], nil
 	case family4:
 		if len(r) < 1+4+2 {
-			return netip.AddrPort{}, r, fmt.Errorf("%w: record ends inside an IPv4 address", ErrMalformed)
+			return netip.AddrPort{}, r, fmt.Errorf("%w: socket %d: record ends inside the %s IPv4 address", ErrMalformed, i, which)
 		}
 		a := netip.AddrFrom4([4]byte(r[1:5]))
 		return netip.AddrPortFrom(a, binary.BigEndian.Uint16(r[5:7])), r[7:], nil
 	case family6:
 		if len(r) < 1+16+2+1 {
-			return netip.AddrPort{}, r, fmt.Errorf("%w: record ends inside an IPv6 address", ErrMalformed)
+			return netip.AddrPort{}, r, fmt.Errorf("%w: socket %d: record ends inside the %s IPv6 address", ErrMalformed, i, which)
 		}
 		a := netip.AddrFrom16([16]byte(r[1:17]))
 		port := binary.BigEndian.Uint16(r[17:19])
 		zl := int(r[19])
 		r = r[20:]
 		if zl > len(r) {
-			return netip.AddrPort{}, r, fmt.Errorf("%w: record ends inside an IPv6 zone", ErrMalformed)
+			return netip.AddrPort{}, r, fmt.Errorf("%w: socket %d: record ends inside the %s IPv6 zone", ErrMalformed, i, which)
 		}
 		if zl > 0 {
 			a = a.WithZone(string(r[:zl]))
 		}
 		return netip.AddrPortFrom(a, port), r[zl:], nil
 	default:
-		return netip.AddrPort{}, r, fmt.Errorf("%w: unknown address family %d", ErrMalformed, r[0])
+		return netip.AddrPort{}, r, fmt.Errorf("%w: socket %d: unknown %s address family %d", ErrMalformed, i, which, r[0])
 	}
 }
 

@@ -187,7 +187,7 @@ func TestDecodeRejects(t *testing.T) {
 		{"unknown flag", patch(good, HeaderLen+2, 3), Limits{}, ErrMalformed, "unknown flags"},
 		{"reserved byte", patch(good, HeaderLen+3, 1), Limits{}, ErrMalformed, "unknown flags"},
 		{"record past end", patch(good, HeaderLen+4, 0, 0, 1, 0), Limits{}, ErrMalformed, "record claims 256 bytes"},
-		{"bad family", patch(good, HeaderLen+4+4+8, 5), Limits{}, ErrMalformed, "unknown address family 5"},
+		{"bad family", patch(good, HeaderLen+4+4+8, 5), Limits{}, ErrMalformed, "socket 0: unknown local address family 5"},
 		{"state over limit", bigState(4), Limits{MaxState: 3}, ErrTooLarge, "4 bytes, at most 3"},
 		{"state claims 2 MiB", bigState(2 << 20), Limits{}, ErrTooLarge, "2097152 bytes"},
 		{"state past record", bigState(4), Limits{}, ErrMalformed, "3 left in the record"},
