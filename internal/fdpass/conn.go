@@ -154,8 +154,9 @@ func (c *Conn) SendError(err error) error {
 
 // Receive reads the next message. A message of sockets spread over several
 // frames is returned whole; if any frame of it is bad, every descriptor
-// received for it is closed. An error frame from the peer is returned as a
-// *RemoteError.
+// received for it is closed. The peer's hello is consumed on the way. An
+// error frame from the peer is returned as a *RemoteError; a peer that
+// closed the connection between messages gives an error matching io.EOF.
 func (c *Conn) Receive() (Message, error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()

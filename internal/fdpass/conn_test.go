@@ -2,9 +2,11 @@ package fdpass
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"reflect"
@@ -276,4 +278,31 @@ func TestDialReadsAnyVersionError(t *testing.T) {
 		t.Fatalf("dial: %v; want ErrVersion from the peer", err)
 	}
 	t.Log(err)
+}
+
+// TestDialHonoursContext: a listener that accepts but never says hello
+// does not hang Dial beyond its context.
+func TestDialHonoursContext(t *testing.T) {
+	path := t.TempDir() + "/mute.sock"
+	raw, err := listenRaw(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	accepted := make(chan struct{})
+	go func() {
+		defer close(accepted)
+		if c, err := raw.Accept(); err == nil {
+			defer c.Close()
+			io.Copy(io.Discard, c) // until the dialer gives up and closes
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = Dial(ctx, path, Limits{})
+	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 5*time.Second {
+		t.Fatalf("dial a mute listener: %v after %v; want the context's deadline", err, time.Since(start))
+	}
+	<-accepted
 }

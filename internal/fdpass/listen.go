@@ -284,13 +284,12 @@ func dial(ctx context.Context, path string, lim Limits) (*Conn, error) {
 		uc.Close()
 		return nil, err
 	}
-	if dl, ok := ctx.Deadline(); ok {
-		uc.SetDeadline(dl)
-	}
+	// The context, not a copy of its deadline, cuts the handshake short, so
+	// that a timeout is always reported as the context's error.
 	stop := context.AfterFunc(ctx, func() { uc.SetDeadline(time.Unix(1, 0)) })
 	err = c.handshake()
 	if !stop() {
-		err = errors.Join(ctx.Err(), err)
+		err = fmt.Errorf("waiting for the listener's hello: %w", ctx.Err())
 	}
 	if err == nil {
 		err = uc.SetDeadline(time.Time{})
