@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -19,9 +20,10 @@ import (
 //
 // One goroutine may receive while another sends. Sends are serialised with
 // each other, so the frames of a batch are never interleaved with another
-// message, and receives likewise. After a receive error the read side
-// returns that error for ever; after a send error (other than a message
-// refused before any byte was written) the write side does the same.
+// message, and receives likewise. After a receive error (other than a
+// timeout before any byte of a message arrived) every receive returns that
+// error and every send fails; after a send error (other than a message
+// refused before any byte was written) every send returns it.
 type Conn struct {
 	uc   *net.UnixConn
 	raw  syscall.RawConn
@@ -36,6 +38,10 @@ type Conn struct {
 
 	wmu  sync.Mutex // guards the write side: werr
 	werr error
+
+	// readFailed is the sticky receive error (rerr), published to senders:
+	// once the read side has failed, nothing more is sent.
+	readFailed atomic.Pointer[OpError]
 
 	pmu     sync.Mutex // guards peerLim
 	peerLim Limits
@@ -140,8 +146,8 @@ func (c *Conn) SendAck(ids []uint64) error {
 func (c *Conn) SendError(err error) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.werr != nil {
-		return c.werr
+	if err := c.sendable(c.op("send error")); err != nil {
+		return err
 	}
 	werr := c.write(appendError(nil, codeOf(err), err.Error()), nil)
 	if werr != nil {
@@ -168,6 +174,7 @@ func (c *Conn) Receive() (Message, error) {
 		err = &OpError{Op: c.op("receive"), Err: err}
 		if consumed || !errors.Is(err, os.ErrDeadlineExceeded) {
 			c.rerr = err
+			c.readFailed.Store(err.(*OpError))
 			c.reportToPeer(err)
 		}
 	}
@@ -222,7 +229,10 @@ func (c *Conn) receive() (m Message, consumed bool, err error) {
 			CloseItems(batch)
 			return Message{}, consumed, err
 		}
-		if !c.gotHello && f.kind != KindHello && f.kind != KindError {
+		if f.kind == KindError { // whenever it comes, the peer's own word
+			return fail(&RemoteError{Code: f.code, Message: f.msg})
+		}
+		if !c.gotHello && f.kind != KindHello {
 			closeFDs(fds)
 			return fail(fmt.Errorf("%w: a %s frame before the peer's hello", ErrUnexpected, f.kind))
 		}
@@ -238,8 +248,6 @@ func (c *Conn) receive() (m Message, consumed bool, err error) {
 			c.gotHello = true
 			c.setPeerLimits(f.limits)
 			consumed = false // a whole frame: the stream is in step
-		case KindError:
-			return fail(&RemoteError{Code: f.code, Message: f.msg})
 		case KindCommitted, KindAck:
 			return Message{Kind: f.kind, IDs: f.ids}, consumed, nil
 		case KindSockets, KindHandBack:
@@ -435,7 +443,18 @@ func (c *Conn) reportToPeer(err error) {
 	}
 	c.uc.SetWriteDeadline(time.Now().Add(time.Second))
 	c.write(appendError(nil, codeOf(err), err.Error()), nil)
-	c.werr = &OpError{Op: c.op("send"), Err: fmt.Errorf("the connection failed: %w", err)}
+}
+
+// sendable returns why nothing more may be sent, or nil. The caller holds
+// wmu.
+func (c *Conn) sendable(op string) error {
+	if c.werr != nil {
+		return c.werr
+	}
+	if e := c.readFailed.Load(); e != nil {
+		return &OpError{Op: op, Err: fmt.Errorf("the connection failed on receive: %w", e.Err)}
+	}
+	return nil
 }
 
 // checkItem reports what makes an item unencodable or unacceptable to a
@@ -485,8 +504,8 @@ func (c *Conn) sendBatch(op string, k Kind, items []Item) error {
 	spans := planBatch(items)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.werr != nil {
-		return c.werr
+	if err := c.sendable(op); err != nil {
+		return err
 	}
 	var buf []byte
 	for i, s := range spans {
@@ -506,8 +525,8 @@ func (c *Conn) sendIDs(op string, k Kind, ids []uint64) error {
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.werr != nil {
-		return c.werr
+	if err := c.sendable(op); err != nil {
+		return err
 	}
 	if err := c.write(appendIDs(nil, k, ids), nil); err != nil {
 		c.werr = &OpError{Op: op, Err: err}

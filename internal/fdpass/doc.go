@@ -19,9 +19,11 @@
 //   - A listener checks the peer's SO_PEERCRED against its Policy before a
 //     single byte is exchanged, and tells a refused peer why in an error
 //     frame.
-//   - After a receive error the connection's read side is unusable (the
-//     stream may be out of step): every later receive returns the same
-//     error. The same holds for the write side after a send error.
+//   - After a receive error the connection is unusable (the stream may be
+//     out of step, or the peer has given up): every later receive returns
+//     the same error and every send fails. After a send error every later
+//     send returns it. An error caused by what the peer sent is reported to
+//     it in an error frame first.
 //
 // The package does no logging and keeps no policy beyond the peer check and
 // the size limits. Errors are *OpError values naming the operation and

@@ -109,8 +109,8 @@ func TestMalformedFramesLeakNothing(t *testing.T) {
 		run  func(p *rawPeer, sock *os.File)
 		want error
 		text string
-		code ErrorCode
-		pipe bool // attach a pipe instead of the socket
+		code ErrorCode // the error frame the sender gets back; 0: none (it sent one itself)
+		pipe bool      // attach a pipe instead of the socket
 	}{
 		{name: "oversized blob", want: ErrTooLarge, text: "2097152 bytes, at most 1048576", code: CodeTooLarge,
 			run: func(p *rawPeer, s *os.File) { p.send(hello); p.send(sockFrame(KindSockets, []Item{big}, true), s) }},
@@ -154,6 +154,12 @@ func TestMalformedFramesLeakNothing(t *testing.T) {
 				p.send(hello)
 				p.send(sockFrame(KindSockets, []Item{{ID: 1}, {ID: 2}}, false), s, s)
 				p.send(sockFrame(KindSockets, []Item{{ID: 3}, {ID: 4}}, true), s, s)
+			}},
+		{name: "error frame inside a batch", want: ErrRejected, text: "peer reported rejected: changed my mind", code: 0,
+			run: func(p *rawPeer, s *os.File) {
+				p.send(hello)
+				p.send(sockFrame(KindSockets, []Item{meta}, false), s)
+				p.send(appendError(nil, CodeRejected, "changed my mind"))
 			}},
 		{name: "second hello", want: ErrUnexpected, text: "second hello", code: CodeUnexpected,
 			run: func(p *rawPeer, s *os.File) { p.send(hello); p.send(hello) }},
@@ -211,7 +217,9 @@ func TestMalformedFramesLeakNothing(t *testing.T) {
 			if err := agent.SendAck(nil); err == nil {
 				t.Error("send after a receive error succeeded")
 			}
-			p.errorFrame(c.code)
+			if c.code != 0 {
+				p.errorFrame(c.code)
+			}
 			t.Log(err)
 
 			agent.Close()
