@@ -1,0 +1,140 @@
+package e2e
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/source"
+	"github.com/tcpmigrate/tcpmigrate/target"
+	"github.com/tcpmigrate/tcpmigrate/transport"
+)
+
+// agents starts a target agent restoring into the world's target host and
+// returns the source configuration that migrates to it. The switch moves
+// the service address from the source host to the target host.
+func (w *world) agents(allow []netip.Prefix, srcFault func(source.Step) error, dstFault func(target.Step) error) (source.Config, *target.Server) {
+	t := w.t
+	t.Helper()
+	srcTC, dstTC := pki(t)
+	srv, err := target.NewServer(target.Config{
+		Transport:  dstTC,
+		NetNS:      w.dst.Handle(),
+		Allow:      allow,
+		JournalDir: t.TempDir(),
+		Claim: func(_ context.Context, _ []netip.Prefix) error {
+			if err := w.dst.AddAddr(svc); err != nil {
+				return err
+			}
+			return w.peer.FlushNeigh(svc.Addr())
+		},
+		Unclaim: func(_ context.Context, _ []netip.Prefix) error { return w.dst.DelAddr(svc) },
+		Deliver: func(_ context.Context, conns []*target.Delivered) map[uint32]error {
+			failed := map[uint32]error{}
+			for _, d := range conns {
+				ep := w.endpoint(d.Remote)
+				c, err := d.Conn()
+				if err != nil || ep == nil {
+					failed[d.Index] = err
+					continue
+				}
+				ep.Start(c.(*net.TCPConn))
+			}
+			return failed
+		},
+		Fault: dstFault,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := transport.Listen("127.0.0.1:0", dstTC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go srv.Serve(ctx, ln)
+	return source.Config{
+		To:         ln.Addr().String(),
+		Transport:  srcTC,
+		NetNS:      w.src.Handle(),
+		Lease:      5 * time.Second,
+		Timeout:    10 * time.Second,
+		JournalDir: t.TempDir(),
+		Switch:     func(context.Context) error { return w.src.DelAddr(svc) },
+		Unswitch: func(context.Context) error {
+			if err := w.src.AddAddr(svc); err != nil {
+				return err
+			}
+			return w.peer.FlushNeigh(svc.Addr())
+		},
+		Fault: srcFault,
+	}, srv
+}
+
+// handOver pauses the workload and hands its sockets to the source agent.
+// After a rollback, restart resumes the workload on its own sockets.
+func (w *world) handOver() []source.Conn {
+	var conns []source.Conn
+	for _, c := range w.conns {
+		w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort()).Pause()
+		f, err := c.File()
+		if err != nil {
+			w.t.Fatal(err)
+		}
+		conns = append(conns, source.Conn{File: f})
+	}
+	return conns
+}
+
+func (w *world) restart(res *source.Result) {
+	for i, c := range w.conns {
+		if res.Conns[i].Outcome == source.RolledBack {
+			w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort()).Start(c)
+		}
+	}
+}
+
+// TestGoAPIMigration moves live, streaming connections with the Go API of
+// both agents: every one is committed, the workload carries on at the
+// target, the peers verify every byte and nobody sees a reset.
+func TestGoAPIMigration(t *testing.T) {
+	w := newWorld(t, 16)
+	cfg, _ := w.agents([]netip.Prefix{svc}, nil, nil)
+	res, err := source.Migrate(ctxT(t), cfg, w.handOver())
+	if err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	for _, c := range res.Conns {
+		if c.Outcome != source.Committed {
+			t.Errorf("connection %d %s->%s: %s: %v", c.Index, c.Local, c.Remote, c.Outcome, c.Err)
+		}
+	}
+	t.Logf("state %s, phases %v, raw %d bytes, wire %d bytes, freeze %s", res.State, res.Phases, res.RawBytes, res.WireBytes, res.Conns[0].Freeze)
+	// The source copies are closed (in repair mode: silently).
+	for _, c := range w.conns {
+		c.Close()
+	}
+	w.check(500 * time.Millisecond)
+}
+
+// TestRefusedRollsBack has the target refuse every connection (its
+// allow-list does not hold the service address): each is rolled back at
+// the source and carries on there, and the peer sees no reset.
+func TestRefusedRollsBack(t *testing.T) {
+	w := newWorld(t, 8)
+	cfg, _ := w.agents([]netip.Prefix{netip.MustParsePrefix("198.19.0.0/16")}, nil, nil)
+	res, err := source.Migrate(ctxT(t), cfg, w.handOver())
+	if err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	for _, c := range res.Conns {
+		if c.Outcome != source.RolledBack || c.Err == nil {
+			t.Errorf("connection %d: %s (%v), want rolled back with the target's reason", c.Index, c.Outcome, c.Err)
+		}
+	}
+	w.restart(res)
+	w.check(300 * time.Millisecond)
+}

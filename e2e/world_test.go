@@ -1,0 +1,178 @@
+package e2e
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/certs"
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
+	"github.com/tcpmigrate/tcpmigrate/repair"
+	"github.com/tcpmigrate/tcpmigrate/transport"
+)
+
+const svcPort = 8080
+
+var (
+	peerAddr = netip.MustParsePrefix("198.18.0.1/24")
+	srcAddr  = netip.MustParsePrefix("198.18.0.2/24")
+	dstAddr  = netip.MustParsePrefix("198.18.0.3/24")
+	svc      = netip.MustParsePrefix("198.18.0.10/24")
+)
+
+// world is the lab of the agent tests: a peer that stays put, a source host
+// with the workload and its service address, and a target host, on one
+// bridge; plus the workload's live streaming connections.
+type world struct {
+	t              *testing.T
+	lan            *lab.LAN
+	peer, src, dst *lab.NS
+
+	mu      sync.Mutex
+	work    map[string]*streamcheck.Endpoint // by the peer's address
+	clients []*streamcheck.Endpoint
+	conns   []*net.TCPConn // the workload's side, on the source
+
+	resetsBefore int64
+	capture      *lab.Capture
+}
+
+func newWorld(t *testing.T, n int) *world {
+	t.Helper()
+	lan := lab.NewTestLAN(t, "peer", "src", "dst")
+	w := &world{t: t, lan: lan, peer: lan.Host("peer"), src: lan.Host("src"), dst: lan.Host("dst"),
+		work: map[string]*streamcheck.Endpoint{}}
+	for ns, p := range map[*lab.NS]netip.Prefix{w.peer: peerAddr, w.src: srcAddr, w.dst: dstAddr} {
+		if err := ns.AddAddr(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.src.AddAddr(svc); err != nil {
+		t.Fatal(err)
+	}
+	var ln net.Listener
+	if err := w.src.Do(func() (err error) {
+		ln, err = net.Listen("tcp", netip.AddrPortFrom(svc.Addr(), svcPort).String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for range n {
+		var c net.Conn
+		if err := w.peer.Do(func() (err error) {
+			c, err = net.Dial("tcp", netip.AddrPortFrom(svc.Addr(), svcPort).String())
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl, wk := streamcheck.NewEndpoint(0, 1), streamcheck.NewEndpoint(1, 0)
+		cl.Interval, wk.Interval = time.Millisecond, time.Millisecond
+		cl.Start(c.(*net.TCPConn))
+		wk.Start(s.(*net.TCPConn))
+		w.clients = append(w.clients, cl)
+		w.conns = append(w.conns, s.(*net.TCPConn))
+		w.work[c.LocalAddr().String()] = wk
+		t.Cleanup(func() { c.Close(); s.Close() })
+	}
+	var err error
+	if w.resetsBefore, err = w.peer.Resets(); err != nil {
+		t.Fatal(err)
+	}
+	if w.capture, err = lan.CaptureFlags(svcPort, false, t.TempDir()+"/cap.pcap"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // let the streams run before the move
+	return w
+}
+
+// endpoint returns the workload endpoint of the connection with the peer at remote.
+func (w *world) endpoint(remote netip.AddrPort) *streamcheck.Endpoint {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.work[netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port()).String()]
+}
+
+// check lets the streams run, then asserts that every byte arrived once and
+// in order at both ends, that the peer counted no reset, and that the
+// capture on the bridge saw no RST and no FIN.
+func (w *world) check(run time.Duration) {
+	t := w.t
+	t.Helper()
+	time.Sleep(run)
+	for i, cl := range w.clients {
+		cl.Pause()
+		if err := cl.Err(); err != nil {
+			t.Errorf("peer side of connection %d: %v", i, err)
+		}
+		if cl.Checked() == 0 {
+			t.Errorf("peer side of connection %d received nothing", i)
+		}
+	}
+	for _, wk := range w.work {
+		wk.Pause()
+		if err := wk.Err(); err != nil {
+			t.Errorf("workload side: %v", err)
+		}
+	}
+	after, err := w.peer.Resets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after != w.resetsBefore {
+		t.Errorf("the peer counted %d resets", after-w.resetsBefore)
+	}
+	segs, err := w.capture.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(segs) != 0 {
+		t.Errorf("the bridge saw RST or FIN segments:\n%v", segs)
+	}
+	var maxGap time.Duration
+	for _, cl := range w.clients {
+		maxGap = max(maxGap, cl.MaxGap())
+	}
+	t.Logf("longest gap seen by a peer: %s", maxGap)
+}
+
+// pki mints a CA and a certificate for each agent.
+func pki(t *testing.T) (src, dst *transport.Config) {
+	t.Helper()
+	ca, err := certs.NewCA("tcpmigrate test CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caps, err := repair.Probe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(name string) *transport.Config {
+		h, err := ca.Issue(name, []string{"127.0.0.1", "198.18.0.2", "198.18.0.3"}, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tc, err := h.TLSConfig(ca)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := transport.NewConfig(tc)
+		c.Capabilities = caps
+		return c
+	}
+	return mk("source"), mk("target")
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}

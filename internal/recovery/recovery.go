@@ -1,0 +1,200 @@
+// Package recovery cleans up after an agent that died in the middle of a
+// migration, guided by the journal it left (internal/journal): it rolls the
+// source back or finishes its commit (asking the target when the outcome
+// is in doubt), thaws a frozen process, and removes the locks of dead
+// agents. It is what `tcpmigrate recover` runs.
+package recovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/freeze"
+	"github.com/tcpmigrate/tcpmigrate/internal/journal"
+	"github.com/tcpmigrate/tcpmigrate/internal/procsock"
+	"github.com/tcpmigrate/tcpmigrate/repair"
+	"github.com/tcpmigrate/tcpmigrate/source"
+	"github.com/tcpmigrate/tcpmigrate/transport"
+)
+
+// Options configure a recovery run.
+type Options struct {
+	// JournalDir is the agents' journal directory ("" = the default).
+	JournalDir string
+	// Transport, if set, lets recovery ask a target what became of an
+	// in-doubt migration.
+	Transport *transport.Config
+	// DryRun reports what would be done without doing it.
+	DryRun bool
+}
+
+// Action is one thing recovery did (or would do) for one migration.
+type Action struct {
+	Migration string
+	Role      journal.Role
+	State     string // the state the journal recorded
+	Decision  string // what recovery concluded
+	Err       error
+}
+
+// Run recovers every migration of the journal whose agent is dead, and
+// removes the firewall tables of dead agents in the current namespace.
+func Run(ctx context.Context, o Options) ([]Action, error) {
+	jr, err := journal.Open(o.JournalDir)
+	if err != nil {
+		return nil, err
+	}
+	recs, err := jr.List()
+	if err != nil {
+		return nil, err
+	}
+	var acts []Action
+	for _, r := range recs {
+		if alive(r.AgentPID) {
+			continue // a live agent owns it
+		}
+		a := Action{Migration: r.Migration, Role: r.Role, State: r.State}
+		switch r.Role {
+		case journal.Source:
+			a.Decision, a.Err = recoverSource(ctx, o, r)
+		case journal.Target:
+			a.Decision, a.Err = recoverTarget(r)
+		}
+		if a.Err == nil && !o.DryRun && r.Role == journal.Source {
+			a.Err = jr.Remove(r)
+		}
+		acts = append(acts, a)
+	}
+	var swept []string
+	if !o.DryRun {
+		swept, err = firewall.Sweep(0, nil)
+	}
+	for _, t := range swept {
+		acts = append(acts, Action{Decision: "removed the lock table " + t + " of a dead agent"})
+	}
+	return acts, err
+}
+
+func alive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+func recoverSource(ctx context.Context, o Options, r *journal.Record) (string, error) {
+	commitSent := r.State == source.StateCommitting.String() || r.State == source.StateInDoubt.String()
+	if commitSent {
+		st, err := query(ctx, o, r)
+		if err != nil {
+			return "in doubt: the target could not be asked; run recover again with its TLS flags", err
+		}
+		if st == transport.StateCommitted {
+			return finishCommit(o, r)
+		}
+		if st == transport.StatePreparing {
+			return "in doubt: the target is still deciding; run recover again", errors.New("recovery: target still preparing")
+		}
+	}
+	return rollBack(o, r)
+}
+
+func query(ctx context.Context, o Options, r *journal.Record) (transport.MigrationState, error) {
+	if o.Transport == nil || r.Peer == "" {
+		return 0, errors.New("recovery: no target address or TLS configuration to ask with")
+	}
+	var id transport.MigrationID
+	if _, err := fmt.Sscanf(r.Migration, "%x", &id); err != nil {
+		return 0, fmt.Errorf("recovery: migration id %q: %w", r.Migration, err)
+	}
+	return source.Query(ctx, r.Peer, o.Transport, id)
+}
+
+// finishCommit ends a committed migration on the source: the old owner's
+// copies (in repair mode, so silent) die with it.
+func finishCommit(o Options, r *journal.Record) (string, error) {
+	if o.DryRun {
+		return "committed at the target: would kill the frozen owner", nil
+	}
+	if r.Freeze != nil && alive(r.PID) {
+		if err := unix.Kill(r.PID, unix.SIGKILL); err != nil {
+			return "committed at the target", fmt.Errorf("recovery: kill %d: %w", r.PID, err)
+		}
+		freeze.ThawRecord(*r.Freeze) // a frozen cgroup must thaw for the kill to land
+	}
+	return "committed at the target: the owner's copies discarded", nil
+}
+
+// rollBack gives the connections back to their owner: repair off on each
+// (through a copy of the owner's descriptor), lock removed, owner thawed.
+func rollBack(o Options, r *journal.Record) (string, error) {
+	if o.DryRun {
+		return "not committed: would roll back", nil
+	}
+	var errs []error
+	if r.Lock != "" {
+		// Remove this migration's lock first: leaving repair sends a probe
+		// that must reach the peer.
+		ns := 0
+		if r.NetNS != "" {
+			if f, err := os.Open(r.NetNS); err == nil {
+				defer f.Close()
+				ns = int(f.Fd())
+			}
+		}
+		_, err := firewall.Sweep(ns, func(instance string) bool { return firewall.TableName(instance) != r.Lock })
+		errs = append(errs, err)
+	}
+	resumed := 0
+	if r.PID > 0 && alive(r.PID) {
+		for _, c := range r.Conns {
+			if c.FD < 0 {
+				continue
+			}
+			files, err := procsock.Dup(r.PID, []int{c.FD})
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			fd := int(files[0].Fd())
+			if v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR); err == nil && v == 1 {
+				s := repair.Snapshot{Family: c.Family, Local: c.Local, Remote: c.Remote}
+				s.Options.ReuseAddr = c.ReuseAddr
+				if err := repair.Resume(fd, &s); err != nil {
+					errs = append(errs, err)
+				} else {
+					resumed++
+				}
+			}
+			files[0].Close()
+		}
+	}
+	if r.Freeze != nil {
+		errs = append(errs, freeze.ThawRecord(*r.Freeze))
+	}
+	msg := fmt.Sprintf("not committed: rolled back (%d sockets out of repair mode)", resumed)
+	if len(r.Released) > 0 {
+		msg += fmt.Sprintf("; the address %v was released at the switch: claim it back on this host", r.Released)
+	}
+	return msg, errors.Join(errs...)
+}
+
+// recoverTarget: a dead target's restored sockets died with it (closed in
+// repair mode: silently); only its lock, and a claimed address, remain.
+func recoverTarget(r *journal.Record) (string, error) {
+	msg := "target died while " + r.State + ": its restored sockets died with it"
+	if len(r.Claimed) > 0 {
+		msg += fmt.Sprintf("; it had claimed %v", r.Claimed)
+	}
+	if r.State == "committed" {
+		msg = "committed: nothing to do"
+	}
+	return msg, nil
+}

@@ -1,0 +1,115 @@
+package source
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/journal"
+	"github.com/tcpmigrate/tcpmigrate/transport"
+)
+
+// Conn is one connection handed to the source agent.
+type Conn struct {
+	// File is a descriptor of the TCP socket. Migrate closes it if the
+	// connection is committed; otherwise it is the caller's again. Other
+	// descriptors of the same socket (the owning process's) must not be
+	// used until Migrate returns.
+	File *os.File
+	// AppState is an opaque blob that travels with the connection to the
+	// target's application (for example a protocol parser's state).
+	AppState []byte
+	// OwnerFD is the socket's descriptor number in the process that owns
+	// it (send --pid), recorded in the journal for recovery. It means
+	// something only when the journal names the owner (see Annotate).
+	OwnerFD int
+}
+
+// Config configures one migration.
+type Config struct {
+	// To is the target agent's address, "host:port".
+	To string
+	// Transport configures the link (TLS, limits, capabilities).
+	Transport *transport.Config
+	// NetNS is a descriptor of the network namespace the sockets and the
+	// lock live in; 0 means the calling thread's namespace.
+	NetNS int
+	// Lease bounds how long either side's locks outlive a silent agent.
+	// Zero means DefaultLease.
+	Lease time.Duration
+	// Timeout bounds each wait for the target (verdicts, switch, commit).
+	// Zero means DefaultTimeout.
+	Timeout time.Duration
+	// Switch moves the network identity (releases the service address, or
+	// runs the operator's hook) once every connection is prepared. An error
+	// aborts the migration; Unswitch is then called to undo it.
+	Switch func(ctx context.Context) error
+	// Unswitch gives the network identity back after an abort that came
+	// after Switch. It may be nil.
+	Unswitch func(ctx context.Context) error
+	// SwitchAddrs are the addresses the target should claim at the switch
+	// (sent in the Switch message). Empty when a hook moves them.
+	SwitchAddrs []netip.Prefix
+	// BeforeRelease runs after the commit, once the source copies are
+	// discarded and before the source lock is removed: the place to kill
+	// the old owner, whose remaining descriptors must not outlive the lock.
+	BeforeRelease func() error
+	// JournalDir is where the source keeps its journal ("" = the default).
+	JournalDir string
+	// Annotate, if set, adds what the caller knows (the owning process and
+	// its freeze) to the journal record before it is first written.
+	Annotate func(*journal.Record)
+	// Log receives structured logs; nil discards them.
+	Log *slog.Logger
+	// Progress, if set, is called as connections are captured.
+	Progress func(done, total int)
+	// Fault, for tests: called at each Step; a non-nil error makes that
+	// step fail as if the operation had failed.
+	Fault func(Step) error
+}
+
+// Defaults.
+const (
+	DefaultLease   = 10 * time.Second
+	DefaultTimeout = 30 * time.Second
+)
+
+// ConnResult is what became of one connection.
+type ConnResult struct {
+	Index         uint32
+	Local, Remote netip.AddrPort
+	Outcome       Outcome
+	// Freeze is how long the connection was locked: from the source lock
+	// to the target's unlock (committed) or the source's unlock (rolled back).
+	Freeze time.Duration
+	Err    error
+}
+
+// Phase is a named part of the migration and how long it took.
+type Phase struct {
+	Name     string
+	Duration time.Duration
+}
+
+// Result reports a migration.
+type Result struct {
+	Migration transport.MigrationID
+	State     State
+	Conns     []ConnResult
+	Phases    []Phase
+	// RawBytes is the queued connection data moved; WireBytes what crossed
+	// the link (both directions, compressed and framed).
+	RawBytes, WireBytes int64
+}
+
+// Committed reports whether every connection was committed.
+func (r *Result) Committed() bool {
+	for _, c := range r.Conns {
+		if c.Outcome != Committed {
+			return false
+		}
+	}
+	return len(r.Conns) > 0
+}

@@ -1,0 +1,738 @@
+package source
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/journal"
+	"github.com/tcpmigrate/tcpmigrate/internal/nsdo"
+	"github.com/tcpmigrate/tcpmigrate/repair"
+	"github.com/tcpmigrate/tcpmigrate/transport"
+)
+
+// Errors of the source agent.
+var (
+	// ErrInDoubt means Commit was sent and the target's answer could not be
+	// learnt: the connections may live on the target. The journal keeps
+	// what `tcpmigrate recover` needs to resolve it.
+	ErrInDoubt = errors.New("source: migration in doubt: commit sent, outcome unknown")
+	// ErrNothingToMigrate means no connection was eligible.
+	ErrNothingToMigrate = errors.New("source: no connection can be migrated")
+)
+
+// streams is how many snapshot streams carry the connections in parallel.
+const streams = 2
+
+// conn is the source's bookkeeping for one connection.
+type conn struct {
+	Conn
+	fd       int
+	index    uint32 // wire index, 0..Count-1, among the eligible ones
+	tuple    firewall.Tuple
+	snap     repair.Snapshot // queues dropped once sent
+	captured bool            // in repair mode on the source
+	done     bool            // committed or rolled back
+	res      *ConnResult
+}
+
+type migration struct {
+	cfg    Config
+	log    *slog.Logger
+	id     transport.MigrationID
+	res    Result
+	state  State
+	conns  []*conn
+	elig   []*conn // by wire index
+	link   *transport.Link
+	wire   *countConn
+	lock   *firewall.Lock
+	jr     *journal.Journal
+	rec    journal.Record
+	locked time.Time // when the source lock went on
+	phase  time.Time // start of the current phase
+
+	switched bool
+	msgs     chan transport.Message
+	recvErr  chan error
+
+	mu sync.Mutex // guards captured and done of every conn, and res.RawBytes
+}
+
+// Migrate moves conns to the target agent at cfg.To and reports what
+// became of each. It closes the File of every connection it commits (the
+// socket is in repair mode, so silently); the Files of the others are the
+// caller's again, to close or to hand back to their owner. The error is nil when the handoff ran to its end, even if
+// the target refused some connections (they are rolled back and reported);
+// it is non-nil when the migration was aborted (every connection rolled
+// back) or is in doubt (ErrInDoubt).
+func Migrate(ctx context.Context, cfg Config, conns []Conn) (*Result, error) {
+	if cfg.Lease == 0 {
+		cfg.Lease = DefaultLease
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	m := &migration{cfg: cfg, log: cfg.Log, id: transport.NewMigrationID()}
+	if m.log == nil {
+		m.log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	m.log = m.log.With("migration", m.id.String(), "role", "source")
+	m.res.Migration = m.id
+	m.phase = time.Now()
+	for i, c := range conns {
+		m.conns = append(m.conns, &conn{Conn: c, fd: rawFD(c.File)})
+		m.res.Conns = append(m.res.Conns, ConnResult{Index: uint32(i)})
+	}
+	for i, c := range m.conns {
+		c.res = &m.res.Conns[i]
+	}
+	err := m.run(ctx)
+	for _, c := range m.conns {
+		if c.res.Outcome == "" {
+			c.res.Outcome = Failed
+		}
+	}
+	m.res.State = m.state
+	if m.wire != nil {
+		m.res.WireBytes = m.wire.n.Load()
+	}
+	return &m.res, err
+}
+
+func (m *migration) fault(s Step) error {
+	if m.cfg.Fault == nil {
+		return nil
+	}
+	if err := m.cfg.Fault(s); err != nil {
+		return fmt.Errorf("source: step %s: %w", s, err)
+	}
+	return nil
+}
+
+func (m *migration) endPhase(name string) {
+	now := time.Now()
+	m.res.Phases = append(m.res.Phases, Phase{Name: name, Duration: now.Sub(m.phase)})
+	m.phase = now
+}
+
+func (m *migration) setState(s State) {
+	m.log.Debug("state", "from", m.state.String(), "to", s.String())
+	m.state = s
+}
+
+func (m *migration) run(ctx context.Context) error {
+	jr, err := journal.Open(m.cfg.JournalDir)
+	if err != nil {
+		return err
+	}
+	m.jr = jr
+	if err := m.fault(StepDial); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	if err := m.dial(ctx); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	defer m.link.Close()
+	m.setState(StateConnected)
+	m.endPhase("connect")
+
+	if err := m.fault(StepInspect); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	m.inspect()
+	if len(m.elig) == 0 {
+		m.sendAbort(transport.AbortPolicy, "no connection can be migrated")
+		return ErrNothingToMigrate
+	}
+	m.endPhase("inspect")
+
+	// The lock table is made and the target told before anything is
+	// frozen: neither belongs in the freeze window.
+	if err := m.newLock(); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	defer m.lock.Close()
+	if err := m.fault(StepPrepare); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	ctrl := m.link.Control()
+	if err := ctrl.Send(ctx, &transport.Prepare{Migration: m.id, Count: uint32(len(m.elig)), Lease: m.cfg.Lease}); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	m.endPhase("prepare")
+
+	if err := m.fault(StepLock); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	if err := m.lockAll(); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	stopRenew := m.renew()
+	defer stopRenew()
+	m.setState(StateLocked)
+	m.endPhase("lock")
+
+	m.setState(StatePreparing)
+	m.msgs, m.recvErr = make(chan transport.Message, 64), make(chan error, 1)
+	go m.receive(ctx)
+
+	if err := m.prepare(ctx); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	m.setState(StatePrepared)
+	m.endPhase("dump+restore")
+	if m.okCount() == 0 {
+		m.sendAbort(transport.AbortPolicy, "the target refused every connection")
+		m.finishRollback()
+		return nil
+	}
+
+	if err := m.fault(StepSwitch); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	if err := m.doSwitch(ctx); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	m.setState(StateSwitched)
+	m.rec.State, m.rec.Released = StateSwitched.String(), m.cfg.SwitchAddrs
+	if err := m.jr.Write(&m.rec); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	m.endPhase("switch")
+
+	if err := m.fault(StepCommit); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	m.rec.State = StateCommitting.String()
+	if err := m.jr.Write(&m.rec); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	m.setState(StateCommitting)
+	committed, err := m.commit(ctx)
+	if err != nil {
+		committed, err = m.resolve(ctx, err)
+		if err != nil {
+			m.setState(StateInDoubt)
+			m.rec.State = StateInDoubt.String()
+			m.jr.Write(&m.rec)
+			for _, c := range m.elig {
+				if !c.done {
+					c.res.Err = ErrInDoubt
+				}
+			}
+			return err
+		}
+		if committed == nil {
+			// The target aborted: everything comes back here.
+			return m.rollbackAll(ctx, errors.New("source: the target aborted the migration"))
+		}
+	}
+	m.endPhase("commit")
+	return m.finish(committed)
+}
+
+// dial connects to the target through a byte counter.
+func (m *migration) dial(ctx context.Context) error {
+	var d net.Dialer
+	dctx, cancel := context.WithTimeout(ctx, m.cfg.Timeout)
+	defer cancel()
+	nc, err := d.DialContext(dctx, "tcp", m.cfg.To)
+	if err != nil {
+		return fmt.Errorf("source: dial %s: %w", m.cfg.To, err)
+	}
+	m.wire = &countConn{Conn: nc}
+	m.link, err = transport.Client(ctx, m.wire, m.cfg.Transport)
+	return err
+}
+
+// inspect refuses what cannot move (leaving it untouched) and indexes the rest.
+func (m *migration) inspect() {
+	for _, c := range m.conns {
+		err := nsdo.Do(m.cfg.NetNS, func() error { return repair.Inspect(c.fd, &c.snap) })
+		c.res.Local, c.res.Remote = c.snap.Local, c.snap.Remote
+		if err != nil {
+			c.res.Outcome, c.res.Err, c.done = RolledBack, err, true
+			m.log.Info("connection stays", "conn", c.res.Index, "reason", err)
+			continue
+		}
+		c.index = uint32(len(m.elig))
+		l, r := c.snap.Tuple()
+		c.tuple = firewall.Tuple{Local: l, Remote: r}
+		m.elig = append(m.elig, c)
+	}
+}
+
+// newLock creates the source's lock table and writes the journal record
+// that recovery needs, before anything is locked.
+func (m *migration) newLock() error {
+	lock, err := firewall.New(firewall.Config{Instance: "src-" + m.id.String()[:16], NetNS: m.cfg.NetNS, Lease: m.cfg.Lease})
+	if err != nil {
+		return err
+	}
+	m.lock = lock
+	m.rec = journal.Record{Migration: m.id.String(), Role: journal.Source, State: StateLocked.String(), Peer: m.cfg.To,
+		Lock: lock.Table()}
+	for _, c := range m.elig {
+		m.rec.Conns = append(m.rec.Conns, journal.Conn{Index: c.index, Local: c.tuple.Local, Remote: c.tuple.Remote, FD: c.OwnerFD,
+			Family: c.snap.Family, ReuseAddr: c.snap.Options.ReuseAddr})
+	}
+	if m.cfg.Annotate != nil {
+		m.cfg.Annotate(&m.rec)
+	}
+	return m.jr.Write(&m.rec)
+}
+
+// lockAll locks every eligible connection in one batch: the freeze starts.
+func (m *migration) lockAll() error {
+	tuples := make([]firewall.Tuple, len(m.elig))
+	for i, c := range m.elig {
+		tuples[i] = c.tuple
+	}
+	if err := m.lock.Lock(tuples); err != nil {
+		return err
+	}
+	m.locked = time.Now()
+	return nil
+}
+
+// renew keeps the source lock's lease alive until stopped.
+func (m *migration) renew() (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(m.cfg.Lease / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				if err := m.lock.RenewAll(); err != nil {
+					m.log.Warn("lease renewal failed", "err", err)
+				}
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
+}
+
+// receive forwards control messages to the main loop.
+func (m *migration) receive(ctx context.Context) {
+	for {
+		msg, err := m.link.Control().Recv(ctx)
+		if err != nil {
+			m.recvErr <- err
+			return
+		}
+		select {
+		case m.msgs <- msg:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// prepare captures and streams every eligible connection while collecting
+// the target's verdicts; refused connections are rolled back on the spot.
+func (m *migration) prepare(ctx context.Context) error {
+	if err := m.fault(StepCapture); err != nil {
+		return err
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sent := make(chan error, 1)
+	go func() { sent <- m.stream(wctx) }()
+
+	streamed := false
+	verdicts := 0
+	timeout := time.NewTimer(m.cfg.Timeout)
+	defer timeout.Stop()
+	for {
+		select {
+		case err := <-sent:
+			if err != nil {
+				return err
+			}
+			streamed = true
+			if err := m.fault(StepVerdicts); err != nil {
+				return err
+			}
+		case msg := <-m.msgs:
+			switch msg := msg.(type) {
+			case *transport.Verdicts:
+				verdicts += len(msg.Verdicts)
+				if err := m.applyVerdicts(msg.Verdicts); err != nil {
+					return err
+				}
+			case *transport.Prepared:
+				if !streamed {
+					if err := <-sent; err != nil {
+						return err
+					}
+				}
+				if int(msg.Count) != len(m.elig) || verdicts != len(m.elig) {
+					return fmt.Errorf("source: target prepared %d of %d connections with %d verdicts", msg.Count, len(m.elig), verdicts)
+				}
+				return nil
+			case *transport.Abort:
+				return fmt.Errorf("source: target aborted: %s: %s", msg.Code, msg.Reason)
+			default:
+				return fmt.Errorf("source: unexpected %s while preparing", msg.Type())
+			}
+		case err := <-m.recvErr:
+			return fmt.Errorf("source: link lost while preparing: %w", err)
+		case <-timeout.C:
+			return fmt.Errorf("source: no verdicts from the target within %s", m.cfg.Timeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// stream captures the connections and writes their snapshots on parallel
+// streams, each connection on stream index%streams.
+func (m *migration) stream(ctx context.Context) error {
+	n := min(streams, len(m.elig))
+	errs := make(chan error, n)
+	var done atomic.Int64
+	for s := 0; s < n; s++ {
+		go func(s int) {
+			errs <- m.streamShare(ctx, s, n, &done)
+		}(s)
+	}
+	var first error
+	for range n {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+func (m *migration) streamShare(ctx context.Context, share, n int, done *atomic.Int64) error {
+	w, err := m.link.OpenSnapshotStream(ctx)
+	if err != nil {
+		return err
+	}
+	var scratch repair.Snapshot
+	for i := share; i < len(m.elig); i += n {
+		c := m.elig[i]
+		scratch.RecvQueue, scratch.SendQueue = scratch.RecvQueue[:0], scratch.SendQueue[:0]
+		recvq, sendq := scratch.RecvQueue, scratch.SendQueue
+		scratch = c.snap // the inspected part
+		scratch.RecvQueue, scratch.SendQueue = recvq, sendq
+		if err := repair.Capture(c.fd, &scratch); err != nil {
+			w.Abort()
+			return err
+		}
+		m.mu.Lock()
+		c.captured = true
+		m.res.RawBytes += int64(len(scratch.RecvQueue) + len(scratch.SendQueue))
+		m.mu.Unlock()
+		c.snap = scratch
+		c.snap.RecvQueue, c.snap.SendQueue = nil, nil
+		if err := w.Write(c.index, &scratch); err != nil {
+			w.Abort()
+			return err
+		}
+		if p := m.cfg.Progress; p != nil {
+			p(int(done.Add(1)), len(m.elig))
+		}
+	}
+	return w.Close()
+}
+
+// applyVerdicts rolls back, on the source alone, the connections the target
+// refused or failed to restore.
+func (m *migration) applyVerdicts(vs []transport.Verdict) error {
+	var back []*conn
+	var tuples []firewall.Tuple
+	for _, v := range vs {
+		if int(v.Index) >= len(m.elig) {
+			return fmt.Errorf("source: verdict for unknown connection %d", v.Index)
+		}
+		if v.OK() {
+			continue
+		}
+		c := m.elig[v.Index]
+		c.res.Err = fmt.Errorf("source: target refused %s: %s: %s", c.tuple, v.Code, v.Reason)
+		back = append(back, c)
+		tuples = append(tuples, c.tuple)
+	}
+	if len(back) == 0 {
+		return nil
+	}
+	if err := m.lock.Unlock(tuples); err != nil {
+		return err
+	}
+	for _, c := range back {
+		m.resumeOne(c)
+	}
+	return nil
+}
+
+// resumeOne gives one connection back to the source's stack: repair off
+// (its window probe re-synchronises the peer) and options put back. The
+// connection must already be unlocked.
+func (m *migration) resumeOne(c *conn) {
+	m.mu.Lock()
+	captured := c.captured
+	c.done, c.captured = true, false
+	m.mu.Unlock()
+	if captured {
+		if err := repair.Resume(c.fd, &c.snap); err != nil {
+			c.res.Outcome, c.res.Err = Failed, errors.Join(c.res.Err, err)
+			return
+		}
+	}
+	c.res.Outcome = RolledBack
+	c.res.Freeze = time.Since(m.locked)
+}
+
+func (m *migration) okCount() int {
+	n := 0
+	for _, c := range m.elig {
+		if !c.done {
+			n++
+		}
+	}
+	return n
+}
+
+// doSwitch moves the network identity and waits for the target to claim it.
+func (m *migration) doSwitch(ctx context.Context) error {
+	if m.cfg.Switch != nil {
+		m.switched = true // from here an abort must try to undo it
+		if err := m.cfg.Switch(ctx); err != nil {
+			return fmt.Errorf("source: switch: %w", err)
+		}
+	}
+	if err := m.link.Control().Send(ctx, &transport.Switch{Migration: m.id, Addrs: m.cfg.SwitchAddrs}); err != nil {
+		return err
+	}
+	msg, err := m.await(ctx)
+	if err != nil {
+		return err
+	}
+	if _, ok := msg.(*transport.Switched); !ok {
+		return fmt.Errorf("source: unexpected %s at the switch", msg.Type())
+	}
+	return nil
+}
+
+// await returns the next control message within the timeout.
+func (m *migration) await(ctx context.Context) (transport.Message, error) {
+	t := time.NewTimer(m.cfg.Timeout)
+	defer t.Stop()
+	select {
+	case msg := <-m.msgs:
+		if a, ok := msg.(*transport.Abort); ok {
+			return nil, fmt.Errorf("source: target aborted: %s: %s", a.Code, a.Reason)
+		}
+		return msg, nil
+	case err := <-m.recvErr:
+		return nil, fmt.Errorf("source: link lost: %w", err)
+	case <-t.C:
+		return nil, fmt.Errorf("source: no answer from the target within %s", m.cfg.Timeout)
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// commit sends Commit and waits for Committed.
+func (m *migration) commit(ctx context.Context) (*transport.Committed, error) {
+	var exclude []uint32
+	for _, c := range m.elig {
+		if c.done {
+			exclude = append(exclude, c.index)
+		}
+	}
+	if err := m.link.Control().Send(ctx, &transport.Commit{Migration: m.id, Exclude: exclude}); err != nil {
+		return nil, err
+	}
+	msg, err := m.await(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c, ok := msg.(*transport.Committed)
+	if !ok {
+		return nil, fmt.Errorf("source: unexpected %s after commit", msg.Type())
+	}
+	return c, nil
+}
+
+// resolve asks the target, over new links, what became of the migration
+// after the answer to Commit was lost. It returns the commit (with no
+// failures listed: they are unknown) or nil when the target aborted.
+func (m *migration) resolve(ctx context.Context, cause error) (*transport.Committed, error) {
+	m.log.Warn("in doubt: asking the target", "err", cause)
+	deadline := time.Now().Add(m.cfg.Timeout)
+	for time.Now().Before(deadline) {
+		st, err := Query(ctx, m.cfg.To, m.cfg.Transport, m.id)
+		if err == nil {
+			switch st {
+			case transport.StateCommitted:
+				return &transport.Committed{Migration: m.id}, nil
+			case transport.StateAborted, transport.StateUnknown:
+				return nil, nil
+			}
+		}
+		select {
+		case <-time.After(200 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, errors.Join(cause, ErrInDoubt)
+		}
+	}
+	return nil, errors.Join(cause, ErrInDoubt)
+}
+
+// Query asks the target agent at addr what became of migration id.
+func Query(ctx context.Context, addr string, cfg *transport.Config, id transport.MigrationID) (transport.MigrationState, error) {
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	link, err := transport.Dial(qctx, addr, cfg)
+	if err != nil {
+		return 0, err
+	}
+	defer link.Close()
+	if err := link.Control().Send(qctx, &transport.Query{Migration: id}); err != nil {
+		return 0, err
+	}
+	msg, err := link.Control().Recv(qctx)
+	if err != nil {
+		return 0, err
+	}
+	o, ok := msg.(*transport.Outcome)
+	if !ok {
+		return 0, fmt.Errorf("source: unexpected %s in answer to a query", msg.Type())
+	}
+	return o.State, nil
+}
+
+// finish discards the source copies of the committed connections (silently:
+// they are in repair mode) and releases the source lock.
+func (m *migration) finish(c *transport.Committed) error {
+	failed := map[uint32]transport.Verdict{}
+	for _, v := range c.Failed {
+		failed[v.Index] = v
+	}
+	ferr := m.fault(StepFinish)
+	now := time.Now()
+	for _, cn := range m.elig {
+		if cn.done {
+			continue
+		}
+		cn.done = true
+		cn.res.Freeze = now.Sub(m.locked)
+		if v, ok := failed[cn.index]; ok {
+			cn.res.Outcome, cn.res.Err = Failed, fmt.Errorf("source: target could not deliver %s: %s: %s", cn.tuple, v.Code, v.Reason)
+		} else {
+			cn.res.Outcome = Committed
+		}
+		if ferr != nil {
+			cn.res.Err = ferr
+			continue
+		}
+		// The socket is in repair mode: closing it is silent. The owner's
+		// other descriptors must go too (Config.BeforeRelease).
+		if err := cn.File.Close(); err != nil {
+			cn.res.Err = err
+		}
+	}
+	m.setState(StateCommitted)
+	var errs []error
+	if m.cfg.BeforeRelease != nil {
+		errs = append(errs, m.cfg.BeforeRelease())
+	}
+	errs = append(errs, m.lock.Close())
+	if ferr == nil {
+		errs = append(errs, m.jr.Remove(&m.rec))
+	}
+	m.endPhase("finish")
+	return errors.Join(errs...)
+}
+
+// rollbackAll aborts: the target is told, the identity comes back, every
+// connection is unlocked and resumed on the source.
+func (m *migration) rollbackAll(ctx context.Context, cause error) error {
+	m.log.Warn("rolling back", "err", cause)
+	m.sendAbort(transport.AbortError, cause.Error())
+	var errs []error
+	if m.switched && m.cfg.Unswitch != nil {
+		errs = append(errs, m.cfg.Unswitch(ctx))
+	}
+	if m.lock != nil {
+		var tuples []firewall.Tuple
+		for _, c := range m.elig {
+			if !c.done {
+				tuples = append(tuples, c.tuple)
+			}
+		}
+		errs = append(errs, m.lock.Unlock(tuples))
+	}
+	for _, c := range m.conns {
+		if !c.done {
+			m.resumeOne(c)
+			if c.res.Err == nil {
+				c.res.Err = cause
+			}
+		}
+	}
+	m.finishRollback()
+	return errors.Join(append([]error{cause}, errs...)...)
+}
+
+func (m *migration) finishRollback() {
+	m.setState(StateRolledBack)
+	if m.rec.Migration != "" {
+		m.jr.Remove(&m.rec)
+	}
+}
+
+func (m *migration) sendAbort(code transport.AbortCode, reason string) {
+	if m.link == nil || m.state >= StateCommitting {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	m.link.Control().Send(ctx, &transport.Abort{Migration: m.id, Code: code, Reason: reason})
+}
+
+// countConn counts the bytes that cross the link, both ways.
+type countConn struct {
+	net.Conn
+	n atomic.Int64
+}
+
+func (c *countConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+func (c *countConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// rawFD returns f's descriptor without File.Fd's side effect of switching
+// the socket to blocking mode, which the owner's other descriptors share.
+func rawFD(f *os.File) int {
+	fd := -1
+	if rc, err := f.SyscallConn(); err == nil {
+		rc.Control(func(u uintptr) { fd = int(u) })
+	}
+	return fd
+}

@@ -1,0 +1,720 @@
+package target
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/journal"
+	"github.com/tcpmigrate/tcpmigrate/internal/nsdo"
+	"github.com/tcpmigrate/tcpmigrate/repair"
+	"github.com/tcpmigrate/tcpmigrate/transport"
+)
+
+// State is the target's position in the handoff of one migration.
+type State uint8
+
+// The states of the target.
+const (
+	StateInit       State = iota // the link is up, no Prepare yet
+	StatePreparing               // receiving, checking, locking and restoring
+	StatePrepared                // every verdict sent; sockets held in repair mode
+	StateSwitched                // the network identity was claimed
+	StateCommitting              // Commit received: finishing whatever happens
+	StateCommitted               // sockets delivered, outcome recorded
+	StateAborted                 // sockets discarded, locks and address released
+)
+
+var stateNames = [...]string{"init", "preparing", "prepared", "switched", "committing", "committed", "aborted"}
+
+// String returns the state's name as docs/handoff.md spells it.
+func (s State) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return fmt.Sprintf("state(%d)", s)
+}
+
+// Step names a point of the target's handoff where Config.Fault can inject
+// a failure.
+type Step string
+
+// The steps, in order.
+const (
+	StepPrepare  Step = "prepare"  // on Prepare, before anything is locked
+	StepRestore  Step = "restore"  // before each batch is locked and restored
+	StepPrepared Step = "prepared" // before Prepared is sent
+	StepSwitch   Step = "switch"   // on Switch, before the identity is claimed
+	StepCommit   Step = "commit"   // on Commit, before the sockets are unlocked
+	StepDeliver  Step = "deliver"  // before the sockets are delivered
+)
+
+// Steps lists every fault-injection step in order.
+var Steps = []Step{StepPrepare, StepRestore, StepPrepared, StepSwitch, StepCommit, StepDeliver}
+
+// Delivered is one connection handed to the application after a commit.
+type Delivered struct {
+	// File is the socket, connected and out of repair mode. The receiver
+	// owns it.
+	File          *os.File
+	Local, Remote netip.AddrPort
+	// AppState is the blob that travelled with the connection.
+	AppState  []byte
+	Migration transport.MigrationID
+	Index     uint32
+}
+
+// Conn turns the delivered socket into a net.Conn (and closes File).
+func (d *Delivered) Conn() (net.Conn, error) {
+	c, err := net.FileConn(d.File)
+	d.File.Close()
+	return c, err
+}
+
+// Config configures a target agent.
+type Config struct {
+	// Transport configures the links (TLS, limits, capabilities).
+	Transport *transport.Config
+	// NetNS is a descriptor of the network namespace to restore and lock
+	// in; 0 means the calling thread's.
+	NetNS int
+	// Allow lists the local addresses the target restores connections
+	// for; anything else is refused (and rolled back at the source).
+	Allow []netip.Prefix
+	// Claim takes the network identity at the switch (the addresses the
+	// source names, or the agent's own --claim-addr). Nil does nothing.
+	Claim func(ctx context.Context, addrs []netip.Prefix) error
+	// Unclaim gives it back after an abort that came after Claim.
+	Unclaim func(ctx context.Context, addrs []netip.Prefix) error
+	// Deliver hands the committed connections to the application. A
+	// connection it cannot take should be reported in the returned map
+	// (index → error); the others are considered delivered.
+	Deliver func(ctx context.Context, conns []*Delivered) map[uint32]error
+	// JournalDir is where the target keeps its journal ("" = the default).
+	JournalDir string
+	// Log receives structured logs; nil discards them.
+	Log *slog.Logger
+	// Fault, for tests: called at each Step; a non-nil error makes that
+	// step fail as if the operation had failed.
+	Fault func(Step) error
+}
+
+// ConnReport is what became of one connection on the target.
+type ConnReport struct {
+	Index         uint32
+	Local, Remote netip.AddrPort
+	Verdict       transport.VerdictCode
+	Delivered     bool
+	Err           error
+}
+
+// Report describes one migration as the target saw it.
+type Report struct {
+	Migration transport.MigrationID
+	State     State
+	Conns     []ConnReport
+	// Query is set when the link only asked about an earlier migration.
+	Query bool
+}
+
+// Server is a target agent. It is safe for concurrent use: each link is
+// served on its own goroutine.
+type Server struct {
+	cfg Config
+	log *slog.Logger
+	jr  *journal.Journal
+
+	mu       sync.Mutex // guards outcomes
+	outcomes map[transport.MigrationID]transport.MigrationState
+}
+
+// NewServer returns a target agent with the given configuration.
+func NewServer(cfg Config) (*Server, error) {
+	jr, err := journal.Open(cfg.JournalDir)
+	if err != nil {
+		return nil, err
+	}
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	s := &Server{cfg: cfg, log: log.With("role", "target"), jr: jr, outcomes: map[transport.MigrationID]transport.MigrationState{}}
+	// Outcomes survive a restart through the journal.
+	if recs, err := jr.List(); err == nil {
+		for _, r := range recs {
+			if r.Role != journal.Target {
+				continue
+			}
+			var id transport.MigrationID
+			if _, err := fmt.Sscanf(r.Migration, "%x", &id); err == nil {
+				s.outcomes[id] = recordedState(r.State)
+			}
+		}
+	}
+	return s, nil
+}
+
+func recordedState(s string) transport.MigrationState {
+	switch s {
+	case StateCommitted.String(), StateCommitting.String():
+		return transport.StateCommitted
+	case StateAborted.String():
+		return transport.StateAborted
+	}
+	// Preparing when the agent died: its sockets died with it.
+	return transport.StateAborted
+}
+
+// Serve accepts links on ln and serves each until ctx ends. It returns the
+// listener's error, or nil when ctx ends.
+func (s *Server) Serve(ctx context.Context, ln *transport.Listener) error {
+	go func() { <-ctx.Done(); ln.Close() }()
+	for {
+		link, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			s.log.Warn("accept failed", "err", err)
+			continue
+		}
+		go func() {
+			if _, err := s.ServeLink(ctx, link); err != nil {
+				s.log.Warn("migration failed", "err", err)
+			}
+		}()
+	}
+}
+
+// Outcome returns what the target recorded of a migration.
+func (s *Server) Outcome(id transport.MigrationID) transport.MigrationState {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st, ok := s.outcomes[id]; ok {
+		return st
+	}
+	return transport.StateUnknown
+}
+
+func (s *Server) record(id transport.MigrationID, st transport.MigrationState) {
+	s.mu.Lock()
+	s.outcomes[id] = st
+	s.mu.Unlock()
+}
+
+// ServeLink serves one link: a migration, or a query about an earlier one.
+// It closes the link.
+func (s *Server) ServeLink(ctx context.Context, link *transport.Link) (*Report, error) {
+	defer link.Close()
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	msg, err := link.Control().Recv(rctx)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("target: first message: %w", err)
+	}
+	switch msg := msg.(type) {
+	case *transport.Query:
+		st := s.Outcome(msg.Migration)
+		err := link.Control().Send(ctx, &transport.Outcome{Migration: msg.Migration, State: st})
+		return &Report{Migration: msg.Migration, Query: true}, err
+	case *transport.Prepare:
+		m := &migration{srv: s, link: link, id: msg.Migration, count: msg.Count, lease: msg.Lease,
+			log: s.log.With("migration", msg.Migration.String())}
+		return m.run(ctx)
+	default:
+		return nil, fmt.Errorf("target: unexpected first message %s", msg.Type())
+	}
+}
+
+// conn is the target's bookkeeping for one connection.
+type conn struct {
+	snap     *repair.Snapshot
+	appState []byte
+	tuple    firewall.Tuple
+	fd       int // restored socket, or -1
+	report   ConnReport
+}
+
+type migration struct {
+	srv     *Server
+	link    *transport.Link
+	log     *slog.Logger
+	id      transport.MigrationID
+	count   uint32
+	lease   time.Duration
+	state   State
+	lock    *firewall.Lock
+	conns   []*conn // by index
+	rec     journal.Record
+	claimed []netip.Prefix
+}
+
+func (m *migration) fault(st Step) error {
+	if m.srv.cfg.Fault == nil {
+		return nil
+	}
+	if err := m.srv.cfg.Fault(st); err != nil {
+		return fmt.Errorf("target: step %s: %w", st, err)
+	}
+	return nil
+}
+
+func (m *migration) report() *Report {
+	r := &Report{Migration: m.id, State: m.state}
+	for _, c := range m.conns {
+		if c != nil {
+			r.Conns = append(r.Conns, c.report)
+		}
+	}
+	return r
+}
+
+func (m *migration) run(ctx context.Context) (*Report, error) {
+	cfg := &m.srv.cfg
+	if m.lease <= 0 || m.lease > firewall.MaxLease {
+		m.lease = firewall.DefaultLease
+	}
+	if m.count > m.link.Local().Limits.MaxConnections {
+		err := fmt.Errorf("target: %d connections over the limit of %d", m.count, m.link.Local().Limits.MaxConnections)
+		m.link.Control().Send(ctx, &transport.Abort{Migration: m.id, Code: transport.AbortPolicy, Reason: err.Error()})
+		return m.report(), err
+	}
+	m.state = StatePreparing
+	m.srv.record(m.id, transport.StatePreparing)
+	m.conns = make([]*conn, m.count)
+	if err := m.fault(StepPrepare); err != nil {
+		return m.abort(ctx, err, true)
+	}
+	lock, err := firewall.New(firewall.Config{Instance: "tgt-" + m.id.String()[:16], NetNS: cfg.NetNS, Lease: max(m.lease, firewall.MinLease)})
+	if err != nil {
+		return m.abort(ctx, err, true)
+	}
+	m.lock = lock
+	m.rec = journal.Record{Migration: m.id.String(), Role: journal.Target, State: StatePreparing.String(), Lock: lock.Table(),
+		Peer: m.link.RemoteAddr().String()}
+	if err := m.srv.jr.Write(&m.rec); err != nil {
+		return m.abort(ctx, err, true)
+	}
+	stopRenew := m.renew()
+	defer stopRenew()
+
+	msgs, recvErr := make(chan transport.Message, 16), make(chan error, 1)
+	go func() {
+		for {
+			msg, err := m.link.Control().Recv(ctx)
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			msgs <- msg
+		}
+	}()
+
+	if err := m.prepare(ctx, msgs, recvErr); err != nil {
+		return m.abort(ctx, err, true)
+	}
+	m.state = StatePrepared
+	// Wait for the switch and the commit (or an abort, or the end of the link).
+	for {
+		var msg transport.Message
+		select {
+		case msg = <-msgs:
+		case err := <-recvErr:
+			return m.abort(ctx, fmt.Errorf("target: link lost while %s: %w", m.state, err), false)
+		case <-ctx.Done():
+			return m.abort(ctx, ctx.Err(), true)
+		}
+		switch msg := msg.(type) {
+		case *transport.Switch:
+			if err := m.claim(ctx, msg.Addrs); err != nil {
+				return m.abort(ctx, err, true)
+			}
+			m.state = StateSwitched
+			if err := m.link.Control().Send(ctx, &transport.Switched{Migration: m.id}); err != nil {
+				return m.abort(ctx, err, false)
+			}
+		case *transport.Commit:
+			return m.commit(ctx, msg)
+		case *transport.Abort:
+			return m.abort(ctx, fmt.Errorf("target: the source aborted: %s: %s", msg.Code, msg.Reason), false)
+		default:
+			return m.abort(ctx, fmt.Errorf("target: unexpected %s while %s", msg.Type(), m.state), true)
+		}
+	}
+}
+
+func (m *migration) renew() (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(m.lock.Lease() / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				if err := m.lock.RenewAll(); err != nil {
+					m.log.Warn("lease renewal failed", "err", err)
+				}
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
+}
+
+// record is one received snapshot.
+type record struct {
+	index uint32
+	snap  *repair.Snapshot
+}
+
+// prepare receives every snapshot, restores what policy allows, and sends
+// the verdicts and Prepared.
+func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, recvErr chan error) error {
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	recs := make(chan record, 256)
+	readErr := make(chan error, 1)
+	go func() { readErr <- m.readStreams(pctx, recs) }()
+
+	var done uint32
+	var ok uint32
+	batch := make([]record, 0, 256)
+	for done < m.count {
+		batch = batch[:0]
+		select {
+		case r := <-recs:
+			batch = append(batch, r)
+		case err := <-readErr:
+			if err != nil {
+				return err
+			}
+			readErr = nil // all streams ended; the records are in recs
+			if len(recs) == 0 && done < m.count {
+				return fmt.Errorf("target: streams ended after %d of %d connections", done, m.count)
+			}
+			continue
+		case msg := <-msgs:
+			if a, isAbort := msg.(*transport.Abort); isAbort {
+				return fmt.Errorf("target: the source aborted: %s: %s", a.Code, a.Reason)
+			}
+			return fmt.Errorf("target: unexpected %s while preparing", msg.Type())
+		case err := <-recvErr:
+			return fmt.Errorf("target: link lost while preparing: %w", err)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	drain:
+		for len(batch) < cap(batch) {
+			select {
+			case r := <-recs:
+				batch = append(batch, r)
+			default:
+				break drain
+			}
+		}
+		if err := m.fault(StepRestore); err != nil {
+			return err
+		}
+		vs, err := m.restoreBatch(batch)
+		if err != nil {
+			return err
+		}
+		for _, v := range vs {
+			if v.OK() {
+				ok++
+			}
+		}
+		done += uint32(len(batch))
+		if err := m.link.Control().Send(ctx, &transport.Verdicts{Migration: m.id, Verdicts: vs}); err != nil {
+			return err
+		}
+	}
+	if err := m.fault(StepPrepared); err != nil {
+		return err
+	}
+	return m.link.Control().Send(ctx, &transport.Prepared{Migration: m.id, Count: m.count, OK: ok})
+}
+
+// readStreams accepts snapshot streams and forwards their records until
+// every connection has arrived.
+func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
+	var mu sync.Mutex
+	got := uint32(0)
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	for {
+		mu.Lock()
+		all := got >= m.count
+		mu.Unlock()
+		if all {
+			break
+		}
+		r, err := m.link.AcceptSnapshotStream(ctx)
+		if err != nil {
+			mu.Lock()
+			all := got >= m.count
+			mu.Unlock()
+			if all {
+				break
+			}
+			return err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer r.Close()
+			for {
+				index, snap, err := r.Next()
+				if err == io.EOF {
+					return
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+				if index >= m.count {
+					errs <- fmt.Errorf("target: connection index %d of %d", index, m.count)
+					return
+				}
+				recs <- record{index: index, snap: snap}
+				mu.Lock()
+				got++
+				mu.Unlock()
+			}
+		}()
+		// Streams are opened at once; once one finished we may have all.
+		select {
+		case err := <-errs:
+			return err
+		default:
+		}
+	}
+	wg.Wait()
+	select {
+	case err := <-errs:
+		return err
+	default:
+		return nil
+	}
+}
+
+// restoreBatch checks a batch against the policy, locks the allowed ones in
+// one transaction and restores them.
+func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
+	cfg := &m.srv.cfg
+	vs := make([]transport.Verdict, 0, len(batch))
+	var lockList []firewall.Tuple
+	var todo []*conn
+	for _, r := range batch {
+		c := &conn{snap: r.snap, fd: -1}
+		l, rem := r.snap.Tuple()
+		c.tuple = firewall.Tuple{Local: l, Remote: rem}
+		c.report = ConnReport{Index: r.index, Local: r.snap.Local, Remote: r.snap.Remote}
+		m.conns[r.index] = c
+		if err := r.snap.Validate(); err != nil {
+			c.report.Verdict, c.report.Err = transport.VerdictInvalid, err
+			continue
+		}
+		if !m.allowed(l.Addr()) {
+			c.report.Verdict = transport.VerdictRefused
+			c.report.Err = fmt.Errorf("target: local address %s is not in the allow-list", l.Addr())
+			continue
+		}
+		lockList = append(lockList, c.tuple)
+		todo = append(todo, c)
+	}
+	if len(lockList) > 0 {
+		if err := m.lock.Lock(lockList); err != nil {
+			return nil, err
+		}
+	}
+	err := nsdo.Do(cfg.NetNS, func() error {
+		for _, c := range todo {
+			fd, err := repair.Restore(c.snap)
+			if err != nil {
+				c.report.Verdict, c.report.Err = transport.VerdictFailed, err
+				if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL) {
+					c.report.Verdict = transport.VerdictConflict
+				}
+				continue
+			}
+			c.fd, c.report.Verdict = fd, transport.VerdictOK
+			// The queues are in the kernel now; keep only what Resume needs.
+			c.snap.RecvQueue, c.snap.SendQueue = nil, nil
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	var unlock []firewall.Tuple
+	for _, r := range batch {
+		c := m.conns[r.index]
+		v := transport.Verdict{Index: r.index, Code: c.report.Verdict}
+		if c.report.Err != nil {
+			v.Reason = c.report.Err.Error()
+			m.log.Info("connection refused", "conn", r.index, "reason", v.Reason)
+			if c.report.Verdict != transport.VerdictRefused && c.report.Verdict != transport.VerdictInvalid {
+				unlock = append(unlock, c.tuple)
+			}
+		}
+		vs = append(vs, v)
+	}
+	if len(unlock) > 0 {
+		// The source keeps these: the target lets go of their tuples.
+		if err := m.lock.Unlock(unlock); err != nil {
+			return nil, err
+		}
+	}
+	return vs, nil
+}
+
+func (m *migration) allowed(a netip.Addr) bool {
+	for _, p := range m.srv.cfg.Allow {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+func (m *migration) claim(ctx context.Context, addrs []netip.Prefix) error {
+	if err := m.fault(StepSwitch); err != nil {
+		return err
+	}
+	if m.srv.cfg.Claim == nil {
+		return nil
+	}
+	m.claimed = addrs
+	return m.srv.cfg.Claim(ctx, addrs)
+}
+
+// commit unlocks, resumes and delivers every prepared connection the source
+// did not exclude, records the outcome and answers Committed. Once here the
+// commit runs to its end even if the link is gone.
+func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report, error) {
+	m.state = StateCommitting
+	m.srv.record(m.id, transport.StateCommitted)
+	m.rec.State = StateCommitting.String()
+	jerr := m.srv.jr.Write(&m.rec)
+	excluded := map[uint32]bool{}
+	for _, i := range msg.Exclude {
+		excluded[i] = true
+	}
+	var live []*conn
+	var tuples []firewall.Tuple
+	for _, c := range m.conns {
+		if c == nil || c.fd < 0 {
+			continue
+		}
+		if excluded[c.report.Index] {
+			repair.Discard(c.fd)
+			c.fd = -1
+			continue
+		}
+		live = append(live, c)
+		tuples = append(tuples, c.tuple)
+	}
+	var failed []transport.Verdict
+	fail := func(c *conn, err error) {
+		c.report.Verdict, c.report.Err = transport.VerdictFailed, err
+		failed = append(failed, transport.Verdict{Index: c.report.Index, Code: transport.VerdictFailed, Reason: err.Error()})
+	}
+	if err := m.fault(StepCommit); err != nil {
+		// The commit cannot be refused any more; a failure here is the
+		// in-doubt case of docs/handoff.md: the sockets stay locked in
+		// repair mode until the lease ends and recover decides.
+		m.log.Error("commit step failed", "err", err)
+		for _, c := range live {
+			fail(c, err)
+		}
+		live = nil
+	} else if err := m.lock.Unlock(tuples); err != nil {
+		for _, c := range live {
+			fail(c, err)
+		}
+		live = nil
+	}
+	var delivered []*Delivered
+	for _, c := range live {
+		if err := repair.Resume(c.fd, c.snap); err != nil {
+			fail(c, err)
+			continue
+		}
+		delivered = append(delivered, &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
+			Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index})
+		c.fd = -1
+	}
+	if err := m.fault(StepDeliver); err != nil {
+		for _, d := range delivered {
+			fail(m.conns[d.Index], err)
+			d.File.Close() // the connection is live and owned by nobody: closing it ends it cleanly
+		}
+		delivered = nil
+	}
+	if len(delivered) > 0 && m.srv.cfg.Deliver != nil {
+		for i, err := range m.srv.cfg.Deliver(ctx, delivered) {
+			fail(m.conns[i], err)
+		}
+	}
+	for _, d := range delivered {
+		if c := m.conns[d.Index]; c.report.Err == nil {
+			c.report.Delivered = true
+		}
+	}
+	m.state = StateCommitted
+	// Answer first: the source is waiting; the bookkeeping can follow.
+	if err := m.link.Control().Send(ctx, &transport.Committed{Migration: m.id, Failed: failed}); err != nil {
+		m.log.Warn("could not answer Committed; the source will ask", "err", err)
+	}
+	m.rec.State = StateCommitted.String()
+	jerr = errors.Join(jerr, m.srv.jr.Write(&m.rec))
+	lerr := m.lock.Close()
+	return m.report(), errors.Join(jerr, lerr)
+}
+
+// abort discards every restored socket, releases the locks and the claimed
+// identity, and records the outcome. tell says whether the source should be
+// sent an Abort (it is not when the source asked for it or the link is gone).
+func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report, error) {
+	m.log.Warn("aborting", "err", cause)
+	if tell {
+		actx, cancel := context.WithTimeout(context.Background(), time.Second)
+		m.link.Control().Send(actx, &transport.Abort{Migration: m.id, Code: transport.AbortError, Reason: cause.Error()})
+		cancel()
+	}
+	var errs []error
+	for _, c := range m.conns {
+		if c != nil && c.fd >= 0 {
+			errs = append(errs, repair.Discard(c.fd))
+			c.fd = -1
+		}
+	}
+	if m.claimed != nil && m.srv.cfg.Unclaim != nil {
+		errs = append(errs, m.srv.cfg.Unclaim(ctx, m.claimed))
+	}
+	if m.lock != nil {
+		errs = append(errs, m.lock.Close())
+	}
+	m.state = StateAborted
+	m.srv.record(m.id, transport.StateAborted)
+	if m.rec.Migration != "" {
+		m.rec.State = StateAborted.String()
+		errs = append(errs, m.srv.jr.Write(&m.rec))
+	}
+	return m.report(), errors.Join(append([]error{cause}, errs...)...)
+}
