@@ -8,16 +8,16 @@ type State uint8
 
 // The states of the source.
 const (
-	StateInit        State = iota // nothing done yet
-	StateConnected                // the link is up and the handshake done
-	StateLocked                   // eligible connections locked on the source
-	StatePreparing                // capturing and streaming snapshots, collecting verdicts
-	StatePrepared                 // every verdict is in; refused connections rolled back
-	StateSwitched                 // the network identity has moved
-	StateCommitting               // Commit sent: in doubt until Committed arrives
-	StateCommitted                // the target owns the connections; source copies discarded
-	StateRolledBack               // aborted before Commit: the source owns every connection
-	StateInDoubt                  // Commit sent, and the outcome could not be learnt
+	StateInit       State = iota // nothing done yet
+	StateConnected               // the link is up and the handshake done
+	StateLocked                  // eligible connections locked on the source
+	StatePreparing               // capturing and streaming snapshots, collecting verdicts
+	StatePrepared                // every verdict is in; refused connections rolled back
+	StateSwitched                // the network identity has moved
+	StateCommitting              // Commit sent: in doubt until Committed arrives
+	StateCommitted               // the target owns the connections; source copies discarded
+	StateRolledBack              // aborted before Commit: the source owns every connection
+	StateInDoubt                 // Commit sent, and the outcome could not be learnt
 )
 
 var stateNames = [...]string{
