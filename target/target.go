@@ -634,20 +634,17 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		c.report.Verdict, c.report.Err = transport.VerdictFailed, err
 		failed = append(failed, transport.Verdict{Index: c.report.Index, Code: transport.VerdictFailed, Reason: err.Error()})
 	}
-	if err := m.fault(StepCommit); err != nil {
-		// The commit cannot be refused any more; a failure here is the
-		// in-doubt case of docs/handoff.md: the sockets stay locked in
-		// repair mode until the lease ends and recover decides.
-		m.log.Error("commit step failed", "err", err)
-		for _, c := range live {
-			fail(c, err)
-		}
-		live = nil
-	} else if err := m.lock.Unlock(tuples); err != nil {
-		for _, c := range live {
-			fail(c, err)
-		}
-		live = nil
+	// Nothing is live here yet: if the sockets cannot be unlocked, the
+	// target backs out as if aborted (its copies are in repair mode, so
+	// discarding them is silent) and says so; the source, finding the
+	// migration aborted, takes every connection back.
+	err := m.fault(StepCommit)
+	if err == nil {
+		err = m.lock.Unlock(tuples)
+	}
+	if err != nil {
+		m.log.Error("commit failed before any socket was resumed: backing out", "err", err)
+		return m.abort(ctx, fmt.Errorf("target: commit: %w", err), true)
 	}
 	var delivered []*Delivered
 	for _, c := range live {

@@ -14,6 +14,11 @@ func newApp() *cli.App {
 		Name:  "tcpmigrate",
 		Usage: "live-migrate established TCP connections between Linux hosts",
 		Commands: []*cli.Command{
+			sendCommand(),
+			receiveCommand(),
+			listCommand(),
+			recoverCommand(),
+			certsCommand(),
 			demoCommand(),
 		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/fdpass"
+	"github.com/tcpmigrate/tcpmigrate/source"
+)
+
+// sendHandoff waits for a cooperating program to hand its sockets over on
+// the unix socket, migrates them, then tells it which were committed and
+// hands back the others.
+func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*source.Result, error) {
+	path, ok := strings.CutPrefix(c.String("handoff"), "unix:")
+	if !ok || path == "" {
+		return nil, usageError{errors.New("--handoff takes unix:PATH")}
+	}
+	ln, err := fdpass.Listen(path, fdpass.Policy{})
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	cfg.Log.Info("waiting for the program to hand its sockets over", "path", path)
+	conn, err := ln.Accept()
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	items, err := conn.RecvSockets()
+	if err != nil {
+		return nil, err
+	}
+	conns := make([]source.Conn, len(items))
+	for i, it := range items {
+		conns[i] = source.Conn{File: it.File, AppState: it.State, OwnerFD: -1}
+	}
+	res, merr := source.Migrate(ctx, cfg, conns)
+	var committed []uint64
+	var back []fdpass.Item
+	for i, cr := range res.Conns {
+		if cr.Outcome == source.Committed {
+			committed = append(committed, items[i].ID)
+		} else {
+			back = append(back, items[i])
+		}
+	}
+	var errs []error
+	if len(back) > 0 {
+		errs = append(errs, conn.HandBack(back))
+		errs = append(errs, fdpass.CloseItems(back))
+	}
+	if len(committed) > 0 {
+		errs = append(errs, conn.SendCommitted(committed))
+	}
+	return res, errors.Join(append([]error{merr}, errs...)...)
+}

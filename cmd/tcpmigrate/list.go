@@ -1,0 +1,74 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"text/tabwriter"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/procsock"
+)
+
+func listCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "list",
+		Usage:     "show the TCP connections of a process: which send --pid would take, and why not",
+		UsageText: "tcpmigrate list --pid PID [--port N]... [--json]",
+		Flags: []cli.Flag{
+			&cli.IntFlag{Name: "pid", Required: true, Usage: "the process"},
+			&cli.UintSliceFlag{Name: "port", Usage: "only connections on these local ports"},
+			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
+		},
+		Action: func(c *cli.Context) error {
+			pid := c.Int("pid")
+			socks, err := procsock.List(pid)
+			if err != nil {
+				return err
+			}
+			var ports []uint16
+			for _, p := range c.UintSlice("port") {
+				ports = append(ports, uint16(p))
+			}
+			socks, _ = procsock.Filter(socks, ports)
+			// Inspect shows what repair itself would refuse (kTLS, MD5, urgent data...).
+			if socks, err = procsock.Inspect(pid, socks); err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				type row struct {
+					FDs     []int  `json:"fds"`
+					Local   string `json:"local"`
+					Remote  string `json:"remote"`
+					State   string `json:"state"`
+					RecvQ   uint32 `json:"recv_q"`
+					SendQ   uint32 `json:"send_q"`
+					Take    bool   `json:"take"`
+					Verdict string `json:"verdict"`
+				}
+				rows := []row{}
+				for _, s := range socks {
+					rows = append(rows, row{s.FDs, s.Local.String(), s.Remote.String(), s.State.String(), s.RecvQ, s.SendQ, s.Verdict.Take, s.Verdict.Text})
+				}
+				enc := json.NewEncoder(os.Stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(rows)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "FD\tLOCAL\tREMOTE\tSTATE\tRECV-Q\tSEND-Q\tTAKE\tWHY")
+			for _, s := range socks {
+				fd := "-"
+				if len(s.FDs) > 0 {
+					fd = fmt.Sprint(s.FDs)
+				}
+				take := "no"
+				if s.Verdict.Take {
+					take = "yes"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n", fd, s.Local, s.Remote, s.State, s.RecvQ, s.SendQ, take, s.Verdict.Text)
+			}
+			return tw.Flush()
+		},
+	}
+}
