@@ -9,7 +9,7 @@ import (
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
-// BenchmarkLockUnlock measures one Lock and one Unlock of n tuples (2n set
+// BenchmarkLockUnlock measures one Lock and one Unlock of n tuples (n set
 // elements, one batch each) in a lab namespace. Besides ns/op for the pair
 // it reports each direction in ms: ms/lock and ms/unlock. Run with
 //

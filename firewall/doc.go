@@ -5,12 +5,15 @@
 // Each agent instance owns one nftables table (family inet, named
 // TablePrefix + instance) in the network namespace it locks in. The table
 // holds two sets of 4-tuples, one per address family, keyed
-// address·port·address·port with element timeouts, and two base chains, on
+// local·lport·remote·rport with element timeouts, and two base chains, on
 // prerouting and output at priority -300 (before conntrack), whose rules
 // accept the bypass mark and otherwise drop TCP packets found in the sets,
-// counting them. A connection is two elements, one per direction. The
-// package speaks netlink through google/nftables and never runs nft(8) or
-// iptables(8). docs/firewall.md explains the choices.
+// counting them. A locked tuple is one element; each chain looks a packet up
+// in both orders (saddr·sport·daddr·dport and daddr·dport·saddr·sport), so
+// the element matches the connection's packets in both directions, at the
+// first hook they cross. The package speaks netlink through google/nftables
+// and never runs nft(8) or iptables(8). docs/firewall.md explains the
+// choices.
 //
 // Invariants:
 //

@@ -53,35 +53,35 @@ func TestNormalize(t *testing.T) {
 	}
 }
 
-// TestKeys checks the element encoding: each pair yields the ingress and
-// egress keys, addresses and ports in network order, ports padded to four
-// bytes; a tuple and its mirror share the pair.
+// TestKeys checks the element encoding: one key per tuple,
+// local·lport·remote·rport, addresses and ports in network order, ports
+// padded to four bytes; a tuple and its mirror are two keys, a
+// self-connected tuple its own mirror.
 func TestKeys(t *testing.T) {
 	tu := Tuple{Local: ap("198.18.0.2:80"), Remote: ap("198.18.0.1:40000")}
-	p, side := pairOf(tu)
-	mp, mside := pairOf(Tuple{Local: tu.Remote, Remote: tu.Local})
-	if p != mp || side == mside || side|mside != sideAB|sideBA {
-		t.Fatalf("tuple and mirror: pairs %v %v sides %d %d", p, mp, side, mside)
+	c := connOf(tu)
+	got := c.appendKey(nil)
+	want := []byte{198, 18, 0, 2, 0, 80, 0, 0, 198, 18, 0, 1, 0x9c, 0x40, 0, 0}
+	if !bytes.Equal(got, want) || len(got) != keyLen4 {
+		t.Fatalf("key\n got %x\nwant %x", got, want)
 	}
-	got := p.appendKeys(nil)
-	want := []byte{
-		198, 18, 0, 1, 0x9c, 0x40, 0, 0, 198, 18, 0, 2, 0, 80, 0, 0, // ingress: remote . rport . local . lport
-		198, 18, 0, 2, 0, 80, 0, 0, 198, 18, 0, 1, 0x9c, 0x40, 0, 0, // egress: local . lport . remote . rport
+	mirror := connOf(Tuple{Local: tu.Remote, Remote: tu.Local})
+	if mirror == c || !bytes.Equal(mirror.appendKey(nil), append(want[8:16:16], want[:8]...)) {
+		t.Fatalf("mirror key %x", mirror.appendKey(nil))
 	}
-	if !bytes.Equal(got, want) {
-		t.Fatalf("keys\n got %x\nwant %x", got, want)
+	if c.tuple() != tu || mirror.tuple() != (Tuple{Local: tu.Remote, Remote: tu.Local}) {
+		t.Fatalf("round trip: %v, %v", c.tuple(), mirror.tuple())
 	}
-	if len(got) != 2*keyLen4 {
-		t.Fatalf("key length %d", len(got))
+	t6 := Tuple{Local: ap("[fd00::2]:80"), Remote: ap("[fd00::1]:40000")}
+	k := connOf(t6).appendKey(nil)
+	want6 := append(append(netip.MustParseAddr("fd00::2").AsSlice(), 0, 80, 0, 0),
+		append(netip.MustParseAddr("fd00::1").AsSlice(), 0x9c, 0x40, 0, 0)...)
+	if !bytes.Equal(k, want6) || len(k) != keyLen6 || connOf(t6).tuple() != t6 {
+		t.Fatalf("v6 key\n got %x\nwant %x", k, want6)
 	}
-	p6, _ := pairOf(Tuple{Local: ap("[fd00::2]:80"), Remote: ap("[fd00::1]:40000")})
-	if k := p6.appendKeys(nil); len(k) != 2*keyLen6 || k[16] != 0x9c || k[17] != 0x40 || k[18] != 0 || k[19] != 0 {
-		t.Fatalf("v6 keys %x", k)
-	}
-	self := Tuple{Local: ap("198.18.0.1:5000"), Remote: ap("198.18.0.1:5000")}
-	sp, ss := pairOf(self)
-	if ss != sideAB|sideBA || len(sp.appendKeys(nil)) != keyLen4 || len(sp.tuples(ss)) != 1 {
-		t.Fatalf("self-connected tuple: sides %d keys %d", ss, len(sp.appendKeys(nil)))
+	self := connOf(Tuple{Local: ap("198.18.0.1:5000"), Remote: ap("198.18.0.1:5000")})
+	if self != connOf(Tuple{Local: self.tuple().Remote, Remote: self.tuple().Local}) {
+		t.Fatal("a self-connected tuple differs from its mirror")
 	}
 }
 
@@ -89,9 +89,9 @@ func TestCollect(t *testing.T) {
 	a := Tuple{Local: ap("198.18.0.2:80"), Remote: ap("198.18.0.1:40000")}
 	mirror := Tuple{Local: a.Remote, Remote: a.Local}
 	mapped := Tuple{Local: ap("[::ffff:198.18.0.2]:80"), Remote: ap("[::ffff:198.18.0.1]:40000")}
-	ps, err := collect("lock", "t", []Tuple{a, mapped, mirror})
-	if err != nil || len(ps) != 1 || ps[0].sides != sideAB|sideBA {
-		t.Fatalf("collect = %v, %v", ps, err)
+	cs, err := collect("lock", "t", []Tuple{a, mapped, mirror})
+	if err != nil || len(cs) != 2 || cs[0] != connOf(a) || !cs[0].v4 || cs[1] != connOf(mirror) {
+		t.Fatalf("collect = %v, %v", cs, err)
 	}
 	bad := Tuple{Local: ap("198.18.0.2:0"), Remote: a.Remote}
 	_, err = collect("lock", "tcpmigrate_t", []Tuple{a, bad})

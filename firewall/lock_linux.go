@@ -39,7 +39,7 @@ type Lock struct {
 	// mu guards held, closed and nl, and serialises the batches so that held
 	// follows the kernel's order of changes.
 	mu     sync.Mutex
-	held   map[pair]holding
+	held   map[conn]holding
 	closed bool
 	nl     *nftables.Conn // lasting netlink socket, dialled on first use
 
@@ -48,13 +48,12 @@ type Lock struct {
 	renewer *renewer
 }
 
-// holding is what the Lock knows of one pair in the kernel.
+// holding is what the Lock knows of one locked tuple in the kernel.
 type holding struct {
-	// deadline is the earliest instant the kernel may expire the pair's
-	// elements: the start of the batch that last (re)created them plus the
+	// deadline is the earliest instant the kernel may expire the tuple's
+	// element: the start of the batch that last (re)created it plus the
 	// lease.
 	deadline time.Time
-	sides    uint8
 }
 
 // New creates the lock of cfg.Instance in cfg.NetNS: the table, both sets,
@@ -93,7 +92,7 @@ func New(cfg Config) (*Lock, error) {
 		table: &nftables.Table{Name: name, Family: nftables.TableFamilyINet},
 		nsfd:  nsfd,
 		owner: owner,
-		held:  make(map[pair]holding),
+		held:  make(map[conn]holding),
 	}
 	if err := l.create(); err != nil {
 		unix.Close(owner)
@@ -131,19 +130,24 @@ func (l *Lock) create() error {
 		}
 	}
 	accept := nftables.ChainPolicyAccept
-	for _, ch := range []*nftables.Chain{
-		{Name: chainIn, Table: l.table, Type: nftables.ChainTypeFilter,
-			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept},
-		{Name: chainOut, Table: l.table, Type: nftables.ChainTypeFilter,
-			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept},
+	for _, ch := range []struct {
+		name string
+		hook *nftables.ChainHook
+		// local says which end of the packets the chain sees first is
+		// the local one; the rule for it comes first.
+		local order
+	}{
+		{chainIn, nftables.ChainHookPrerouting, toLocal},
+		{chainOut, nftables.ChainHookOutput, fromLocal},
 	} {
-		c.AddChain(ch)
-		for _, exprs := range [][]expr.Any{
-			bypassRule(l.cfg.BypassMark),
-			dropRule(l.v4),
-			dropRule(l.v6),
-		} {
-			c.AddRule(&nftables.Rule{Table: l.table, Chain: ch, Exprs: exprs})
+		chain := c.AddChain(&nftables.Chain{Name: ch.name, Table: l.table, Type: nftables.ChainTypeFilter,
+			Hooknum: ch.hook, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept})
+		rules := [][]expr.Any{bypassRule(l.cfg.BypassMark)}
+		for _, s := range []*nftables.Set{l.v4, l.v6} {
+			rules = append(rules, dropRule(s, ch.local), dropRule(s, !ch.local))
+		}
+		for _, exprs := range rules {
+			c.AddRule(&nftables.Rule{Table: l.table, Chain: chain, Exprs: exprs})
 		}
 	}
 	return c.Flush()
@@ -158,14 +162,28 @@ func bypassRule(mark uint32) []expr.Any {
 	}
 }
 
+// order is the order in which a drop rule concatenates a packet's
+// endpoints to look them up as local·lport·remote·rport.
+type order bool
+
+const (
+	fromLocal order = false // saddr . sport . daddr . dport: the packet leaves the local end
+	toLocal   order = true  // daddr . dport . saddr . sport: the packet goes to the local end
+)
+
 // dropRule is "meta nfproto F meta l4proto tcp
-// ip[6] saddr . tcp sport . ip[6] daddr . tcp dport @set counter drop".
-// The concatenation is loaded into consecutive 32-bit registers starting at
-// register 1 (NFT_REG32_00), as nft does, each port padded to 4 bytes.
-func dropRule(s *nftables.Set) []expr.Any {
+// ip[6] saddr . tcp sport . ip[6] daddr . tcp dport @set counter drop", or
+// with daddr . dport . saddr . sport for toLocal. The concatenation is
+// loaded into consecutive 32-bit registers starting at register 1
+// (NFT_REG32_00), as nft does, each port padded to 4 bytes.
+func dropRule(s *nftables.Set, o order) []expr.Any {
 	proto, alen, src, dst := byte(unix.NFPROTO_IPV4), uint32(4), uint32(12), uint32(16)
 	if s.Name == setV6 {
 		proto, alen, src, dst = unix.NFPROTO_IPV6, 16, 8, 24
+	}
+	sport, dport := uint32(0), uint32(2)
+	if o == toLocal {
+		src, dst, sport, dport = dst, src, dport, sport
 	}
 	const reg32 = 8 // NFT_REG32_00
 	words := alen / 4
@@ -175,9 +193,9 @@ func dropRule(s *nftables.Set) []expr.Any {
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: src, Len: alen},
-		&expr.Payload{DestRegister: reg32 + words, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
+		&expr.Payload{DestRegister: reg32 + words, Base: expr.PayloadBaseTransportHeader, Offset: sport, Len: 2},
 		&expr.Payload{DestRegister: reg32 + words + 1, Base: expr.PayloadBaseNetworkHeader, Offset: dst, Len: alen},
-		&expr.Payload{DestRegister: reg32 + 2*words + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Payload{DestRegister: reg32 + 2*words + 1, Base: expr.PayloadBaseTransportHeader, Offset: dport, Len: 2},
 		&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID},
 		&expr.Counter{},
 		&expr.Verdict{Kind: expr.VerdictDrop},
@@ -200,7 +218,7 @@ func (l *Lock) Table() string { return l.table.Name }
 // lease ran out is locked afresh. An invalid tuple fails the whole call
 // before anything is sent (ErrInvalidTuple).
 func (l *Lock) Lock(ts []Tuple) error {
-	pairs, err := collect("lock", l.table.Name, ts)
+	cs, err := collect("lock", l.table.Name, ts)
 	if err != nil {
 		return err
 	}
@@ -209,28 +227,27 @@ func (l *Lock) Lock(ts []Tuple) error {
 	if l.closed {
 		return &Error{Op: "lock", Table: l.table.Name, Err: ErrClosed}
 	}
-	if len(pairs) == 0 {
+	if len(cs) == 0 {
 		return nil
 	}
 	var tx batch
-	tx.add.reserve(pairs)
-	for _, ps := range pairs {
-		tx.add.put(ps.p)
+	tx.add.reserve(cs)
+	for _, c := range cs {
+		tx.add.put(c)
 	}
 	start := time.Now()
 	if err := l.flush(&tx); err != nil {
 		return &Error{Op: "lock", Table: l.table.Name, Err: err}
 	}
-	for _, ps := range pairs {
-		h, ok := l.held[ps.p]
-		// A pair held already keeps its deadline, unless its lease ran out
+	for _, c := range cs {
+		h, ok := l.held[c]
+		// A tuple held already keeps its deadline, unless its lease ran out
 		// well before this batch: then the kernel had dropped it and the
 		// batch added it afresh.
 		if !ok || start.Sub(h.deadline) > leaseMargin {
 			h.deadline = start.Add(l.cfg.Lease)
 		}
-		h.sides |= ps.sides
-		l.held[ps.p] = h
+		l.held[c] = h
 	}
 	return nil
 }
@@ -240,7 +257,7 @@ func (l *Lock) Lock(ts []Tuple) error {
 // connection are locked here (a tuple and its mirror), its packets keep
 // being dropped until both are unlocked.
 func (l *Lock) Unlock(ts []Tuple) error {
-	pairs, err := collect("unlock", l.table.Name, ts)
+	cs, err := collect("unlock", l.table.Name, ts)
 	if err != nil {
 		return err
 	}
@@ -250,33 +267,25 @@ func (l *Lock) Unlock(ts []Tuple) error {
 		return &Error{Op: "unlock", Table: l.table.Name, Err: ErrClosed}
 	}
 	var tx batch
-	tx.del.reserve(pairs)
+	tx.del.reserve(cs)
 	now := time.Now()
-	for _, ps := range pairs {
-		h, ok := l.held[ps.p]
-		if !ok || h.sides&^ps.sides != 0 {
+	for _, c := range cs {
+		h, ok := l.held[c]
+		if !ok {
 			continue
 		}
 		if h.deadline.Sub(now) <= leaseMargin {
 			// The kernel may have expired it: add it first so the delete
 			// cannot fail with ENOENT and abort the batch.
-			tx.guard.put(ps.p)
+			tx.guard.put(c)
 		}
-		tx.del.put(ps.p)
+		tx.del.put(c)
 	}
 	if err := l.flush(&tx); err != nil {
 		return &Error{Op: "unlock", Table: l.table.Name, Err: err}
 	}
-	for _, ps := range pairs {
-		h, ok := l.held[ps.p]
-		if !ok {
-			continue
-		}
-		if h.sides &^= ps.sides; h.sides == 0 {
-			delete(l.held, ps.p)
-		} else {
-			l.held[ps.p] = h
-		}
+	for _, c := range cs {
+		delete(l.held, c)
 	}
 	return nil
 }
@@ -289,7 +298,7 @@ func (l *Lock) Unlock(ts []Tuple) error {
 // those tuples are locked again and the call reports them with
 // ErrLeaseLapsed after renewing everything.
 func (l *Lock) Renew(ts []Tuple) error {
-	pairs, err := collect("renew", l.table.Name, ts)
+	cs, err := collect("renew", l.table.Name, ts)
 	if err != nil {
 		return err
 	}
@@ -299,15 +308,15 @@ func (l *Lock) Renew(ts []Tuple) error {
 		return &Error{Op: "renew", Table: l.table.Name, Err: ErrClosed}
 	}
 	var missing []Tuple
-	for _, ps := range pairs {
-		if h, ok := l.held[ps.p]; !ok || h.sides&ps.sides != ps.sides {
-			missing = append(missing, ps.p.tuples(ps.sides)...)
+	for _, c := range cs {
+		if _, ok := l.held[c]; !ok {
+			missing = append(missing, c.tuple())
 		}
 	}
 	if missing != nil {
 		return &Error{Op: "renew", Table: l.table.Name, Tuples: missing, Err: ErrNotLocked}
 	}
-	return l.renew(pairs)
+	return l.renew(cs)
 }
 
 // RenewAll renews every tuple l holds, as Renew does.
@@ -317,40 +326,37 @@ func (l *Lock) RenewAll() error {
 	if l.closed {
 		return &Error{Op: "renew", Table: l.table.Name, Err: ErrClosed}
 	}
-	pairs := make([]pairSides, 0, len(l.held))
-	for p, h := range l.held {
-		pairs = append(pairs, pairSides{p, h.sides})
+	cs := make([]conn, 0, len(l.held))
+	for c := range l.held {
+		cs = append(cs, c)
 	}
-	return l.renew(pairs)
+	return l.renew(cs)
 }
 
 // renew runs with l.mu held.
-func (l *Lock) renew(pairs []pairSides) error {
-	if len(pairs) == 0 {
+func (l *Lock) renew(cs []conn) error {
+	if len(cs) == 0 {
 		return nil
 	}
 	var tx batch
-	tx.del.reserve(pairs)
-	tx.add.reserve(pairs)
+	tx.del.reserve(cs)
+	tx.add.reserve(cs)
 	var lapsed []Tuple
 	now := time.Now()
-	for _, ps := range pairs {
-		h := l.held[ps.p]
-		if h.deadline.Sub(now) <= leaseMargin {
-			tx.guard.put(ps.p)
-			lapsed = append(lapsed, ps.p.tuples(h.sides)...)
+	for _, c := range cs {
+		if l.held[c].deadline.Sub(now) <= leaseMargin {
+			tx.guard.put(c)
+			lapsed = append(lapsed, c.tuple())
 		}
-		tx.del.put(ps.p)
-		tx.add.put(ps.p)
+		tx.del.put(c)
+		tx.add.put(c)
 	}
 	start := time.Now()
 	if err := l.flush(&tx); err != nil {
 		return &Error{Op: "renew", Table: l.table.Name, Err: err}
 	}
-	for _, ps := range pairs {
-		h := l.held[ps.p]
-		h.deadline = start.Add(l.cfg.Lease)
-		l.held[ps.p] = h
+	for _, c := range cs {
+		l.held[c] = holding{deadline: start.Add(l.cfg.Lease)}
 	}
 	if lapsed != nil {
 		return &Error{Op: "renew", Table: l.table.Name, Tuples: lapsed, Err: ErrLeaseLapsed}
@@ -393,23 +399,23 @@ type keys struct {
 	v4, v6 []byte
 }
 
-// reserve makes room for the keys of pairs.
-func (k *keys) reserve(pairs []pairSides) {
+// reserve makes room for the keys of cs.
+func (k *keys) reserve(cs []conn) {
 	n4 := 0
-	for _, ps := range pairs {
-		if ps.p.is4() {
+	for _, c := range cs {
+		if c.v4 {
 			n4++
 		}
 	}
-	k.v4 = slices.Grow(k.v4, 2*n4*keyLen4)
-	k.v6 = slices.Grow(k.v6, 2*(len(pairs)-n4)*keyLen6)
+	k.v4 = slices.Grow(k.v4, n4*keyLen4)
+	k.v6 = slices.Grow(k.v6, (len(cs)-n4)*keyLen6)
 }
 
-func (k *keys) put(p pair) {
-	if p.is4() {
-		k.v4 = p.appendKeys(k.v4)
+func (k *keys) put(c conn) {
+	if c.v4 {
+		k.v4 = c.appendKey(k.v4)
 	} else {
-		k.v6 = p.appendKeys(k.v6)
+		k.v6 = c.appendKey(k.v6)
 	}
 }
 

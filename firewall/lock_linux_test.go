@@ -3,6 +3,7 @@ package firewall
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
@@ -286,6 +288,98 @@ func TestBypassMark(t *testing.T) {
 	}
 }
 
+// TestBothEndsOnOneHost locks both ends of a connection that lives on one
+// host, as the same agent does for a loopback connection: both directions
+// stay held, conntrack sees none of the dropped packets, unlocking one end
+// keeps the connection held (the other end's element still matches every
+// packet), and after unlocking both every byte arrives, with no RST.
+func TestBothEndsOnOneHost(t *testing.T) {
+	_, b := newLAN(t)
+	nftScript(t, b, `table inet host {
+	chain output {
+		type filter hook output priority filter; policy accept;
+		ct state invalid counter drop
+	}
+}
+`)
+	if err := b.Do(func() error {
+		return os.WriteFile("/proc/sys/net/netfilter/nf_conntrack_acct", []byte("1"), 0)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	client, server := dialPair(t, b, b, families[0])
+	hello := pattern(8, 100)
+	if _, err := client.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, "server", server, hello, 5*time.Second)
+
+	l := newTestLock(t, Config{Instance: "both", NetNS: b.Handle()})
+	cTu, sTu := tupleOf(client), tupleOf(server)
+	if cTu.Local != sTu.Remote || cTu.Remote != sTu.Local {
+		t.Fatalf("tuples %v and %v are not mirrors", cTu, sTu)
+	}
+	if err := l.Lock([]Tuple{cTu, sTu}); err != nil {
+		t.Fatal(err)
+	}
+	if n := setLen(t, b, l.Table(), setV4); n != 2 {
+		t.Fatalf("%d elements for both ends, want 2", n)
+	}
+	ct := conntrackEntry(t, b, sTu)
+	if ct == "" {
+		t.Fatal("no conntrack entry for the connection")
+	}
+	ctBefore := conntrackPackets(t, ct)
+	rst := snmp(t, b, "Tcp", "OutRsts")
+	recvC, recvS := bytesReceived(t, client), bytesReceived(t, server)
+	toS, toC := pattern(9, 20000), pattern(10, 10000)
+	if _, err := client.Write(toS); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := server.Write(toC); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "drops of both ends' packets", func() bool {
+		_, out := dropCounts(t, b, l.Table())
+		return out >= 2
+	})
+
+	if err := l.Unlock([]Tuple{cTu}); err != nil {
+		t.Fatal(err)
+	}
+	_, out0 := dropCounts(t, b, l.Table())
+	waitFor(t, 10*time.Second, "a retransmission dropped with one end unlocked", func() bool {
+		_, out := dropCounts(t, b, l.Table())
+		return out > out0
+	})
+	if got := bytesReceived(t, server); got != recvS {
+		t.Errorf("server received %d bytes while locked", got-recvS)
+	}
+	if got := bytesReceived(t, client); got != recvC {
+		t.Errorf("client received %d bytes while locked", got-recvC)
+	}
+	if in, _ := dropCounts(t, b, l.Table()); in != 0 {
+		t.Errorf("prerouting dropped %d packets; output should have dropped them all", in)
+	}
+	if got := conntrackPackets(t, conntrackEntry(t, b, sTu)); got != ctBefore {
+		t.Errorf("conntrack saw %d of the dropped packets", got-ctBefore)
+	}
+
+	if err := l.Unlock([]Tuple{sTu}); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, "server", server, toS, 15*time.Second)
+	readExactly(t, "client", client, toC, 15*time.Second)
+	checkHealthy(t, "client", client)
+	checkHealthy(t, "server", server)
+	if d := snmp(t, b, "Tcp", "OutRsts") - rst; d != 0 {
+		t.Errorf("%d RSTs sent", d)
+	}
+	if n := setLen(t, b, l.Table(), setV4); n != 0 {
+		t.Errorf("%d elements left", n)
+	}
+}
+
 // tuples returns n distinct tuples of the family of local.
 func tuples(n int, local, remote netip.Addr) []Tuple {
 	ts := make([]Tuple, n)
@@ -299,7 +393,7 @@ func tuples(n int, local, remote netip.Addr) []Tuple {
 }
 
 // TestManyTuples locks and unlocks 10,000 connections of each family,
-// each call one batch, and counts the elements in the kernel.
+// each call one batch, and counts the elements in the kernel: one per tuple.
 func TestManyTuples(t *testing.T) {
 	lab.Require(t)
 	ns, err := lab.NewNS("many")
@@ -328,13 +422,13 @@ func TestManyTuples(t *testing.T) {
 		ts     []Tuple
 		c4, c6 int
 	}{
-		{"lock v4", l.Lock, v4, 2 * n, 0},
-		{"lock v6", l.Lock, v6, 2 * n, 2 * n},
-		{"lock again (mapped)", l.Lock, mapped, 2 * n, 2 * n},
-		{"renew", l.Renew, append(slices.Clone(v4), v6...), 2 * n, 2 * n},
-		{"unlock half of v4", l.Unlock, v4[:n/2], n, 2 * n},
-		{"unlock all v4 (mapped)", l.Unlock, mapped, 0, 2 * n},
-		{"unlock v4 again", l.Unlock, v4, 0, 2 * n},
+		{"lock v4", l.Lock, v4, n, 0},
+		{"lock v6", l.Lock, v6, n, n},
+		{"lock again (mapped)", l.Lock, mapped, n, n},
+		{"renew", l.Renew, append(slices.Clone(v4), v6...), n, n},
+		{"unlock half of v4", l.Unlock, v4[:n/2], n / 2, n},
+		{"unlock all v4 (mapped)", l.Unlock, mapped, 0, n},
+		{"unlock v4 again", l.Unlock, v4, 0, n},
 		{"unlock v6", l.Unlock, v6, 0, 0},
 	} {
 		start := time.Now()
@@ -350,9 +444,10 @@ func TestManyTuples(t *testing.T) {
 }
 
 // TestMirrorAndIdempotence covers the bookkeeping: a tuple and its mirror
-// (both ends of a connection on one host) share their elements, which go
-// only when both are unlocked; a self-connected socket is one element;
-// renewing an unlocked tuple fails; bad tuples fail the whole call.
+// (both ends of a connection on one host) are two elements, each going with
+// its own Unlock; a self-connected socket, its own mirror, is one element;
+// a tuple named twice in a call counts once; renewing an unlocked tuple
+// fails; bad tuples fail the whole call.
 func TestMirrorAndIdempotence(t *testing.T) {
 	lab.Require(t)
 	ns, err := lab.NewNS("mirror")
@@ -366,8 +461,11 @@ func TestMirrorAndIdempotence(t *testing.T) {
 	self := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:5000"), Remote: netip.MustParseAddrPort("198.18.0.2:5000")}
 	n4 := func() int { return setLen(t, ns, l.Table(), setV4) }
 
-	if err := l.Lock([]Tuple{tu, self}); err != nil {
+	if err := l.Lock([]Tuple{tu, self, tu, self}); err != nil {
 		t.Fatal(err)
+	}
+	if n := n4(); n != 2 {
+		t.Fatalf("%d elements, want 2", n)
 	}
 	if err := l.Lock([]Tuple{mirror}); err != nil {
 		t.Fatal(err)
@@ -378,16 +476,19 @@ func TestMirrorAndIdempotence(t *testing.T) {
 	if err := l.Unlock([]Tuple{tu}); err != nil {
 		t.Fatal(err)
 	}
-	if n := n4(); n != 3 {
-		t.Fatalf("unlocking one end removed the other's elements: %d left", n)
+	if n := n4(); n != 2 {
+		t.Fatalf("unlocking one end: %d elements left, want the other end's and the self-connected one", n)
 	}
 	if err := l.Renew([]Tuple{tu}); !errors.Is(err, ErrNotLocked) {
 		t.Fatalf("renew of an unlocked tuple: %v", err)
 	}
-	if err := l.Renew([]Tuple{mirror, self}); err != nil {
+	if err := l.Renew([]Tuple{mirror, self, mirror}); err != nil {
 		t.Fatal(err)
 	}
-	if err := l.Unlock([]Tuple{mirror, self, mirror}); err != nil {
+	if n := n4(); n != 2 {
+		t.Fatalf("%d elements after renew, want 2", n)
+	}
+	if err := l.Unlock([]Tuple{mirror, self, mirror, tu}); err != nil {
 		t.Fatal(err)
 	}
 	if n := n4(); n != 0 {
@@ -413,6 +514,64 @@ func TestMirrorAndIdempotence(t *testing.T) {
 	}
 	if names := tableNames(t, ns); len(names) != 0 {
 		t.Fatalf("tables left after close: %v", names)
+	}
+}
+
+// TestElements reads the elements back from the kernel: one per tuple,
+// keyed local·lport·remote·rport as the host sees the connection, mapped
+// addresses in v4, and nothing else.
+func TestElements(t *testing.T) {
+	lab.Require(t)
+	ns, err := lab.NewNS("elements")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	l := newTestLock(t, Config{Instance: "elements", NetNS: ns.Handle()})
+	ts := []Tuple{
+		{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.1:40000")},
+		{Local: netip.MustParseAddrPort("198.18.0.1:40000"), Remote: netip.MustParseAddrPort("198.18.0.2:80")},
+		{Local: netip.MustParseAddrPort("[::ffff:198.18.0.3]:443"), Remote: netip.MustParseAddrPort("[::ffff:198.18.0.4]:50000")},
+		{Local: netip.MustParseAddrPort("[fd00::2]:80"), Remote: netip.MustParseAddrPort("[fd00::1]:40000")},
+		{Local: netip.MustParseAddrPort("[fe80::1%lo]:22"), Remote: netip.MustParseAddrPort("[fe80::2%lo]:1022")},
+	}
+	if err := l.Lock(ts); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{}
+	for _, tu := range ts {
+		n, _ := tu.normalize()
+		want[fmt.Sprintf("%x", connOf(n).appendKey(nil))] = true
+	}
+	c, err := nftables.New(nftables.WithNetNSFd(ns.Handle()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tab := &nftables.Table{Name: l.Table(), Family: nftables.TableFamilyINet}
+	got := map[string]bool{}
+	for _, set := range []string{setV4, setV6} {
+		els, err := c.GetSetElements(&nftables.Set{Table: tab, Name: set})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range els {
+			if wantLen := map[string]int{setV4: keyLen4, setV6: keyLen6}[set]; len(e.Key) != wantLen {
+				t.Errorf("set %s: key %x of %d bytes", set, e.Key, len(e.Key))
+			}
+			if e.Timeout != l.Lease() && e.Timeout != 0 || e.Expires <= 0 || e.Expires > l.Lease() {
+				t.Errorf("set %s: key %x: timeout %v, expires %v; want the lease %v", set, e.Key, e.Timeout, e.Expires, l.Lease())
+			}
+			got[fmt.Sprintf("%x", e.Key)] = true
+		}
+	}
+	if !maps.Equal(got, want) {
+		t.Fatalf("elements in the kernel:\n%v\nwant\n%v", slices.Sorted(maps.Keys(got)), slices.Sorted(maps.Keys(want)))
+	}
+	listing := nftList(t, ns, "set", "inet", l.Table(), setV4)
+	for _, e := range []string{"198.18.0.2 . 80 . 198.18.0.1 . 40000", "198.18.0.1 . 40000 . 198.18.0.2 . 80", "198.18.0.3 . 443 . 198.18.0.4 . 50000"} {
+		if !strings.Contains(listing, e) {
+			t.Errorf("nft does not list %q:\n%s", e, listing)
+		}
 	}
 }
 
@@ -445,7 +604,7 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 	// Watch the lock for three leases: it must never be missing.
 	start := time.Now()
 	waitFor(t, 10*time.Second, "three leases to pass with the renewer", func() bool {
-		if n := count(); n != 6 {
+		if n := count(); n != 3 {
 			t.Fatalf("%d elements after %v with a renewer", n, time.Since(start))
 		}
 		return time.Since(start) > 3*l.Lease()
@@ -476,8 +635,8 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 	if !errors.Is(err, ErrLeaseLapsed) || !errors.As(err, &fe) || len(fe.Tuples) != 1 || fe.Tuples[0] != t2 {
 		t.Fatalf("RenewAll after a lapse: %v", err)
 	}
-	if n := count(); n != 4 {
-		t.Fatalf("%d elements after RenewAll, want 4 (t1 and the lapsed t2 locked again)", n)
+	if n := count(); n != 2 {
+		t.Fatalf("%d elements after RenewAll, want 2 (t1 and the lapsed t2 locked again)", n)
 	}
 	if err := l.Renew([]Tuple{t2}); err != nil {
 		t.Fatalf("renew right after: %v", err)
@@ -567,7 +726,7 @@ func TestKilledAgent(t *testing.T) {
 	if names := tableNames(t, b); !slices.Equal(names, []string{live.Table()}) {
 		t.Fatalf("tables after the sweep: %v", names)
 	}
-	if n := setLen(t, b, live.Table(), setV4); n != 2 {
+	if n := setLen(t, b, live.Table(), setV4); n != 1 {
 		t.Fatalf("the live instance lost its lock: %d elements", n)
 	}
 }
@@ -649,11 +808,11 @@ func TestOthersUntouched(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := setLen(t, ns, two.Table(), setV4); n != 200 {
-		t.Fatalf("the other instance's lock changed: %d v4 elements, want 200", n)
+	if n := setLen(t, ns, two.Table(), setV4); n != 100 {
+		t.Fatalf("the other instance's lock changed: %d v4 elements, want 100", n)
 	}
-	if n := setLen(t, ns, two.Table(), setV6); n != 20 {
-		t.Fatalf("the other instance's lock changed: %d v6 elements, want 20", n)
+	if n := setLen(t, ns, two.Table(), setV6); n != 10 {
+		t.Fatalf("the other instance's lock changed: %d v6 elements, want 10", n)
 	}
 	if got := others(); got != before {
 		t.Fatalf("the host's ruleset changed while locks were held:\n--- before\n%s\n--- during\n%s", before, got)
@@ -664,7 +823,7 @@ func TestOthersUntouched(t *testing.T) {
 	if err := one.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := setLen(t, ns, two.Table(), setV4); n != 200 {
+	if n := setLen(t, ns, two.Table(), setV4); n != 100 {
 		t.Fatalf("closing one instance changed the other: %d v4 elements", n)
 	}
 	if err := two.Close(); err != nil {
@@ -775,8 +934,8 @@ func TestCurrentNamespace(t *testing.T) {
 	if err := l.Lock(ts); err != nil {
 		t.Fatal(err)
 	}
-	if n := setLen(t, ns, l.Table(), setV4); n != 6 {
-		t.Fatalf("%d elements in the namespace of New, want 6", n)
+	if n := setLen(t, ns, l.Table(), setV4); n != 3 {
+		t.Fatalf("%d elements in the namespace of New, want 3", n)
 	}
 	if removed, err := func() (r []string, err error) {
 		err = ns.Do(func() error {
