@@ -50,8 +50,11 @@ func (c *Control) Send(ctx context.Context, m Message) error {
 	}
 	c.sendMu.Lock()
 	defer c.sendMu.Unlock()
+	if c.sendErr == errSendClosed {
+		return opError(op, c.sendErr)
+	}
 	if c.sendErr != nil {
-		return opError(op, fmt.Errorf("%w: %v", ErrBroken, c.sendErr))
+		return opError(op, fmt.Errorf("%w: %w", ErrBroken, c.sendErr))
 	}
 	b := appendFrame(c.sendBuf[:0], m)
 	if cap(b) <= 64<<10 {
@@ -75,6 +78,21 @@ func (c *Control) Send(ctx context.Context, m Message) error {
 	return nil
 }
 
+// Close closes the control stream for sending, after the messages already
+// sent: the peer's Recv returns an error matching io.EOF once it has read
+// them. This side can still Recv. Closing the Link ends both directions at
+// once.
+func (c *Control) Close() error {
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	if c.sendErr == nil {
+		c.sendErr = errSendClosed
+	}
+	return opError("control close", c.link.ioErr(c.st.Close()))
+}
+
+var errSendClosed = fmt.Errorf("%w: the control stream is closed for sending", ErrClosed)
+
 // Recv waits for the next control message and returns it: one of *Prepare,
 // *Verdicts, *Prepared, *Switch, *Switched, *Commit, *Committed, *Abort,
 // *Query or *Outcome. When the peer closes the control stream it returns an
@@ -84,7 +102,7 @@ func (c *Control) Recv(ctx context.Context) (Message, error) {
 	c.recvMu.Lock()
 	defer c.recvMu.Unlock()
 	if c.recvErr != nil {
-		return nil, opError(op, fmt.Errorf("%w: %v", ErrBroken, c.recvErr))
+		return nil, opError(op, fmt.Errorf("%w: %w", ErrBroken, c.recvErr))
 	}
 	stop := watchStream(ctx, c.st.SetReadDeadline)
 	defer stop()

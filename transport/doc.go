@@ -29,7 +29,10 @@
 //   - A dead peer is noticed within about KeepAliveInterval +
 //     KeepAliveTimeout, and every blocked call on the link then returns.
 //   - No goroutine outlives its Link: Close (or the loss of the peer) ends
-//     yamux's, and the codec runs none of its own.
+//     yamux's and those of the snapshot writers (one each, sending while the
+//     caller encodes); zstd runs with concurrency 1 and none of its own.
+//   - A snapshot stream's zstd decoder holds at most MaxChunk bytes: bodies
+//     travel in chunks of at most 128 KiB, each compressed on its own.
 //
 // Errors are *OpError values ("transport: <operation>: <reason>") that wrap
 // the sentinel errors of this package, a *LimitError or a *HandshakeError;

@@ -68,7 +68,9 @@ var (
 // OpError is a failed operation of this package. Op names it (such as
 // "dial", "accept", "control recv" or "snapshot read"); Err says why.
 type OpError struct {
-	Op  string
+	// Op names the operation, with the peer's address when there is one.
+	Op string
+	// Err is the cause.
 	Err error
 }
 
@@ -109,9 +111,12 @@ func opError(op string, err error) error {
 // "connections", "connection index", "decoder window"); Value is what was
 // asked for (0 when the decoder could not tell) and Max the limit.
 type LimitError struct {
+	// Limit names the limit.
 	Limit string
+	// Value is the value that exceeded it, or 0 when unknown.
 	Value uint64
-	Max   uint64
+	// Max is the limit.
+	Max uint64
 }
 
 // Error returns a sentence naming the limit, the value and the maximum.
@@ -130,8 +135,11 @@ func (e *LimitError) Is(target error) bool { return target == ErrLimit }
 // when the peer refused (its Reject message arrived), false when this side
 // did. Code and Reason are those of the Reject message.
 type HandshakeError struct {
+	// Remote is true when the peer refused, false when this side did.
 	Remote bool
-	Code   RejectCode
+	// Code is the Reject message's code.
+	Code RejectCode
+	// Reason is the Reject message's reason.
 	Reason string
 }
 

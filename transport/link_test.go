@@ -559,10 +559,28 @@ func TestControlRecvContext(t *testing.T) {
 		if m, err := sv.Control().Recv(context.Background()); err != nil || m.Type() != MsgSwitched {
 			t.Fatalf("after a canceled Recv: %v, %v", m, err)
 		}
-		// The peer closing its control stream is io.EOF.
-		cl.Close()
-		if _, err := sv.Control().Recv(context.Background()); !errors.Is(err, ErrPeerLost) && !errors.Is(err, io.EOF) {
-			t.Fatalf("after the peer closed: %v", err)
+		// The peer closing its control stream, after a message, is that
+		// message, then io.EOF; the other direction still works.
+		if err := cl.Control().Send(context.Background(), &Query{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := cl.Control().Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := cl.Control().Send(context.Background(), &Query{}); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Send after Close: %v, want ErrClosed", err)
+		}
+		if m, err := sv.Control().Recv(context.Background()); err != nil || m.Type() != MsgQuery {
+			t.Fatalf("before the close: %v, %v", m, err)
+		}
+		if _, err := sv.Control().Recv(context.Background()); !errors.Is(err, io.EOF) {
+			t.Fatalf("after the peer closed: %v, want io.EOF", err)
+		}
+		if err := sv.Control().Send(context.Background(), &Outcome{State: StateUnknown}); err != nil {
+			t.Fatal(err)
+		}
+		if m, err := cl.Control().Recv(context.Background()); err != nil || m.Type() != MsgOutcome {
+			t.Fatalf("the other direction: %v, %v", m, err)
 		}
 	})
 }

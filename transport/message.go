@@ -36,8 +36,12 @@ func (id MigrationID) String() string { return hex.EncodeToString(id[:]) }
 // Verdict is the outcome of one connection: its index in the migration, a
 // code, and a human-readable reason (empty for VerdictOK).
 type Verdict struct {
-	Index  uint32
-	Code   VerdictCode
+	// Index is the connection's index in the migration.
+	Index uint32
+	// Code is the outcome; a receiver treats a code it does not know as a
+	// failure.
+	Code VerdictCode
+	// Reason says why, for reports; empty when Code is VerdictOK.
 	Reason string
 }
 
@@ -91,7 +95,9 @@ var acceptTable = newTable[Accept]("accept")
 
 // Reject says that the sender refuses the handshake, and why.
 type Reject struct {
-	Code   RejectCode
+	// Code says why, as a stable number.
+	Code RejectCode
+	// Reason says why, for people.
 	Reason string
 }
 
@@ -115,9 +121,12 @@ var streamOpenTable = newTable("stream-open",
 // snapshot streams, indexed 0 to Count-1. Lease bounds how long the target
 // may hold its locks without hearing from the source.
 type Prepare struct {
+	// Migration is the migration's ID.
 	Migration MigrationID
-	Count     uint32
-	Lease     time.Duration
+	// Count is the number of connections whose snapshots follow.
+	Count uint32
+	// Lease is how long the target may hold a lock without news.
+	Lease time.Duration
 }
 
 var prepareTable = newTable("prepare",
@@ -130,8 +139,10 @@ var prepareTable = newTable("prepare",
 // source). The target may send many, as restores finish; each connection
 // gets exactly one verdict.
 type Verdicts struct {
+	// Migration is the migration's ID.
 	Migration MigrationID
-	Verdicts  []Verdict
+	// Verdicts are the verdicts of this batch, in any order.
+	Verdicts []Verdict
 }
 
 var verdictsTable = newTable("verdicts",
@@ -143,9 +154,12 @@ var verdictsTable = newTable("verdicts",
 // verdicts in all, OK of them VerdictOK. The target now holds OK connections
 // restored and locked, waiting for Commit or Abort.
 type Prepared struct {
+	// Migration is the migration's ID.
 	Migration MigrationID
-	Count     uint32
-	OK        uint32
+	// Count is the number of verdicts sent, in all Verdicts messages.
+	Count uint32
+	// OK is the number of those that were VerdictOK.
+	OK uint32
 }
 
 var preparedTable = newTable("prepared",
@@ -158,8 +172,11 @@ var preparedTable = newTable("prepared",
 // and the target should claim them now (source → target). Addrs is empty
 // when a hook outside tcpmigrate moves the addresses.
 type Switch struct {
+	// Migration is the migration's ID.
 	Migration MigrationID
-	Addrs     []netip.Prefix
+	// Addrs are the service addresses, with their prefix lengths, that the
+	// target claims.
+	Addrs []netip.Prefix
 }
 
 var switchTable = newTable("switch",
@@ -169,6 +186,7 @@ var switchTable = newTable("switch",
 
 // Switched says that the target has claimed the addresses (target → source).
 type Switched struct {
+	// Migration is the migration's ID.
 	Migration MigrationID
 }
 
@@ -180,8 +198,10 @@ var switchedTable = newTable("switched",
 // those listed in Exclude, which the source has rolled back on its side and
 // the target must discard (source → target).
 type Commit struct {
+	// Migration is the migration's ID.
 	Migration MigrationID
-	Exclude   []uint32
+	// Exclude lists the indices of prepared connections to discard.
+	Exclude []uint32
 }
 
 var commitTable = newTable("commit",
@@ -193,8 +213,10 @@ var commitTable = newTable("commit",
 // outcome (target → source). Failed lists the connections that could not be
 // delivered after commit; every other committed connection was delivered.
 type Committed struct {
+	// Migration is the migration's ID.
 	Migration MigrationID
-	Failed    []Verdict
+	// Failed lists the connections that failed after the commit.
+	Failed []Verdict
 }
 
 var committedTable = newTable("committed",
@@ -204,9 +226,12 @@ var committedTable = newTable("committed",
 
 // Abort rolls the migration back (either side, before Commit is sent).
 type Abort struct {
+	// Migration is the migration's ID.
 	Migration MigrationID
-	Code      AbortCode
-	Reason    string
+	// Code says why, as a stable number.
+	Code AbortCode
+	// Reason says why, for people.
+	Reason string
 }
 
 var abortTable = newTable("abort",
@@ -218,6 +243,7 @@ var abortTable = newTable("abort",
 // Query asks the target what became of a migration (source → target), to
 // resolve the in-doubt window after a lost link.
 type Query struct {
+	// Migration is the ID of the migration asked about.
 	Migration MigrationID
 }
 
@@ -228,9 +254,12 @@ var queryTable = newTable("query",
 // Outcome answers a Query with the target's record (target → source).
 // Verdicts lists the connections that did not end VerdictOK.
 type Outcome struct {
+	// Migration is the ID of the migration asked about.
 	Migration MigrationID
-	State     MigrationState
-	Verdicts  []Verdict
+	// State is what the target recorded.
+	State MigrationState
+	// Verdicts lists the connections that did not end VerdictOK.
+	Verdicts []Verdict
 }
 
 var outcomeTable = newTable("outcome",
