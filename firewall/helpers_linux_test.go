@@ -249,7 +249,9 @@ func dropCounts(t *testing.T, ns *lab.NS, table string) (in, out uint64) {
 	return in, out
 }
 
-// setLen counts the elements of a lock set, read back from the kernel.
+// setLen counts the distinct keys of a lock set, read back from the kernel.
+// Distinct, because a dump that runs while a renewal (delete and re-add of
+// the same keys) commits can list a key's old element and its new one.
 func setLen(t testing.TB, ns *lab.NS, table, set string) int {
 	t.Helper()
 	c, err := nftables.New(nftables.WithNetNSFd(ns.Handle()))
@@ -261,7 +263,30 @@ func setLen(t testing.TB, ns *lab.NS, table, set string) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return len(els)
+	keys := make(map[string]bool, len(els))
+	for _, e := range els {
+		keys[string(e.Key)] = true
+	}
+	return len(keys)
+}
+
+// settledLen is setLen of both lock sets once two dumps in a row agree. A
+// dump that overlaps the commit of a renewal (delete and re-add of the same
+// keys) can miss keys or list them twice, since it checks the generation of
+// the elements as of its start; packets, looked up each with the current
+// generation, never see such a gap.
+func settledLen(t *testing.T, ns *lab.NS, table string) int {
+	t.Helper()
+	n := -1
+	for range 10 {
+		m := setLen(t, ns, table, setV4) + setLen(t, ns, table, setV6)
+		if m == n {
+			return n
+		}
+		n = m
+	}
+	t.Fatalf("the sets of %s keep changing", table)
+	return 0
 }
 
 // tableNames lists the inet tables of ns.
