@@ -2,14 +2,12 @@ package firewall
 
 import (
 	"errors"
-	"slices"
 	"sync"
 	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
-	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -30,18 +28,18 @@ const leaseMargin = 250 * time.Millisecond
 // calls are applied one at a time.
 type Lock struct {
 	cfg   Config
-	table *nftables.Table
-	v4    *nftables.Set
-	v6    *nftables.Set
+	table string
 	nsfd  int // our duplicate of the namespace descriptor
 	owner int // the owner socket, bound while the instance lives
 
-	// mu guards held, closed and nl, and serialises the batches so that held
+	// mu guards everything below, and serialises the batches so that held
 	// follows the kernel's order of changes.
 	mu     sync.Mutex
 	held   map[conn]holding
 	closed bool
-	nl     *nftables.Conn // lasting netlink socket, dialled on first use
+	sock   *nfSocket // lasting netlink socket, dialled on first use
+	tx     changes   // the keys of the batch being built
+	b      batch     // its encoding
 
 	// renewMu guards renewer.
 	renewMu sync.Mutex
@@ -89,7 +87,7 @@ func New(cfg Config) (*Lock, error) {
 	}
 	l := &Lock{
 		cfg:   cfg,
-		table: &nftables.Table{Name: name, Family: nftables.TableFamilyINet},
+		table: name,
 		nsfd:  nsfd,
 		owner: owner,
 		held:  make(map[conn]holding),
@@ -110,21 +108,23 @@ var (
 	keyType6 = nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeIP6Addr, nftables.TypeInetService)
 )
 
-// create sends the batch that builds the table. The table is created with
-// NLM_F_EXCL so that an existing one is never adopted or changed.
+// create sends the batch that builds the table, through google/nftables.
+// The table is created with NLM_F_EXCL so that an existing one is never
+// adopted or changed.
 func (l *Lock) create() error {
-	c, err := newConn(l.nsfd, 0, false)
+	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
 	if err != nil {
 		return err
 	}
-	c.CreateTable(l.table)
+	table := &nftables.Table{Name: l.table, Family: nftables.TableFamilyINet}
+	c.CreateTable(table)
 	// Set IDs only link the rules to the sets within this batch; fixing them
 	// keeps google/nftables from touching its unsynchronised global counter.
-	l.v4 = &nftables.Set{Table: l.table, Name: setV4, ID: 1, KeyType: keyType4,
+	v4 := &nftables.Set{Table: table, Name: setV4, ID: 1, KeyType: keyType4,
 		HasTimeout: true, Timeout: l.cfg.Lease, Concatenation: true}
-	l.v6 = &nftables.Set{Table: l.table, Name: setV6, ID: 2, KeyType: keyType6,
+	v6 := &nftables.Set{Table: table, Name: setV6, ID: 2, KeyType: keyType6,
 		HasTimeout: true, Timeout: l.cfg.Lease, Concatenation: true}
-	for _, s := range []*nftables.Set{l.v4, l.v6} {
+	for _, s := range []*nftables.Set{v4, v6} {
 		if err := c.AddSet(s, nil); err != nil {
 			return err
 		}
@@ -140,14 +140,14 @@ func (l *Lock) create() error {
 		{chainIn, nftables.ChainHookPrerouting, toLocal},
 		{chainOut, nftables.ChainHookOutput, fromLocal},
 	} {
-		chain := c.AddChain(&nftables.Chain{Name: ch.name, Table: l.table, Type: nftables.ChainTypeFilter,
+		chain := c.AddChain(&nftables.Chain{Name: ch.name, Table: table, Type: nftables.ChainTypeFilter,
 			Hooknum: ch.hook, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept})
 		rules := [][]expr.Any{bypassRule(l.cfg.BypassMark)}
-		for _, s := range []*nftables.Set{l.v4, l.v6} {
+		for _, s := range []*nftables.Set{v4, v6} {
 			rules = append(rules, dropRule(s, ch.local), dropRule(s, !ch.local))
 		}
 		for _, exprs := range rules {
-			c.AddRule(&nftables.Rule{Table: l.table, Chain: chain, Exprs: exprs})
+			c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
 		}
 	}
 	return c.Flush()
@@ -210,7 +210,7 @@ func (l *Lock) BypassMark() uint32 { return l.cfg.BypassMark }
 func (l *Lock) Lease() time.Duration { return l.cfg.Lease }
 
 // Table returns the name of the lock's nftables table.
-func (l *Lock) Table() string { return l.table.Name }
+func (l *Lock) Table() string { return l.table }
 
 // Lock drops every packet of each tuple, both directions, from the moment
 // the batch commits, for one lease (renew it with Renew or StartRenewer).
@@ -218,26 +218,24 @@ func (l *Lock) Table() string { return l.table.Name }
 // lease ran out is locked afresh. An invalid tuple fails the whole call
 // before anything is sent (ErrInvalidTuple).
 func (l *Lock) Lock(ts []Tuple) error {
-	cs, err := collect("lock", l.table.Name, ts)
+	cs, err := collect("lock", l.table, ts)
 	if err != nil {
 		return err
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return &Error{Op: "lock", Table: l.table.Name, Err: ErrClosed}
+		return &Error{Op: "lock", Table: l.table, Err: ErrClosed}
 	}
 	if len(cs) == 0 {
 		return nil
 	}
-	var tx batch
-	tx.add.reserve(cs)
+	start := l.startCall()
 	for _, c := range cs {
-		tx.add.put(c)
+		l.tx.add.put(c)
 	}
-	start := time.Now()
-	if err := l.flush(&tx); err != nil {
-		return &Error{Op: "lock", Table: l.table.Name, Err: err}
+	if err := l.flush(); err != nil {
+		return &Error{Op: "lock", Table: l.table, Err: err}
 	}
 	for _, c := range cs {
 		h, ok := l.held[c]
@@ -257,18 +255,16 @@ func (l *Lock) Lock(ts []Tuple) error {
 // connection are locked here (a tuple and its mirror), its packets keep
 // being dropped until both are unlocked.
 func (l *Lock) Unlock(ts []Tuple) error {
-	cs, err := collect("unlock", l.table.Name, ts)
+	cs, err := collect("unlock", l.table, ts)
 	if err != nil {
 		return err
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return &Error{Op: "unlock", Table: l.table.Name, Err: ErrClosed}
+		return &Error{Op: "unlock", Table: l.table, Err: ErrClosed}
 	}
-	var tx batch
-	tx.del.reserve(cs)
-	now := time.Now()
+	now := l.startCall()
 	for _, c := range cs {
 		h, ok := l.held[c]
 		if !ok {
@@ -277,12 +273,12 @@ func (l *Lock) Unlock(ts []Tuple) error {
 		if h.deadline.Sub(now) <= leaseMargin {
 			// The kernel may have expired it: add it first so the delete
 			// cannot fail with ENOENT and abort the batch.
-			tx.guard.put(c)
+			l.tx.guard.put(c)
 		}
-		tx.del.put(c)
+		l.tx.del.put(c)
 	}
-	if err := l.flush(&tx); err != nil {
-		return &Error{Op: "unlock", Table: l.table.Name, Err: err}
+	if err := l.flush(); err != nil {
+		return &Error{Op: "unlock", Table: l.table, Err: err}
 	}
 	for _, c := range cs {
 		delete(l.held, c)
@@ -298,14 +294,14 @@ func (l *Lock) Unlock(ts []Tuple) error {
 // those tuples are locked again and the call reports them with
 // ErrLeaseLapsed after renewing everything.
 func (l *Lock) Renew(ts []Tuple) error {
-	cs, err := collect("renew", l.table.Name, ts)
+	cs, err := collect("renew", l.table, ts)
 	if err != nil {
 		return err
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return &Error{Op: "renew", Table: l.table.Name, Err: ErrClosed}
+		return &Error{Op: "renew", Table: l.table, Err: ErrClosed}
 	}
 	var missing []Tuple
 	for _, c := range cs {
@@ -314,7 +310,7 @@ func (l *Lock) Renew(ts []Tuple) error {
 		}
 	}
 	if missing != nil {
-		return &Error{Op: "renew", Table: l.table.Name, Tuples: missing, Err: ErrNotLocked}
+		return &Error{Op: "renew", Table: l.table, Tuples: missing, Err: ErrNotLocked}
 	}
 	return l.renew(cs)
 }
@@ -324,7 +320,7 @@ func (l *Lock) RenewAll() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return &Error{Op: "renew", Table: l.table.Name, Err: ErrClosed}
+		return &Error{Op: "renew", Table: l.table, Err: ErrClosed}
 	}
 	cs := make([]conn, 0, len(l.held))
 	for c := range l.held {
@@ -338,30 +334,34 @@ func (l *Lock) renew(cs []conn) error {
 	if len(cs) == 0 {
 		return nil
 	}
-	var tx batch
-	tx.del.reserve(cs)
-	tx.add.reserve(cs)
+	start := l.startCall()
 	var lapsed []Tuple
-	now := time.Now()
 	for _, c := range cs {
-		if l.held[c].deadline.Sub(now) <= leaseMargin {
-			tx.guard.put(c)
+		if l.held[c].deadline.Sub(start) <= leaseMargin {
+			l.tx.guard.put(c)
 			lapsed = append(lapsed, c.tuple())
 		}
-		tx.del.put(c)
-		tx.add.put(c)
+		l.tx.del.put(c)
+		l.tx.add.put(c)
 	}
-	start := time.Now()
-	if err := l.flush(&tx); err != nil {
-		return &Error{Op: "renew", Table: l.table.Name, Err: err}
+	if err := l.flush(); err != nil {
+		return &Error{Op: "renew", Table: l.table, Err: err}
 	}
 	for _, c := range cs {
 		l.held[c] = holding{deadline: start.Add(l.cfg.Lease)}
 	}
 	if lapsed != nil {
-		return &Error{Op: "renew", Table: l.table.Name, Tuples: lapsed, Err: ErrLeaseLapsed}
+		return &Error{Op: "renew", Table: l.table, Tuples: lapsed, Err: ErrLeaseLapsed}
 	}
 	return nil
+}
+
+// startCall clears the batch under construction and returns the call's
+// start: deadlines count from before the batch is sent, so the Lock never
+// believes a lease longer than the kernel's. It runs with l.mu held.
+func (l *Lock) startCall() time.Time {
+	l.tx.reset()
+	return time.Now()
 }
 
 // Close stops the renewer and deletes the table with every lock in it, in
@@ -375,40 +375,30 @@ func (l *Lock) Close() error {
 	if l.closed {
 		return nil
 	}
-	c, err := l.conn(0)
+	s, err := l.socket()
 	if err == nil {
-		c.DelTable(l.table)
-		err = l.flushOn(c)
+		l.b.begin(s.seq)
+		l.b.delTable(l.table)
+		l.b.end()
+		err = s.send(&l.b)
 	}
 	if err != nil && !errors.Is(err, unix.ENOENT) {
-		return &Error{Op: "close", Table: l.table.Name, Err: err}
+		l.dropSocket()
+		return &Error{Op: "close", Table: l.table, Err: err}
 	}
-	if l.nl != nil {
-		l.nl.CloseLasting()
-		l.nl = nil
-	}
+	l.dropSocket()
 	l.closed = true
 	l.held = nil
+	l.b = batch{}
+	l.tx = changes{}
 	unix.Close(l.owner)
 	unix.Close(l.nsfd)
 	return nil
 }
 
-// keys accumulates set keys of one family per purpose.
+// keys accumulates the set keys of one purpose, per family.
 type keys struct {
 	v4, v6 []byte
-}
-
-// reserve makes room for the keys of cs.
-func (k *keys) reserve(cs []conn) {
-	n4 := 0
-	for _, c := range cs {
-		if c.v4 {
-			n4++
-		}
-	}
-	k.v4 = slices.Grow(k.v4, n4*keyLen4)
-	k.v6 = slices.Grow(k.v6, (len(cs)-n4)*keyLen6)
 }
 
 func (k *keys) put(c conn) {
@@ -419,152 +409,85 @@ func (k *keys) put(c conn) {
 	}
 }
 
-// batch is one transaction on the sets: guard elements are added first
-// (making the following deletes valid whatever the kernel expired), then
-// del elements deleted, then add elements added.
-type batch struct {
+// changes are the element changes of one batch: guard elements are added
+// first (making the following deletes valid whatever the kernel expired),
+// then del elements deleted, then add elements added. The buffers are kept
+// from one call to the next.
+type changes struct {
 	guard, del, add keys
 }
 
-// Element lists are split into messages of at most maxListBytes, since a
-// netlink attribute's length is 16 bits; elemOverhead is the attribute
-// framing around each key. All messages still go in one batch.
-const (
-	maxListBytes = 48 << 10
-	elemOverhead = 16
-)
+func (t *changes) empty() bool {
+	return len(t.guard.v4)+len(t.guard.v6)+len(t.del.v4)+len(t.del.v6)+len(t.add.v4)+len(t.add.v6) == 0
+}
 
-// flush sends tx as one batch. It runs with l.mu held.
-func (l *Lock) flush(tx *batch) error {
-	type op struct {
-		del  bool
-		s    *nftables.Set
-		keys []byte
+func (t *changes) reset() {
+	for _, k := range []*keys{&t.guard, &t.del, &t.add} {
+		k.v4, k.v6 = k.v4[:0], k.v6[:0]
 	}
-	ops := []op{
-		{false, l.v4, tx.guard.v4}, {false, l.v6, tx.guard.v6},
-		{true, l.v4, tx.del.v4}, {true, l.v6, tx.del.v6},
-		{false, l.v4, tx.add.v4}, {false, l.v6, tx.add.v6},
-	}
-	size := 0
-	for _, o := range ops {
-		size += len(o.keys) + len(o.keys)/int(o.s.KeyType.Bytes)*elemOverhead
-	}
-	if size == 0 {
+}
+
+// maxKeep is the largest buffer a Lock keeps between calls; a larger one
+// (a batch of some 100,000 tuples) is left to the garbage collector.
+const maxKeep = 4 << 20
+
+// flush encodes l.tx as one batch and sends it. It runs with l.mu held.
+func (l *Lock) flush() error {
+	if l.tx.empty() {
 		return nil
 	}
-	c, err := l.conn(size)
+	s, err := l.socket()
 	if err != nil {
 		return err
 	}
-	for _, o := range ops {
-		if len(o.keys) == 0 {
-			continue
-		}
-		kl := int(o.s.KeyType.Bytes)
-		els := make([]nftables.SetElement, len(o.keys)/kl)
-		for i := range els {
-			els[i].Key = o.keys[i*kl : (i+1)*kl : (i+1)*kl]
-		}
-		per := maxListBytes / (kl + elemOverhead)
-		for chunk := range slices.Chunk(els, per) {
-			if o.del {
-				err = c.SetDeleteElements(o.s, chunk)
-			} else {
-				err = c.SetAddElements(o.s, chunk)
-			}
-			if err != nil {
-				l.discard(c) // it holds part of a batch
-				return err
-			}
-		}
+	l.encode(s.seq)
+	err = s.send(&l.b)
+	if err != nil {
+		// It may hold replies of this batch that would be taken for
+		// another's.
+		l.dropSocket()
 	}
-	return l.flushOn(c)
-}
-
-// lastingBuffer is the send buffer of the lasting socket: the largest batch
-// it takes (a limit, not an allocation). Larger batches, beyond some 50,000
-// tuples, get a socket of their own.
-const lastingBuffer = 16 << 20
-
-// conn returns a netlink connection to nftables in the lock's namespace
-// for a batch of about size bytes. It runs with l.mu held.
-//
-// Batches share one lasting socket because closing a netfilter netlink
-// socket waits for an RCU grace period whenever a recent batch deleted
-// something (the kernel flushes its deferred frees on release), which
-// costs about 10 ms. A socket whose batch failed is closed and replaced, so
-// that no stray reply of a failed batch is read as the answer to another.
-func (l *Lock) conn(size int) (*nftables.Conn, error) {
-	if bufferFor(size) > lastingBuffer {
-		return newConn(l.nsfd, bufferFor(size), false)
-	}
-	if l.nl == nil {
-		c, err := newConn(l.nsfd, lastingBuffer, true)
-		if err != nil {
-			return nil, err
-		}
-		l.nl = c
-	}
-	return l.nl, nil
-}
-
-// flushOn sends the batch queued on c; if the batch failed, it drops c.
-// It runs with l.mu held.
-func (l *Lock) flushOn(c *nftables.Conn) error {
-	err := c.Flush()
-	if err != nil || c != l.nl {
-		l.discard(c)
+	if cap(l.b.buf) > maxKeep {
+		l.b, l.tx = batch{}, changes{}
 	}
 	return err
 }
 
-// discard closes c and forgets it if it is the lasting connection. It runs
+// encode writes l.tx into l.b, starting at sequence number seq.
+func (l *Lock) encode(seq uint32) {
+	t, b := &l.tx, &l.b
+	b.begin(seq)
+	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV4, keyLen4, t.guard.v4)
+	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV6, keyLen6, t.guard.v6)
+	b.elements(unix.NFT_MSG_DELSETELEM, l.table, setV4, keyLen4, t.del.v4)
+	b.elements(unix.NFT_MSG_DELSETELEM, l.table, setV6, keyLen6, t.del.v6)
+	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV4, keyLen4, t.add.v4)
+	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV6, keyLen6, t.add.v6)
+	b.end()
+}
+
+// socket returns the lasting netlink socket, dialling it if needed. It runs
 // with l.mu held.
-func (l *Lock) discard(c *nftables.Conn) {
-	c.CloseLasting()
-	if c == l.nl {
-		l.nl = nil
+//
+// Batches share one lasting socket because closing a netfilter netlink
+// socket waits for an RCU grace period whenever a recent batch deleted
+// something (the kernel flushes its deferred frees on release), which
+// costs about 10 ms. A socket whose batch failed is closed and replaced.
+func (l *Lock) socket() (*nfSocket, error) {
+	if l.sock == nil {
+		s, err := dialNF(l.nsfd)
+		if err != nil {
+			return nil, err
+		}
+		l.sock = s
 	}
+	return l.sock, nil
 }
 
-// bufferFor returns a send buffer size that fits a batch of about size
-// bytes of elements, with room for the netlink and attribute headers.
-func bufferFor(size int) int { return size + size/4 + 64<<10 }
-
-// newConn returns a connection to nftables in nsfd whose sockets have a send
-// buffer of buf bytes (0: the default), lasting or dialled per operation.
-func newConn(nsfd, buf int, lasting bool) (*nftables.Conn, error) {
-	opts := []nftables.ConnOption{nftables.WithNetNSFd(nsfd)}
-	if buf > 0 {
-		opts = append(opts, nftables.WithSockOptions(sendBuffer(buf)))
-	}
-	if lasting {
-		opts = append(opts, nftables.AsLasting())
-	}
-	return nftables.New(opts...)
-}
-
-// sendBuffer raises the socket's send buffer to n bytes: a batch goes out in
-// one sendmsg, which netlink refuses beyond the buffer (EMSGSIZE).
-// SO_SNDBUFFORCE (CAP_NET_ADMIN, which nftables needs anyway) may exceed
-// net.core.wmem_max.
-func sendBuffer(n int) nftables.SockOption {
-	return func(c *netlink.Conn) error {
-		rc, err := c.SyscallConn()
-		if err != nil {
-			return err
-		}
-		var serr error
-		err = rc.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, n)
-			if serr == unix.EPERM {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, n)
-			}
-		})
-		if err != nil {
-			return err
-		}
-		return serr
+// dropSocket closes the lasting socket, if any. It runs with l.mu held.
+func (l *Lock) dropSocket() {
+	if l.sock != nil {
+		l.sock.close()
+		l.sock = nil
 	}
 }

@@ -575,6 +575,83 @@ func TestElements(t *testing.T) {
 	}
 }
 
+// TestFailedBatch makes batches fail in the kernel and checks that nothing
+// of them is applied, that the Lock's bookkeeping stays as it was, and that
+// the next batch goes through on a fresh socket.
+func TestFailedBatch(t *testing.T) {
+	lab.Require(t)
+	ns, err := lab.NewNS("failed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	l := newTestLock(t, Config{Instance: "failed", NetNS: ns.Handle()})
+	ts := tuples(3, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.0.1"))
+	if err := l.Lock(ts[:2]); err != nil {
+		t.Fatal(err)
+	}
+	// Someone removes one element behind the lock's back: deleting it again
+	// fails the whole unlock batch with ENOENT.
+	if _, err := ns.Exec("nft", "delete", "element", "inet", l.Table(), setV4,
+		"{ 198.18.0.2 . 80 . 198.18.0.1 . 10001 }"); err != nil {
+		t.Fatal(err)
+	}
+	err = l.Unlock(ts)
+	var fe *Error
+	if !errors.Is(err, unix.ENOENT) || !errors.As(err, &fe) || fe.Op != "unlock" || !strings.Contains(err.Error(), "set v4") {
+		t.Fatalf("unlock with an element missing: %v", err)
+	}
+	if n := setLen(t, ns, l.Table(), setV4); n != 1 {
+		t.Fatalf("the failed unlock changed the set: %d elements, want 1", n)
+	}
+	// Both tuples are still held, so that once the missing element is back
+	// one unlock removes both.
+	if err := l.Lock(ts[1:2]); err != nil {
+		t.Fatal(err)
+	}
+	if n := setLen(t, ns, l.Table(), setV4); n != 2 {
+		t.Fatalf("%d elements after the relock, want 2", n)
+	}
+	if err := l.Unlock(ts); err != nil {
+		t.Fatal(err)
+	}
+	if n := setLen(t, ns, l.Table(), setV4); n != 0 {
+		t.Fatalf("the unlock after the failed one left %d elements", n)
+	}
+	if err := l.Lock(ts[:2]); err != nil {
+		t.Fatal(err)
+	}
+	// A lock that fails records nothing.
+	if _, err := ns.Exec("nft", "delete", "set", "inet", l.Table(), setV6); err == nil {
+		t.Fatal("deleting a set the rules use succeeded")
+	}
+	if _, err := ns.Exec("nft", "flush", "chain", "inet", l.Table(), chainIn); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ns.Exec("nft", "flush", "chain", "inet", l.Table(), chainOut); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ns.Exec("nft", "delete", "set", "inet", l.Table(), setV6); err != nil {
+		t.Fatal(err)
+	}
+	v6 := Tuple{Local: netip.MustParseAddrPort("[fd00::2]:80"), Remote: netip.MustParseAddrPort("[fd00::1]:1")}
+	if err := l.Lock([]Tuple{ts[2], v6}); !errors.Is(err, unix.ENOENT) {
+		t.Fatalf("lock into a missing set: %v", err)
+	}
+	if n := setLen(t, ns, l.Table(), setV4); n != 2 {
+		t.Fatalf("the failed lock changed v4: %d elements, want 2", n)
+	}
+	if err := l.Renew([]Tuple{ts[2]}); !errors.Is(err, ErrNotLocked) {
+		t.Fatalf("renew of a tuple whose lock failed: %v", err)
+	}
+	if err := l.Unlock(ts); err != nil {
+		t.Fatal(err)
+	}
+	if n := setLen(t, ns, l.Table(), setV4); n != 0 {
+		t.Fatalf("%d elements left", n)
+	}
+}
+
 // TestLeaseExpiryAndRenewal checks that a renewer keeps a lock alive across
 // several leases, that without renewal the kernel drops the elements after
 // one lease, that Unlock of lapsed tuples succeeds, that Lock of a lapsed

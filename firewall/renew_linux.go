@@ -24,7 +24,7 @@ func (l *Lock) StartRenewer(interval time.Duration, onErr func(error)) error {
 		interval = l.cfg.Lease / 3
 	}
 	if interval <= 0 || interval > l.cfg.Lease/2 {
-		return &Error{Op: "renew", Table: l.table.Name,
+		return &Error{Op: "renew", Table: l.table,
 			Err: fmt.Errorf("%w: renew interval %v outside (0, %v]", ErrInvalidConfig, interval, l.cfg.Lease/2)}
 	}
 	l.renewMu.Lock()
@@ -33,10 +33,10 @@ func (l *Lock) StartRenewer(interval time.Duration, onErr func(error)) error {
 	closed := l.closed
 	l.mu.Unlock()
 	if closed {
-		return &Error{Op: "renew", Table: l.table.Name, Err: ErrClosed}
+		return &Error{Op: "renew", Table: l.table, Err: ErrClosed}
 	}
 	if l.renewer != nil {
-		return &Error{Op: "renew", Table: l.table.Name, Err: ErrRenewerRunning}
+		return &Error{Op: "renew", Table: l.table, Err: ErrRenewerRunning}
 	}
 	r := &renewer{stop: make(chan struct{}), done: make(chan struct{})}
 	l.renewer = r

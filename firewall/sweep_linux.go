@@ -33,7 +33,7 @@ func Sweep(netns int, keep func(instance string) bool) ([]string, error) {
 		return nil, &Error{Op: "sweep", Err: err}
 	}
 	defer unix.Close(nsfd)
-	c, err := newConn(nsfd, 0, false)
+	c, err := nftables.New(nftables.WithNetNSFd(nsfd))
 	if err != nil {
 		return nil, &Error{Op: "sweep", Err: err}
 	}
