@@ -90,7 +90,7 @@ func TestCollect(t *testing.T) {
 	mirror := Tuple{Local: a.Remote, Remote: a.Local}
 	mapped := Tuple{Local: ap("[::ffff:198.18.0.2]:80"), Remote: ap("[::ffff:198.18.0.1]:40000")}
 	cs, err := collect("lock", "t", []Tuple{a, mapped, mirror})
-	if err != nil || len(cs) != 2 || cs[0] != connOf(a) || !cs[0].v4 || cs[1] != connOf(mirror) {
+	if err != nil || len(cs) != 3 || cs[0] != cs[1] || cs[0] == cs[2] || !cs[1].v4 || cs[2] != connOf(mirror) {
 		t.Fatalf("collect = %v, %v", cs, err)
 	}
 	bad := Tuple{Local: ap("198.18.0.2:0"), Remote: a.Remote}
@@ -185,5 +185,25 @@ func TestImports(t *testing.T) {
 	}
 	if _, err := os.Stat("doc.go"); err != nil {
 		t.Errorf("package has no doc.go: %v", err)
+	}
+}
+
+// TestConnSet checks that the fast conversion agrees with normalize.
+func TestConnSet(t *testing.T) {
+	eps := []netip.AddrPort{
+		{}, ap("198.18.0.1:80"), ap("198.18.0.1:0"), ap("0.0.0.0:80"), ap("[::ffff:198.18.0.2]:4000"),
+		ap("[::ffff:0.0.0.0]:1"), ap("[fd00::1]:80"), ap("[::]:80"), ap("[fe80::1%eth0]:443"), ap("[::1]:22"),
+		ap("[::ffff:198.18.0.2%eth0]:9"), netip.AddrPortFrom(netip.Addr{}, 80),
+	}
+	for _, l := range eps {
+		for _, r := range eps {
+			tu := Tuple{Local: l, Remote: r}
+			n, ok := tu.normalize()
+			var c conn
+			cok := c.set(&tu)
+			if ok != cok || ok && (c != connOf(n) || c.tuple() != n) {
+				t.Errorf("%v: set = %v, %v; normalize = %v, %v", tu, c, cok, n, ok)
+			}
+		}
 	}
 }

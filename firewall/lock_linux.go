@@ -4,6 +4,7 @@ import (
 	"errors"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -33,13 +34,16 @@ type Lock struct {
 	owner int // the owner socket, bound while the instance lives
 
 	// mu guards everything below, and serialises the batches so that held
-	// follows the kernel's order of changes.
+	// follows the kernel's order of changes. (While Lock waits for the
+	// kernel, its helper goroutine works on held and undo for it.)
 	mu     sync.Mutex
 	held   map[conn]holding
+	gen    uint64 // numbers the calls, to spot a tuple named twice in one
 	closed bool
 	sock   *nfSocket // lasting netlink socket, dialled on first use
 	tx     changes   // the keys of the batch being built
 	b      batch     // its encoding
+	undo   []undo    // how to restore held if the batch fails
 
 	// renewMu guards renewer.
 	renewMu sync.Mutex
@@ -49,9 +53,18 @@ type Lock struct {
 // holding is what the Lock knows of one locked tuple in the kernel.
 type holding struct {
 	// deadline is the earliest instant the kernel may expire the tuple's
-	// element: the start of the batch that last (re)created it plus the
+	// element: the start of the call that last (re)created it plus the
 	// lease.
 	deadline time.Time
+	// gen is the call that last changed the entry.
+	gen uint64
+}
+
+// undo is the state of one entry of held before the current call.
+type undo struct {
+	c   conn
+	h   holding
+	had bool
 }
 
 // New creates the lock of cfg.Instance in cfg.NetNS: the table, both sets,
@@ -227,27 +240,22 @@ func (l *Lock) Lock(ts []Tuple) error {
 	if l.closed {
 		return &Error{Op: "lock", Table: l.table, Err: ErrClosed}
 	}
-	if len(cs) == 0 {
-		return nil
-	}
 	start := l.startCall()
 	for _, c := range cs {
-		l.tx.add.put(c)
+		l.tx.add.put(c) // a tuple named twice is added twice: the kernel ignores the second
 	}
-	if err := l.flush(); err != nil {
-		return &Error{Op: "lock", Table: l.table, Err: err}
-	}
-	for _, c := range cs {
-		h, ok := l.held[c]
-		// A tuple held already keeps its deadline, unless its lease ran out
-		// well before this batch: then the kernel had dropped it and the
-		// batch added it afresh.
-		if !ok || start.Sub(h.deadline) > leaseMargin {
-			h.deadline = start.Add(l.cfg.Lease)
-		}
-		l.held[c] = h
-	}
-	return nil
+	// The batch does not depend on held: update held on the other core
+	// while the kernel works through the batch (for 10,000 tuples 1.5 ms
+	// that would otherwise add to the kernel's 5 to 15), and undo that if
+	// the batch fails. The helper touches only held and undo, flush neither.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		l.locked(cs, start)
+	}()
+	err = l.flush()
+	<-done
+	return l.settle("lock", err)
 }
 
 // Unlock lets the packets of each tuple through again, all at the same
@@ -264,12 +272,40 @@ func (l *Lock) Unlock(ts []Tuple) error {
 	if l.closed {
 		return &Error{Op: "unlock", Table: l.table, Err: ErrClosed}
 	}
-	now := l.startCall()
+	l.unlocked(cs, l.startCall())
+	return l.commit("unlock")
+}
+
+// locked records in held, and how to undo it, that the batch of Lock(cs),
+// started at start, locks cs.
+func (l *Lock) locked(cs []conn, start time.Time) {
+	for _, c := range cs {
+		h, ok := l.held[c]
+		if ok && h.gen == l.gen {
+			continue // named twice
+		}
+		l.undo = append(l.undo, undo{c, h, ok})
+		// A tuple held already keeps its deadline, unless its lease ran out
+		// well before this batch: then the kernel had dropped it and the
+		// batch added it afresh.
+		if !ok || start.Sub(h.deadline) > leaseMargin {
+			h.deadline = start.Add(l.cfg.Lease)
+		}
+		h.gen = l.gen
+		l.held[c] = h
+	}
+}
+
+// unlocked puts the deletions of Unlock(cs), started at now, in the batch
+// and removes cs from held, recording how to undo that.
+func (l *Lock) unlocked(cs []conn, now time.Time) {
 	for _, c := range cs {
 		h, ok := l.held[c]
 		if !ok {
-			continue
+			continue // not held, or named twice
 		}
+		l.undo = append(l.undo, undo{c, h, true})
+		delete(l.held, c)
 		if h.deadline.Sub(now) <= leaseMargin {
 			// The kernel may have expired it: add it first so the delete
 			// cannot fail with ENOENT and abort the batch.
@@ -277,13 +313,6 @@ func (l *Lock) Unlock(ts []Tuple) error {
 		}
 		l.tx.del.put(c)
 	}
-	if err := l.flush(); err != nil {
-		return &Error{Op: "unlock", Table: l.table, Err: err}
-	}
-	for _, c := range cs {
-		delete(l.held, c)
-	}
-	return nil
 }
 
 // Renew gives each tuple, which must be locked by l, a full lease from now,
@@ -329,26 +358,26 @@ func (l *Lock) RenewAll() error {
 	return l.renew(cs)
 }
 
-// renew runs with l.mu held.
+// renew runs with l.mu held; every conn of cs is in l.held.
 func (l *Lock) renew(cs []conn) error {
-	if len(cs) == 0 {
-		return nil
-	}
 	start := l.startCall()
 	var lapsed []Tuple
 	for _, c := range cs {
-		if l.held[c].deadline.Sub(start) <= leaseMargin {
+		h := l.held[c]
+		if h.gen == l.gen {
+			continue // named twice
+		}
+		l.undo = append(l.undo, undo{c, h, true})
+		if h.deadline.Sub(start) <= leaseMargin {
 			l.tx.guard.put(c)
 			lapsed = append(lapsed, c.tuple())
 		}
 		l.tx.del.put(c)
 		l.tx.add.put(c)
+		l.held[c] = holding{deadline: start.Add(l.cfg.Lease), gen: l.gen}
 	}
-	if err := l.flush(); err != nil {
-		return &Error{Op: "renew", Table: l.table, Err: err}
-	}
-	for _, c := range cs {
-		l.held[c] = holding{deadline: start.Add(l.cfg.Lease)}
+	if err := l.commit("renew"); err != nil {
+		return err
 	}
 	if lapsed != nil {
 		return &Error{Op: "renew", Table: l.table, Tuples: lapsed, Err: ErrLeaseLapsed}
@@ -356,12 +385,45 @@ func (l *Lock) renew(cs []conn) error {
 	return nil
 }
 
-// startCall clears the batch under construction and returns the call's
-// start: deadlines count from before the batch is sent, so the Lock never
-// believes a lease longer than the kernel's. It runs with l.mu held.
+// startCall clears the batch under construction, numbers the call and
+// returns its start: deadlines count from before the batch is sent, so the
+// Lock never believes a lease longer than the kernel's. It runs with l.mu
+// held.
 func (l *Lock) startCall() time.Time {
 	l.tx.reset()
+	l.undo = l.undo[:0]
+	l.gen++
 	return time.Now()
+}
+
+// commit sends the batch built since startCall and settles its outcome.
+// It runs with l.mu held.
+func (l *Lock) commit(op string) error { return l.settle(op, l.flush()) }
+
+// settle puts held back as it was before the call if err (the outcome of
+// the call's batch) is not nil, and returns err as an *Error. It runs with
+// l.mu held.
+func (l *Lock) settle(op string, err error) error {
+	if cap(l.b.buf) > maxKeep {
+		l.b, l.tx = batch{}, changes{}
+	}
+	if err == nil {
+		l.undo = l.undo[:0]
+		if cap(l.undo)*int(unsafe.Sizeof(undo{})) > maxKeep {
+			l.undo = nil
+		}
+		return nil
+	}
+	for i := len(l.undo) - 1; i >= 0; i-- {
+		u := l.undo[i]
+		if u.had {
+			l.held[u.c] = u.h
+		} else {
+			delete(l.held, u.c)
+		}
+	}
+	l.undo = l.undo[:0]
+	return &Error{Op: op, Table: l.table, Err: err}
 }
 
 // Close stops the renewer and deletes the table with every lock in it, in
@@ -428,7 +490,8 @@ func (t *changes) reset() {
 }
 
 // maxKeep is the largest buffer a Lock keeps between calls; a larger one
-// (a batch of some 100,000 tuples) is left to the garbage collector.
+// (a batch of some 100,000 tuples) is left to the garbage collector. The
+// undo records are held to the same bound.
 const maxKeep = 4 << 20
 
 // flush encodes l.tx as one batch and sends it. It runs with l.mu held.
@@ -446,9 +509,6 @@ func (l *Lock) flush() error {
 		// It may hold replies of this batch that would be taken for
 		// another's.
 		l.dropSocket()
-	}
-	if cap(l.b.buf) > maxKeep {
-		l.b, l.tx = batch{}, changes{}
 	}
 	return err
 }
