@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	mrand "math/rand/v2"
 	"testing"
@@ -338,24 +339,27 @@ func TestCompressionPolicy(t *testing.T) {
 	if !p.compress(CompressAuto) {
 		t.Error("no estimates yet: want a compressed probe")
 	}
-	p.compressed(128<<10, 75<<10, 650*time.Microsecond) // ~200 MB/s, ratio 1.7
+	p.compressed(128<<10, 68<<10, 650*time.Microsecond) // ~200 MB/s, ratio 1.9
 	p.wire(128<<10, 200*time.Microsecond)               // ~650 MB/s: a fast link
-	raw := 0
-	for i := 0; i < 3*probeEvery; i++ {
-		if !p.compress(CompressAuto) {
-			raw++
-		} else {
-			p.compressed(128<<10, 75<<10, 650*time.Microsecond)
+	var probes []int
+	for i := 1; i <= 4000; i++ {
+		if p.compress(CompressAuto) {
+			probes = append(probes, i)
+			p.compressed(128<<10, 68<<10, 650*time.Microsecond)
 		}
 	}
-	if want := 3*probeEvery - 3; raw != want {
-		t.Errorf("fast link: %d raw chunks of %d, want %d (a probe every %d)", raw, 3*probeEvery, want, probeEvery)
+	// Probes at 32, then 64, 128 … 1024 chunks apart.
+	want := []int{32, 96, 224, 480, 992, 2016, 3040}
+	if fmt.Sprint(probes) != fmt.Sprint(want) {
+		t.Errorf("fast link: probes at %v, want %v", probes, want)
 	}
 	for i := 0; i < 20; i++ {
 		p.wire(128<<10, 1300*time.Microsecond) // ~100 MB/s: a slow link
 	}
-	if !p.compress(CompressAuto) {
-		t.Error("slow link, data that compresses: want compression")
+	for i := 0; i < 10; i++ {
+		if !p.compress(CompressAuto) {
+			t.Fatal("slow link, data that compresses: want compression")
+		}
 	}
 	for i := 0; i < 20; i++ {
 		p.compressed(128<<10, 128<<10, 650*time.Microsecond) // incompressible

@@ -471,16 +471,20 @@ func (w *SnapshotWriter) Count() uint32 { return w.stats.Records }
 // bytes when it is the bottleneck. Compression pays when c > L and r > 1
 // (by a margin: a ratio near 1 is not worth the CPU). L is only measured
 // while the sender has a backlog; a link that never has one is not the
-// bottleneck, and chunks go raw. Every probeEvery-th chunk is compressed
-// anyway, to keep c and r current. On a fast link (loopback, or a network
-// faster than one core's zstd) chunks go raw; on a slower one, compressed.
+// bottleneck, and chunks go raw. A chunk is compressed anyway now and then
+// to keep c and r current: after minProbe raw chunks, an interval that
+// doubles, up to maxProbe, while compression keeps losing. On a fast link
+// (loopback, or a network faster than one core's zstd) chunks go raw; on a
+// slower one, compressed.
 type policy struct {
 	c, r, l float64 // estimates: compression bytes/s, ratio, wire bytes/s
 	n       int     // chunks since the last compressed one
+	every   int     // the current probe interval
 }
 
 const (
-	probeEvery  = 32
+	minProbe    = 32
+	maxProbe    = 1024
 	ewma        = 0.25                   // weight of the newest sample
 	margin      = 1.1                    // the ratio compression must reach
 	backlogWait = 100 * time.Microsecond // a chunk that came sooner was waiting
@@ -494,10 +498,21 @@ func (p *policy) compress(mode Compression) bool {
 		return false
 	}
 	p.n++
-	if p.c == 0 || p.n >= probeEvery {
-		return true // no estimate yet, or time to probe
+	if p.c == 0 {
+		return true // no estimate yet
 	}
-	return p.l > 0 && p.r > margin && p.c > p.l
+	if p.l > 0 && p.r > margin && p.c > p.l {
+		p.every = minProbe
+		return true
+	}
+	if p.every == 0 {
+		p.every = minProbe
+	}
+	if p.n >= p.every {
+		p.every = min(2*p.every, maxProbe)
+		return true // a probe
+	}
+	return false
 }
 
 func (p *policy) compressed(in, out int, d time.Duration) {
