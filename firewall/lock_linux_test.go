@@ -670,7 +670,7 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 	if err := l.Lock([]Tuple{t1, t2, t3}); err != nil {
 		t.Fatal(err)
 	}
-	count := func() int { return settledLen(t, ns, l.Table()) }
+	count := func() int { return setLen(t, ns, l.Table(), setV4) + setLen(t, ns, l.Table(), setV6) }
 
 	if err := l.StartRenewer(0, func(err error) { t.Errorf("renewer: %v", err) }); err != nil {
 		t.Fatal(err)
