@@ -1,0 +1,217 @@
+package e2e
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/certs"
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
+)
+
+// lanHosts builds the three hosts of the CLI tests with their addresses,
+// the service address on the source.
+func lanHosts(t *testing.T) (*lab.LAN, *lab.NS, *lab.NS, *lab.NS) {
+	t.Helper()
+	lan := lab.NewTestLAN(t, "peer", "src", "dst")
+	peer, src, dst := lan.Host("peer"), lan.Host("src"), lan.Host("dst")
+	for ns, p := range map[*lab.NS]netip.Prefix{peer: peerAddr, src: srcAddr, dst: dstAddr} {
+		if err := ns.AddAddr(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := src.AddAddr(svc); err != nil {
+		t.Fatal(err)
+	}
+	return lan, peer, src, dst
+}
+
+// certFiles mints a CA and one certificate for both agents into a directory.
+func certFiles(t *testing.T) (cert, key, ca string) {
+	t.Helper()
+	dir := t.TempDir()
+	c, err := certs.NewCA("e2e CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := c.Issue("agent", []string{"198.18.0.2", "198.18.0.3"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := certs.WriteFiles(dir, c, map[string]*certs.Host{"agent": h}); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(dir, "agent.pem"), filepath.Join(dir, "agent-key.pem"), filepath.Join(dir, "ca.pem")
+}
+
+// agent starts the tcpmigrate binary in ns and returns it; its output goes
+// to a file (programs it starts inherit it and may outlive it), shown in
+// the test log when the test ends.
+func agent(t *testing.T, ns *lab.NS, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := ns.Command(bin, args...)
+	out, err := os.Create(filepath.Join(t.TempDir(), "agent.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		b, _ := os.ReadFile(out.Name())
+		out.Close()
+		t.Logf("tcpmigrate %s:\n%s", args[0], b)
+	})
+	return cmd
+}
+
+// waitListening waits until something listens on addr inside ns.
+func waitListening(t *testing.T, ns *lab.NS, port uint16) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		out, _ := ns.Exec("ss", "-Htln", fmt.Sprintf("sport = :%d", port))
+		if len(bytes.TrimSpace(out)) > 0 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("nothing listens on port %d in %s", port, ns.Label)
+}
+
+func waitFileSize(t *testing.T, path string, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if st, err := os.Stat(path); err == nil && st.Size() >= n {
+			if st.Size() > n {
+				t.Fatalf("%s has %d bytes, more than the %d sent", path, st.Size(), n)
+			}
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st, _ := os.Stat(path)
+	t.Fatalf("%s never reached %d bytes (%v)", path, n, st)
+}
+
+// TestCLIPidExec moves the connection of an unmodified program (socat,
+// writing what it receives to a file) with `send --pid`, and hands it to a
+// new socat started by `receive --exec`. Data the peer sent while the old
+// socat was stopped waits in the kernel's queues, moves with the socket and
+// is written by the new socat: the two files together hold every byte the
+// peer sent, once and in order, and nobody sees a reset.
+func TestCLIPidExec(t *testing.T) {
+	lan, peer, src, dst := lanHosts(t)
+	cert, key, ca := certFiles(t)
+	dir := t.TempDir()
+	srcOut, dstOut := filepath.Join(dir, "src.out"), filepath.Join(dir, "dst.out")
+	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
+
+	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", svc.String(), "--dev", "eth0",
+		"--once", "--journal-dir", filepath.Join(dir, "jt")}, tls...)
+	recv = append(recv, "--exec", "--", "socat", "-u", "FD:3", "OPEN:"+dstOut+",creat,append")
+	receiver := agent(t, dst, recv...)
+	waitListening(t, dst, 7946)
+
+	// The workload: an unmodified socat on the source's service address.
+	workload := src.Command("socat", "-u", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", svcPort, svc.Addr()), "OPEN:"+srcOut+",creat,append")
+	if err := workload.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer workload.Process.Kill()
+	waitListening(t, src, svcPort)
+	var c net.Conn
+	if err := peer.Do(func() (err error) {
+		c, err = net.Dial("tcp", netip.AddrPortFrom(svc.Addr(), svcPort).String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	capture, err := lan.CaptureFlags(svcPort, false, filepath.Join(dir, "cap.pcap"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := peer.Resets()
+
+	// A: read and written by the old socat. C: sent while it is stopped, so
+	// it waits in the socket's receive queue. D: sent after the move.
+	const a, cq, d = 256 << 10, 64 << 10, 512 << 10
+	send := func(off, n int64) {
+		buf := make([]byte, n)
+		streamcheck.Pattern(buf, 0, off)
+		if _, err := c.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(0, a)
+	waitFileSize(t, srcOut, a)
+	workload.Process.Signal(syscall.SIGSTOP)
+	send(a, cq)
+
+	// Every established connection of socat, to the target.
+	out, err := exec.Command(bin, "list", "--pid", strconv.Itoa(workload.Process.Pid)).CombinedOutput()
+	t.Logf("list:\n%s", out)
+	if err != nil || !strings.Contains(string(out), "yes") {
+		t.Fatalf("list --pid: %v", err)
+	}
+	sendArgs := append([]string{"send", "--to", "198.18.0.3:7946", "--pid", strconv.Itoa(workload.Process.Pid),
+		"--release-addr", svc.String(), "--dev", "eth0", "--json", "--journal-dir", filepath.Join(dir, "js")}, tls...)
+	sendCmd := src.Command(bin, sendArgs...)
+	var sendOut, sendErr bytes.Buffer
+	sendCmd.Stdout, sendCmd.Stderr = &sendOut, &sendErr
+	err = sendCmd.Run()
+	t.Logf("send: %s\n%s", sendOut.String(), sendErr.String())
+	if err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	if !strings.Contains(sendOut.String(), `"outcome": "committed"`) {
+		t.Fatal("send did not report the connection committed")
+	}
+	if err := receiver.Wait(); err != nil {
+		t.Fatalf("receive --once: %v", err)
+	}
+	// The old socat was killed (--after kill, the default).
+	if err := workload.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
+		t.Errorf("old socat: %v, want killed", err)
+	}
+
+	send(a+cq, d)
+	waitFileSize(t, dstOut, cq+d)
+	for file, span := range map[string][2]int64{srcOut: {0, a}, dstOut: {a, cq + d}} {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := make([]byte, span[1])
+		streamcheck.Pattern(want, 0, span[0])
+		if !bytes.Equal(b, want) {
+			t.Errorf("%s: %d bytes, not the stream from offset %d", file, len(b), span[0])
+		}
+	}
+	after, _ := peer.Resets()
+	if after != before {
+		t.Errorf("the peer counted %d resets", after-before)
+	}
+	segs, err := capture.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(segs) != 0 {
+		t.Errorf("RST or FIN on the bridge:\n%v", segs)
+	}
+}
