@@ -589,7 +589,7 @@ func (m *migration) resolve(ctx context.Context, cause error) (*transport.Commit
 			}
 		}
 		select {
-		case <-time.After(200 * time.Millisecond):
+		case <-time.After(50 * time.Millisecond):
 		case <-ctx.Done():
 			return nil, errors.Join(cause, ErrInDoubt)
 		}
@@ -670,6 +670,9 @@ func (m *migration) rollbackAll(ctx context.Context, cause error) error {
 	m.sendAbort(transport.AbortError, cause.Error())
 	var errs []error
 	if m.switched && m.cfg.Unswitch != nil {
+		// The target may hold the identity: take it back only once the
+		// target has let go of it, or both hosts would answer for it.
+		errs = append(errs, m.awaitAborted(ctx))
 		errs = append(errs, m.cfg.Unswitch(ctx))
 	}
 	if m.lock != nil {
@@ -691,6 +694,26 @@ func (m *migration) rollbackAll(ctx context.Context, cause error) error {
 	}
 	m.finishRollback()
 	return errors.Join(append([]error{cause}, errs...)...)
+}
+
+// awaitAborted asks the target until it reports the migration aborted (or
+// unknown), within the timeout.
+func (m *migration) awaitAborted(ctx context.Context) error {
+	deadline := time.Now().Add(m.cfg.Timeout)
+	for {
+		st, err := Query(ctx, m.cfg.To, m.cfg.Transport, m.id)
+		if err == nil && (st == transport.StateAborted || st == transport.StateUnknown) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("source: the target did not confirm the abort within %s (last: %v %v)", m.cfg.Timeout, st, err)
+		}
+		select {
+		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 func (m *migration) finishRollback() {

@@ -246,17 +246,18 @@ type conn struct {
 }
 
 type migration struct {
-	srv     *Server
-	link    *transport.Link
-	log     *slog.Logger
-	id      transport.MigrationID
-	count   uint32
-	lease   time.Duration
-	state   State
-	lock    *firewall.Lock
-	conns   []*conn // by index
-	rec     journal.Record
-	claimed []netip.Prefix
+	srv      *Server
+	link     *transport.Link
+	log      *slog.Logger
+	id       transport.MigrationID
+	count    uint32
+	lease    time.Duration
+	state    State
+	lock     *firewall.Lock
+	conns    []*conn // by index
+	rec      journal.Record
+	claimed  []netip.Prefix
+	didClaim bool // Claim was called: an abort must undo it
 }
 
 func (m *migration) fault(st Step) error {
@@ -599,7 +600,7 @@ func (m *migration) claim(ctx context.Context, addrs []netip.Prefix) error {
 	if m.srv.cfg.Claim == nil {
 		return nil
 	}
-	m.claimed = addrs
+	m.claimed, m.didClaim = addrs, true
 	return m.srv.cfg.Claim(ctx, addrs)
 }
 
@@ -608,7 +609,6 @@ func (m *migration) claim(ctx context.Context, addrs []netip.Prefix) error {
 // commit runs to its end even if the link is gone.
 func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report, error) {
 	m.state = StateCommitting
-	m.srv.record(m.id, transport.StateCommitted)
 	m.rec.State = StateCommitting.String()
 	jerr := m.srv.jr.Write(&m.rec)
 	excluded := map[uint32]bool{}
@@ -646,6 +646,8 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		m.log.Error("commit failed before any socket was resumed: backing out", "err", err)
 		return m.abort(ctx, fmt.Errorf("target: commit: %w", err), true)
 	}
+	// From here the connections are the target's: a query says committed.
+	m.srv.record(m.id, transport.StateCommitted)
 	var delivered []*Delivered
 	for _, c := range live {
 		if err := repair.Resume(c.fd, c.snap); err != nil {
@@ -701,13 +703,15 @@ func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report,
 			c.fd = -1
 		}
 	}
-	if m.claimed != nil && m.srv.cfg.Unclaim != nil {
+	if m.didClaim && m.srv.cfg.Unclaim != nil {
 		errs = append(errs, m.srv.cfg.Unclaim(ctx, m.claimed))
 	}
 	if m.lock != nil {
 		errs = append(errs, m.lock.Close())
 	}
 	m.state = StateAborted
+	// Recorded last: a source that asks learns "aborted" only once the
+	// identity is released here, so it may take it back without a clash.
 	m.srv.record(m.id, transport.StateAborted)
 	if m.rec.Migration != "" {
 		m.rec.State = StateAborted.String()
