@@ -2,6 +2,7 @@ package firewall
 
 import (
 	"errors"
+	"slices"
 	"sync"
 	"time"
 	"unsafe"
@@ -37,8 +38,8 @@ type Lock struct {
 	// follows the kernel's order of changes. (While Lock waits for the
 	// kernel, its helper goroutine works on held and undo for it.)
 	mu     sync.Mutex
-	held   map[conn]holding
-	gen    uint64 // numbers the calls, to spot a tuple named twice in one
+	held   map[conn]holding // made by the first Lock
+	gen    uint64           // numbers the calls, to spot a tuple named twice in one
 	closed bool
 	sock   *nfSocket // lasting netlink socket, dialled on first use
 	tx     changes   // the keys of the batch being built
@@ -103,7 +104,6 @@ func New(cfg Config) (*Lock, error) {
 		table: name,
 		nsfd:  nsfd,
 		owner: owner,
-		held:  make(map[conn]holding),
 	}
 	if err := l.create(); err != nil {
 		unix.Close(owner)
@@ -241,6 +241,7 @@ func (l *Lock) Lock(ts []Tuple) error {
 		return &Error{Op: "lock", Table: l.table, Err: ErrClosed}
 	}
 	start := l.startCall()
+	l.tx.add.reserve(cs)
 	for _, c := range cs {
 		l.tx.add.put(c) // a tuple named twice is added twice: the kernel ignores the second
 	}
@@ -279,6 +280,13 @@ func (l *Lock) Unlock(ts []Tuple) error {
 // locked records in held, and how to undo it, that the batch of Lock(cs),
 // started at start, locks cs.
 func (l *Lock) locked(cs []conn, start time.Time) {
+	if l.held == nil {
+		// The first Lock makes the map, to the size of its wave: growing a
+		// map entry by entry costs several times more than filling one
+		// made to size. (A map emptied by Unlock keeps its room.)
+		l.held = make(map[conn]holding, len(cs))
+	}
+	l.undo = slices.Grow(l.undo, len(cs))
 	for _, c := range cs {
 		h, ok := l.held[c]
 		if ok && h.gen == l.gen {
@@ -299,6 +307,8 @@ func (l *Lock) locked(cs []conn, start time.Time) {
 // unlocked puts the deletions of Unlock(cs), started at now, in the batch
 // and removes cs from held, recording how to undo that.
 func (l *Lock) unlocked(cs []conn, now time.Time) {
+	l.undo = slices.Grow(l.undo, len(cs))
+	l.tx.del.reserve(cs)
 	for _, c := range cs {
 		h, ok := l.held[c]
 		if !ok {
@@ -361,6 +371,9 @@ func (l *Lock) RenewAll() error {
 // renew runs with l.mu held; every conn of cs is in l.held.
 func (l *Lock) renew(cs []conn) error {
 	start := l.startCall()
+	l.undo = slices.Grow(l.undo, len(cs))
+	l.tx.del.reserve(cs)
+	l.tx.add.reserve(cs)
 	var lapsed []Tuple
 	for _, c := range cs {
 		h := l.held[c]
@@ -463,6 +476,18 @@ type keys struct {
 	v4, v6 []byte
 }
 
+// reserve makes room for the keys of cs.
+func (k *keys) reserve(cs []conn) {
+	n4 := 0
+	for i := range cs {
+		if cs[i].v4 {
+			n4++
+		}
+	}
+	k.v4 = slices.Grow(k.v4, n4*keyLen4)
+	k.v6 = slices.Grow(k.v6, (len(cs)-n4)*keyLen6)
+}
+
 func (k *keys) put(c conn) {
 	if c.v4 {
 		k.v4 = c.appendKey(k.v4)
@@ -517,6 +542,8 @@ func (l *Lock) flush() error {
 func (l *Lock) encode(seq uint32) {
 	t, b := &l.tx, &l.b
 	b.begin(seq)
+	b.reserve(len(l.table), keyLen4, len(t.guard.v4)+len(t.del.v4)+len(t.add.v4))
+	b.reserve(len(l.table), keyLen6, len(t.guard.v6)+len(t.del.v6)+len(t.add.v6))
 	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV4, keyLen4, t.guard.v4)
 	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV6, keyLen6, t.guard.v6)
 	b.elements(unix.NFT_MSG_DELSETELEM, l.table, setV4, keyLen4, t.del.v4)

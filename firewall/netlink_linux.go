@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"golang.org/x/sys/unix"
 )
@@ -145,6 +146,15 @@ func (b *batch) str(typ uint16, s string) {
 	for len(b.buf)%4 != 0 {
 		b.buf = append(b.buf, 0)
 	}
+}
+
+// reserve makes room in b for messages carrying n bytes of keys of keyLen
+// bytes, with a table name of tableLen bytes.
+func (b *batch) reserve(tableLen, keyLen, n int) {
+	elems := n / keyLen
+	msgs := (elems + elemsPerMsg(keyLen) - 1) / elemsPerMsg(keyLen)
+	perMsg := nlmsgHdrLen + nfgenLen + 3*nlaHdrLen + tableLen + 4 + 8 // header, table, set ("v4"), list
+	b.buf = slices.Grow(b.buf, elems*elemLen(keyLen)+msgs*perMsg+nlmsgHdrLen+nfgenLen)
 }
 
 // elements appends messages of type typ (NFT_MSG_NEWSETELEM or
