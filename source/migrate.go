@@ -442,7 +442,7 @@ func (m *migration) streamShare(ctx context.Context, share, n int, done *atomic.
 		m.mu.Unlock()
 		c.snap = scratch
 		c.snap.RecvQueue, c.snap.SendQueue = nil, nil
-		if err := w.Write(c.index, &scratch); err != nil {
+		if err := w.WriteState(c.index, &scratch, c.AppState); err != nil {
 			w.Abort()
 			return err
 		}

@@ -380,6 +380,7 @@ func (m *migration) renew() (stop func()) {
 type record struct {
 	index uint32
 	snap  *repair.Snapshot
+	state []byte
 }
 
 // prepare receives every snapshot, restores what policy allows, and sends
@@ -479,7 +480,7 @@ func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
 			defer wg.Done()
 			defer r.Close()
 			for {
-				index, snap, err := r.Next()
+				index, snap, state, err := r.NextState()
 				if err == io.EOF {
 					return
 				}
@@ -491,7 +492,7 @@ func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
 					errs <- fmt.Errorf("target: connection index %d of %d", index, m.count)
 					return
 				}
-				recs <- record{index: index, snap: snap}
+				recs <- record{index: index, snap: snap, state: state}
 				mu.Lock()
 				got++
 				mu.Unlock()
@@ -521,7 +522,7 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 	var lockList []firewall.Tuple
 	var todo []*conn
 	for _, r := range batch {
-		c := &conn{snap: r.snap, fd: -1}
+		c := &conn{snap: r.snap, appState: r.state, fd: -1}
 		l, rem := r.snap.Tuple()
 		c.tuple = firewall.Tuple{Local: l, Remote: rem}
 		c.report = ConnReport{Index: r.index, Local: r.snap.Local, Remote: r.snap.Remote}

@@ -114,7 +114,7 @@ func TestWireConstants(t *testing.T) {
 		"outcome":     "1:migration 2:state 3:verdict",
 		"end":         "1:count",
 		"snapshot": "1:index 2:local 3:remote 4:family 5:state 6:flags 7:shutdown 8:snd_wscale 9:rcv_wscale " +
-			"10:mss_clamp 11:timestamp 12:send_seq 13:recv_seq 14:window 17:unsent 18:options 15:recv_queue 16:send_queue",
+			"10:mss_clamp 11:timestamp 12:send_seq 13:recv_seq 14:window 17:unsent 18:options 19:app_state 15:recv_queue 16:send_queue",
 		"options": "1:mask 2:sndbuf 3:rcvbuf 4:buf_lock 5:reuseaddr 6:reuseport 7:keepalive 8:keepidle " +
 			"9:keepintvl 10:keepcnt 11:nodelay 12:cork 13:oobinline 14:dontroute 15:linger_secs 16:mark " +
 			"17:priority 18:rcvlowat 19:sndtimeo 20:rcvtimeo 21:bindtodevice 22:peek_off 23:user_timeout " +

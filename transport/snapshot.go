@@ -19,6 +19,7 @@ import (
 type record struct {
 	index uint32
 	snap  repair.Snapshot
+	state []byte // the application's state for the connection (tag 19)
 }
 
 var snapshotTable = newTable("snapshot",
@@ -38,6 +39,7 @@ var snapshotTable = newTable("snapshot",
 	windowField(14, "window", func(r *record) *repair.Window { return &r.snap.Window }),
 	uintField(17, "unsent", func(r *record) *uint32 { return &r.snap.Unsent }),
 	nestedField(18, "options", optionsTable, func(r *record) *repair.Options { return &r.snap.Options }),
+	bytesField(tagAppState, "app_state", func(r *record) *[]byte { return &r.state }),
 	// The queues come last, so that SnapshotWriter can stream them.
 	bytesField(tagRecvQueue, "recv_queue", func(r *record) *[]byte { return &r.snap.RecvQueue }),
 	bytesField(tagSendQueue, "send_queue", func(r *record) *[]byte { return &r.snap.SendQueue }),
@@ -48,6 +50,10 @@ const (
 	tagRecvQueue = 15
 	tagSendQueue = 16
 )
+
+// tagAppState is the tag of the application's opaque state, which travels
+// with the snapshot (send --handoff to receive --deliver, or the Go API).
+const tagAppState = 19
 
 type opts = repair.Options
 
@@ -140,16 +146,26 @@ func appendSnapshotFrame(b []byte, index uint32, s *repair.Snapshot) []byte {
 // decodeSnapshot decodes the body of a snapshot record. The queues of the
 // returned Snapshot alias body.
 func decodeSnapshot(body []byte) (uint32, *repair.Snapshot, error) {
+	r, err := decodeRecord(body)
+	if err != nil {
+		return 0, nil, err
+	}
+	return r.index, &r.snap, nil
+}
+
+// decodeRecord decodes the body of a snapshot record, application state
+// included. Its slices alias body.
+func decodeRecord(body []byte) (*record, error) {
 	r := new(record)
 	if err := snapshotTable.decode(r, body); err != nil {
-		return 0, nil, err
+		return nil, err
 	}
 	// The one structural check: Unsent indexes into SendQueue, and the
 	// accessors of repair.Snapshot would panic on a larger value. Every
 	// other check is repair's (Validate), on the target's policy path.
 	if uint64(r.snap.Unsent) > uint64(len(r.snap.SendQueue)) {
-		return 0, nil, malformedf("snapshot %d: unsent %d exceeds the send queue's %d bytes",
+		return nil, malformedf("snapshot %d: unsent %d exceeds the send queue's %d bytes",
 			r.index, r.snap.Unsent, len(r.snap.SendQueue))
 	}
-	return r.index, &r.snap, nil
+	return r, nil
 }

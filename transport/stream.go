@@ -227,13 +227,19 @@ func (w *SnapshotWriter) fail(err error) {
 // MaxSnapshot, MaxConnections or MaxMigration); the stream stays usable.
 // Any other error is sticky: the stream is lost, and Close returns it too.
 func (w *SnapshotWriter) Write(index uint32, s *repair.Snapshot) error {
+	return w.WriteState(index, s, nil)
+}
+
+// WriteState is Write with the application's opaque state for the
+// connection, which the reader gets back from NextState.
+func (w *SnapshotWriter) WriteState(index uint32, s *repair.Snapshot, state []byte) error {
 	const op = "snapshot write"
 	if err := w.check(); err != nil {
 		return opError(op, err)
 	}
 	// The record is encoded with its queues last (as snapshotTable orders
 	// them), so that large queues are copied once, into the chunks.
-	r := record{index: index, snap: *s}
+	r := record{index: index, snap: *s, state: state}
 	rq, sq := s.RecvQueue, s.SendQueue
 	r.snap.RecvQueue, r.snap.SendQueue = nil, nil
 	b := append(w.scratch[:0], 0, 0, 0, 0, byte(MsgSnapshot))
@@ -593,16 +599,23 @@ func newSnapshotReader(l *Link, st io.ReadCloser) *SnapshotReader {
 // record fails with ErrTruncated, a record over a limit with a *LimitError,
 // a repeated index with ErrDuplicate, bad bytes with ErrMalformed.
 func (r *SnapshotReader) Next() (uint32, *repair.Snapshot, error) {
+	index, s, _, err := r.NextState()
+	return index, s, err
+}
+
+// NextState is Next that also returns the application state written with
+// the record (nil if none).
+func (r *SnapshotReader) NextState() (uint32, *repair.Snapshot, []byte, error) {
 	if r.err != nil {
 		if r.err == io.EOF {
-			return 0, nil, io.EOF
+			return 0, nil, nil, io.EOF
 		}
-		return 0, nil, opError("snapshot read", r.err)
+		return 0, nil, nil, opError("snapshot read", r.err)
 	}
 	if r.closed {
-		return 0, nil, opError("snapshot read", ErrClosed)
+		return 0, nil, nil, opError("snapshot read", ErrClosed)
 	}
-	index, s, err := r.next()
+	rec, err := r.next()
 	if err != nil {
 		if err != io.EOF {
 			err = r.mapErr(err)
@@ -610,71 +623,71 @@ func (r *SnapshotReader) Next() (uint32, *repair.Snapshot, error) {
 		r.err = err
 		r.releaseDecoder()
 		if err == io.EOF {
-			return 0, nil, io.EOF
+			return 0, nil, nil, io.EOF
 		}
-		return 0, nil, opError("snapshot read", err)
+		return 0, nil, nil, opError("snapshot read", err)
 	}
-	return index, s, nil
+	return rec.index, &rec.snap, rec.state, nil
 }
 
-func (r *SnapshotReader) next() (uint32, *repair.Snapshot, error) {
+func (r *SnapshotReader) next() (*record, error) {
 	lim := &r.link.limits
 	if !r.opened {
 		if err := r.open(); err != nil {
-			return 0, nil, err
+			return nil, err
 		}
 	}
 	for {
 		size, t, err := readHeader(&r.body, &r.hdr)
 		if err == io.EOF {
-			return 0, nil, fmt.Errorf("%w: the stream ended after %d records without its end record", ErrTruncated, r.count)
+			return nil, fmt.Errorf("%w: the stream ended after %d records without its end record", ErrTruncated, r.count)
 		}
 		if err != nil {
-			return 0, nil, err
+			return nil, err
 		}
 		switch {
 		case t == MsgSnapshot:
 			if err := checkSize("snapshot size", size, lim.MaxSnapshot); err != nil {
-				return 0, nil, err
+				return nil, err
 			}
 			if err := r.link.admit(size); err != nil {
-				return 0, nil, err
+				return nil, err
 			}
 			// A fresh buffer per record: the snapshot's queues alias it.
 			body, err := readBody(&r.body, int(size-1), nil)
 			if err != nil {
-				return 0, nil, err
+				return nil, err
 			}
-			index, s, err := decodeSnapshot(body)
+			rec, err := decodeRecord(body)
 			if err != nil {
-				return 0, nil, err
+				return nil, err
 			}
-			if err := r.link.admitIndex(index); err != nil {
-				return 0, nil, err
+			if err := r.link.admitIndex(rec.index); err != nil {
+				return nil, err
 			}
 			r.count++
-			return index, s, nil
+			return rec, nil
 		case t == MsgEnd || t >= msgAncillary:
 			if err := checkSize("frame size", size, lim.MaxFrame); err != nil {
-				return 0, nil, err
+				return nil, err
 			}
 			body, err := readBody(&r.body, int(size-1), nil)
 			if err != nil {
-				return 0, nil, err
+				return nil, err
 			}
 			m, err := decodeMessage(phaseSnapshot, t, body)
 			if err == errSkip {
 				continue
 			}
 			if err != nil {
-				return 0, nil, err
+				return nil, err
 			}
 			if end := m.(*endRecord); end.Count != r.count {
-				return 0, nil, malformedf("end record counts %d records, the stream carried %d", end.Count, r.count)
+				return nil, malformedf("end record counts %d records, the stream carried %d", end.Count, r.count)
 			}
-			return 0, nil, r.finish()
+			return nil, r.finish()
 		default:
-			return 0, nil, unexpected(t, phaseSnapshot)
+			return nil, unexpected(t, phaseSnapshot)
 		}
 	}
 }
