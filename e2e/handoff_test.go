@@ -1,0 +1,134 @@
+package e2e
+
+import (
+	"context"
+	"encoding/binary"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/fdpass"
+	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
+)
+
+// TestCLIHandoffDeliver runs the cooperating-program path with the real
+// binary: the workload hands its live, streaming sockets to `send
+// --handoff` with its per-connection state (the stream offsets); `receive
+// --deliver` passes the restored sockets and that state to the workload's
+// new instance, which carries on from the offsets it was given. The peers
+// verify every byte and see no reset.
+func TestCLIHandoffDeliver(t *testing.T) {
+	w := newWorld(t, 8)
+	cert, key, ca := certFiles(t)
+	dir := t.TempDir()
+	hand, deliver := filepath.Join(dir, "handoff.sock"), filepath.Join(dir, "deliver.sock")
+	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
+
+	// The workload's new instance, on the target, listening for sockets.
+	dl, err := fdpass.Listen(deliver, fdpass.Policy{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dl.Close()
+	delivered := make(chan error, 1)
+	go func() { delivered <- w.adopt(dl) }()
+
+	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", svc.String(), "--dev", "eth0",
+		"--once", "--journal-dir", filepath.Join(dir, "jt"), "--deliver", "unix:" + deliver}, tls...)
+	receiver := agent(t, w.dst, recv...)
+	waitListening(t, w.dst, 7946)
+	send := append([]string{"send", "--to", "198.18.0.3:7946", "--handoff", "unix:" + hand,
+		"--release-addr", svc.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, tls...)
+	sender := agent(t, w.src, send...)
+	waitFile(t, hand)
+
+	// The workload hands its sockets over, each with its offsets.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	hc, err := fdpass.Dial(ctx, hand, fdpass.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hc.Close()
+	var items []fdpass.Item
+	for i, c := range w.conns {
+		ep := w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort())
+		ep.Pause()
+		f, err := c.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		state := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(ep.Sent())), uint64(ep.Checked()))
+		items = append(items, fdpass.Item{File: f, Local: c.LocalAddr().(*net.TCPAddr).AddrPort(),
+			Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort(), State: state, ID: uint64(i)})
+	}
+	if err := hc.SendSockets(items); err != nil {
+		t.Fatal(err)
+	}
+	fdpass.CloseItems(items)
+	m, err := hc.Receive()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Kind != fdpass.KindCommitted || len(m.IDs) != len(items) {
+		t.Fatalf("the source answered %s with %d IDs, want every connection committed", m.Kind, len(m.IDs))
+	}
+	for _, c := range w.conns {
+		c.Close() // in repair mode: silent
+	}
+	if err := <-delivered; err != nil {
+		t.Fatal(err)
+	}
+	if err := receiver.Wait(); err != nil {
+		t.Errorf("receive --once: %v", err)
+	}
+	if err := sender.Wait(); err != nil {
+		t.Errorf("send: %v", err)
+	}
+	w.check(500 * time.Millisecond)
+}
+
+// adopt is the workload's new instance: it takes the delivered sockets and
+// carries on each stream from the offsets in its state.
+func (w *world) adopt(dl *fdpass.Listener) error {
+	c, err := dl.Accept()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	items, err := c.RecvSockets()
+	if err != nil {
+		return err
+	}
+	var ids []uint64
+	for _, it := range items {
+		conn, err := net.FileConn(it.File)
+		it.File.Close()
+		if err != nil {
+			return err
+		}
+		ep := streamcheck.NewEndpoint(1, 0)
+		ep.Interval = time.Millisecond
+		ep.SetOffsets(int64(binary.BigEndian.Uint64(it.State)), int64(binary.BigEndian.Uint64(it.State[8:])))
+		ep.Start(conn.(*net.TCPConn))
+		w.mu.Lock()
+		w.work[it.Remote.String()] = ep
+		w.mu.Unlock()
+		ids = append(ids, it.ID)
+	}
+	return c.SendAck(ids)
+}
+
+func waitFile(t *testing.T, path string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(path); err == nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("%s never appeared", path)
+}
