@@ -117,15 +117,16 @@ func (b *batch) header(typ, flags uint16, family uint8, resID uint16) int {
 }
 
 // message starts an nf_tables message that asks for an ack and returns its
-// offset for finish.
+// offset for finishMsg.
 func (b *batch) message(typ, flags uint16, obj string) int {
 	off := b.header(unix.NFNL_SUBSYS_NFTABLES<<8|typ, unix.NLM_F_REQUEST|unix.NLM_F_ACK|flags, unix.NFPROTO_INET, 0)
 	b.msgs = append(b.msgs, msgInfo{typ, obj})
 	return off
 }
 
-// finish sets the length of the message or attribute at off, whose length
-// field comes first: 32 bits for a message, 16 for an attribute.
+// finishMsg and finishAttr set the length of the message or attribute at
+// off, whose length field comes first: 32 bits for a message, 16 for an
+// attribute.
 func (b *batch) finishMsg(off int)  { ne.PutUint32(b.buf[off:], uint32(len(b.buf)-off)) }
 func (b *batch) finishAttr(off int) { ne.PutUint16(b.buf[off:], uint16(len(b.buf)-off)) }
 
@@ -148,14 +149,18 @@ func (b *batch) str(typ uint16, s string) {
 	}
 }
 
-// reserve makes room in b for messages carrying n bytes of keys of keyLen
-// bytes, with a table name of tableLen bytes.
-func (b *batch) reserve(tableLen, keyLen, n int) {
+// elementsLen is at most the number of bytes elements appends for n bytes
+// of keys of keyLen bytes, with a table name of tableLen bytes.
+func elementsLen(tableLen, keyLen, n int) int {
 	elems := n / keyLen
 	msgs := (elems + elemsPerMsg(keyLen) - 1) / elemsPerMsg(keyLen)
-	perMsg := nlmsgHdrLen + nfgenLen + 3*nlaHdrLen + tableLen + 4 + 8 // header, table, set ("v4"), list
-	b.buf = slices.Grow(b.buf, elems*elemLen(keyLen)+msgs*perMsg+nlmsgHdrLen+nfgenLen)
+	// Header, nfgenmsg, table and set (with NUL and padding), list header.
+	perMsg := nlmsgHdrLen + nfgenLen + nlaHdrLen + tableLen + 4 + nlaHdrLen + 4 + nlaHdrLen
+	return elems*elemLen(keyLen) + msgs*perMsg
 }
+
+// reserve makes room in b for n more bytes.
+func (b *batch) reserve(n int) { b.buf = slices.Grow(b.buf, n) }
 
 // elements appends messages of type typ (NFT_MSG_NEWSETELEM or
 // NFT_MSG_DELSETELEM) for every key in keys, each keyLen bytes, as many

@@ -307,3 +307,24 @@ func TestReplies(t *testing.T) {
 		})
 	}
 }
+
+// TestElementsLen checks that the size reserved for a batch is enough and
+// close: elements never outgrows it.
+func TestElementsLen(t *testing.T) {
+	for _, n := range []int{0, 1, 2339, 2340, 2341, 5000, 10000} {
+		for _, v4 := range []bool{true, false} {
+			_, keys := testKeys(n, v4)
+			kl := keyLen4
+			if !v4 {
+				kl = keyLen6
+			}
+			table := "tcpmigrate_" + strings.Repeat("x", n%64)
+			var b batch
+			b.elements(unix.NFT_MSG_NEWSETELEM, table, setV4, kl, keys)
+			want := elementsLen(len(table), kl, len(keys))
+			if len(b.buf) > want || len(b.buf) < want-64 {
+				t.Errorf("%d keys of %d bytes: %d bytes written, %d reserved", n, kl, len(b.buf), want)
+			}
+		}
+	}
+}
