@@ -54,7 +54,7 @@ func runReceive(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	cfg := target.Config{Transport: tcfg, JournalDir: c.String("journal-dir"), Log: log}
+	cfg := target.Config{Transport: tcfg, JournalDir: c.String("journal-dir"), Log: log, Fault: testHang[target.Step]()}
 	for _, s := range c.StringSlice("allow") {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {

@@ -61,7 +61,7 @@ func runSend(c *cli.Context) error {
 	}
 	cfg := source.Config{
 		To: c.String("to"), Transport: tcfg, Lease: c.Duration("lease"), Timeout: c.Duration("timeout"),
-		JournalDir: c.String("journal-dir"), Log: log,
+		JournalDir: c.String("journal-dir"), Log: log, Fault: testHang[source.Step](),
 	}
 	if err := switchHooks(c, &cfg); err != nil {
 		return err
