@@ -72,3 +72,40 @@ func BenchmarkRenew(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkLockFresh measures the first Lock of n tuples on a new instance,
+// the one the first wave of a migration pays: the sets are empty and small,
+// and the Lock has no buffers yet. New and Close are not timed.
+func BenchmarkLockFresh(b *testing.B) {
+	lab.Require(b)
+	ns, err := lab.NewNS("bench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ns.Close()
+	for _, n := range []int{1000, 10000} {
+		ts := tuples(n, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.1.1"))
+		b.Run(fmt.Sprintf("tuples=%d", n), func(b *testing.B) {
+			var lock time.Duration
+			for b.Loop() {
+				b.StopTimer()
+				l, err := New(Config{Instance: "fresh", NetNS: ns.Handle()})
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+				t0 := time.Now()
+				if err := l.Lock(ts); err != nil {
+					b.Fatal(err)
+				}
+				lock += time.Since(t0)
+				b.StopTimer()
+				if err := l.Close(); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(lock.Microseconds())/1e3/float64(b.N), "ms/lock")
+		})
+	}
+}
