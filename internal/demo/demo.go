@@ -7,21 +7,27 @@ package demo
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/addrmove"
+	"github.com/tcpmigrate/tcpmigrate/internal/certs"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
 	"github.com/tcpmigrate/tcpmigrate/repair"
+	"github.com/tcpmigrate/tcpmigrate/source"
+	"github.com/tcpmigrate/tcpmigrate/target"
+	"github.com/tcpmigrate/tcpmigrate/transport"
 )
 
 // Options configure a demo run.
@@ -139,7 +145,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 				errs = append(errs, fmt.Errorf("connection %d: %w", i, err))
 			}
 		}
-		r.Freeze = append(r.Freeze, freeze)
+		r.Freeze = append(r.Freeze, freeze[i])
 		r.Stall = append(r.Stall, clients[i].MaxGap())
 		r.ToPeer += clients[i].Checked()
 		r.FromPeer += work[i].Checked()
@@ -157,132 +163,123 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	return r, errors.Join(errs...)
 }
 
-// migrate moves every connection of the workload from the source to the
-// target: freeze the workload, lock on the source, dump, lock on the target,
-// restore, move the address, unlock on the target, resume; then the source
-// copies are closed silently.
-func migrate(lan *lab.LAN, svc netip.Prefix, work []*streamcheck.Endpoint, conns []*net.TCPConn, logf func(string, ...any)) (time.Duration, int64, error) {
-	src, dst, peer := lan.Host("src"), lan.Host("dst"), lan.Host("peer")
-	id := strconv.Itoa(os.Getpid())
-	srcLock, err := firewall.New(firewall.Config{Instance: "demo-src-" + id, NetNS: src.Handle()})
+// migrate moves every connection of the workload from the source host to
+// the target host with both agents (the Go API of `tcpmigrate send` and
+// `receive`): the workload's goroutines stop at exact offsets, hand their
+// sockets over with those offsets as application state, and new goroutines
+// on the target carry on from them.
+func migrate(lan *lab.LAN, svc netip.Prefix, work []*streamcheck.Endpoint, conns []*net.TCPConn, logf func(string, ...any)) ([]time.Duration, int64, error) {
+	src, dst := lan.Host("src"), lan.Host("dst")
+	ca, err := certs.NewCA("tcpmigrate demo CA", time.Hour)
 	if err != nil {
-		return 0, 0, err
+		return nil, 0, err
 	}
-	defer srcLock.Close()
-	dstLock, err := firewall.New(firewall.Config{Instance: "demo-dst-" + id, NetNS: dst.Handle()})
+	tlsFor := func(name string) (*transport.Config, error) {
+		h, err := ca.Issue(name, []string{"127.0.0.1"}, time.Hour)
+		if err != nil {
+			return nil, err
+		}
+		tc, err := h.TLSConfig(ca)
+		if err != nil {
+			return nil, err
+		}
+		c := transport.NewConfig(tc)
+		c.Capabilities, err = repair.Probe()
+		return c, err
+	}
+	srcTLS, err := tlsFor("source")
 	if err != nil {
-		return 0, 0, err
+		return nil, 0, err
 	}
-	defer dstLock.Close()
+	dstTLS, err := tlsFor("target")
+	if err != nil {
+		return nil, 0, err
+	}
+	journals, err := os.MkdirTemp("", "tcpmigrate-demo")
+	if err != nil {
+		return nil, 0, err
+	}
+	defer os.RemoveAll(journals)
 
-	for _, w := range work {
-		w.Pause() // the owner stops touching its sockets
-	}
-	tuples := make([]firewall.Tuple, len(conns))
-	fds := make([]int, len(conns))
+	byPeer := map[netip.AddrPort]*streamcheck.Endpoint{}
 	for i, c := range conns {
-		tuples[i] = firewall.Tuple{Local: c.LocalAddr().(*net.TCPAddr).AddrPort(), Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort()}
-		rc, err := c.SyscallConn()
-		if err != nil {
-			return 0, 0, err
-		}
-		rc.Control(func(fd uintptr) { fds[i] = int(fd) })
+		byPeer[c.RemoteAddr().(*net.TCPAddr).AddrPort()] = work[i]
 	}
-	snaps := make([]repair.Snapshot, len(conns))
-	err = src.Do(func() error {
-		for i := range snaps {
-			if err := repair.Inspect(fds[i], &snaps[i]); err != nil {
-				return err
+	claim := addrmove.Config{Prefix: svc, Dev: "eth0", NetNS: dst.Handle()}
+	release := addrmove.Config{Prefix: svc, Dev: "eth0", NetNS: src.Handle()}
+	srv, err := target.NewServer(target.Config{
+		Transport:  dstTLS,
+		NetNS:      dst.Handle(),
+		Allow:      []netip.Prefix{netip.PrefixFrom(svc.Addr(), 32)},
+		JournalDir: filepath.Join(journals, "target"),
+		Claim:      func(ctx context.Context, _ []netip.Prefix) error { return addrmove.Claim(ctx, claim) },
+		Unclaim:    func(ctx context.Context, _ []netip.Prefix) error { return addrmove.Release(ctx, claim) },
+		Deliver: func(_ context.Context, ds []*target.Delivered) map[uint32]error {
+			failed := map[uint32]error{}
+			for _, d := range ds {
+				c, err := d.Conn()
+				ep := byPeer[d.Remote]
+				if err != nil || ep == nil || len(d.AppState) != 16 {
+					failed[d.Index] = fmt.Errorf("cannot adopt %s: %v", d.Remote, err)
+					continue
+				}
+				ep.SetOffsets(int64(binary.BigEndian.Uint64(d.AppState)), int64(binary.BigEndian.Uint64(d.AppState[8:])))
+				ep.Start(c.(*net.TCPConn))
 			}
-		}
-		return nil
+			return failed
+		},
 	})
 	if err != nil {
-		return 0, 0, err
+		return nil, 0, err
 	}
-	start := time.Now()
-	if err := srcLock.Lock(tuples); err != nil {
-		return 0, 0, err
-	}
-	var state int64
-	err = src.Do(func() error {
-		for i := range snaps {
-			if err := repair.Capture(fds[i], &snaps[i]); err != nil {
-				return err
-			}
-			state += int64(len(snaps[i].RecvQueue) + len(snaps[i].SendQueue))
-		}
-		return nil
-	})
+	ln, err := transport.Listen("127.0.0.1:0", dstTLS)
 	if err != nil {
-		return 0, 0, rollback(srcLock, tuples, fds, snaps, err)
+		return nil, 0, err
 	}
-	dumped := time.Since(start)
-	if err := dstLock.Lock(tuples); err != nil {
-		return 0, 0, rollback(srcLock, tuples, fds, snaps, err)
-	}
-	restored := make([]int, len(snaps))
-	err = dst.Do(func() error {
-		for i := range snaps {
-			fd, err := repair.Restore(&snaps[i])
-			if err != nil {
-				return err
-			}
-			restored[i] = fd
-		}
-		return nil
-	})
-	if err != nil {
-		for _, fd := range restored {
-			if fd > 0 {
-				repair.Discard(fd)
-			}
-		}
-		dstLock.Unlock(tuples)
-		return 0, 0, rollback(srcLock, tuples, fds, snaps, err)
-	}
-	// The switch: the service address moves; the peer learns the new link
-	// address (on a real network a gratuitous ARP does this).
-	if err := src.DelAddr(svc); err != nil {
-		return 0, 0, err
-	}
-	if err := dst.AddAddr(svc); err != nil {
-		return 0, 0, err
-	}
-	if err := peer.FlushNeigh(svc.Addr()); err != nil {
-		return 0, 0, err
-	}
-	if err := dstLock.Unlock(tuples); err != nil {
-		return 0, 0, err
-	}
-	freeze := time.Since(start)
-	for i, fd := range restored {
-		if err := repair.Resume(fd, &snaps[i]); err != nil {
-			return 0, 0, err
-		}
-		f := os.NewFile(uintptr(fd), "restored")
-		c, err := net.FileConn(f)
-		f.Close()
-		if err != nil {
-			return 0, 0, err
-		}
-		work[i].Start(c.(*net.TCPConn))
-		conns[i].Close() // in repair mode: the source copy dies silently
-	}
-	logf("migrated %d connections: dump %s, freeze (source lock to target unlock) %s, %d bytes of queued state",
-		len(conns), dumped.Round(time.Microsecond), freeze.Round(time.Microsecond), state)
-	return freeze, state, nil
-}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go srv.Serve(ctx, ln)
 
-// rollback gives the connections back to the source after a failure.
-func rollback(lock *firewall.Lock, tuples []firewall.Tuple, fds []int, snaps []repair.Snapshot, cause error) error {
-	errs := []error{cause, lock.Unlock(tuples)}
-	for i, fd := range fds {
-		if snaps[i].State != 0 {
-			errs = append(errs, repair.Resume(fd, &snaps[i]))
+	// The workload stops at exact offsets and hands its sockets over.
+	handed := make([]source.Conn, len(conns))
+	for i, c := range conns {
+		work[i].Pause()
+		f, err := c.File()
+		if err != nil {
+			return nil, 0, err
 		}
+		state := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(work[i].Sent())), uint64(work[i].Checked()))
+		handed[i] = source.Conn{File: f, AppState: state}
 	}
-	return errors.Join(errs...)
+	res, err := source.Migrate(ctx, source.Config{
+		To: ln.Addr().String(), Transport: srcTLS, NetNS: src.Handle(),
+		JournalDir:  filepath.Join(journals, "source"),
+		SwitchAddrs: []netip.Prefix{svc},
+		Switch:      func(ctx context.Context) error { return addrmove.Release(ctx, release) },
+		Unswitch:    func(ctx context.Context) error { return addrmove.Claim(ctx, release) },
+		Progress: func(done, total int) {
+			if done == total || done%max(1, total/4) == 0 {
+				logf("  captured %d/%d connections", done, total)
+			}
+		},
+	}, handed)
+	if err != nil {
+		return nil, 0, err
+	}
+	freeze := make([]time.Duration, len(res.Conns))
+	for i, cr := range res.Conns {
+		if cr.Outcome != source.Committed {
+			return nil, 0, fmt.Errorf("connection %s: %s: %v", cr.Remote, cr.Outcome, cr.Err)
+		}
+		freeze[i] = cr.Freeze
+		conns[i].Close() // the source copy, in repair mode: closes silently
+	}
+	var phases []string
+	for _, p := range res.Phases {
+		phases = append(phases, p.Name+" "+p.Duration.Round(time.Microsecond).String())
+	}
+	logf("migrated %d connections: %s; %d bytes of state, %d on the wire", len(conns), strings.Join(phases, ", "), res.RawBytes, res.WireBytes)
+	return freeze, res.RawBytes, nil
 }
 
 // resets reads the peer's reset counters (Tcp EstabResets + OutRsts).
