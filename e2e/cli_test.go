@@ -22,19 +22,34 @@ import (
 // lanHosts builds the three hosts of the CLI tests with their addresses,
 // the service address on the source.
 func lanHosts(t *testing.T) (*lab.LAN, *lab.NS, *lab.NS, *lab.NS) {
+	return lanHostsWith(t, svc)
+}
+
+// lanHostsWith is lanHosts with another service address (IPv6, say); every
+// host has an IPv4 and an IPv6 address.
+func lanHostsWith(t *testing.T, service netip.Prefix) (*lab.LAN, *lab.NS, *lab.NS, *lab.NS) {
 	t.Helper()
 	lan := lab.NewTestLAN(t, "peer", "src", "dst")
 	peer, src, dst := lan.Host("peer"), lan.Host("src"), lan.Host("dst")
-	for ns, p := range map[*lab.NS]netip.Prefix{peer: peerAddr, src: srcAddr, dst: dstAddr} {
-		if err := ns.AddAddr(p); err != nil {
-			t.Fatal(err)
+	for ns, ps := range map[*lab.NS][]netip.Prefix{peer: {peerAddr, peer6}, src: {srcAddr, src6}, dst: {dstAddr, dst6}} {
+		for _, p := range ps {
+			if err := ns.AddAddr(p); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
-	if err := src.AddAddr(svc); err != nil {
+	if err := src.AddAddr(service); err != nil {
 		t.Fatal(err)
 	}
 	return lan, peer, src, dst
 }
+
+var (
+	peer6 = netip.MustParsePrefix("fd00::1/64")
+	src6  = netip.MustParsePrefix("fd00::2/64")
+	dst6  = netip.MustParsePrefix("fd00::3/64")
+	svc6  = netip.MustParsePrefix("fd00::10/64")
+)
 
 // certFiles mints a CA and one certificate for both agents into a directory.
 func certFiles(t *testing.T) (cert, key, ca string) {
@@ -115,20 +130,35 @@ func waitFileSize(t *testing.T, path string, n int64) {
 // is written by the new socat: the two files together hold every byte the
 // peer sent, once and in order, and nobody sees a reset.
 func TestCLIPidExec(t *testing.T) {
-	lan, peer, src, dst := lanHosts(t)
+	for _, tc := range []struct {
+		name    string
+		service netip.Prefix
+		listen  string // socat's listening address
+	}{
+		{"ipv4", svc, fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", svcPort, svc.Addr())},
+		{"ipv6", svc6, fmt.Sprintf("TCP6-LISTEN:%d,bind=[%s],reuseaddr", svcPort, svc6.Addr())},
+		// A dual-stack socket talking to an IPv4 peer: IPv4-mapped addresses.
+		{"dual-stack", svc, fmt.Sprintf("TCP6-LISTEN:%d,bind=[::ffff:%s],ipv6only=0,reuseaddr", svcPort, svc.Addr())},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testCLIPidExec(t, tc.service, tc.listen) })
+	}
+}
+
+func testCLIPidExec(t *testing.T, service netip.Prefix, listen string) {
+	lan, peer, src, dst := lanHostsWith(t, service)
 	cert, key, ca := certFiles(t)
 	dir := t.TempDir()
 	srcOut, dstOut := filepath.Join(dir, "src.out"), filepath.Join(dir, "dst.out")
 	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
 
-	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", svc.String(), "--dev", "eth0",
+	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", service.String(), "--dev", "eth0",
 		"--once", "--journal-dir", filepath.Join(dir, "jt")}, tls...)
 	recv = append(recv, "--exec", "--", "socat", "-u", "FD:3", "OPEN:"+dstOut+",creat,append")
 	receiver := agent(t, dst, recv...)
 	waitListening(t, dst, 7946)
 
 	// The workload: an unmodified socat on the source's service address.
-	workload := src.Command("socat", "-u", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", svcPort, svc.Addr()), "OPEN:"+srcOut+",creat,append")
+	workload := src.Command("socat", "-u", listen, "OPEN:"+srcOut+",creat,append")
 	if err := workload.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -136,13 +166,13 @@ func TestCLIPidExec(t *testing.T) {
 	waitListening(t, src, svcPort)
 	var c net.Conn
 	if err := peer.Do(func() (err error) {
-		c, err = net.Dial("tcp", netip.AddrPortFrom(svc.Addr(), svcPort).String())
+		c, err = net.Dial("tcp", netip.AddrPortFrom(service.Addr(), svcPort).String())
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	capture, err := lan.CaptureFlags(svcPort, false, filepath.Join(dir, "cap.pcap"))
+	capture, err := lan.CaptureFlags(svcPort, service.Addr().Is6(), filepath.Join(dir, "cap.pcap"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +200,7 @@ func TestCLIPidExec(t *testing.T) {
 		t.Fatalf("list --pid: %v", err)
 	}
 	sendArgs := append([]string{"send", "--to", "198.18.0.3:7946", "--pid", strconv.Itoa(workload.Process.Pid),
-		"--release-addr", svc.String(), "--dev", "eth0", "--json", "--journal-dir", filepath.Join(dir, "js")}, tls...)
+		"--release-addr", service.String(), "--dev", "eth0", "--json", "--journal-dir", filepath.Join(dir, "js")}, tls...)
 	sendCmd := src.Command(bin, sendArgs...)
 	var sendOut, sendErr bytes.Buffer
 	sendCmd.Stdout, sendCmd.Stderr = &sendOut, &sendErr
