@@ -14,6 +14,13 @@ import (
 var bin string
 
 func TestMain(m *testing.M) {
+	// The test binary doubles as the helper programs of the scale test.
+	switch os.Getenv("TCPM_E2E_HELPER") {
+	case "peer":
+		os.Exit(scalePeer())
+	case "responder":
+		os.Exit(scaleResponder())
+	}
 	dir, err := os.MkdirTemp("", "tcpmigrate-e2e")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

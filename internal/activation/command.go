@@ -23,6 +23,12 @@ const (
 // (SD_LISTEN_FDS_START).
 const FirstFD = 3
 
+// MaxEnvString is the kernel's limit on one environment string
+// (MAX_ARG_STRLEN, 32 pages, its terminating NUL included). LISTEN_FDNAMES
+// for more than a few thousand connections would exceed it; Command then
+// leaves the names out, and the program sees LISTEN_FDS alone.
+const MaxEnvString = 32*4096 - 1
+
 // shell runs the program. It is /bin/sh rather than $SHELL: POSIX, present
 // on every Linux system, and it reads no startup file when run with -c.
 const shell = "/bin/sh"
@@ -51,7 +57,8 @@ const script = `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`
 // included, to dispatch that mode first thing in main.)
 //
 // The command's Env is the current environment without any LISTEN_*
-// variables, plus LISTEN_FDS and (if names are given) LISTEN_FDNAMES;
+// variables, plus LISTEN_FDS and (if names are given and fit in
+// MaxEnvString) LISTEN_FDNAMES;
 // callers may add to it but must keep those. Its ExtraFiles are files:
 // exec.Cmd dup2s them to 3, 4, … without close-on-exec. Command puts each
 // file in blocking mode now, as systemd passes sockets and as most programs
@@ -93,8 +100,8 @@ func Command(ctx context.Context, name string, args []string, files []*os.File, 
 		}
 	}
 	env = append(env, EnvFDs+"="+strconv.Itoa(len(files)))
-	if len(names) > 0 {
-		env = append(env, EnvFDNames+"="+strings.Join(names, ":"))
+	if fdnames := EnvFDNames + "=" + strings.Join(names, ":"); len(names) > 0 && len(fdnames) < MaxEnvString {
+		env = append(env, fdnames)
 	}
 	cmd.Env = env
 	cmd.ExtraFiles = files
