@@ -20,6 +20,10 @@ func TestMain(m *testing.M) {
 		os.Exit(scalePeer())
 	case "responder":
 		os.Exit(scaleResponder())
+	case "vm-workload":
+		os.Exit(vmWorkload())
+	case "vm-arrival":
+		os.Exit(vmArrival())
 	}
 	dir, err := os.MkdirTemp("", "tcpmigrate-e2e")
 	if err != nil {
