@@ -1,7 +1,8 @@
 // Package certs mints the certificates of a small tcpmigrate fleet: one CA,
-// and host certificates that serve both roles of a link (a TLS server for
-// `receive`, a TLS client for `send`). `tcpmigrate certs` and the tests use
-// it, so that mutual TLS is also the easy way.
+// and host certificates that name the roles their holder may play on a link
+// (roles.go: a URI SAN tcpmigrate:role=source for `send`, role=target for
+// `receive`; both by default). `tcpmigrate certs` and the tests use it, so
+// that mutual TLS is also the easy way.
 package certs
 
 import (
@@ -56,9 +57,9 @@ type Host struct {
 	CertPEM, KeyPEM []byte
 }
 
-// Issue mints a host certificate named name, valid for the given host
-// names and IP addresses, usable both as a TLS server and as a TLS client.
-func (ca *CA) Issue(name string, hosts []string, valid time.Duration) (*Host, error) {
+// issue mints a host certificate named name, valid for the given host
+// names and IP addresses, naming roles (see IssueRoles).
+func (ca *CA) issue(name string, hosts []string, valid time.Duration, roles []Role) (*Host, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("certs: key for %s: %w", name, err)
@@ -70,6 +71,9 @@ func (ca *CA) Issue(name string, hosts []string, valid time.Duration) (*Host, er
 		NotAfter:     time.Now().Add(valid),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	for _, r := range roles {
+		tmpl.URIs = append(tmpl.URIs, r.URI())
 	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
