@@ -112,6 +112,13 @@ type Config struct {
 
 	// Software names this program in the Hello, for the peer's reports.
 	Software string
+
+	// VerifyPeer, if set, is called on both sides once the peer's Hello has
+	// arrived, with the peer's verified certificate (see PeerInfo). An
+	// error refuses the peer: it is sent a Reject with code RejectPolicy
+	// and the error's text as the reason, and both sides fail with a
+	// *HandshakeError of that code. Agents use it to check the peer's role.
+	VerifyPeer func(*PeerInfo) error
 }
 
 // LoadConfig returns a Config for mutual TLS from three PEM files: this

@@ -233,6 +233,9 @@ func clientHandshake(ctx context.Context, conn net.Conn, s *settings, serverName
 		return nil, unexpected(m.Type(), phaseHandshake)
 	}
 	version, codec, rej := s.evaluate(lo, hi, peer)
+	if rej == nil {
+		rej = s.verifyPeer(c, peer, true)
+	}
 	if rej != nil {
 		_ = writeFrames(c, false, rej)
 		return nil, &HandshakeError{Code: rej.Code, Reason: rej.Reason}
@@ -323,6 +326,9 @@ func serverHandshake(ctx context.Context, conn net.Conn, s *settings) (res *hand
 		return nil, unexpected(m.Type(), phaseHandshake)
 	}
 	version, codec, rej := s.evaluate(lo, hi, peer)
+	if rej == nil {
+		rej = s.verifyPeer(c, peer, false)
+	}
 	if rej != nil {
 		_ = writeFrames(c, true, s.hello(), rej)
 		return nil, &HandshakeError{Code: rej.Code, Reason: rej.Reason}
