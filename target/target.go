@@ -155,8 +155,7 @@ func NewServer(cfg Config) (*Server, error) {
 			if r.Role != journal.Target {
 				continue
 			}
-			var id transport.MigrationID
-			if _, err := fmt.Sscanf(r.Migration, "%x", &id); err == nil {
+			if id, err := transport.ParseMigrationID(r.Migration); err == nil {
 				s.outcomes[id] = recordedState(r.State)
 			}
 		}
@@ -165,13 +164,14 @@ func NewServer(cfg Config) (*Server, error) {
 }
 
 func recordedState(s string) transport.MigrationState {
-	switch s {
-	case StateCommitted.String(), StateCommitting.String():
+	// "committing" means the agent died between deciding and resuming:
+	// its sockets were still in repair mode and died silently with it, so
+	// the source may safely take the connections back. The record says
+	// "committed" only once the sockets are live (before they are handed
+	// to the application), so that a crash never leaves two live copies.
+	if s == StateCommitted.String() {
 		return transport.StateCommitted
-	case StateAborted.String():
-		return transport.StateAborted
 	}
-	// Preparing when the agent died: its sockets died with it.
 	return transport.StateAborted
 }
 
@@ -659,6 +659,9 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index})
 		c.fd = -1
 	}
+	// The sockets are live: the record says so before anyone else has them.
+	m.rec.State = StateCommitted.String()
+	jerr = errors.Join(jerr, m.srv.jr.Write(&m.rec))
 	if err := m.fault(StepDeliver); err != nil {
 		for _, d := range delivered {
 			fail(m.conns[d.Index], err)
@@ -681,8 +684,6 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	if err := m.link.Control().Send(ctx, &transport.Committed{Migration: m.id, Failed: failed}); err != nil {
 		m.log.Warn("could not answer Committed; the source will ask", "err", err)
 	}
-	m.rec.State = StateCommitted.String()
-	jerr = errors.Join(jerr, m.srv.jr.Write(&m.rec))
 	lerr := m.lock.Close()
 	return m.report(), errors.Join(jerr, lerr)
 }

@@ -3,6 +3,7 @@ package transport
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"net/netip"
 	"time"
 
@@ -32,6 +33,17 @@ func NewMigrationID() MigrationID {
 
 // String returns the ID as 32 hexadecimal digits.
 func (id MigrationID) String() string { return hex.EncodeToString(id[:]) }
+
+// ParseMigrationID parses the 32 hexadecimal digits String returns.
+func ParseMigrationID(s string) (MigrationID, error) {
+	var id MigrationID
+	b, err := hex.DecodeString(s)
+	if err != nil || len(b) != len(id) {
+		return id, fmt.Errorf("transport: parse migration id %q: want 32 hexadecimal digits", s)
+	}
+	copy(id[:], b)
+	return id, nil
+}
 
 // Verdict is the outcome of one connection: its index in the migration, a
 // code, and a human-readable reason (empty for VerdictOK).

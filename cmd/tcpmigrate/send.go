@@ -170,7 +170,7 @@ func sendPID(ctx context.Context, c *cli.Context, cfg source.Config, pid int, af
 	}
 	rec := fz.Record()
 	cfg.Annotate = func(r *journal.Record) {
-		r.PID, r.Freeze, r.NetNS = pid, &rec, fmt.Sprintf("/proc/%d/ns/net", pid)
+		r.PID, r.Freeze, r.NetNS, r.Dev = pid, &rec, fmt.Sprintf("/proc/%d/ns/net", pid), c.String("dev")
 	}
 	if after == "kill" {
 		// The process's own descriptors must be gone before the lock is.

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/addrmove"
 	"github.com/tcpmigrate/tcpmigrate/internal/freeze"
 	"github.com/tcpmigrate/tcpmigrate/internal/journal"
 	"github.com/tcpmigrate/tcpmigrate/internal/procsock"
@@ -55,6 +56,8 @@ func Run(ctx context.Context, o Options) ([]Action, error) {
 		return nil, err
 	}
 	var acts []Action
+	var errs []error
+	unresolved := map[string]bool{} // lock tables that must stay
 	for _, r := range recs {
 		if alive(r.AgentPID) {
 			continue // a live agent owns it
@@ -69,16 +72,20 @@ func Run(ctx context.Context, o Options) ([]Action, error) {
 		if a.Err == nil && !o.DryRun && r.Role == journal.Source {
 			a.Err = jr.Remove(r)
 		}
+		if a.Err != nil {
+			unresolved[r.Lock] = true
+			errs = append(errs, fmt.Errorf("recovery: %s %s: %w", r.Role, r.Migration, a.Err))
+		}
 		acts = append(acts, a)
 	}
-	var swept []string
 	if !o.DryRun {
-		swept, err = firewall.Sweep(0, nil)
+		swept, err := firewall.Sweep(0, func(instance string) bool { return unresolved[firewall.TableName(instance)] })
+		errs = append(errs, err)
+		for _, t := range swept {
+			acts = append(acts, Action{Decision: "removed the lock table " + t + " of a dead agent"})
+		}
 	}
-	for _, t := range swept {
-		acts = append(acts, Action{Decision: "removed the lock table " + t + " of a dead agent"})
-	}
-	return acts, err
+	return acts, errors.Join(errs...)
 }
 
 func alive(pid int) bool {
@@ -91,6 +98,14 @@ func alive(pid int) bool {
 
 func recoverSource(ctx context.Context, o Options, r *journal.Record) (string, error) {
 	commitSent := r.State == source.StateCommitting.String() || r.State == source.StateInDoubt.String()
+	if r.State == source.StateSwitched.String() {
+		// The target may still hold the identity: take it back only once
+		// the target has let go (it aborts when it loses the source).
+		st, err := query(ctx, o, r)
+		if err != nil || st == transport.StatePreparing {
+			return "the target may still hold the address; run recover again in a few seconds", errors.Join(err, errors.New("recovery: target still preparing"))
+		}
+	}
 	if commitSent {
 		st, err := query(ctx, o, r)
 		if err != nil {
@@ -110,9 +125,9 @@ func query(ctx context.Context, o Options, r *journal.Record) (transport.Migrati
 	if o.Transport == nil || r.Peer == "" {
 		return 0, errors.New("recovery: no target address or TLS configuration to ask with")
 	}
-	var id transport.MigrationID
-	if _, err := fmt.Sscanf(r.Migration, "%x", &id); err != nil {
-		return 0, fmt.Errorf("recovery: migration id %q: %w", r.Migration, err)
+	id, err := transport.ParseMigrationID(r.Migration)
+	if err != nil {
+		return 0, err
 	}
 	return source.Query(ctx, r.Peer, o.Transport, id)
 }
@@ -139,6 +154,19 @@ func rollBack(o Options, r *journal.Record) (string, error) {
 		return "not committed: would roll back", nil
 	}
 	var errs []error
+	var claimed []string
+	// The address comes back first, so that the window probes of the
+	// resumed sockets, and the peer's answers, find this host.
+	for _, p := range r.Released {
+		if r.Dev == "" {
+			continue
+		}
+		err := addrmove.Claim(context.Background(), addrmove.Config{Prefix: p, Dev: r.Dev})
+		errs = append(errs, err)
+		if err == nil {
+			claimed = append(claimed, p.String())
+		}
+	}
 	if r.Lock != "" {
 		// Remove this migration's lock first: leaving repair sends a probe
 		// that must reach the peer.
@@ -180,7 +208,10 @@ func rollBack(o Options, r *journal.Record) (string, error) {
 		errs = append(errs, freeze.ThawRecord(*r.Freeze))
 	}
 	msg := fmt.Sprintf("not committed: rolled back (%d sockets out of repair mode)", resumed)
-	if len(r.Released) > 0 {
+	if len(claimed) > 0 {
+		msg += fmt.Sprintf("; claimed %v back on %s", claimed, r.Dev)
+	}
+	if len(r.Released) > 0 && r.Dev == "" {
 		msg += fmt.Sprintf("; the address %v was released at the switch: claim it back on this host", r.Released)
 	}
 	return msg, errors.Join(errs...)
