@@ -176,8 +176,10 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.lockAll(); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
-	stopRenew := m.renew()
-	defer stopRenew()
+	if err := m.lock.StartRenewer(0, func(err error) { m.log.Warn("lease renewal failed", "err", err) }); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	defer m.lock.StopRenewer()
 	m.setState(StateLocked)
 	m.endPhase("lock")
 
@@ -302,29 +304,6 @@ func (m *migration) lockAll() error {
 	}
 	m.locked = time.Now()
 	return nil
-}
-
-// renew keeps the source lock's lease alive until stopped.
-func (m *migration) renew() (stop func()) {
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		t := time.NewTicker(m.cfg.Lease / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				if err := m.lock.RenewAll(); err != nil {
-					m.log.Warn("lease renewal failed", "err", err)
-				}
-			}
-		}
-	}()
-	return func() { close(done); wg.Wait() }
 }
 
 // receive forwards control messages to the main loop.
