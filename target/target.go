@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/audit"
 	"github.com/tcpmigrate/tcpmigrate/internal/journal"
 	"github.com/tcpmigrate/tcpmigrate/internal/nsdo"
 	"github.com/tcpmigrate/tcpmigrate/repair"
@@ -89,8 +90,14 @@ type Config struct {
 	// in; 0 means the calling thread's.
 	NetNS int
 	// Allow lists the local addresses the target restores connections
-	// for; anything else is refused (and rolled back at the source).
+	// for, in addition to Policy.Allow; anything else is refused (and
+	// rolled back at the source).
 	Allow []netip.Prefix
+	// Policy says what the target accepts from sources (policy.go).
+	Policy Policy
+	// Audit, if set, receives one record per link: each migration with
+	// its outcome, each query and each refused handshake.
+	Audit *audit.Log
 	// Claim takes the network identity at the switch (the addresses the
 	// source names, or the agent's own --claim-addr). Nil does nothing.
 	Claim func(ctx context.Context, addrs []netip.Prefix) error
@@ -122,7 +129,9 @@ type ConnReport struct {
 type Report struct {
 	Migration transport.MigrationID
 	State     State
-	Conns     []ConnReport
+	// Count is the number of connections the source announced.
+	Count uint32
+	Conns []ConnReport
 	// Query is set when the link only asked about an earlier migration.
 	Query bool
 }
@@ -130,9 +139,10 @@ type Report struct {
 // Server is a target agent. It is safe for concurrent use: each link is
 // served on its own goroutine.
 type Server struct {
-	cfg Config
-	log *slog.Logger
-	jr  *journal.Journal
+	cfg   Config
+	log   *slog.Logger
+	jr    *journal.Journal
+	guard *guard // policy and audit (policy_server.go)
 
 	mu       sync.Mutex // guards outcomes
 	outcomes map[transport.MigrationID]transport.MigrationState
@@ -149,6 +159,7 @@ func NewServer(cfg Config) (*Server, error) {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	s := &Server{cfg: cfg, log: log.With("role", "target"), jr: jr, outcomes: map[transport.MigrationID]transport.MigrationState{}}
+	s.guard = newGuard(&cfg, s.log)
 	// Outcomes survive a restart through the journal.
 	if recs, err := jr.List(); err == nil {
 		for _, r := range recs {
@@ -186,6 +197,7 @@ func (s *Server) Serve(ctx context.Context, ln *transport.Listener) error {
 				return nil
 			}
 			s.log.Warn("accept failed", "err", err)
+			s.writeAudit(&audit.Record{Event: audit.EventHandshake, Outcome: audit.OutcomeRefused, Reason: err.Error()})
 			continue
 		}
 		go func() {
@@ -212,9 +224,9 @@ func (s *Server) record(id transport.MigrationID, st transport.MigrationState) {
 	s.mu.Unlock()
 }
 
-// ServeLink serves one link: a migration, or a query about an earlier one.
-// It closes the link.
-func (s *Server) ServeLink(ctx context.Context, link *transport.Link) (*Report, error) {
+// serveLink serves one link for ServeLink, once the peer is known to be a
+// source. It closes the link.
+func (s *Server) serveLink(ctx context.Context, link *transport.Link) (*Report, error) {
 	defer link.Close()
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	msg, err := link.Control().Recv(rctx)
@@ -257,7 +269,8 @@ type migration struct {
 	conns    []*conn // by index
 	rec      journal.Record
 	claimed  []netip.Prefix
-	didClaim bool // Claim was called: an abort must undo it
+	didClaim bool       // Claim was called: an abort must undo it
+	adm      *admission // the policy applied to this migration's connections
 }
 
 func (m *migration) fault(st Step) error {
@@ -271,7 +284,7 @@ func (m *migration) fault(st Step) error {
 }
 
 func (m *migration) report() *Report {
-	r := &Report{Migration: m.id, State: m.state}
+	r := &Report{Migration: m.id, State: m.state, Count: m.count}
 	for _, c := range m.conns {
 		if c != nil {
 			r.Conns = append(r.Conns, c.report)
@@ -285,13 +298,19 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 	if m.lease <= 0 || m.lease > firewall.MaxLease {
 		m.lease = firewall.DefaultLease
 	}
-	if m.count > m.link.Local().Limits.MaxConnections {
-		err := fmt.Errorf("target: %d connections over the limit of %d", m.count, m.link.Local().Limits.MaxConnections)
-		m.link.Control().Send(ctx, &transport.Abort{Migration: m.id, Code: transport.AbortPolicy, Reason: err.Error()})
-		return m.report(), err
+	pol := &m.srv.guard.pol
+	var refuse error
+	if limit := min(pol.MaxConnections, m.link.Local().Limits.MaxConnections); m.count > limit {
+		refuse = fmt.Errorf("%w: %d connections announced, the limit is %d", ErrOverLimit, m.count, limit)
+	} else if !m.srv.reserve(m.id) {
+		refuse = fmt.Errorf("%w: %s", ErrReused, m.id)
+	}
+	if refuse != nil {
+		m.link.Control().Send(ctx, &transport.Abort{Migration: m.id, Code: transport.AbortPolicy, Reason: refuse.Error()})
+		return m.report(), refuse
 	}
 	m.state = StatePreparing
-	m.srv.record(m.id, transport.StatePreparing)
+	m.adm = newAdmission(pol, m.srv.guard.feats)
 	m.conns = make([]*conn, m.count)
 	if err := m.fault(StepPrepare); err != nil {
 		return m.abort(ctx, err, true)
@@ -317,14 +336,26 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 				recvErr <- err
 				return
 			}
-			msgs <- msg
+			select {
+			case msgs <- msg:
+			case <-m.link.Done():
+				return
+			}
 		}
 	}()
 
-	if err := m.prepare(ctx, msgs, recvErr); err != nil {
+	pctx, pcancel := context.WithTimeout(ctx, pol.PrepareTimeout)
+	err = m.prepare(pctx, msgs, recvErr)
+	pcancel()
+	if err != nil {
+		if ctx.Err() == nil && errors.Is(pctx.Err(), context.DeadlineExceeded) {
+			err = fmt.Errorf("%w: the migration was not prepared within %s: %v", ErrTimeout, pol.PrepareTimeout, err)
+		}
 		return m.abort(ctx, err, true)
 	}
 	m.state = StatePrepared
+	decide := time.NewTimer(pol.CommitTimeout)
+	defer decide.Stop()
 	// Wait for the switch and the commit (or an abort, or the end of the link).
 	for {
 		var msg transport.Message
@@ -334,6 +365,8 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 			return m.abort(ctx, fmt.Errorf("target: link lost while %s: %w", m.state, err), false)
 		case <-ctx.Done():
 			return m.abort(ctx, ctx.Err(), true)
+		case <-decide.C:
+			return m.abort(ctx, fmt.Errorf("%w: no commit within %s of prepared", ErrTimeout, pol.CommitTimeout), true)
 		}
 		switch msg := msg.(type) {
 		case *transport.Switch:
@@ -431,7 +464,9 @@ func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, re
 		if err := m.fault(StepRestore); err != nil {
 			return err
 		}
+		held := m.adm.cost(batch)
 		vs, err := m.restoreBatch(batch)
+		m.adm.buf.release(held)
 		if err != nil {
 			return err
 		}
@@ -457,7 +492,8 @@ func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
 	var mu sync.Mutex
 	got := uint32(0)
 	var wg sync.WaitGroup
-	errs := make(chan error, 64)
+	errs := make(chan error, maxStreams) // each stream's goroutine sends at most one
+	streams := 0
 	for {
 		mu.Lock()
 		all := got >= m.count
@@ -474,6 +510,10 @@ func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
 				break
 			}
 			return err
+		}
+		if streams++; streams > maxStreams {
+			r.Close()
+			return fmt.Errorf("%w: more than %d snapshot streams", ErrOverLimit, maxStreams)
 		}
 		wg.Add(1)
 		go func() {
@@ -492,7 +532,16 @@ func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
 					errs <- fmt.Errorf("target: connection index %d of %d", index, m.count)
 					return
 				}
-				recs <- record{index: index, snap: snap, state: state}
+				// Wait for room, then hand the record on; give up when
+				// the prepare phase ends.
+				if m.adm.buf.acquire(ctx, int64(queueBytes(snap, state))) != nil {
+					return
+				}
+				select {
+				case recs <- record{index: index, snap: snap, state: state}:
+				case <-ctx.Done():
+					return
+				}
 				mu.Lock()
 				got++
 				mu.Unlock()
@@ -527,13 +576,8 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 		c.tuple = firewall.Tuple{Local: l, Remote: rem}
 		c.report = ConnReport{Index: r.index, Local: r.snap.Local, Remote: r.snap.Remote}
 		m.conns[r.index] = c
-		if err := r.snap.Validate(); err != nil {
-			c.report.Verdict, c.report.Err = transport.VerdictInvalid, err
-			continue
-		}
-		if !m.allowed(l.Addr()) {
-			c.report.Verdict = transport.VerdictRefused
-			c.report.Err = fmt.Errorf("target: local address %s is not in the allow-list", l.Addr())
+		if err := m.adm.admit(r.index, r.snap, r.state); err != nil {
+			c.report.Verdict, c.report.Err = verdictOf(err), err
 			continue
 		}
 		lockList = append(lockList, c.tuple)
@@ -570,9 +614,11 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 		if c.report.Err != nil {
 			v.Reason = c.report.Err.Error()
 			m.log.Info("connection refused", "conn", r.index, "reason", v.Reason)
-			if c.report.Verdict != transport.VerdictRefused && c.report.Verdict != transport.VerdictInvalid {
-				unlock = append(unlock, c.tuple)
+			if refusal := (*Refusal)(nil); !errors.As(c.report.Err, &refusal) {
+				unlock = append(unlock, c.tuple) // locked, then the restore failed
 			}
+			// Only the report is kept of a connection the target does not hold.
+			c.snap.RecvQueue, c.snap.SendQueue, c.appState = nil, nil, nil
 		}
 		vs = append(vs, v)
 	}
@@ -583,15 +629,6 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 		}
 	}
 	return vs, nil
-}
-
-func (m *migration) allowed(a netip.Addr) bool {
-	for _, p := range m.srv.cfg.Allow {
-		if p.Contains(a) {
-			return true
-		}
-	}
-	return false
 }
 
 func (m *migration) claim(ctx context.Context, addrs []netip.Prefix) error {
@@ -695,7 +732,7 @@ func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report,
 	m.log.Warn("aborting", "err", cause)
 	if tell {
 		actx, cancel := context.WithTimeout(context.Background(), time.Second)
-		m.link.Control().Send(actx, &transport.Abort{Migration: m.id, Code: transport.AbortError, Reason: cause.Error()})
+		m.link.Control().Send(actx, &transport.Abort{Migration: m.id, Code: abortCode(cause), Reason: cause.Error()})
 		cancel()
 	}
 	var errs []error
