@@ -20,6 +20,7 @@ func newApp() *cli.App {
 			recoverCommand(),
 			certsCommand(),
 			demoCommand(),
+			benchCommand(),
 		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 	}

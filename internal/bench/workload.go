@@ -1,0 +1,194 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/fdpass"
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
+)
+
+// wconn is one connection at the workload's end.
+type wconn struct {
+	c    *net.TCPConn
+	port uint16 // the peer's port: the connection's name
+	ep   *streamcheck.Endpoint
+	// written is what the workload wrote before the move (static ones).
+	written int64
+}
+
+// workload is the bench's application: it serves the peer's connections on
+// the source host, hands them to the source agent and takes them back from
+// the target agent.
+type workload struct {
+	o      *Options
+	stream []*wconn // in hand-over order: streams first, then static ones
+	static []*wconn
+	calib  []*wconn
+	byPort map[uint16]*wconn
+
+	mu        sync.Mutex // guards delivered and lastBack
+	delivered int
+	lastBack  time.Time
+	allBack   chan struct{}
+}
+
+// accept takes n connections on ln, a listener of the source host.
+func accept(ln net.Listener, n int, deadline time.Time) ([]*wconn, error) {
+	ln.(*net.TCPListener).SetDeadline(deadline)
+	var out []*wconn
+	for len(out) < n {
+		c, err := ln.Accept()
+		if err != nil {
+			return out, fmt.Errorf("bench: accept %d of %d: %w", len(out), n, err)
+		}
+		tc := c.(*net.TCPConn)
+		out = append(out, &wconn{c: tc, port: uint16(tc.RemoteAddr().(*net.TCPAddr).Port)})
+	}
+	return out, nil
+}
+
+// fdOf returns c's descriptor; it stays owned by c.
+func fdOf(c *net.TCPConn) int {
+	fd := -1
+	if rc, err := c.SyscallConn(); err == nil {
+		rc.Control(func(u uintptr) { fd = int(u) })
+	}
+	return fd
+}
+
+// prime fills the queues of a static connection: it writes to the peer,
+// which does not read and has a small receive window, until queue bytes
+// wait unacknowledged or unsent in the send queue, and waits until the
+// queue bytes the peer wrote are all in the receive queue, unread. The send
+// buffer is set to twice the queue (the kernel doubles it again) so that a
+// whole queue fits behind the closed window.
+func (w *workload) prime(wc *wconn, pattern []byte, deadline time.Time) error {
+	q := w.o.Queue
+	fd := fdOf(wc.c)
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 2*q); err != nil {
+		return fmt.Errorf("bench: SO_SNDBUF: %w", err)
+	}
+	for {
+		outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
+		if err != nil {
+			return fmt.Errorf("bench: SIOCOUTQ: %w", err)
+		}
+		if outq >= q {
+			break
+		}
+		if int(wc.written) >= len(pattern) {
+			return fmt.Errorf("bench: port %d: %d bytes written and only %d queued", wc.port, wc.written, outq)
+		}
+		n, err := unix.Write(fd, pattern[wc.written:min(len(pattern), int(wc.written)+q-outq)])
+		if n > 0 {
+			wc.written += int64(n)
+		}
+		if errors.Is(err, unix.EAGAIN) || err == nil && n == 0 {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("bench: port %d: send queue stuck at %d bytes", wc.port, outq)
+			}
+			time.Sleep(time.Millisecond)
+		} else if err != nil {
+			return fmt.Errorf("bench: write: %w", err)
+		}
+	}
+	for {
+		inq, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+		if err != nil {
+			return fmt.Errorf("bench: SIOCINQ: %w", err)
+		}
+		if inq >= q {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("bench: port %d: receive queue stuck at %d of %d bytes", wc.port, inq, q)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// serveDeliveries takes the sockets the target agent delivers: a stream
+// carries on at once where it paused, a static connection waits for the
+// final checks.
+func (w *workload) serveDeliveries(ln *fdpass.Listener, errs *errList) {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return // the listener was closed
+		}
+		items, err := conn.RecvSockets()
+		if err != nil {
+			errs.add(err)
+			conn.Close()
+			continue
+		}
+		ids := make([]uint64, 0, len(items))
+		for _, it := range items {
+			ids = append(ids, it.ID)
+			wc := w.byPort[it.Remote.Port()]
+			if wc == nil {
+				errs.add(fmt.Errorf("bench: delivered an unknown connection %s -> %s", it.Local, it.Remote))
+				it.File.Close()
+				continue
+			}
+			c, err := net.FileConn(it.File)
+			it.File.Close()
+			if err != nil {
+				errs.add(fmt.Errorf("bench: delivered socket: %w", err))
+				continue
+			}
+			wc.c = c.(*net.TCPConn)
+			if wc.ep != nil {
+				wc.ep.Start(wc.c)
+			}
+		}
+		errs.add(conn.SendAck(ids))
+		conn.Close()
+		w.mu.Lock()
+		w.delivered += len(items)
+		w.lastBack = time.Now()
+		if w.delivered >= len(w.byPort) {
+			close(w.allBack)
+		}
+		w.mu.Unlock()
+	}
+}
+
+// finishStatic checks a static connection from the workload's side once it
+// is back: it writes its tail and reads the peer's queued bytes and tail,
+// verifying each.
+func (w *workload) finishStatic(wc *wconn, tail, want []byte) error {
+	wc.c.SetDeadline(time.Now().Add(time.Minute))
+	werr := make(chan error, 1)
+	go func() { _, err := wc.c.Write(tail); werr <- err }()
+	got := make([]byte, len(want))
+	_, rerr := io.ReadFull(wc.c, got)
+	if err := <-werr; err != nil {
+		return fmt.Errorf("bench: port %d: write tail: %w", wc.port, err)
+	}
+	if rerr != nil {
+		return fmt.Errorf("bench: port %d: read %d bytes: %w", wc.port, len(want), rerr)
+	}
+	if i := mismatch(got, want); i >= 0 {
+		return fmt.Errorf("bench: port %d: corrupt at offset %d", wc.port, i)
+	}
+	return nil
+}
+
+// listen opens a listener on addr inside ns.
+func listen(ns *lab.NS, addr string) (net.Listener, error) {
+	var ln net.Listener
+	err := ns.Do(func() (err error) {
+		ln, err = net.Listen("tcp4", addr)
+		return err
+	})
+	return ln, err
+}
