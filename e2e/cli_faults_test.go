@@ -3,18 +3,14 @@ package e2e
 import (
 	"bytes"
 	"fmt"
-	"net"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
-	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
 )
 
 // fault is one case of the crash matrix run with the real binaries.
@@ -62,12 +58,8 @@ func TestCLIFaultMatrix(t *testing.T) {
 }
 
 func runCLIFault(t *testing.T, f fault) {
-	lan, peer, src, dst := lanHosts(t)
-	cert, key, ca := certFiles(t)
-	dir := t.TempDir()
-	srcOut, dstOut := filepath.Join(dir, "src.out"), filepath.Join(dir, "dst.out")
-	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
-	marker := filepath.Join(dir, "hung")
+	r := newSocatRun(t, svc, socatListen(svc))
+	marker := filepath.Join(r.dir, "hung")
 	hang := func(cmd *exec.Cmd) {
 		mode := "hang"
 		if f.action == "cut" {
@@ -76,60 +68,26 @@ func runCLIFault(t *testing.T, f fault) {
 		cmd.Env = append(os.Environ(), "TCPMIGRATE_TEST_HANG="+f.step, "TCPMIGRATE_TEST_HANG_FILE="+marker, "TCPMIGRATE_TEST_HANG_MODE="+mode)
 	}
 	startReceiver := func(withHang bool) *exec.Cmd {
-		args := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", svc.String(), "--dev", "eth0",
-			"--journal-dir", filepath.Join(dir, "jt")}, tls...)
-		args = append(args, "--exec", "--", "socat", "-u", "FD:3", "OPEN:"+dstOut+",creat,append")
-		cmd := dst.Command(bin, args...)
+		cmd := r.dst.Command(bin, r.receiveArgs()...)
 		if withHang {
 			hang(cmd)
 		}
-		logf, _ := os.Create(filepath.Join(dir, fmt.Sprintf("receive-%d.log", time.Now().UnixNano())))
+		logf, _ := os.Create(filepath.Join(r.dir, fmt.Sprintf("receive-%d.log", time.Now().UnixNano())))
 		cmd.Stdout, cmd.Stderr = logf, logf
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
-		waitListening(t, dst, 7946)
+		waitListening(t, r.dst, 7946)
 		return cmd
 	}
 	receiver := startReceiver(f.side == "target")
+	if err := r.send(64 << 10); err != nil {
+		t.Fatal(err)
+	}
+	waitFileSize(t, r.srcOut, r.off)
 
-	workload := src.Command("socat", "-u", fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr", svcPort, svc.Addr()), "OPEN:"+srcOut+",creat,append")
-	if err := workload.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer workload.Process.Kill()
-	waitListening(t, src, svcPort)
-	var c net.Conn
-	if err := peer.Do(func() (err error) {
-		c, err = net.Dial("tcp", netip.AddrPortFrom(svc.Addr(), svcPort).String())
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	capture, err := lan.CaptureFlags(svcPort, false, filepath.Join(dir, "cap.pcap"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	before, _ := peer.Resets()
-	var off int64
-	send := func(n int64) error {
-		buf := make([]byte, n)
-		streamcheck.Pattern(buf, 0, off)
-		off += n
-		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
-		_, err := c.Write(buf)
-		return err
-	}
-	if err := send(64 << 10); err != nil {
-		t.Fatal(err)
-	}
-	waitFileSize(t, srcOut, off)
-
-	sender := src.Command(bin, append([]string{"send", "--to", "198.18.0.3:7946", "--pid", strconv.Itoa(workload.Process.Pid),
-		"--release-addr", svc.String(), "--dev", "eth0", "--lease", "30s", "--timeout", "5s",
-		"--journal-dir", filepath.Join(dir, "js")}, tls...)...)
+	sender := r.src.Command(bin, r.sendArgs("--lease", "30s", "--timeout", "5s")...)
 	if f.side == "source" {
 		hang(sender)
 	}
@@ -140,7 +98,7 @@ func runCLIFault(t *testing.T, f fault) {
 	}
 	defer sender.Process.Kill()
 	waitFile(t, marker)
-	if err := send(16 << 10); err != nil { // waits in the frozen socket's queue
+	if err := r.send(16 << 10); err != nil { // waits in the frozen socket's queue
 		t.Fatal(err)
 	}
 	switch {
@@ -149,13 +107,13 @@ func runCLIFault(t *testing.T, f fault) {
 	case f.action == "kill":
 		receiver.Process.Kill()
 	case f.action == "cut":
-		cutLink(t, lan.Switch)
+		cutLink(t, r.lan.Switch)
 		os.Remove(marker)
 	}
 	sendErr := sender.Wait()
 	t.Logf("send (%v):\n%s", sendErr, sendOut.String())
 	if f.action == "cut" {
-		if out, err := lan.Switch.Exec("nft", "delete", "table", "bridge", "cut"); err != nil {
+		if out, err := r.lan.Switch.Exec("nft", "delete", "table", "bridge", "cut"); err != nil {
 			t.Fatalf("restore the link: %v %s", err, out)
 		}
 	}
@@ -164,51 +122,24 @@ func runCLIFault(t *testing.T, f fault) {
 		startReceiver(false) // the target agent comes back, with its journal
 	}
 	if sendErr != nil {
-		recoverAll(t, src, tls, filepath.Join(dir, "js"))
+		recoverAll(t, r.src, r.tls, filepath.Join(r.dir, "js"))
 	}
 
 	if f.want == "lost" {
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if _, err := c.Read(make([]byte, 1)); err == nil {
+		r.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := r.conn.Read(make([]byte, 1)); err == nil {
 			t.Error("the connection the dead target had resumed is still alive at the peer")
 		}
-		capture.Stop()
+		r.capture.Stop()
 		return
 	}
-	if err := send(128 << 10); err != nil {
+	if err := r.send(128 << 10); err != nil {
 		t.Fatal(err)
 	}
-	// Where did the connection end up? All bytes, once, across both files.
-	if err := waitFor(20*time.Second, func() bool { return size(srcOut)+size(dstOut) >= off }); err != nil {
-		t.Fatalf("only %d+%d of %d bytes arrived", size(srcOut), size(dstOut), off)
-	}
-	b := append(read(srcOut), read(dstOut)...)
-	want := make([]byte, off)
-	streamcheck.Pattern(want, 0, 0)
-	if !bytes.Equal(b, want) {
-		t.Errorf("the two hosts' output is not the stream the peer sent (%d+%d bytes)", size(srcOut), size(dstOut))
-	}
-	got := "source"
-	if size(dstOut) > 0 {
-		got = "target"
-	}
-	if got != f.want {
+	if got := r.delivered(); got != f.want {
 		t.Errorf("the connection ended on the %s, want the %s", got, f.want)
 	}
-	if out, _ := src.Exec("nft", "list", "tables"); bytes.Contains(out, []byte("tcpmigrate")) {
-		t.Errorf("a lock table is left on the source:\n%s", out)
-	}
-	after, _ := peer.Resets()
-	if after != before {
-		t.Errorf("the peer counted %d resets", after-before)
-	}
-	segs, err := capture.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(segs) != 0 {
-		t.Errorf("RST or FIN on the bridge:\n%v", segs)
-	}
+	r.quiet()
 }
 
 // cutLink drops the agents' link (port 7946) in the switch.
@@ -237,17 +168,4 @@ func recoverAll(t *testing.T, src *lab.NS, tls []string, journal string) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-}
-
-func size(path string) int64 {
-	st, err := os.Stat(path)
-	if err != nil {
-		return 0
-	}
-	return st.Size()
-}
-
-func read(path string) []byte {
-	b, _ := os.ReadFile(path)
-	return b
 }

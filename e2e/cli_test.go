@@ -3,7 +3,6 @@ package e2e
 import (
 	"bytes"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -16,7 +15,6 @@ import (
 
 	"github.com/tcpmigrate/tcpmigrate/internal/certs"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
-	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
 )
 
 // lanHosts builds the three hosts of the CLI tests with their addresses,
@@ -107,22 +105,6 @@ func waitListening(t *testing.T, ns *lab.NS, port uint16) {
 	t.Fatalf("nothing listens on port %d in %s", port, ns.Label)
 }
 
-func waitFileSize(t *testing.T, path string, n int64) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) {
-		if st, err := os.Stat(path); err == nil && st.Size() >= n {
-			if st.Size() > n {
-				t.Fatalf("%s has %d bytes, more than the %d sent", path, st.Size(), n)
-			}
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	st, _ := os.Stat(path)
-	t.Fatalf("%s never reached %d bytes (%v)", path, n, st)
-}
-
 // TestCLIPidExec moves the connection of an unmodified program (socat,
 // writing what it receives to a file) with `send --pid`, and hands it to a
 // new socat started by `receive --exec`. Data the peer sent while the old
@@ -145,63 +127,28 @@ func TestCLIPidExec(t *testing.T) {
 }
 
 func testCLIPidExec(t *testing.T, service netip.Prefix, listen string) {
-	lan, peer, src, dst := lanHostsWith(t, service)
-	cert, key, ca := certFiles(t)
-	dir := t.TempDir()
-	srcOut, dstOut := filepath.Join(dir, "src.out"), filepath.Join(dir, "dst.out")
-	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
-
-	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", service.String(), "--dev", "eth0",
-		"--once", "--journal-dir", filepath.Join(dir, "jt")}, tls...)
-	recv = append(recv, "--exec", "--", "socat", "-u", "FD:3", "OPEN:"+dstOut+",creat,append")
-	receiver := agent(t, dst, recv...)
-	waitListening(t, dst, 7946)
-
-	// The workload: an unmodified socat on the source's service address.
-	workload := src.Command("socat", "-u", listen, "OPEN:"+srcOut+",creat,append")
-	if err := workload.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer workload.Process.Kill()
-	waitListening(t, src, svcPort)
-	var c net.Conn
-	if err := peer.Do(func() (err error) {
-		c, err = net.Dial("tcp", netip.AddrPortFrom(service.Addr(), svcPort).String())
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	capture, err := lan.CaptureFlags(svcPort, service.Addr().Is6(), filepath.Join(dir, "cap.pcap"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	before, _ := peer.Resets()
+	r := newSocatRun(t, service, listen)
+	receiver := agent(t, r.dst, r.receiveArgs("--once")...)
+	waitListening(t, r.dst, 7946)
 
 	// A: read and written by the old socat. C: sent while it is stopped, so
 	// it waits in the socket's receive queue. D: sent after the move.
-	const a, cq, d = 256 << 10, 64 << 10, 512 << 10
-	send := func(off, n int64) {
-		buf := make([]byte, n)
-		streamcheck.Pattern(buf, 0, off)
-		if _, err := c.Write(buf); err != nil {
-			t.Fatal(err)
-		}
+	if err := r.send(256 << 10); err != nil {
+		t.Fatal(err)
 	}
-	send(0, a)
-	waitFileSize(t, srcOut, a)
-	workload.Process.Signal(syscall.SIGSTOP)
-	send(a, cq)
+	waitFileSize(t, r.srcOut, r.off)
+	r.workload.Process.Signal(syscall.SIGSTOP)
+	if err := r.send(64 << 10); err != nil {
+		t.Fatal(err)
+	}
 
 	// Every established connection of socat, to the target.
-	out, err := exec.Command(bin, "list", "--pid", strconv.Itoa(workload.Process.Pid)).CombinedOutput()
+	out, err := exec.Command(bin, "list", "--pid", strconv.Itoa(r.workload.Process.Pid)).CombinedOutput()
 	t.Logf("list:\n%s", out)
 	if err != nil || !strings.Contains(string(out), "yes") {
 		t.Fatalf("list --pid: %v", err)
 	}
-	sendArgs := append([]string{"send", "--to", "198.18.0.3:7946", "--pid", strconv.Itoa(workload.Process.Pid),
-		"--release-addr", service.String(), "--dev", "eth0", "--json", "--journal-dir", filepath.Join(dir, "js")}, tls...)
-	sendCmd := src.Command(bin, sendArgs...)
+	sendCmd := r.src.Command(bin, r.sendArgs("--json")...)
 	var sendOut, sendErr bytes.Buffer
 	sendCmd.Stdout, sendCmd.Stderr = &sendOut, &sendErr
 	err = sendCmd.Run()
@@ -216,32 +163,14 @@ func testCLIPidExec(t *testing.T, service netip.Prefix, listen string) {
 		t.Fatalf("receive --once: %v", err)
 	}
 	// The old socat was killed (--after kill, the default).
-	if err := workload.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
+	if err := r.workload.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
 		t.Errorf("old socat: %v, want killed", err)
 	}
-
-	send(a+cq, d)
-	waitFileSize(t, dstOut, cq+d)
-	for file, span := range map[string][2]int64{srcOut: {0, a}, dstOut: {a, cq + d}} {
-		b, err := os.ReadFile(file)
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := make([]byte, span[1])
-		streamcheck.Pattern(want, 0, span[0])
-		if !bytes.Equal(b, want) {
-			t.Errorf("%s: %d bytes, not the stream from offset %d", file, len(b), span[0])
-		}
-	}
-	after, _ := peer.Resets()
-	if after != before {
-		t.Errorf("the peer counted %d resets", after-before)
-	}
-	segs, err := capture.Stop()
-	if err != nil {
+	if err := r.send(512 << 10); err != nil {
 		t.Fatal(err)
 	}
-	if len(segs) != 0 {
-		t.Errorf("RST or FIN on the bridge:\n%v", segs)
+	if got := r.delivered(); got != "target" {
+		t.Errorf("the connection is on the %s", got)
 	}
+	r.quiet()
 }
