@@ -4,9 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -14,9 +18,9 @@ import (
 
 	"github.com/tcpmigrate/tcpmigrate/internal/activation"
 	"github.com/tcpmigrate/tcpmigrate/internal/addrmove"
+	"github.com/tcpmigrate/tcpmigrate/internal/audit"
 	"github.com/tcpmigrate/tcpmigrate/internal/fdpass"
 	"github.com/tcpmigrate/tcpmigrate/target"
-	"github.com/tcpmigrate/tcpmigrate/transport"
 )
 
 func receiveCommand() *cli.Command {
@@ -24,10 +28,18 @@ func receiveCommand() *cli.Command {
 		Name:  "receive",
 		Usage: "accept migrations from source agents and deliver the connections",
 		UsageText: "tcpmigrate receive --listen HOST:PORT (--cert F --key F --ca F | --insecure) [--allow CIDR]... " +
-			"[--claim-addr CIDR --dev IFACE] [--once] (--exec -- CMD [ARG...] | --deliver unix:PATH)",
+			"[--allow-port N]... [--claim-addr CIDR --dev IFACE] [--max-conns N] [--max-queue-bytes N] [--max-bytes N] " +
+			"[--audit-log FILE] [--once] (--exec -- CMD [ARG...] | --deliver unix:PATH)",
 		Flags: append(append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Required: true, Usage: "address to accept source agents on, HOST:PORT"},
 			&cli.StringSliceFlag{Name: "allow", Usage: "local addresses (CIDR) connections may be restored for"},
+			&cli.UintSliceFlag{Name: "allow-port", Usage: "local port connections may be restored for (repeatable; default: any)"},
+			&cli.Uint64Flag{Name: "max-conns", Value: target.DefaultMaxConnections, Usage: "most connections in one migration; a larger one is refused whole"},
+			&cli.Uint64Flag{Name: "max-queue-bytes", Value: target.DefaultMaxQueueBytes, Usage: "most bytes of queues and state of one connection"},
+			&cli.Uint64Flag{Name: "max-bytes", Value: target.DefaultMaxBytes, Usage: "most bytes of queues and state of one migration"},
+			&cli.DurationFlag{Name: "prepare-timeout", Value: target.DefaultPrepareTimeout, Usage: "longest a source may take to send its snapshots"},
+			&cli.DurationFlag{Name: "commit-timeout", Value: target.DefaultCommitTimeout, Usage: "longest a source may take from prepared to commit (the switch included)"},
+			&cli.StringFlag{Name: "audit-log", Usage: "append one JSON line per migration, query and refused handshake to FILE (mode 0600)"},
 			&cli.StringFlag{Name: "claim-addr", Usage: "service address (CIDR) to claim at the switch; also allowed"},
 			&cli.StringFlag{Name: "dev", Usage: "interface of --claim-addr"},
 			&cli.BoolFlag{Name: "once", Usage: "exit after one migration: 0 if it committed"},
@@ -55,6 +67,9 @@ func runReceive(c *cli.Context) error {
 		return err
 	}
 	cfg := target.Config{Transport: tcfg, JournalDir: c.String("journal-dir"), Log: log, Fault: testHang[target.Step]()}
+	if cfg.Policy, err = receivePolicy(c); err != nil {
+		return err
+	}
 	for _, s := range c.StringSlice("allow") {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
@@ -85,25 +100,36 @@ func runReceive(c *cli.Context) error {
 		if !ok {
 			return usageError{errors.New("--deliver takes unix:PATH")}
 		}
-		cfg.Deliver = socketDeliver(path)
+		cfg.Deliver = socketDeliver(path, log)
+	}
+	if path := c.String("audit-log"); path != "" {
+		if cfg.Audit, err = audit.Open(path); err != nil {
+			return err
+		}
+		defer cfg.Audit.Close()
 	}
 	srv, err := target.NewServer(cfg)
 	if err != nil {
 		return err
 	}
-	ln, err := transport.Listen(c.String("listen"), tcfg)
+	ln, err := net.Listen("tcp", c.String("listen"))
 	if err != nil {
 		return err
 	}
 	defer ln.Close()
 	log.Info("listening", "addr", ln.Addr().String())
 	if !c.Bool("once") {
-		return srv.Serve(c.Context, ln)
+		return srv.ServeListener(c.Context, ln)
 	}
 	for {
-		link, err := ln.Accept()
+		conn, err := ln.Accept()
 		if err != nil {
 			return err
+		}
+		link, err := srv.Handshake(c.Context, conn)
+		if err != nil {
+			log.Warn("handshake refused", "err", err)
+			continue
 		}
 		rep, err := srv.ServeLink(c.Context, link)
 		if rep != nil && rep.Query {
@@ -158,13 +184,13 @@ func execDeliver(args []string) func(context.Context, []*target.Delivered) map[u
 
 // socketDeliver passes each migration's sockets to the program listening
 // on the unix socket at path, with their metadata.
-func socketDeliver(path string) func(context.Context, []*target.Delivered) map[uint32]error {
+func socketDeliver(path string, log *slog.Logger) func(context.Context, []*target.Delivered) map[uint32]error {
 	return func(ctx context.Context, conns []*target.Delivered) map[uint32]error {
 		items := make([]fdpass.Item, len(conns))
 		for i, d := range conns {
 			items[i] = fdpass.Item{File: d.File, Local: d.Local, Remote: d.Remote, State: d.AppState, ID: uint64(d.Index)}
 		}
-		err := deliverItems(ctx, path, items)
+		err := deliverItems(ctx, path, items, log)
 		for _, d := range conns {
 			d.File.Close()
 		}
@@ -175,12 +201,17 @@ func socketDeliver(path string) func(context.Context, []*target.Delivered) map[u
 	}
 }
 
-func deliverItems(ctx context.Context, path string, items []fdpass.Item) error {
+func deliverItems(ctx context.Context, path string, items []fdpass.Item, log *slog.Logger) error {
 	conn, err := fdpass.Dial(ctx, path, fdpass.Limits{})
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
+	peer := conn.Peer()
+	log.Info("delivering", "path", path, "sockets", len(items), "peer_pid", peer.PID, "peer_uid", peer.UID)
+	if err := checkDeliverPeer(path, peer); err != nil {
+		return err
+	}
 	if err := conn.SendSockets(items); err != nil {
 		return err
 	}
@@ -194,4 +225,59 @@ func failAll(conns []*target.Delivered, err error) map[uint32]error {
 		m[d.Index] = err
 	}
 	return m
+}
+
+// receivePolicy maps the policy flags.
+func receivePolicy(c *cli.Context) (target.Policy, error) {
+	p := target.Policy{
+		MaxQueueBytes:  c.Uint64("max-queue-bytes"),
+		MaxBytes:       c.Uint64("max-bytes"),
+		PrepareTimeout: c.Duration("prepare-timeout"),
+		CommitTimeout:  c.Duration("commit-timeout"),
+	}
+	for _, port := range c.UintSlice("allow-port") {
+		if port == 0 || port > 65535 {
+			return p, usageError{fmt.Errorf("--allow-port %d: want 1 to 65535", port)}
+		}
+		p.AllowPorts = append(p.AllowPorts, uint16(port))
+	}
+	n := c.Uint64("max-conns")
+	if n == 0 || n > 1<<20 {
+		return p, usageError{fmt.Errorf("--max-conns %d: want 1 to %d", n, 1<<20)}
+	}
+	p.MaxConnections = uint32(n)
+	if p.MaxQueueBytes == 0 || p.MaxBytes == 0 {
+		return p, usageError{errors.New("--max-queue-bytes and --max-bytes must be positive")}
+	}
+	return p, nil
+}
+
+// checkDeliverPeer refuses to hand sockets to a process the operator did
+// not mean: the program listening at path must run as root or as the owner
+// of the socket file, and the file's directory must belong to root or that
+// owner and be writable by nobody else unless sticky (the rule
+// fdpass.Listen applies on the program's side).
+func checkDeliverPeer(path string, peer fdpass.Cred) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return fmt.Errorf("deliver: %w", err)
+	}
+	di, err := os.Stat(filepath.Dir(path))
+	if err != nil {
+		return fmt.Errorf("deliver: %w", err)
+	}
+	st, ok1 := fi.Sys().(*syscall.Stat_t)
+	dst, ok2 := di.Sys().(*syscall.Stat_t)
+	if !ok1 || !ok2 {
+		return fmt.Errorf("deliver: cannot read the owners of %s and its directory", path)
+	}
+	switch {
+	case peer.UID != 0 && peer.UID != st.Uid:
+		return fmt.Errorf("deliver: the program listening on %s runs as uid %d, but the socket file belongs to uid %d: not delivering", path, peer.UID, st.Uid)
+	case dst.Uid != 0 && dst.Uid != st.Uid:
+		return fmt.Errorf("deliver: directory %s belongs to uid %d, who could replace the socket: not delivering", filepath.Dir(path), dst.Uid)
+	case di.Mode().Perm()&0o022 != 0 && di.Mode()&fs.ModeSticky == 0:
+		return fmt.Errorf("deliver: directory %s (mode %v) is writable by others, who could replace the socket: not delivering", filepath.Dir(path), di.Mode().Perm())
+	}
+	return nil
 }
