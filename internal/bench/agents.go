@@ -42,6 +42,9 @@ type sourceResult struct {
 	WireBytes int64           `json:"wire_bytes"`
 	VmHWM     int64           `json:"vm_hwm"`
 	Received  time.Duration   `json:"received"` // from accepting the handoff to holding every socket
+	// HandedBack counts the sockets that rolled back and went back to the
+	// workload.
+	HandedBack int `json:"handed_back"`
 }
 
 // runSource takes the workload's sockets over the handoff socket, migrates
@@ -90,12 +93,18 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 		conns[i] = source.Conn{File: it.File, OwnerFD: -1}
 	}
 	res, merr := source.Migrate(ctx, scfg, conns)
-	// Migrate closed the committed sockets; whatever rolled back is ours to
-	// close (the bench reports the failure).
+	// Migrate closed the committed sockets; what rolled back goes back to
+	// the workload, as `send --handoff` does.
+	var back []fdpass.Item
 	for i, cr := range res.Conns {
 		if cr.Outcome != source.Committed {
-			items[i].File.Close()
+			back = append(back, items[i])
 		}
+	}
+	var herr error
+	if len(back) > 0 {
+		herr = conn.HandBack(back)
+		fdpass.CloseItems(back)
 	}
 	out := sourceResult{event: event{Event: "result"}, State: res.State.String(), Outcomes: map[string]int{},
 		Phases: res.Phases, RawBytes: res.RawBytes, WireBytes: res.WireBytes, Received: received}
@@ -106,9 +115,10 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 			out.ConnErrs = append(out.ConnErrs, fmt.Sprintf("%s -> %s: %v", cr.Local, cr.Remote, cr.Err))
 		}
 	}
-	if merr != nil {
-		out.Error = merr.Error()
+	if err := errors.Join(merr, herr); err != nil {
+		out.Error = err.Error()
 	}
+	out.HandedBack = len(back)
 	if out.VmHWM, err = vmHWM(); err != nil {
 		return err
 	}
@@ -232,7 +242,10 @@ func runTarget(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 func deliver(path string, items []fdpass.Item) error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	conn, err := fdpass.Dial(ctx, path, fdpass.Limits{})
+	// The default limits would refuse an acknowledgement of more than 4,096
+	// connections (receive --deliver dials with them: see
+	// docs/performance.md).
+	conn, err := fdpass.Dial(ctx, path, fdpass.Limits{MaxBatch: fdpass.MaxBatchLimit})
 	if err != nil {
 		return err
 	}

@@ -275,7 +275,7 @@ func (x *run) connect(ctx context.Context) error {
 	}
 	x.children = append(x.children, peer)
 
-	x.w = &workload{o: o, byPort: map[uint16]*wconn{}, allBack: make(chan struct{})}
+	x.w = &workload{o: o, byPort: map[uint16]*wconn{}, handed: make(chan struct{}), allBack: make(chan struct{})}
 	deadline := time.Now().Add(x.setupTimeout())
 	var wg sync.WaitGroup
 	var aerr errList
@@ -365,6 +365,7 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 		return err
 	}
 	defer dln.Close()
+	defer w.handedOver() // lets the deliveries go on if the hand-over failed
 	go w.serveDeliveries(dln, &x.errs)
 	src, err := startChild(o, x.src, childConfig{Role: roleSource, CPUProfile: x.profile(roleSource), TLS: srcTLS, Source: &sourceConfig{
 		To: netip.AddrPortFrom(dstAddr.Addr(), agentPort).String(), Handoff: filepath.Join(x.dir, "handoff.sock"),
@@ -413,18 +414,19 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 	x.sourceFigures(&sres)
 	r.PeakRSS.Target = tres.VmHWM
 	if sres.Error != "" || tres.Error != "" {
-		return fmt.Errorf("bench: migration: source %s (%s), target %s (%s)", sres.State, sres.Error, tres.State, tres.Error)
+		x.errs.add(fmt.Errorf("bench: migration: source %s (%s), target %s (%s)", sres.State, sres.Error, tres.State, tres.Error))
 	}
 	select {
 	case <-w.allBack:
 	case <-time.After(time.Minute):
 		w.mu.Lock()
-		n := w.delivered
+		n := w.back
 		w.mu.Unlock()
 		return fmt.Errorf("bench: %d of %d connections came back to the workload", n, o.Conns)
 	}
 	w.mu.Lock()
 	r.PauseUS = us(w.lastBack.Sub(paused))
+	r.HandedBack = w.handedBack
 	w.mu.Unlock()
 	x.logf("migrated: %s, %d committed; the workload paused %.0f µs", sres.State, r.Committed, r.PauseUS)
 
@@ -439,8 +441,9 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 }
 
 // handOver passes every migrated socket to the source agent, streams
-// first, and closes the workload's copies: the agent's are the only ones
-// left, as after `send --handoff`.
+// first; the workload keeps no copy, as after `send --handoff`. Each
+// connection is traded for a descriptor of its own before the hand-over,
+// so that the process never holds two per connection.
 func (x *run) handOver(ctx context.Context) error {
 	all := slices.Concat(x.w.stream, x.w.static)
 	items := make([]fdpass.Item, 0, len(all))
@@ -452,20 +455,23 @@ func (x *run) handOver(ctx context.Context) error {
 		}
 		items = append(items, fdpass.Item{File: f, Local: wc.c.LocalAddr().(*net.TCPAddr).AddrPort(),
 			Remote: wc.c.RemoteAddr().(*net.TCPAddr).AddrPort(), ID: uint64(wc.port)})
+		wc.c.Close() // f holds the socket
 	}
 	dctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	conn, err := fdpass.Dial(dctx, filepath.Join(x.dir, "handoff.sock"), fdpass.Limits{})
+	conn, err := fdpass.Dial(dctx, filepath.Join(x.dir, "handoff.sock"), fdpass.Limits{MaxBatch: fdpass.MaxBatchLimit})
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
 	if err := conn.SendSockets(items); err != nil {
+		conn.Close()
 		return err
 	}
-	for _, wc := range all {
-		wc.c.Close() // the agent holds the socket now
-	}
+	x.w.handedOver()
+	go func() {
+		x.w.serveHandBacks(conn, &x.errs)
+		conn.Close()
+	}()
 	return nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -128,16 +129,20 @@ func runPeer(ctx context.Context, cfg *peerConfig, dec *json.Decoder, enc *json.
 	if err != nil {
 		return err
 	}
+	// Nothing else refers to the calibration connections: without this,
+	// the garbage collector would close them (with unread data: a reset)
+	// in the middle of the run.
+	defer runtime.KeepAlive(calib)
 	if cfg.Queue > 0 {
 		// What the workload will find unread in its receive queues.
 		queued := patternBuf(dirToWorkload, 0, cfg.Queue)
 		err := parallel(append(append([]*peerConn(nil), static...), calib...), 32, func(pc *peerConn) error {
-			pc.c.SetWriteDeadline(time.Now().Add(time.Minute))
+			pc.c.SetWriteDeadline(time.Now().Add(30 * time.Second))
 			_, err := pc.c.Write(queued)
 			return err
 		})
 		if err != nil {
-			return fmt.Errorf("bench: peer: queue bytes: %w", err)
+			return fmt.Errorf("bench: peer: queue bytes (the workload's receive queues did not take them: TCP memory pressure?): %w", err)
 		}
 	}
 	streams, err := dialMany(cfg.Stream, cfg.NStream, false)
@@ -386,24 +391,25 @@ func dialMany(addr string, n int, small bool) ([]*peerConn, error) {
 	return conns, err
 }
 
-// parallel runs fn on every item with at most n at a time and returns the
-// first error.
+// parallel runs fn on the items with at most n at a time. After an error
+// no new item is started; it returns the errors met.
 func parallel[T any](items []T, n int, fn func(T) error) error {
 	var next atomic.Int64
+	var failed atomic.Bool
 	var errs errList
 	var wg sync.WaitGroup
 	for range min(n, len(items)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for {
+			for !failed.Load() {
 				i := int(next.Add(1)) - 1
 				if i >= len(items) {
 					return
 				}
 				if err := fn(items[i]); err != nil {
 					errs.add(err)
-					return
+					failed.Store(true)
 				}
 			}
 		}()

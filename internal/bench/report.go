@@ -116,6 +116,10 @@ type Report struct {
 	// source agent reported committed.
 	Conns     int `json:"conns"`
 	Committed int `json:"committed"`
+	// HandedBack counts connections that rolled back (the target refused
+	// or failed them) and that the source agent handed back to the
+	// workload, which went on with them and checked them like the others.
+	HandedBack int `json:"handed_back"`
 	// State is the source agent's final state.
 	State string `json:"state"`
 	// QueueBytes is what each static connection had queued each way.
@@ -224,8 +228,8 @@ func (r *Report) WriteTable(w io.Writer) {
 	if r.StreamConns > 0 {
 		p(", %d streaming (16 KiB every %s)", r.StreamConns, time.Duration(r.StreamIntervalUS*1e3))
 	}
-	p("\n  %d/%d committed (%s); load %.2f before, %.2f after; %s, %d CPUs\n\n",
-		r.Committed, r.Conns, r.State, r.LoadBefore(), r.Env.LoadAfter[0], r.Env.Kernel, r.Env.CPUs)
+	p("\n  %d/%d committed (%s), %d handed back; load %.2f before, %.2f after; %s, %d CPUs\n\n",
+		r.Committed, r.Conns, r.State, r.HandedBack, r.LoadBefore(), r.Env.LoadAfter[0], r.Env.Kernel, r.Env.CPUs)
 	p("  %-34s %10s %10s %10s %10s\n", "µs", "min", "p50", "p99", "max")
 	row := func(name string, d *Dist) {
 		if d == nil {

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -34,10 +36,17 @@ type workload struct {
 	calib  []*wconn
 	byPort map[uint16]*wconn
 
-	mu        sync.Mutex // guards delivered and lastBack
-	delivered int
-	lastBack  time.Time
-	allBack   chan struct{}
+	// handed is closed once the workload has handed its sockets over and
+	// closed its copies: only then are the wconns taken back.
+	handed     chan struct{}
+	handedOnce sync.Once
+
+	mu sync.Mutex // guards back, handedBack and lastBack
+	// back counts the sockets the workload holds again, delivered by the
+	// target or handed back by the source (handedBack of them).
+	back, handedBack int
+	lastBack         time.Time
+	allBack          chan struct{}
 }
 
 // accept takes n connections on ln, a listener of the source host.
@@ -76,6 +85,11 @@ func (w *workload) prime(wc *wconn, pattern []byte, deadline time.Time) error {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 2*q); err != nil {
 		return fmt.Errorf("bench: SO_SNDBUF: %w", err)
 	}
+	// A queue that stops growing for this long will not fill: most likely
+	// the kernel is under TCP memory pressure (tcp_mem), which this lab's
+	// three hosts share.
+	const stuck = 10 * time.Second
+	progress := time.Now()
 	for {
 		outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
 		if err != nil {
@@ -90,16 +104,18 @@ func (w *workload) prime(wc *wconn, pattern []byte, deadline time.Time) error {
 		n, err := unix.Write(fd, pattern[wc.written:min(len(pattern), int(wc.written)+q-outq)])
 		if n > 0 {
 			wc.written += int64(n)
+			progress = time.Now()
 		}
 		if errors.Is(err, unix.EAGAIN) || err == nil && n == 0 {
-			if time.Now().After(deadline) {
-				return fmt.Errorf("bench: port %d: send queue stuck at %d bytes", wc.port, outq)
+			if time.Since(progress) > stuck || time.Now().After(deadline) {
+				return fmt.Errorf("bench: port %d: send queue stuck at %d of %d bytes; %s", wc.port, outq, q, tcpMem())
 			}
 			time.Sleep(time.Millisecond)
 		} else if err != nil {
 			return fmt.Errorf("bench: write: %w", err)
 		}
 	}
+	last := -1
 	for {
 		inq, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
 		if err != nil {
@@ -108,16 +124,35 @@ func (w *workload) prime(wc *wconn, pattern []byte, deadline time.Time) error {
 		if inq >= q {
 			return nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("bench: port %d: receive queue stuck at %d of %d bytes", wc.port, inq, q)
+		if inq != last {
+			last, progress = inq, time.Now()
+		}
+		if time.Since(progress) > stuck || time.Now().After(deadline) {
+			return fmt.Errorf("bench: port %d: receive queue stuck at %d of %d bytes; %s", wc.port, inq, q, tcpMem())
 		}
 		time.Sleep(time.Millisecond)
 	}
 }
 
-// serveDeliveries takes the sockets the target agent delivers: a stream
-// carries on at once where it paused, a static connection waits for the
-// final checks.
+// tcpMem describes the kernel's TCP memory: what is allocated (all
+// namespaces together) against the tcp_mem thresholds, in pages.
+func tcpMem() string {
+	limits, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_mem")
+	stat, _ := os.ReadFile("/proc/net/sockstat")
+	mem := "?"
+	for _, line := range strings.Split(string(stat), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && f[0] == "TCP:" {
+			for i := 1; i+1 < len(f); i += 2 {
+				if f[i] == "mem" {
+					mem = f[i+1]
+				}
+			}
+		}
+	}
+	return fmt.Sprintf("TCP memory %s pages allocated, tcp_mem (min, pressure, max) %s", mem, strings.TrimSpace(string(limits)))
+}
+
+// serveDeliveries takes the sockets the target agent delivers.
 func (w *workload) serveDeliveries(ln *fdpass.Listener, errs *errList) {
 	for {
 		conn, err := ln.Accept()
@@ -130,36 +165,62 @@ func (w *workload) serveDeliveries(ln *fdpass.Listener, errs *errList) {
 			conn.Close()
 			continue
 		}
-		ids := make([]uint64, 0, len(items))
-		for _, it := range items {
-			ids = append(ids, it.ID)
-			wc := w.byPort[it.Remote.Port()]
-			if wc == nil {
-				errs.add(fmt.Errorf("bench: delivered an unknown connection %s -> %s", it.Local, it.Remote))
-				it.File.Close()
-				continue
-			}
-			c, err := net.FileConn(it.File)
-			it.File.Close()
-			if err != nil {
-				errs.add(fmt.Errorf("bench: delivered socket: %w", err))
-				continue
-			}
-			wc.c = c.(*net.TCPConn)
-			if wc.ep != nil {
-				wc.ep.Start(wc.c)
-			}
-		}
+		ids := w.takeBack(items, errs)
 		errs.add(conn.SendAck(ids))
 		conn.Close()
-		w.mu.Lock()
-		w.delivered += len(items)
-		w.lastBack = time.Now()
-		if w.delivered >= len(w.byPort) {
-			close(w.allBack)
-		}
-		w.mu.Unlock()
 	}
+}
+
+// serveHandBacks takes the sockets the source agent hands back (their
+// migration rolled back) on the hand-over connection, until it closes.
+func (w *workload) serveHandBacks(conn *fdpass.Conn, errs *errList) {
+	for {
+		m, err := conn.Receive()
+		if err != nil {
+			return // the agent is done
+		}
+		if m.Kind == fdpass.KindHandBack {
+			w.mu.Lock()
+			w.handedBack += len(m.Items)
+			w.mu.Unlock()
+			w.takeBack(m.Items, errs)
+		}
+	}
+}
+
+// takeBack puts the workload back in charge of items: a stream carries on
+// at once where it paused, a static connection waits for the final checks.
+// It returns the items' IDs.
+func (w *workload) takeBack(items []fdpass.Item, errs *errList) []uint64 {
+	<-w.handed
+	ids := make([]uint64, 0, len(items))
+	for _, it := range items {
+		ids = append(ids, it.ID)
+		wc := w.byPort[it.Remote.Port()]
+		if wc == nil {
+			errs.add(fmt.Errorf("bench: got back an unknown connection %s -> %s", it.Local, it.Remote))
+			it.File.Close()
+			continue
+		}
+		c, err := net.FileConn(it.File)
+		it.File.Close()
+		if err != nil {
+			errs.add(fmt.Errorf("bench: socket taken back: %w", err))
+			continue
+		}
+		wc.c = c.(*net.TCPConn)
+		if wc.ep != nil {
+			wc.ep.Start(wc.c)
+		}
+	}
+	w.mu.Lock()
+	w.back += len(items)
+	w.lastBack = time.Now()
+	if w.back >= len(w.byPort) {
+		close(w.allBack)
+	}
+	w.mu.Unlock()
+	return ids
 }
 
 // finishStatic checks a static connection from the workload's side once it
@@ -192,3 +253,7 @@ func listen(ns *lab.NS, addr string) (net.Listener, error) {
 	})
 	return ln, err
 }
+
+// handedOver marks the hand-over done (or abandoned); it may be called more
+// than once.
+func (w *workload) handedOver() { w.handedOnce.Do(func() { close(w.handed) }) }
