@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -11,6 +12,8 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,8 +39,8 @@ type Options struct {
 	// StreamInterval paces the streams; zero means DefaultStreamInterval.
 	StreamInterval time.Duration
 	// Calibrate is how many extra connections of the same kind are timed
-	// one by one for the per-connection costs; zero means
-	// min(Conns, DefaultCalibrate).
+	// one by one for the per-connection costs (half for the real calls,
+	// half for the bare syscall sequences); zero means DefaultCalibrate.
 	Calibrate int
 	// ProfileDir, if set, receives a CPU profile of each process:
 	// bench.pprof, source.pprof, target.pprof and peer.pprof.
@@ -48,6 +51,9 @@ type Options struct {
 	Child []string
 	// ChildEnv is added to the children's environment.
 	ChildEnv []string
+	// Pcap, if set, is a file where tcpdump records the migrated
+	// connections' segments on the bridge during the move (headers only).
+	Pcap string
 	// Log receives progress lines and the children's logs; nil discards
 	// them.
 	Log io.Writer
@@ -82,7 +88,7 @@ func (o *Options) check() error {
 	if o.Conns < 1 {
 		return errors.New("bench: at least one connection")
 	}
-	if o.Queue < 0 || o.StreamConns < 0 || o.StreamConns > o.Conns || o.Calibrate < 0 {
+	if o.Queue < 0 || o.StreamConns < 0 || o.StreamConns > o.Conns || o.Calibrate < 0 || o.Calibrate == 1 {
 		return fmt.Errorf("bench: bad options: queue %d, %d of %d streaming, calibrate %d", o.Queue, o.StreamConns, o.Conns, o.Calibrate)
 	}
 	if o.Conns > 60000 {
@@ -98,7 +104,7 @@ func (o *Options) check() error {
 		o.StreamInterval = DefaultStreamInterval
 	}
 	if o.Calibrate == 0 {
-		o.Calibrate = min(o.Conns, DefaultCalibrate)
+		o.Calibrate = DefaultCalibrate
 	}
 	return nil
 }
@@ -340,6 +346,12 @@ func (x *run) calibrate() error {
 	x.r.CalibrationConns = len(fds)
 	x.r.Inspect, x.r.Dump, x.r.Restore = distOf(c.inspect), distOf(c.dump), distOf(c.restore)
 	x.r.Floor = Floor{Dump: distOf(c.floorDump), Restore: distOf(c.floorRestore)}
+	small, big, pclose, err := measureComponents(x.dir, x.dst, x.o.Conns)
+	if err != nil {
+		return err
+	}
+	x.r.Components = Components{LockTable: distOf(c.lockTable), LockBatch: distOf(c.lock), UnlockBatch: distOf(c.unlock),
+		JournalSmall: distOf(small), JournalConns: distOf(big), PacketClose: distOf(pclose)}
 	x.logf("calibrated on %d connections", len(fds))
 	return nil
 }
@@ -381,6 +393,17 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 	resetsBefore, err := x.peer.Resets()
 	if err != nil {
 		return err
+	}
+	countersBefore, err := peerCounters(x.peer)
+	if err != nil {
+		return err
+	}
+	if o.Pcap != "" {
+		stop, err := x.capture(o.Pcap)
+		if err != nil {
+			return err
+		}
+		defer stop()
 	}
 	if err := peer.send(peerCmd{Cmd: "mark"}); err != nil {
 		return err
@@ -437,7 +460,84 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 	if err := peer.recv(ctx, "settled", time.Minute, nil); err != nil {
 		return err
 	}
-	return x.check(ctx, peer, resetsBefore)
+	if err := x.check(ctx, peer, resetsBefore); err != nil {
+		return err
+	}
+	after, err := peerCounters(x.peer)
+	for k, v := range after {
+		after[k] = v - countersBefore[k]
+	}
+	r.Peer.Retransmits, r.Peer.Timeouts, r.Peer.LossProbes = after["RetransSegs"], after["TCPTimeouts"], after["TCPLossProbes"]
+	return err
+}
+
+// peerCounters reads the peer's retransmission counters: RetransSegs
+// (/proc/net/snmp), TCPTimeouts and TCPLossProbes (/proc/net/netstat).
+func peerCounters(ns *lab.NS) (map[string]int64, error) {
+	m, err := ns.TCPCounters()
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]int64{"RetransSegs": m["RetransSegs"]}
+	var b []byte
+	if err := ns.Do(func() (err error) { b, err = os.ReadFile("/proc/thread-self/net/netstat"); return err }); err != nil {
+		return nil, fmt.Errorf("bench: %w", err)
+	}
+	var names []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "TcpExt:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		for i := 1; i < len(f) && i < len(names); i++ {
+			if names[i] == "TCPTimeouts" || names[i] == "TCPLossProbes" {
+				out[names[i]], _ = strconv.ParseInt(f[i], 10, 64)
+			}
+		}
+	}
+	return out, nil
+}
+
+// capture records the headers of the migrated connections' segments on the
+// bridge into file, from before the move until the streams have resumed.
+func (x *run) capture(file string) (stop func(), err error) {
+	filter := fmt.Sprintf("tcp and (port %d or port %d)", streamPort, staticPort)
+	cmd := x.lan.Switch.Command("tcpdump", "-i", "br0", "--immediate-mode", "-U", "-n", "-s", "128", "-w", file, filter)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, fmt.Errorf("bench: %w", err)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("bench: tcpdump: %w", err)
+	}
+	ready, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "listening on") {
+				close(ready)
+			}
+			x.logf("tcpdump: %s", sc.Text())
+		}
+	}()
+	select {
+	case <-ready:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, errors.New("bench: tcpdump did not start")
+	}
+	return func() {
+		time.Sleep(100 * time.Millisecond) // the last segments reach the capture
+		cmd.Process.Signal(os.Interrupt)
+		<-done
+		cmd.Wait()
+	}, nil
 }
 
 // handOver passes every migrated socket to the source agent, streams

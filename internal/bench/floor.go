@@ -16,10 +16,12 @@ import (
 	"github.com/tcpmigrate/tcpmigrate/repair"
 )
 
-// costs are the per-connection timings of a calibration.
+// costs are the per-connection timings of a calibration, and the timings
+// of the lock operations it made.
 type costs struct {
 	inspect, dump, restore  []time.Duration
 	floorDump, floorRestore []time.Duration
+	lockTable, lock, unlock []time.Duration
 }
 
 // calibrate times, one connection at a time, what a migration spends per
@@ -44,14 +46,17 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 		}
 	}()
 	for _, ns := range []*lab.NS{src, dst} {
+		t := time.Now()
 		l, err := firewall.New(firewall.Config{Instance: fmt.Sprintf("bench-calibrate-%d", os.Getpid()), NetNS: ns.Handle()})
 		if err != nil {
 			return nil, err
 		}
+		t1 := time.Now()
 		locks = append(locks, l)
 		if err := l.Lock(tuples); err != nil {
 			return nil, err
 		}
+		c.lockTable, c.lock = append(c.lockTable, t1.Sub(t)), append(c.lock, time.Since(t1))
 	}
 	// Each connection is timed for one of the pair (the real call or the
 	// bare sequence), alternately, and always first: the first to touch a
@@ -110,7 +115,9 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 		})
 	}
 	rerr := src.Do(func() error {
+		t := time.Now()
 		errs := []error{locks[0].Unlock(tuples)}
+		c.unlock = append(c.unlock, time.Since(t))
 		for i, fd := range fds {
 			if captured[i] {
 				errs = append(errs, repair.Resume(fd, &snaps[i]))

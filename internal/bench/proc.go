@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -72,6 +73,18 @@ func environment() Env {
 	var u unix.Utsname
 	if unix.Uname(&u) == nil {
 		e.Kernel = string(bytes.TrimRight(u.Release[:], "\x00"))
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				e.Revision = s.Value + e.Revision
+			case "vcs.modified":
+				if s.Value == "true" {
+					e.Revision += "+modified"
+				}
+			}
+		}
 	}
 	return e
 }

@@ -98,11 +98,21 @@ type Peer struct {
 	// workload over the whole run.
 	ToPeer   int64 `json:"to_peer_bytes"`
 	FromPeer int64 `json:"from_peer_bytes"`
+	// Retransmits, Timeouts and LossProbes are the changes, over the same
+	// span as Resets, in the peer's RetransSegs, TCPTimeouts (retransmission
+	// timeouts) and TCPLossProbes (tail loss probes): what the lock cost the
+	// peer's own sending.
+	Retransmits int64 `json:"retransmits"`
+	Timeouts    int64 `json:"rto_timeouts"`
+	LossProbes  int64 `json:"loss_probes"`
 }
 
 // Env describes the machine and its load around the run.
 type Env struct {
-	Time       string     `json:"time"`
+	Time string `json:"time"`
+	// Revision is the commit the binary was built from ("+modified" when
+	// the work tree had changes), when the build recorded it.
+	Revision   string     `json:"revision,omitempty"`
 	Kernel     string     `json:"kernel"`
 	CPUs       int        `json:"cpus"`
 	Go         string     `json:"go"`
@@ -155,6 +165,8 @@ type Report struct {
 	Dump    *Dist `json:"dump_us_per_conn"`
 	Restore *Dist `json:"restore_us_per_conn"`
 	Floor   Floor `json:"syscall_floor_us_per_conn"`
+	// Components times fixed steps of the phases, to explain them.
+	Components Components `json:"components"`
 
 	// WireBytes crossed the link (both ways, compressed and framed);
 	// StateBytes is the queued connection data moved (source.Result.RawBytes).
@@ -186,8 +198,11 @@ func (r *Report) Consistent() []string {
 	if r.Peer.Resets != 0 {
 		add("the peer counted %d resets", r.Peer.Resets)
 	}
+	c := r.Components
 	dists := map[string]*Dist{"freeze": r.Freeze, "freeze excluding switch": r.FreezeExclSwitch,
-		"inspect": r.Inspect, "dump": r.Dump, "restore": r.Restore, "floor dump": r.Floor.Dump, "floor restore": r.Floor.Restore}
+		"inspect": r.Inspect, "dump": r.Dump, "restore": r.Restore, "floor dump": r.Floor.Dump, "floor restore": r.Floor.Restore,
+		"lock table": c.LockTable, "lock batch": c.LockBatch, "unlock batch": c.UnlockBatch,
+		"journal write": c.JournalSmall, "journal write with connections": c.JournalConns, "packet socket close": c.PacketClose}
 	if r.StreamConns > 0 {
 		if r.Stall == nil {
 			add("streaming connections but no stall measured")
@@ -251,6 +266,14 @@ func (r *Report) WriteTable(w io.Writer) {
 	row("  restore (repair.Restore)", r.Restore)
 	row("  syscall floor: dump", r.Floor.Dump)
 	row("  syscall floor: restore", r.Floor.Restore)
+	c := r.Components
+	p("  components (lock batches of %d tuples, journal record of %d connections):\n", r.CalibrationConns, r.Conns)
+	row("  lock table (firewall.New)", c.LockTable)
+	row("  lock, one batch", c.LockBatch)
+	row("  unlock, one batch", c.UnlockBatch)
+	row("  journal write, no connections", c.JournalSmall)
+	row("  journal write, every connection", c.JournalConns)
+	row("  close of an ARP packet socket", c.PacketClose)
 	var ph []string
 	for _, x := range r.Phases {
 		ph = append(ph, fmt.Sprintf("%s %.0f", x.Name, x.US))
@@ -266,6 +289,8 @@ func (r *Report) WriteTable(w io.Writer) {
 		size(r.PeakRSS.Source), size(r.PeakRSS.Target), size(r.PeakRSS.Bench), size(r.PeakRSS.Peer))
 	p("  peer: %d resets; %d/%d connections verified both ways; %s to it, %s from it\n",
 		r.Peer.Resets, r.Peer.Verified, r.Conns, size(r.Peer.ToPeer), size(r.Peer.FromPeer))
+	p("  peer's sending: %d segments retransmitted, %d retransmission timeouts, %d tail loss probes\n",
+		r.Peer.Retransmits, r.Peer.Timeouts, r.Peer.LossProbes)
 	for _, e := range r.Errors {
 		p("  error: %s\n", e)
 	}
