@@ -238,8 +238,12 @@ func needs(s *repair.Snapshot) repair.Features {
 	return f
 }
 
-// maxIfName is IFNAMSIZ-1: the longest interface name (and IPv6 zone).
-const maxIfName = 15
+// Kernel bounds of option values (include/net/tcp.h, include/uapi/linux/if.h).
+const (
+	maxIfName   = 15    // IFNAMSIZ-1: the longest interface name (and IPv6 zone)
+	maxKeepIdle = 32767 // MAX_TCP_KEEPIDLE, also MAX_TCP_KEEPINTVL
+	maxKeepCnt  = 127   // MAX_TCP_KEEPCNT
+)
 
 // consistent adds to repair's Validate the checks a snapshot from an
 // untrusted source needs: addresses that can be the two ends of a TCP
@@ -266,6 +270,16 @@ func consistent(s *repair.Snapshot) error {
 	}
 	if la.IsLoopback() != ra.IsLoopback() {
 		return bad("one end on loopback and the other not")
+	}
+	// Options the kernel would refuse: the restore would fail with a
+	// socket already made. (Values read from a real socket are in range.)
+	o := &s.Options
+	if o.KeepIdle < 1 || o.KeepIdle > maxKeepIdle || o.KeepIntvl < 1 || o.KeepIntvl > maxKeepIdle ||
+		o.KeepCnt < 1 || o.KeepCnt > maxKeepCnt {
+		return bad("keepalive %d/%d/%d out of range", o.KeepIdle, o.KeepIntvl, o.KeepCnt)
+	}
+	if o.TTL < 1 || o.TTL > 255 {
+		return bad("TTL %d out of range", o.TTL)
 	}
 	// The peer advertises at most 65535 << snd_wscale bytes; the largest
 	// window it ever offered cannot be more.

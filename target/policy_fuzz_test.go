@@ -80,6 +80,8 @@ func decodeFuzz(b []byte) (*repair.Snapshot, []byte, repair.Features) {
 	s.Unsent = r.u32()
 	s.Options.Mask = repair.OptMask(r.u32())
 	s.Options.Mark = r.u32()
+	s.Options.KeepIdle, s.Options.KeepIntvl = int32(r.u32()), int32(r.u32())
+	s.Options.KeepCnt, s.Options.TTL = int32(r.u32()), int32(r.u32())
 	s.Local, s.Remote = r.addrPort(), r.addrPort()
 	s.RecvQueue = slices.Clone(r.bytes(int(r.u16())))
 	s.SendQueue = slices.Clone(r.bytes(int(r.u16())))
@@ -96,7 +98,8 @@ func encodeFuzz(s *repair.Snapshot, state []byte, have repair.Features) []byte {
 	b = be.AppendUint32(b, uint32(s.Flags))
 	b = append(b, byte(s.Shutdown), s.SndWScale, s.RcvWScale)
 	for _, v := range []uint32{s.MSSClamp, s.Timestamp, s.SendSeq, s.RecvSeq, s.Window.SndWl1, s.Window.SndWnd,
-		s.Window.MaxWindow, s.Window.RcvWnd, s.Window.RcvWup, s.Unsent, uint32(s.Options.Mask), s.Options.Mark} {
+		s.Window.MaxWindow, s.Window.RcvWnd, s.Window.RcvWup, s.Unsent, uint32(s.Options.Mask), s.Options.Mark,
+		uint32(s.Options.KeepIdle), uint32(s.Options.KeepIntvl), uint32(s.Options.KeepCnt), uint32(s.Options.TTL)} {
 		b = be.AppendUint32(b, v)
 	}
 	for _, ap := range []netip.AddrPort{s.Local, s.Remote} {

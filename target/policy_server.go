@@ -200,9 +200,7 @@ func (s *Server) ServeLink(ctx context.Context, link *transport.Link) (*Report, 
 	}
 	peer := peerOf(link.RemoteAddr(), cert)
 	if err := s.guard.verify(cert, isTLS); err != nil {
-		actx, cancel := context.WithTimeout(ctx, time.Second)
-		_ = link.Control().Send(actx, &transport.Abort{Code: transport.AbortPolicy, Reason: err.Error()})
-		cancel()
+		tellRefused(link, err)
 		link.Close()
 		s.writeAudit(&audit.Record{Event: audit.EventHandshake, Peer: peer, Outcome: audit.OutcomeRefused, Reason: err.Error()})
 		return nil, err
@@ -210,6 +208,15 @@ func (s *Server) ServeLink(ctx context.Context, link *transport.Link) (*Report, 
 	rep, err := s.serveLink(ctx, link)
 	s.writeAudit(auditRecord(rep, err, peer, start))
 	return rep, err
+}
+
+// tellRefused tells the source, best effort and within a second, why the
+// target ends its link before any migration began: an Abort whose code
+// says what kind of failure err is.
+func tellRefused(link *transport.Link, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = link.Control().Send(ctx, &transport.Abort{Code: abortCode(err), Reason: err.Error()})
 }
 
 // reserve records a new migration ID as preparing; it returns false, and

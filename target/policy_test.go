@@ -29,7 +29,8 @@ func goodSnapshot() *repair.Snapshot {
 		SendSeq: 5000, RecvSeq: 9000,
 		Window:    repair.Window{SndWl1: 9000, SndWnd: 64000, MaxWindow: 64000, RcvWnd: 64000, RcvWup: 9000},
 		RecvQueue: []byte("hello"), SendQueue: []byte("world"), Unsent: 2,
-		Options: repair.Options{SndBuf: 87040, RcvBuf: 131072, TTL: 64},
+		Options: repair.Options{SndBuf: 87040, RcvBuf: 131072, TTL: 64, KeepIdle: 7200, KeepIntvl: 75, KeepCnt: 9,
+			RcvLowat: 1, Linger2: 60},
 	}
 }
 
@@ -95,6 +96,10 @@ func TestPolicyCheck(t *testing.T) {
 			s.Local = netip.MustParseAddrPort("[fe80::10%" + strings.Repeat("z", 16) + "]:8080")
 			s.Remote = netip.MustParseAddrPort("[fe80::1]:40000")
 		}, code: transport.VerdictInvalid, is: repair.ErrInvalidSnapshot, reason: "zone"},
+		{name: "keepalive out of range", mutate: func(s *repair.Snapshot) { s.Options.KeepIdle = 0 },
+			code: transport.VerdictInvalid, is: repair.ErrInvalidSnapshot, reason: "keepalive"},
+		{name: "TTL out of range", mutate: func(s *repair.Snapshot) { s.Options.TTL = 256 },
+			code: transport.VerdictInvalid, is: repair.ErrInvalidSnapshot, reason: "TTL"},
 		{name: "microsecond timestamps on a kernel without them", mutate: func(s *repair.Snapshot) { s.Flags |= repair.FlagUsecTS },
 			have: allFeatures &^ repair.FeatUsecTS, code: transport.VerdictUnsupported, is: ErrUnsupported, reason: "usec-ts"},
 		{name: "SO_BUF_LOCK on a kernel without it", mutate: func(s *repair.Snapshot) { s.Options.Mask |= repair.OptBufLock },

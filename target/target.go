@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -232,7 +233,9 @@ func (s *Server) serveLink(ctx context.Context, link *transport.Link) (*Report, 
 	msg, err := link.Control().Recv(rctx)
 	cancel()
 	if err != nil {
-		return nil, fmt.Errorf("target: first message: %w", err)
+		err = fmt.Errorf("target: first message: %w", err)
+		tellRefused(link, err)
+		return nil, err
 	}
 	switch msg := msg.(type) {
 	case *transport.Query:
@@ -244,7 +247,9 @@ func (s *Server) serveLink(ctx context.Context, link *transport.Link) (*Report, 
 			log: s.log.With("migration", msg.Migration.String())}
 		return m.run(ctx)
 	default:
-		return nil, fmt.Errorf("target: unexpected first message %s", msg.Type())
+		err := fmt.Errorf("target: unexpected first message %s", msg.Type())
+		tellRefused(link, err)
+		return nil, err
 	}
 }
 
@@ -338,17 +343,27 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 			}
 			select {
 			case msgs <- msg:
+				continue
+			default:
+			}
+			// msgs is full: wait for room, unless the link is gone (then
+			// nobody will read it; say why the messages stopped).
+			select {
+			case msgs <- msg:
 			case <-m.link.Done():
+				recvErr <- m.link.Err()
 				return
 			}
 		}
 	}()
 
-	pctx, pcancel := context.WithTimeout(ctx, pol.PrepareTimeout)
+	deadline := time.Now().Add(pol.PrepareTimeout)
+	pctx, pcancel := context.WithDeadline(ctx, deadline)
 	err = m.prepare(pctx, msgs, recvErr)
 	pcancel()
 	if err != nil {
-		if ctx.Err() == nil && errors.Is(pctx.Err(), context.DeadlineExceeded) {
+		// By the clock: a stream's deadline may fire before pctx's.
+		if ctx.Err() == nil && !time.Now().Before(deadline) {
 			err = fmt.Errorf("%w: the migration was not prepared within %s: %v", ErrTimeout, pol.PrepareTimeout, err)
 		}
 		return m.abort(ctx, err, true)
@@ -487,79 +502,76 @@ func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, re
 }
 
 // readStreams accepts snapshot streams and forwards their records until
-// every connection has arrived.
+// every connection has arrived. It returns the first error of any stream
+// as soon as it happens (a stream that fails is not left unnoticed while
+// another is awaited), and returns only once every goroutine it started
+// has ended.
 func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
-	var mu sync.Mutex
-	got := uint32(0)
+	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	errs := make(chan error, maxStreams) // each stream's goroutine sends at most one
-	streams := 0
-	for {
-		mu.Lock()
-		all := got >= m.count
-		mu.Unlock()
-		if all {
-			break
-		}
-		r, err := m.link.AcceptSnapshotStream(ctx)
-		if err != nil {
-			mu.Lock()
-			all := got >= m.count
-			mu.Unlock()
-			if all {
-				break
-			}
-			return err
-		}
-		if streams++; streams > maxStreams {
-			r.Close()
-			return fmt.Errorf("%w: more than %d snapshot streams", ErrOverLimit, maxStreams)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer r.Close()
-			for {
-				index, snap, state, err := r.NextState()
-				if err == io.EOF {
-					return
-				}
-				if err != nil {
-					errs <- err
-					return
-				}
-				if index >= m.count {
-					errs <- fmt.Errorf("target: connection index %d of %d", index, m.count)
-					return
-				}
-				// Wait for room, then hand the record on; give up when
-				// the prepare phase ends.
-				if m.adm.buf.acquire(ctx, int64(queueBytes(snap, state))) != nil {
-					return
-				}
-				select {
-				case recs <- record{index: index, snap: snap, state: state}:
-				case <-ctx.Done():
-					return
-				}
-				mu.Lock()
-				got++
-				mu.Unlock()
-			}
-		}()
-		// Streams are opened at once; once one finished we may have all.
-		select {
-		case err := <-errs:
-			return err
-		default:
-		}
+	defer func() { cancel(); wg.Wait() }()
+	allIn := make(chan struct{}) // closed when the last record is in recs
+	if m.count == 0 {
+		close(allIn)
 	}
-	wg.Wait()
+	var got atomic.Uint32
+	// The acceptor and each stream's reader send at most one error each.
+	errs := make(chan error, maxStreams+1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for streams := 0; ; streams++ {
+			r, err := m.link.AcceptSnapshotStream(ctx)
+			if err != nil {
+				errs <- err
+				return
+			}
+			if streams == maxStreams {
+				r.Close()
+				errs <- fmt.Errorf("%w: more than %d snapshot streams", ErrOverLimit, maxStreams)
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer r.Close()
+				for {
+					index, snap, state, err := r.NextState()
+					if err == io.EOF {
+						return
+					}
+					if err != nil {
+						errs <- err
+						return
+					}
+					if index >= m.count {
+						errs <- fmt.Errorf("target: connection index %d of %d", index, m.count)
+						return
+					}
+					// Wait for room, then hand the record on; give up
+					// when the prepare phase ends.
+					if m.adm.buf.acquire(ctx, int64(queueBytes(snap, state))) != nil {
+						return
+					}
+					select {
+					case recs <- record{index: index, snap: snap, state: state}:
+					case <-ctx.Done():
+						return
+					}
+					if got.Add(1) == m.count {
+						close(allIn)
+					}
+				}
+			}()
+		}
+	}()
 	select {
 	case err := <-errs:
 		return err
-	default:
+	case <-allIn:
 		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
