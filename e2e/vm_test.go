@@ -93,6 +93,11 @@ func TestScriptedVMMigration(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 
 	arrivalOut := filepath.Join(dir, "arrival.out")
+	t.Cleanup(func() { // the arrival outlives a failed script otherwise
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(read(filepath.Join(dir, "arrival.pid"))))); err == nil {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
 	script := exec.Command("sh", "testdata/vm-migrate.sh")
 	script.Env = append(os.Environ(), "SRC="+src.Name, "DST="+dst.Name, "TCPMIGRATE="+bin, "CERTS="+filepath.Dir(cert),
 		"VM_PID="+strconv.Itoa(vm.Process.Pid), "VM_ADDR="+svc.String(), "VM_MAC="+vmMAC, "WORK="+dir,

@@ -20,6 +20,7 @@ vm_ip=${VM_ADDR%/*}
 # 1. The hypervisor starts the VM on the target; it waits for its sockets.
 ip netns exec "$DST" sh -c "$ARRIVAL" &
 arrival=$!
+echo "$arrival" > "$WORK/arrival.pid"
 
 # 2. The target agent: restore the VM's connections, deliver them to it.
 ip netns exec "$DST" "$TCPMIGRATE" receive --listen 198.18.0.3:7946 $tls --allow "$vm_ip/32" --once \
