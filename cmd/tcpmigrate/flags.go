@@ -8,6 +8,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/tcpmigrate/tcpmigrate/internal/certs"
 	"github.com/tcpmigrate/tcpmigrate/repair"
 	"github.com/tcpmigrate/tcpmigrate/transport"
 )
@@ -55,6 +56,20 @@ func transportConfig(c *cli.Context) (*transport.Config, error) {
 	}
 	cfg.Software = "tcpmigrate"
 	return cfg, nil
+}
+
+// requireTarget makes a source-side link refuse a peer whose certificate
+// does not carry the target role (docs/security.md).
+func requireTarget(cfg *transport.Config) {
+	if cfg.Insecure {
+		return
+	}
+	cfg.VerifyPeer = func(p *transport.PeerInfo) error {
+		if p.Certificate == nil || !certs.HasRole(p.Certificate, certs.RoleTarget) {
+			return fmt.Errorf("the peer's certificate does not carry the %s role", certs.RoleTarget)
+		}
+		return nil
+	}
 }
 
 func logger(c *cli.Context) (*slog.Logger, error) {

@@ -24,6 +24,7 @@ func recoverCommand() *cli.Command {
 				if tc, err = transportConfig(c); err != nil {
 					return err
 				}
+				requireTarget(tc)
 			}
 			acts, err := recovery.Run(c.Context, recovery.Options{JournalDir: c.String("journal-dir"), Transport: tc, DryRun: c.Bool("dry-run")})
 			for _, a := range acts {

@@ -55,6 +55,7 @@ func runSend(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	requireTarget(tcfg)
 	log, err := logger(c)
 	if err != nil {
 		return err
