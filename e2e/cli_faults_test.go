@@ -41,6 +41,12 @@ var faultMatrix = []fault{
 	{"source", "verdicts", "cut", "source"},
 	{"source", "switch", "cut", "source"},
 	{"source", "commit", "cut", "source"},
+	{"target", "prepare", "cut", "source"},
+	{"target", "restore", "cut", "source"},
+	{"target", "prepared", "cut", "source"},
+	{"target", "switch", "cut", "source"},
+	{"target", "commit", "cut", "target"},
+	{"target", "deliver", "cut", "target"},
 }
 
 // TestCLIFaultMatrix stops an agent at a step of the handoff and kills it
