@@ -48,10 +48,11 @@ func printDemoReport(r *demo.Report) {
 		return s[int(p*float64(len(s)-1))].Round(time.Microsecond)
 	}
 	fmt.Printf("\ntcpmigrate demo report\n")
-	fmt.Printf("  connections migrated     %d\n", r.Conns)
-	fmt.Printf("  freeze per connection    min %s  p50 %s  max %s\n", q(r.Freeze, 0), q(r.Freeze, 0.5), q(r.Freeze, 1))
-	fmt.Printf("  peer stall (longest gap) min %s  p50 %s  max %s\n", q(r.Stall, 0), q(r.Stall, 0.5), q(r.Stall, 1))
-	fmt.Printf("  queued state moved       %d bytes\n", r.StateBytes)
-	fmt.Printf("  bytes verified           %d to the peer, %d from the peer, every byte once and in order\n", r.ToPeer, r.FromPeer)
-	fmt.Printf("  resets seen by the peer  %d\n", r.PeerResets)
+	fmt.Printf("  connections migrated        %d\n", r.Conns)
+	fmt.Printf("  freeze per connection       min %s  p50 %s  max %s\n", q(r.Freeze, 0), q(r.Freeze, 0.5), q(r.Freeze, 1))
+	fmt.Printf("  stall, bytes to the peer    min %s  p50 %s  max %s\n", q(r.Stall, 0), q(r.Stall, 0.5), q(r.Stall, 1))
+	fmt.Printf("  stall, bytes from the peer  min %s  p50 %s  max %s\n", q(r.StallIn, 0), q(r.StallIn, 0.5), q(r.StallIn, 1))
+	fmt.Printf("  queued state moved          %d bytes\n", r.StateBytes)
+	fmt.Printf("  bytes verified              %d to the peer, %d from the peer, every byte once and in order\n", r.ToPeer, r.FromPeer)
+	fmt.Printf("  resets seen by the peer     %d\n", r.PeerResets)
 }

@@ -49,6 +49,10 @@ type Report struct {
 	// Stall is, for each connection, the longest gap between bytes
 	// arriving at the peer over the whole run.
 	Stall []time.Duration
+	// StallIn is, for each connection, the longest gap between bytes from
+	// the peer arriving at the workload (on the source, then the target):
+	// how long the peer's own sending was held up.
+	StallIn []time.Duration
 	// ToPeer and FromPeer are the bytes verified at each end.
 	ToPeer, FromPeer int64
 	// StateBytes is the size of the connection state moved (queues included).
@@ -147,6 +151,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 		r.Freeze = append(r.Freeze, freeze[i])
 		r.Stall = append(r.Stall, clients[i].MaxGap())
+		r.StallIn = append(r.StallIn, work[i].MaxGap())
 		r.ToPeer += clients[i].Checked()
 		r.FromPeer += work[i].Checked()
 	}
