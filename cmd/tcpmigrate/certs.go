@@ -16,13 +16,16 @@ func certsCommand() *cli.Command {
 		Usage:     "mint a CA and host certificates for mutual TLS between agents",
 		UsageText: "tcpmigrate certs --dir DIR (--host | --source-host | --target-host) NAME=ADDR[,ADDR...] [...]",
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "dir", Required: true, Usage: "directory to write ca.pem, NAME.pem and NAME-key.pem into"},
+			&cli.StringFlag{Name: "dir", Usage: "directory to write ca.pem, NAME.pem and NAME-key.pem into"},
 			&cli.StringSliceFlag{Name: "host", Usage: "NAME=ADDR[,ADDR...]: a host that may both send and receive, and the names or addresses its certificate is valid for"},
 			&cli.StringSliceFlag{Name: "source-host", Usage: "NAME=ADDR[,ADDR...]: a host that may only send (role source)"},
 			&cli.StringSliceFlag{Name: "target-host", Usage: "NAME=ADDR[,ADDR...]: a host that may only receive (role target)"},
 			&cli.DurationFlag{Name: "valid", Value: 365 * 24 * time.Hour, Usage: "validity of the certificates"},
 		},
 		Action: func(c *cli.Context) error {
+			if err := require(c, "dir"); err != nil {
+				return err
+			}
 			ca, err := certs.NewCA("tcpmigrate CA", c.Duration("valid"))
 			if err != nil {
 				return err

@@ -17,11 +17,14 @@ func listCommand() *cli.Command {
 		Usage:     "show the TCP connections of a process: which send --pid would take, and why not",
 		UsageText: "tcpmigrate list --pid PID [--port N]... [--json]",
 		Flags: []cli.Flag{
-			&cli.IntFlag{Name: "pid", Required: true, Usage: "the process"},
+			&cli.IntFlag{Name: "pid", Usage: "the process"},
 			&cli.UintSliceFlag{Name: "port", Usage: "only connections on these local ports"},
 			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
 		},
 		Action: func(c *cli.Context) error {
+			if err := require(c, "pid"); err != nil {
+				return err
+			}
 			pid := c.Int("pid")
 			socks, err := procsock.List(pid)
 			if err != nil {

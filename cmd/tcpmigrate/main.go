@@ -9,7 +9,9 @@ import (
 
 func main() {
 	if err := newApp().Run(os.Args); err != nil {
-		fmt.Fprintln(os.Stderr, "tcpmigrate:", err)
+		if msg := err.Error(); msg != "" {
+			fmt.Fprintln(os.Stderr, "tcpmigrate:", msg)
+		}
 		os.Exit(exitCode(err))
 	}
 }

@@ -31,7 +31,7 @@ func receiveCommand() *cli.Command {
 			"[--allow-port N]... [--claim-addr CIDR --dev IFACE] [--max-conns N] [--max-queue-bytes N] [--max-bytes N] " +
 			"[--audit-log FILE] [--once] (--exec -- CMD [ARG...] | --deliver unix:PATH)",
 		Flags: append(append([]cli.Flag{
-			&cli.StringFlag{Name: "listen", Required: true, Usage: "address to accept source agents on, HOST:PORT"},
+			&cli.StringFlag{Name: "listen", Usage: "address to accept source agents on, HOST:PORT"},
 			&cli.StringSliceFlag{Name: "allow", Usage: "local addresses (CIDR) connections may be restored for"},
 			&cli.UintSliceFlag{Name: "allow-port", Usage: "local port connections may be restored for (repeatable; default: any)"},
 			&cli.Uint64Flag{Name: "max-conns", Value: target.DefaultMaxConnections, Usage: "most connections in one migration; a larger one is refused whole"},
@@ -51,6 +51,9 @@ func receiveCommand() *cli.Command {
 }
 
 func runReceive(c *cli.Context) error {
+	if err := require(c, "listen"); err != nil {
+		return err
+	}
 	execArgs := c.Args().Slice()
 	if c.Bool("exec") == (c.String("deliver") != "") {
 		return usageError{errors.New("give exactly one of --exec -- CMD and --deliver unix:PATH")}

@@ -26,7 +26,7 @@ func sendCommand() *cli.Command {
 		Usage:     "migrate connections from this host to a target agent",
 		UsageText: "tcpmigrate send --to HOST:PORT (--cert F --key F --ca F | --insecure) (--pid PID [--port N]... | --handoff unix:PATH) [options]",
 		Flags: append(append([]cli.Flag{
-			&cli.StringFlag{Name: "to", Required: true, Usage: "the target agent, HOST:PORT"},
+			&cli.StringFlag{Name: "to", Usage: "the target agent, HOST:PORT"},
 			&cli.IntFlag{Name: "pid", Usage: "take the established TCP connections of this process"},
 			&cli.UintSliceFlag{Name: "port", Usage: "with --pid: only connections on these local ports"},
 			&cli.StringFlag{Name: "handoff", Usage: "unix:PATH where a cooperating program hands its sockets over"},
@@ -44,6 +44,9 @@ func sendCommand() *cli.Command {
 }
 
 func runSend(c *cli.Context) error {
+	if err := require(c, "to"); err != nil {
+		return err
+	}
 	if (c.Int("pid") == 0) == (c.String("handoff") == "") {
 		return usageError{errors.New("give exactly one of --pid and --handoff")}
 	}
