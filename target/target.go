@@ -659,8 +659,10 @@ func (m *migration) claim(ctx context.Context, addrs []netip.Prefix) error {
 // commit runs to its end even if the link is gone.
 func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report, error) {
 	m.state = StateCommitting
-	m.rec.State = StateCommitting.String()
-	jerr := m.srv.jr.Write(&m.rec)
+	// No journal write here: a target that dies before its sockets are live
+	// has lost only repair-mode copies, which is what "preparing" already
+	// says (recordedState). The write would only lengthen the freeze.
+	var jerr error
 	excluded := map[uint32]bool{}
 	for _, i := range msg.Exclude {
 		excluded[i] = true
