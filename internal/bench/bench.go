@@ -281,7 +281,7 @@ func (x *run) connect(ctx context.Context) error {
 	}
 	x.children = append(x.children, peer)
 
-	x.w = &workload{o: o, byPort: map[uint16]*wconn{}, handed: make(chan struct{}), allBack: make(chan struct{})}
+	x.w = &workload{o: o, byID: map[connID]*wconn{}, handed: make(chan struct{}), allBack: make(chan struct{})}
 	deadline := time.Now().Add(x.setupTimeout())
 	var wg sync.WaitGroup
 	var aerr errList
@@ -312,7 +312,7 @@ func (x *run) connect(ctx context.Context) error {
 		return err
 	}
 	for _, wc := range slices.Concat(x.w.stream, x.w.static) {
-		x.w.byPort[wc.port] = wc
+		x.w.byID[wc.id] = wc
 	}
 	for _, wc := range x.w.stream {
 		wc.ep = streamcheck.NewEndpoint(dirToPeer, dirToWorkload)
@@ -554,7 +554,7 @@ func (x *run) handOver(ctx context.Context) error {
 			return fmt.Errorf("bench: %w", err)
 		}
 		items = append(items, fdpass.Item{File: f, Local: wc.c.LocalAddr().(*net.TCPAddr).AddrPort(),
-			Remote: wc.c.RemoteAddr().(*net.TCPAddr).AddrPort(), ID: uint64(wc.port)})
+			Remote: wc.c.RemoteAddr().(*net.TCPAddr).AddrPort(), ID: uint64(wc.id)})
 		wc.c.Close() // f holds the socket
 	}
 	dctx, cancel := context.WithTimeout(ctx, time.Minute)
@@ -605,14 +605,14 @@ func (x *run) sourceFigures(s *sourceResult) {
 // measurements and its reset counters.
 func (x *run) check(ctx context.Context, peer *child, resetsBefore int64) error {
 	o, r, w := x.o, x.r, x.w
-	expect := map[uint16]int64{}
+	expect := map[connID]int64{}
 	for _, wc := range w.static {
-		expect[wc.port] = wc.written + tailBytes
+		expect[wc.id] = wc.written + tailBytes
 	}
 	if err := peer.send(peerCmd{Cmd: "finish", Expect: expect}); err != nil {
 		return err
 	}
-	verified := map[uint16]bool{}
+	verified := map[connID]bool{}
 	var mu sync.Mutex
 	want := patternBuf(dirToWorkload, 0, o.Queue+tailBytes)
 	var werr errList
@@ -624,7 +624,7 @@ func (x *run) check(ctx context.Context, peer *child, resetsBefore int64) error 
 			return nil
 		}
 		mu.Lock()
-		verified[wc.port] = true
+		verified[wc.id] = true
 		fromPeer += int64(len(want))
 		mu.Unlock()
 		return nil
@@ -633,18 +633,22 @@ func (x *run) check(ctx context.Context, peer *child, resetsBefore int64) error 
 	perr := peer.recv(ctx, "done", x.setupTimeout(), &pres)
 	var wg sync.WaitGroup
 	for _, wc := range w.stream {
-		wg.Add(1)
-		go func() { defer wg.Done(); wc.ep.Pause() }()
+		if wc.back {
+			wg.Add(1)
+			go func() { defer wg.Done(); wc.ep.Pause() }()
+		}
 	}
 	wg.Wait()
 	for _, wc := range w.stream {
 		switch {
+		case !wc.back:
+			werr.add(fmt.Errorf("bench: stream %s never came back to the workload", wc.id))
 		case wc.ep.Err() != nil:
-			werr.add(fmt.Errorf("bench: stream port %d, workload side: %w", wc.port, wc.ep.Err()))
+			werr.add(fmt.Errorf("bench: stream %s, workload side: %w", wc.id, wc.ep.Err()))
 		case wc.ep.Checked() == 0:
-			werr.add(fmt.Errorf("bench: stream port %d: the workload received nothing", wc.port))
+			werr.add(fmt.Errorf("bench: stream %s: the workload received nothing", wc.id))
 		default:
-			verified[wc.port] = true
+			verified[wc.id] = true
 			fromPeer += wc.ep.Checked()
 		}
 	}
@@ -657,7 +661,7 @@ func (x *run) check(ctx context.Context, peer *child, resetsBefore int64) error 
 	for _, e := range pres.Errors {
 		x.errs.add(errors.New("peer: " + e))
 	}
-	for _, p := range pres.VerifiedPorts {
+	for _, p := range pres.Verified {
 		if verified[p] {
 			r.Peer.Verified++
 		}

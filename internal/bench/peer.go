@@ -48,6 +48,16 @@ type peerConfig struct {
 	Tail int `json:"tail"`
 }
 
+// connID names a connection by its two ports: the service's (which tells
+// its kind) and the peer's. The peer's port alone is not enough: the peer
+// may use one local port towards two service ports.
+type connID uint32
+
+func newConnID(servicePort, peerPort int) connID { return connID(servicePort)<<16 | connID(peerPort) }
+
+// String returns the connection's name, "peer port→service port".
+func (id connID) String() string { return fmt.Sprintf("%d→%d", id&0xffff, id>>16) }
+
 // peerCmd is a command of the bench to the peer.
 type peerCmd struct {
 	// Cmd is "mark" (the move is about to start: sample the streams),
@@ -55,13 +65,13 @@ type peerCmd struct {
 	// "finish" (verify everything and report).
 	Cmd string `json:"cmd"`
 	// Expect is, for finish, the bytes the workload wrote on each static
-	// connection, by the peer's port.
-	Expect map[uint16]int64 `json:"expect,omitempty"`
+	// connection.
+	Expect map[connID]int64 `json:"expect,omitempty"`
 }
 
 // streamStat is what the peer measured on one streaming connection.
 type streamStat struct {
-	Port     uint16        `json:"port"`
+	ID       connID        `json:"id"`
 	MaxGap   time.Duration `json:"max_gap"`
 	Acked    time.Duration `json:"acked_gap"`
 	Received time.Duration `json:"received_gap"`
@@ -74,8 +84,8 @@ type streamStat struct {
 type peerResult struct {
 	event
 	Streams []streamStat `json:"streams"`
-	// VerifiedPorts are the connections whose every byte the peer verified.
-	VerifiedPorts []uint16 `json:"verified_ports"`
+	// Verified are the connections whose every byte the peer verified.
+	Verified []connID `json:"verified"`
 	// ToPeer is the bytes the peer verified.
 	ToPeer int64    `json:"to_peer"`
 	Errors []string `json:"errors,omitempty"`
@@ -83,9 +93,9 @@ type peerResult struct {
 }
 
 type peerConn struct {
-	c    *net.TCPConn
-	port uint16
-	ep   *streamcheck.Endpoint
+	c  *net.TCPConn
+	id connID
+	ep *streamcheck.Endpoint
 
 	// The sampler's books, during the move.
 	acked, received gapMeter
@@ -191,7 +201,7 @@ func runPeer(ctx context.Context, cfg *peerConfig, dec *json.Decoder, enc *json.
 // static one, the peer writes its tail and reads everything the workload
 // wrote (queued bytes and tail), verifying each byte; streams are paused
 // and their checks collected.
-func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[uint16]int64) *peerResult {
+func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[connID]int64) *peerResult {
 	res := &peerResult{event: event{Event: "done"}}
 	var mu sync.Mutex
 	fail := func(format string, args ...any) {
@@ -208,15 +218,15 @@ func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[uint16]
 	want := patternBuf(dirToPeer, 0, int(longest))
 	tail := patternBuf(dirToWorkload, int64(cfg.Queue), cfg.Tail)
 	var toPeer atomic.Int64
-	pass := func(port uint16) {
+	pass := func(id connID) {
 		mu.Lock()
-		res.VerifiedPorts = append(res.VerifiedPorts, port)
+		res.Verified = append(res.Verified, id)
 		mu.Unlock()
 	}
 	parallel(static, 64, func(pc *peerConn) error {
-		n, ok := expect[pc.port]
+		n, ok := expect[pc.id]
 		if !ok {
-			fail("port %d: the workload did not report this connection", pc.port)
+			fail("%s: the workload did not report this connection", pc.id)
 			return nil
 		}
 		pc.c.SetDeadline(time.Now().Add(time.Minute))
@@ -225,19 +235,19 @@ func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[uint16]
 		got := make([]byte, n)
 		_, rerr := io.ReadFull(pc.c, got)
 		if err := <-werr; err != nil {
-			fail("port %d: write tail: %v", pc.port, err)
+			fail("%s: write tail: %v", pc.id, err)
 			return nil
 		}
 		if rerr != nil {
-			fail("port %d: read %d bytes: %v", pc.port, n, rerr)
+			fail("%s: read %d bytes: %v", pc.id, n, rerr)
 			return nil
 		}
 		if i := mismatch(got, want[:n]); i >= 0 {
-			fail("port %d: corrupt at offset %d", pc.port, i)
+			fail("%s: corrupt at offset %d", pc.id, i)
 			return nil
 		}
 		toPeer.Add(n)
-		pass(pc.port)
+		pass(pc.id)
 		return nil
 	})
 	var wg sync.WaitGroup
@@ -247,17 +257,17 @@ func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[uint16]
 	}
 	wg.Wait()
 	for _, pc := range streams {
-		st := streamStat{Port: pc.port, MaxGap: pc.ep.MaxGap(), Acked: pc.acked.max, Received: pc.received.max,
+		st := streamStat{ID: pc.id, MaxGap: pc.ep.MaxGap(), Acked: pc.acked.max, Received: pc.received.max,
 			Resumed: pc.settleAcked && pc.settleReceived, Checked: pc.ep.Checked(), Sent: pc.ep.Sent()}
 		res.Streams = append(res.Streams, st)
 		switch {
 		case pc.ep.Err() != nil:
-			fail("stream port %d: %v", pc.port, pc.ep.Err())
+			fail("stream %s: %v", pc.id, pc.ep.Err())
 		case pc.ep.Checked() == 0:
-			fail("stream port %d: received nothing", pc.port)
+			fail("stream %s: received nothing", pc.id)
 		default:
 			toPeer.Add(pc.ep.Checked())
-			pass(pc.port)
+			pass(pc.id)
 		}
 	}
 	res.ToPeer = toPeer.Load()
@@ -385,7 +395,7 @@ func dialMany(addr string, n int, small bool) ([]*peerConn, error) {
 			return fmt.Errorf("bench: peer: dial %s: %w", addr, err)
 		}
 		pc.c = c.(*net.TCPConn)
-		pc.port = uint16(pc.c.LocalAddr().(*net.TCPAddr).Port)
+		pc.id = newConnID(pc.c.RemoteAddr().(*net.TCPAddr).Port, pc.c.LocalAddr().(*net.TCPAddr).Port)
 		return nil
 	})
 	return conns, err

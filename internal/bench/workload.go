@@ -19,11 +19,13 @@ import (
 
 // wconn is one connection at the workload's end.
 type wconn struct {
-	c    *net.TCPConn
-	port uint16 // the peer's port: the connection's name
-	ep   *streamcheck.Endpoint
+	c  *net.TCPConn
+	id connID
+	ep *streamcheck.Endpoint
 	// written is what the workload wrote before the move (static ones).
 	written int64
+	// back says the workload holds the connection again after the move.
+	back bool
 }
 
 // workload is the bench's application: it serves the peer's connections on
@@ -34,7 +36,7 @@ type workload struct {
 	stream []*wconn // in hand-over order: streams first, then static ones
 	static []*wconn
 	calib  []*wconn
-	byPort map[uint16]*wconn
+	byID   map[connID]*wconn
 
 	// handed is closed once the workload has handed its sockets over and
 	// closed its copies: only then are the wconns taken back.
@@ -59,7 +61,7 @@ func accept(ln net.Listener, n int, deadline time.Time) ([]*wconn, error) {
 			return out, fmt.Errorf("bench: accept %d of %d: %w", len(out), n, err)
 		}
 		tc := c.(*net.TCPConn)
-		out = append(out, &wconn{c: tc, port: uint16(tc.RemoteAddr().(*net.TCPAddr).Port)})
+		out = append(out, &wconn{c: tc, id: newConnID(tc.LocalAddr().(*net.TCPAddr).Port, tc.RemoteAddr().(*net.TCPAddr).Port)})
 	}
 	return out, nil
 }
@@ -99,7 +101,7 @@ func (w *workload) prime(wc *wconn, pattern []byte, deadline time.Time) error {
 			break
 		}
 		if int(wc.written) >= len(pattern) {
-			return fmt.Errorf("bench: port %d: %d bytes written and only %d queued", wc.port, wc.written, outq)
+			return fmt.Errorf("bench: %s: %d bytes written and only %d queued", wc.id, wc.written, outq)
 		}
 		n, err := unix.Write(fd, pattern[wc.written:min(len(pattern), int(wc.written)+q-outq)])
 		if n > 0 {
@@ -108,7 +110,7 @@ func (w *workload) prime(wc *wconn, pattern []byte, deadline time.Time) error {
 		}
 		if errors.Is(err, unix.EAGAIN) || err == nil && n == 0 {
 			if time.Since(progress) > stuck || time.Now().After(deadline) {
-				return fmt.Errorf("bench: port %d: send queue stuck at %d of %d bytes; %s", wc.port, outq, q, tcpMem())
+				return fmt.Errorf("bench: %s: send queue stuck at %d of %d bytes; %s", wc.id, outq, q, tcpMem())
 			}
 			time.Sleep(time.Millisecond)
 		} else if err != nil {
@@ -128,7 +130,7 @@ func (w *workload) prime(wc *wconn, pattern []byte, deadline time.Time) error {
 			last, progress = inq, time.Now()
 		}
 		if time.Since(progress) > stuck || time.Now().After(deadline) {
-			return fmt.Errorf("bench: port %d: receive queue stuck at %d of %d bytes; %s", wc.port, inq, q, tcpMem())
+			return fmt.Errorf("bench: %s: receive queue stuck at %d of %d bytes; %s", wc.id, inq, q, tcpMem())
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -196,7 +198,9 @@ func (w *workload) takeBack(items []fdpass.Item, errs *errList) []uint64 {
 	ids := make([]uint64, 0, len(items))
 	for _, it := range items {
 		ids = append(ids, it.ID)
-		wc := w.byPort[it.Remote.Port()]
+		// The target names a socket by its index in the migration, the
+		// source by the workload's ID: the addresses say which it is.
+		wc := w.byID[newConnID(int(it.Local.Port()), int(it.Remote.Port()))]
 		if wc == nil {
 			errs.add(fmt.Errorf("bench: got back an unknown connection %s -> %s", it.Local, it.Remote))
 			it.File.Close()
@@ -208,7 +212,7 @@ func (w *workload) takeBack(items []fdpass.Item, errs *errList) []uint64 {
 			errs.add(fmt.Errorf("bench: socket taken back: %w", err))
 			continue
 		}
-		wc.c = c.(*net.TCPConn)
+		wc.c, wc.back = c.(*net.TCPConn), true
 		if wc.ep != nil {
 			wc.ep.Start(wc.c)
 		}
@@ -216,7 +220,7 @@ func (w *workload) takeBack(items []fdpass.Item, errs *errList) []uint64 {
 	w.mu.Lock()
 	w.back += len(items)
 	w.lastBack = time.Now()
-	if w.back >= len(w.byPort) {
+	if w.back >= len(w.byID) {
 		close(w.allBack)
 	}
 	w.mu.Unlock()
@@ -227,19 +231,22 @@ func (w *workload) takeBack(items []fdpass.Item, errs *errList) []uint64 {
 // is back: it writes its tail and reads the peer's queued bytes and tail,
 // verifying each.
 func (w *workload) finishStatic(wc *wconn, tail, want []byte) error {
+	if !wc.back {
+		return fmt.Errorf("bench: %s never came back to the workload", wc.id)
+	}
 	wc.c.SetDeadline(time.Now().Add(time.Minute))
 	werr := make(chan error, 1)
 	go func() { _, err := wc.c.Write(tail); werr <- err }()
 	got := make([]byte, len(want))
 	_, rerr := io.ReadFull(wc.c, got)
 	if err := <-werr; err != nil {
-		return fmt.Errorf("bench: port %d: write tail: %w", wc.port, err)
+		return fmt.Errorf("bench: %s: write tail: %w", wc.id, err)
 	}
 	if rerr != nil {
-		return fmt.Errorf("bench: port %d: read %d bytes: %w", wc.port, len(want), rerr)
+		return fmt.Errorf("bench: %s: read %d bytes: %w", wc.id, len(want), rerr)
 	}
 	if i := mismatch(got, want); i >= 0 {
-		return fmt.Errorf("bench: port %d: corrupt at offset %d", wc.port, i)
+		return fmt.Errorf("bench: %s: corrupt at offset %d", wc.id, i)
 	}
 	return nil
 }
