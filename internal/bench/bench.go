@@ -317,12 +317,14 @@ func (x *run) connect(ctx context.Context) error {
 	for _, wc := range x.w.stream {
 		wc.ep = streamcheck.NewEndpoint(dirToPeer, dirToWorkload)
 		wc.ep.Interval = o.StreamInterval
+		wc.ep.SetOffsets(wc.id.base(), wc.id.base())
 		wc.ep.Start(wc.c)
 	}
 	x.logf("%d connections up (%d streaming, %d static, %d for calibration)", o.Conns+o.Calibrate, o.StreamConns, nStatic, o.Calibrate)
 	if o.Queue > 0 {
-		pattern := patternBuf(dirToPeer, 0, 2*o.Queue+64<<10)
-		err := parallel(slices.Concat(x.w.static, x.w.calib), 16, func(wc *wconn) error { return x.w.prime(wc, pattern, deadline) })
+		err := parallel(slices.Concat(x.w.static, x.w.calib), 16, func(wc *wconn) error {
+			return x.w.prime(wc, patternBuf(dirToPeer, wc.id.base(), 2*o.Queue+64<<10), deadline)
+		})
 		if err != nil {
 			return err
 		}
@@ -614,11 +616,11 @@ func (x *run) check(ctx context.Context, peer *child, resetsBefore int64) error 
 	}
 	verified := map[connID]bool{}
 	var mu sync.Mutex
-	want := patternBuf(dirToWorkload, 0, o.Queue+tailBytes)
 	var werr errList
 	var fromPeer int64
 	parallel(w.static, 64, func(wc *wconn) error {
-		tail := patternBuf(dirToPeer, wc.written, tailBytes)
+		tail := patternBuf(dirToPeer, wc.id.base()+wc.written, tailBytes)
+		want := patternBuf(dirToWorkload, wc.id.base(), o.Queue+tailBytes)
 		if err := w.finishStatic(wc, tail, want); err != nil {
 			werr.add(err)
 			return nil

@@ -58,6 +58,11 @@ func newConnID(servicePort, peerPort int) connID { return connID(servicePort)<<1
 // String returns the connection's name, "peer port→service port".
 func (id connID) String() string { return fmt.Sprintf("%d→%d", id&0xffff, id>>16) }
 
+// base is where the connection's byte streams start (streamcheck.Pattern
+// offsets, both directions): each connection carries bytes of its own, so
+// that no compressor finds one connection's queue in another's.
+func (id connID) base() int64 { return int64(id) << 24 }
+
 // peerCmd is a command of the bench to the peer.
 type peerCmd struct {
 	// Cmd is "mark" (the move is about to start: sample the streams),
@@ -145,10 +150,9 @@ func runPeer(ctx context.Context, cfg *peerConfig, dec *json.Decoder, enc *json.
 	defer runtime.KeepAlive(calib)
 	if cfg.Queue > 0 {
 		// What the workload will find unread in its receive queues.
-		queued := patternBuf(dirToWorkload, 0, cfg.Queue)
 		err := parallel(append(append([]*peerConn(nil), static...), calib...), 32, func(pc *peerConn) error {
 			pc.c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			_, err := pc.c.Write(queued)
+			_, err := pc.c.Write(patternBuf(dirToWorkload, pc.id.base(), cfg.Queue))
 			return err
 		})
 		if err != nil {
@@ -162,6 +166,7 @@ func runPeer(ctx context.Context, cfg *peerConfig, dec *json.Decoder, enc *json.
 	for _, pc := range streams {
 		pc.ep = streamcheck.NewEndpoint(dirToWorkload, dirToPeer)
 		pc.ep.Interval = cfg.Interval
+		pc.ep.SetOffsets(pc.id.base(), pc.id.base())
 		pc.ep.Start(pc.c)
 	}
 	if err := enc.Encode(event{Event: "ready"}); err != nil {
@@ -211,12 +216,6 @@ func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[connID]
 		}
 		mu.Unlock()
 	}
-	var longest int64
-	for _, n := range expect {
-		longest = max(longest, n)
-	}
-	want := patternBuf(dirToPeer, 0, int(longest))
-	tail := patternBuf(dirToWorkload, int64(cfg.Queue), cfg.Tail)
 	var toPeer atomic.Int64
 	pass := func(id connID) {
 		mu.Lock()
@@ -231,6 +230,7 @@ func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[connID]
 		}
 		pc.c.SetDeadline(time.Now().Add(time.Minute))
 		werr := make(chan error, 1)
+		tail := patternBuf(dirToWorkload, pc.id.base()+int64(cfg.Queue), cfg.Tail)
 		go func() { _, err := pc.c.Write(tail); werr <- err }()
 		got := make([]byte, n)
 		_, rerr := io.ReadFull(pc.c, got)
@@ -242,7 +242,7 @@ func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[connID]
 			fail("%s: read %d bytes: %v", pc.id, n, rerr)
 			return nil
 		}
-		if i := mismatch(got, want[:n]); i >= 0 {
+		if i := mismatch(got, patternBuf(dirToPeer, pc.id.base(), int(n))); i >= 0 {
 			fail("%s: corrupt at offset %d", pc.id, i)
 			return nil
 		}
