@@ -82,6 +82,8 @@ const (
 	calibPort  = 8082
 	agentPort  = 7946
 	tailBytes  = 64
+	// finishTimeout bounds the checks after the move, on each side.
+	finishTimeout = time.Minute
 )
 
 func (o *Options) check() error {
@@ -618,10 +620,13 @@ func (x *run) check(ctx context.Context, peer *child, resetsBefore int64) error 
 	var mu sync.Mutex
 	var werr errList
 	var fromPeer int64
+	// One deadline for all: a connection that is dead (a rolled-back one
+	// whose address moved away) must not hold up the others.
+	deadline := time.Now().Add(finishTimeout)
 	parallel(w.static, 64, func(wc *wconn) error {
 		tail := patternBuf(dirToPeer, wc.id.base()+wc.written, tailBytes)
 		want := patternBuf(dirToWorkload, wc.id.base(), o.Queue+tailBytes)
-		if err := w.finishStatic(wc, tail, want); err != nil {
+		if err := w.finishStatic(wc, tail, want, deadline); err != nil {
 			werr.add(err)
 			return nil
 		}

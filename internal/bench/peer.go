@@ -222,13 +222,14 @@ func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[connID]
 		res.Verified = append(res.Verified, id)
 		mu.Unlock()
 	}
+	deadline := time.Now().Add(finishTimeout)
 	parallel(static, 64, func(pc *peerConn) error {
 		n, ok := expect[pc.id]
 		if !ok {
 			fail("%s: the workload did not report this connection", pc.id)
 			return nil
 		}
-		pc.c.SetDeadline(time.Now().Add(time.Minute))
+		pc.c.SetDeadline(deadline)
 		werr := make(chan error, 1)
 		tail := patternBuf(dirToWorkload, pc.id.base()+int64(cfg.Queue), cfg.Tail)
 		go func() { _, err := pc.c.Write(tail); werr <- err }()

@@ -230,11 +230,11 @@ func (w *workload) takeBack(items []fdpass.Item, errs *errList) []uint64 {
 // finishStatic checks a static connection from the workload's side once it
 // is back: it writes its tail and reads the peer's queued bytes and tail,
 // verifying each.
-func (w *workload) finishStatic(wc *wconn, tail, want []byte) error {
+func (w *workload) finishStatic(wc *wconn, tail, want []byte, deadline time.Time) error {
 	if !wc.back {
 		return fmt.Errorf("bench: %s never came back to the workload", wc.id)
 	}
-	wc.c.SetDeadline(time.Now().Add(time.Minute))
+	wc.c.SetDeadline(deadline)
 	werr := make(chan error, 1)
 	go func() { _, err := wc.c.Write(tail); werr <- err }()
 	got := make([]byte, len(want))
