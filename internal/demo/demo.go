@@ -15,8 +15,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -121,7 +119,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		clients[i].Start(c.(*net.TCPConn))
 		work[i].Start(conns[i])
 	}
-	resetsBefore, err := resets(peer)
+	resetsBefore, err := peer.Resets()
 	if err != nil {
 		return nil, err
 	}
@@ -157,7 +155,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	// Counted before anything is closed: closing a socket with unread data
 	// resets its peer, which is the demo's doing, not the migration's.
-	resetsAfter, err := resets(peer)
+	resetsAfter, err := peer.Resets()
 	if err != nil {
 		return nil, err
 	}
@@ -285,36 +283,6 @@ func migrate(lan *lab.LAN, svc netip.Prefix, work []*streamcheck.Endpoint, conns
 	}
 	logf("migrated %d connections: %s; %d bytes of state, %d on the wire", len(conns), strings.Join(phases, ", "), res.RawBytes, res.WireBytes)
 	return freeze, res.RawBytes, nil
-}
-
-// resets reads the peer's reset counters (Tcp EstabResets + OutRsts).
-func resets(ns *lab.NS) (int64, error) {
-	var total int64
-	err := ns.Do(func() error {
-		b, err := os.ReadFile("/proc/thread-self/net/snmp")
-		if err != nil {
-			return err
-		}
-		var names []string
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			if len(f) == 0 || f[0] != "Tcp:" {
-				continue
-			}
-			if names == nil {
-				names = f
-				continue
-			}
-			for _, k := range []string{"EstabResets", "OutRsts"} {
-				if i := slices.Index(names, k); i > 0 && i < len(f) {
-					v, _ := strconv.ParseInt(f[i], 10, 64)
-					total += v
-				}
-			}
-		}
-		return nil
-	})
-	return total, err
 }
 
 func sleep(ctx context.Context, d time.Duration) error {
