@@ -60,13 +60,18 @@ func (e *Endpoint) Start(c *net.TCPConn) {
 	c.SetDeadline(time.Time{})
 	e.lastRecv.Store(time.Now().UnixNano())
 	e.done.Add(2)
-	go e.writer(c)
-	go e.reader(c)
+	go e.writer(c, e.stop)
+	go e.reader(c, e.stop)
 }
 
 // Pause stops both goroutines at exact offsets and returns once they have.
+// Pausing an endpoint that is not running does nothing.
 func (e *Endpoint) Pause() {
+	if e.stop == nil {
+		return
+	}
 	close(e.stop)
+	e.stop = nil
 	e.conn.SetDeadline(time.Now())
 	e.done.Wait()
 }
@@ -96,12 +101,12 @@ func stopped(err error, stop chan struct{}) bool {
 	}
 }
 
-func (e *Endpoint) writer(c *net.TCPConn) {
+func (e *Endpoint) writer(c *net.TCPConn, stop chan struct{}) {
 	defer e.done.Done()
 	buf := make([]byte, 16<<10)
 	for {
 		select {
-		case <-e.stop:
+		case <-stop:
 			return
 		default:
 		}
@@ -109,7 +114,7 @@ func (e *Endpoint) writer(c *net.TCPConn) {
 		n, err := c.Write(buf)
 		e.sent += int64(n)
 		if err != nil {
-			if !stopped(err, e.stop) {
+			if !stopped(err, stop) {
 				e.fail(fmt.Errorf("write at offset %d: %w", e.sent, err))
 			}
 			return
@@ -120,7 +125,7 @@ func (e *Endpoint) writer(c *net.TCPConn) {
 	}
 }
 
-func (e *Endpoint) reader(c *net.TCPConn) {
+func (e *Endpoint) reader(c *net.TCPConn, stop chan struct{}) {
 	defer e.done.Done()
 	buf := make([]byte, 64<<10)
 	want := make([]byte, len(buf))
@@ -141,7 +146,7 @@ func (e *Endpoint) reader(c *net.TCPConn) {
 			e.checked += int64(n)
 		}
 		if err != nil {
-			if !stopped(err, e.stop) {
+			if !stopped(err, stop) {
 				e.fail(fmt.Errorf("read at offset %d: %w", e.checked, err))
 			}
 			return
