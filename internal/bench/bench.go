@@ -84,6 +84,8 @@ const (
 	tailBytes  = 64
 	// finishTimeout bounds the checks after the move, on each side.
 	finishTimeout = time.Minute
+	// maxErrors bounds the lines of Report.Errors.
+	maxErrors = 20
 )
 
 func (o *Options) check() error {
@@ -153,7 +155,13 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	x.errs.add(err)
 	if err := x.errs.err(); err != nil {
-		x.r.Errors = append(x.r.Errors, err.Error())
+		// One line each, and no more than maxErrors of them: a run that
+		// fails on every connection says so in a few lines.
+		lines := strings.Split(err.Error(), "\n")
+		if len(lines) > maxErrors {
+			lines = append(lines[:maxErrors], fmt.Sprintf("... and %d more", len(lines)-maxErrors))
+		}
+		x.r.Errors = lines
 		return x.r, err
 	}
 	return x.r, nil
