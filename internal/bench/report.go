@@ -10,8 +10,8 @@ import (
 )
 
 // Dist summarises a distribution of durations, in microseconds. The
-// percentiles are nearest-rank: P99 of 100 values or fewer is the largest
-// but one at most, and of a single value is that value.
+// percentiles are nearest-rank: P99 of fewer than 100 values is the
+// largest, of 100 to 199 values the largest but one.
 type Dist struct {
 	Min float64 `json:"min"`
 	P50 float64 `json:"p50"`
