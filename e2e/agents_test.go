@@ -23,6 +23,7 @@ func (w *world) agents(allow []netip.Prefix, srcFault func(source.Step) error, d
 		Transport:  dstTC,
 		NetNS:      w.dst.Handle(),
 		Allow:      allow,
+		Policy:     w.policy,
 		JournalDir: t.TempDir(),
 		Claim: func(_ context.Context, _ []netip.Prefix) error {
 			if err := w.dst.AddAddr(svc); err != nil {
@@ -133,6 +134,28 @@ func TestRefusedRollsBack(t *testing.T) {
 	for _, c := range res.Conns {
 		if c.Outcome != source.RolledBack || c.Err == nil {
 			t.Errorf("connection %d: %s (%v), want rolled back with the target's reason", c.Index, c.Outcome, c.Err)
+		}
+	}
+	w.restart(res)
+	w.check(300 * time.Millisecond)
+}
+
+// TestPartialRefusalAbortsWhenTheAddressMoves has the target refuse half the
+// connections (those on a port its policy does not allow). Those would stay
+// on the source, but the switch takes the service address away from it, so
+// the source aborts the whole migration instead: everything carries on at
+// the source and nobody sees a reset.
+func TestPartialRefusalAbortsWhenTheAddressMoves(t *testing.T) {
+	w := newWorldOn(t, 8, svcPort, svcPort+1)
+	w.policy.AllowPorts = []uint16{svcPort}
+	cfg, _ := w.agents([]netip.Prefix{svc}, nil, nil)
+	res, err := source.Migrate(ctxT(t), cfg, w.handOver())
+	if err == nil {
+		t.Fatal("a migration with refused connections and an address move did not abort")
+	}
+	for _, c := range res.Conns {
+		if c.Outcome != source.RolledBack {
+			t.Errorf("connection %d: %s (%v), want rolled back", c.Index, c.Outcome, c.Err)
 		}
 	}
 	w.restart(res)

@@ -12,6 +12,7 @@ import (
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
 	"github.com/tcpmigrate/tcpmigrate/repair"
+	"github.com/tcpmigrate/tcpmigrate/target"
 	"github.com/tcpmigrate/tcpmigrate/transport"
 )
 
@@ -39,9 +40,18 @@ type world struct {
 
 	resetsBefore int64
 	capture      *lab.Capture
+
+	policy target.Policy // the target agent's policy (agents)
 }
 
 func newWorld(t *testing.T, n int) *world {
+	t.Helper()
+	return newWorldOn(t, n, svcPort)
+}
+
+// newWorldOn is newWorld with the workload listening on several ports; the
+// connections are spread over them in turn.
+func newWorldOn(t *testing.T, n int, ports ...uint16) *world {
 	t.Helper()
 	lan := lab.NewTestLAN(t, "peer", "src", "dst")
 	w := &world{t: t, lan: lan, peer: lan.Host("peer"), src: lan.Host("src"), dst: lan.Host("dst"),
@@ -54,23 +64,25 @@ func newWorld(t *testing.T, n int) *world {
 	if err := w.src.AddAddr(svc); err != nil {
 		t.Fatal(err)
 	}
-	var ln net.Listener
-	if err := w.src.Do(func() (err error) {
-		ln, err = net.Listen("tcp", netip.AddrPortFrom(svc.Addr(), svcPort).String())
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	for range n {
-		var c net.Conn
-		if err := w.peer.Do(func() (err error) {
-			c, err = net.Dial("tcp", netip.AddrPortFrom(svc.Addr(), svcPort).String())
+	lns := make([]net.Listener, len(ports))
+	for i, port := range ports {
+		if err := w.src.Do(func() (err error) {
+			lns[i], err = net.Listen("tcp", netip.AddrPortFrom(svc.Addr(), port).String())
 			return err
 		}); err != nil {
 			t.Fatal(err)
 		}
-		s, err := ln.Accept()
+		defer lns[i].Close()
+	}
+	for i := range n {
+		var c net.Conn
+		if err := w.peer.Do(func() (err error) {
+			c, err = net.Dial("tcp", netip.AddrPortFrom(svc.Addr(), ports[i%len(ports)]).String())
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		s, err := lns[i%len(ports)].Accept()
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -197,6 +197,12 @@ func (m *migration) run(ctx context.Context) error {
 		m.finishRollback()
 		return nil
 	}
+	if refused := len(m.elig) - m.okCount(); refused > 0 && m.cfg.Switch != nil {
+		// A refused connection lives on here, but the switch takes its
+		// address away: it would be reset. With an identity move it is all
+		// or nothing.
+		return m.rollbackAll(ctx, fmt.Errorf("source: the target refused %d of %d connections, which cannot stay here once the identity moves", refused, len(m.elig)))
+	}
 
 	if err := m.fault(StepSwitch); err != nil {
 		return m.rollbackAll(ctx, err)

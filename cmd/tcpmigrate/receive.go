@@ -205,7 +205,8 @@ func socketDeliver(path string, log *slog.Logger) func(context.Context, []*targe
 }
 
 func deliverItems(ctx context.Context, path string, items []fdpass.Item, log *slog.Logger) error {
-	conn, err := fdpass.Dial(ctx, path, fdpass.Limits{})
+	// The application's acknowledgement names every connection.
+	conn, err := fdpass.Dial(ctx, path, fdpass.Limits{MaxBatch: max(len(items), 4096)})
 	if err != nil {
 		return err
 	}
