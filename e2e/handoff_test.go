@@ -45,34 +45,13 @@ func TestCLIHandoffDeliver(t *testing.T) {
 	waitFile(t, hand)
 
 	// The workload hands its sockets over, each with its offsets.
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	hc, err := fdpass.Dial(ctx, hand, fdpass.Limits{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	hc := w.handOff(hand)
 	defer hc.Close()
-	var items []fdpass.Item
-	for i, c := range w.conns {
-		ep := w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort())
-		ep.Pause()
-		f, err := c.File()
-		if err != nil {
-			t.Fatal(err)
-		}
-		state := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(ep.Sent())), uint64(ep.Checked()))
-		items = append(items, fdpass.Item{File: f, Local: c.LocalAddr().(*net.TCPAddr).AddrPort(),
-			Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort(), State: state, ID: uint64(i)})
-	}
-	if err := hc.SendSockets(items); err != nil {
-		t.Fatal(err)
-	}
-	fdpass.CloseItems(items)
 	m, err := hc.Receive()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.Kind != fdpass.KindCommitted || len(m.IDs) != len(items) {
+	if m.Kind != fdpass.KindCommitted || len(m.IDs) != len(w.conns) {
 		t.Fatalf("the source answered %s with %d IDs, want every connection committed", m.Kind, len(m.IDs))
 	}
 	for _, c := range w.conns {
@@ -131,4 +110,35 @@ func waitFile(t *testing.T, path string) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatalf("%s never appeared", path)
+}
+
+// handOff pauses the workload and hands its sockets to the source agent
+// listening at path, each with its stream offsets as application state,
+// and returns the handoff connection on which the agent answers.
+func (w *world) handOff(path string) *fdpass.Conn {
+	t := w.t
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	hc, err := fdpass.Dial(ctx, path, fdpass.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var items []fdpass.Item
+	for i, c := range w.conns {
+		ep := w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort())
+		ep.Pause()
+		f, err := c.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		state := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(ep.Sent())), uint64(ep.Checked()))
+		items = append(items, fdpass.Item{File: f, Local: c.LocalAddr().(*net.TCPAddr).AddrPort(),
+			Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort(), State: state, ID: uint64(i)})
+	}
+	defer fdpass.CloseItems(items)
+	if err := hc.SendSockets(items); err != nil {
+		t.Fatal(err)
+	}
+	return hc
 }

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"net"
 	"path/filepath"
 	"strconv"
@@ -29,32 +28,14 @@ func TestCLIHandBack(t *testing.T) {
 		"--journal-dir", filepath.Join(dir, "js")}, tls...)...)
 	waitFile(t, hand)
 
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	hc, err := fdpass.Dial(ctx, hand, fdpass.Limits{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	hc := w.handOff(hand)
 	defer hc.Close()
-	var items []fdpass.Item
-	for i, c := range w.conns {
-		w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort()).Pause()
-		f, err := c.File()
-		if err != nil {
-			t.Fatal(err)
-		}
-		items = append(items, fdpass.Item{File: f, Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort(), ID: uint64(i)})
-	}
-	if err := hc.SendSockets(items); err != nil {
-		t.Fatal(err)
-	}
-	fdpass.CloseItems(items)
 	m, err := hc.Receive()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.Kind != fdpass.KindHandBack || len(m.Items) != len(items) {
-		t.Fatalf("the source answered %s with %d sockets, want all %d handed back", m.Kind, len(m.Items), len(items))
+	if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {
+		t.Fatalf("the source answered %s with %d sockets, want all %d handed back", m.Kind, len(m.Items), len(w.conns))
 	}
 	// The workload carries on, on the sockets it got back.
 	for _, it := range m.Items {
