@@ -264,19 +264,23 @@ func (m *migration) dial(ctx context.Context) error {
 
 // inspect refuses what cannot move (leaving it untouched) and indexes the rest.
 func (m *migration) inspect() {
-	for _, c := range m.conns {
-		err := nsdo.Do(m.cfg.NetNS, func() error { return repair.Inspect(c.fd, &c.snap) })
-		c.res.Local, c.res.Remote = c.snap.Local, c.snap.Remote
-		if err != nil {
-			c.res.Outcome, c.res.Err, c.done = RolledBack, err, true
-			m.log.Info("connection stays", "conn", c.res.Index, "reason", err)
-			continue
+	// One switch into the sockets' namespace for all of them, not one each.
+	nsdo.Do(m.cfg.NetNS, func() error {
+		for _, c := range m.conns {
+			err := repair.Inspect(c.fd, &c.snap)
+			c.res.Local, c.res.Remote = c.snap.Local, c.snap.Remote
+			if err != nil {
+				c.res.Outcome, c.res.Err, c.done = RolledBack, err, true
+				m.log.Info("connection stays", "conn", c.res.Index, "reason", err)
+				continue
+			}
+			c.index = uint32(len(m.elig))
+			l, r := c.snap.Tuple()
+			c.tuple = firewall.Tuple{Local: l, Remote: r}
+			m.elig = append(m.elig, c)
 		}
-		c.index = uint32(len(m.elig))
-		l, r := c.snap.Tuple()
-		c.tuple = firewall.Tuple{Local: l, Remote: r}
-		m.elig = append(m.elig, c)
-	}
+		return nil
+	})
 }
 
 // newLock creates the source's lock table and writes the journal record

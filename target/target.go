@@ -330,8 +330,10 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 	if err := m.srv.jr.Write(&m.rec); err != nil {
 		return m.abort(ctx, err, true)
 	}
-	stopRenew := m.renew()
-	defer stopRenew()
+	if err := m.lock.StartRenewer(0, func(err error) { m.log.Warn("lease renewal failed", "err", err) }); err != nil {
+		return m.abort(ctx, err, true)
+	}
+	defer m.lock.StopRenewer()
 
 	msgs, recvErr := make(chan transport.Message, 16), make(chan error, 1)
 	go func() {
@@ -400,28 +402,6 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 			return m.abort(ctx, fmt.Errorf("target: unexpected %s while %s", msg.Type(), m.state), true)
 		}
 	}
-}
-
-func (m *migration) renew() (stop func()) {
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		t := time.NewTicker(m.lock.Lease() / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				if err := m.lock.RenewAll(); err != nil {
-					m.log.Warn("lease renewal failed", "err", err)
-				}
-			}
-		}
-	}()
-	return func() { close(done); wg.Wait() }
 }
 
 // record is one received snapshot.
