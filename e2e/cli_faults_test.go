@@ -136,7 +136,7 @@ func runCLIFault(t *testing.T, f fault) {
 		if _, err := r.conn.Read(make([]byte, 1)); err == nil {
 			t.Error("the connection the dead target had resumed is still alive at the peer")
 		}
-		r.capture.Stop()
+		r.watch.stop()
 		return
 	}
 	if err := r.send(128 << 10); err != nil {

@@ -79,7 +79,7 @@ func runFault(t *testing.T, sf func(source.Step) error, tf func(target.Step) err
 	case source.Failed:
 		// The documented loss: the target could not deliver and closed
 		// the sockets. Only the outcome is checked.
-		w.capture.Stop()
+		w.watch.stop()
 		for _, cl := range w.clients {
 			cl.Pause()
 		}

@@ -106,11 +106,7 @@ func testScale(t *testing.T, n int) {
 	if err := <-acceptDone; err != nil {
 		t.Fatal(err)
 	}
-	capture, err := lan.CaptureFlags(svcPort, false, filepath.Join(dir, "cap.pcap"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	before, _ := peer.Resets()
+	watch := startWatch(t, lan, peer, false)
 
 	tc, err := transport.LoadConfig(cert, key, ca)
 	if err != nil {
@@ -154,17 +150,7 @@ func testScale(t *testing.T, n int) {
 	expect("ok")
 	defer pin.Close() // the peer closes its connections only after the capture
 
-	after, _ := peer.Resets()
-	if after != before {
-		t.Errorf("the peer counted %d resets", after-before)
-	}
-	segs, err := capture.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(segs) != 0 {
-		t.Errorf("RST or FIN on the bridge: %d segments, first %s", len(segs), segs[0])
-	}
+	watch.quiet(t)
 }
 
 // scalePeer is the peer process of TestScale: it opens TCPM_N connections

@@ -33,8 +33,7 @@ type socatRun struct {
 	workload       *exec.Cmd
 	conn           net.Conn
 	off            int64 // bytes the peer has sent
-	capture        *lab.Capture
-	resetsBefore   int64
+	watch          *watch
 }
 
 // newSocatRun builds the lab with service on the source and starts socat
@@ -60,11 +59,7 @@ func newSocatRun(t *testing.T, service netip.Prefix, listen string) *socatRun {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.conn.Close() })
-	var err error
-	if r.capture, err = r.lan.CaptureFlags(svcPort, service.Addr().Is6(), filepath.Join(r.dir, "cap.pcap")); err != nil {
-		t.Fatal(err)
-	}
-	r.resetsBefore, _ = r.peer.Resets()
+	r.watch = startWatch(t, r.lan, r.peer, service.Addr().Is6())
 	return r
 }
 
@@ -128,17 +123,7 @@ func (r *socatRun) quiet() {
 	if out, _ := r.src.Exec("nft", "list", "tables"); bytes.Contains(out, []byte("tcpmigrate")) {
 		t.Errorf("a lock table is left on the source:\n%s", out)
 	}
-	after, _ := r.peer.Resets()
-	if after != r.resetsBefore {
-		t.Errorf("the peer counted %d resets", after-r.resetsBefore)
-	}
-	segs, err := r.capture.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(segs) != 0 {
-		t.Errorf("RST or FIN on the bridge:\n%v", segs)
-	}
+	r.watch.quiet(t)
 }
 
 func waitFileSize(t *testing.T, path string, n int64) {
