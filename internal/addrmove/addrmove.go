@@ -84,22 +84,33 @@ func Present(cfg Config) (bool, error) {
 	return ok, opError(OpPresent, cfg, err)
 }
 
-func claim(ctx context.Context, cfg Config) error {
+// lookup checks cfg, opens netlink in its namespace, finds the device and
+// the prefixes the address is configured with there. The caller closes h.
+func lookup(ctx context.Context, cfg Config) (*netlink.Handle, netlink.Link, []netip.Prefix, error) {
 	if err := cfg.validate(); err != nil {
-		return err
+		return nil, nil, nil, err
 	}
 	if err := ctx.Err(); err != nil {
-		return err
+		return nil, nil, nil, err
 	}
 	h, link, err := open(cfg)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	have, err := configured(h, link, cfg.Prefix.Addr())
+	if err != nil {
+		h.Close()
+		return nil, nil, nil, err
+	}
+	return h, link, have, nil
+}
+
+func claim(ctx context.Context, cfg Config) error {
+	h, link, have, err := lookup(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	have, err := configured(h, link, cfg.Prefix.Addr())
-	if err != nil {
-		return err
-	}
 	switch {
 	case slices.Contains(have, cfg.Prefix):
 	case len(have) > 0:
@@ -130,21 +141,11 @@ func claim(ctx context.Context, cfg Config) error {
 }
 
 func release(ctx context.Context, cfg Config) error {
-	if err := cfg.validate(); err != nil {
-		return err
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	h, link, err := open(cfg)
+	h, link, have, err := lookup(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	have, err := configured(h, link, cfg.Prefix.Addr())
-	if err != nil {
-		return err
-	}
 	for _, p := range have {
 		err := h.AddrDel(link, &netlink.Addr{IPNet: ipNet(p)})
 		if err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
