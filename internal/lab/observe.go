@@ -64,7 +64,7 @@ func (l *LAN) CaptureFlags(port uint16, v6 bool, file string) (*Capture, error) 
 	if v6 { // libpcap cannot index TCP over IPv6: the flags are at 40+13
 		filter = fmt.Sprintf("ip6 and tcp port %d and ip6[53] & 5 != 0", port)
 	}
-	cmd := l.Switch.Command("tcpdump", "-i", "br0", "-U", "-n", "-w", file, filter)
+	cmd := l.Switch.Command("tcpdump", "-i", "br0", "--immediate-mode", "-U", "-n", "-w", file, filter)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		return nil, err
