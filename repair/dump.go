@@ -64,15 +64,19 @@ func Inspect(fd int, s *Snapshot) error {
 	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
 		return &OpError{Op: "getsockopt TCP_INFO", Err: err}
 	}
-	if st := State(info[0]); st != StateEstablished {
+	st := State(info[0])
+	if !st.Migratable() {
 		local, _ := sockname(fd, false)
-		remote, _ := sockname(fd, true)
+		remote, _ := peername(fd, s.Family)
 		return &UnsupportedError{Local: local, Remote: remote, Reason: ReasonState, Detail: st.String()}
 	}
 	if s.Local, err = sockname(fd, false); err != nil {
 		return &OpError{Op: "getsockname", Err: err}
 	}
-	if s.Remote, err = sockname(fd, true); err != nil {
+	if s.Remote, err = peername(fd, s.Family); errors.Is(err, unix.ENOTCONN) {
+		// A CLOSE socket that was never connected has no peer.
+		return &UnsupportedError{Local: s.Local, Reason: ReasonState, Detail: st.String() + ", not connected"}
+	} else if err != nil {
 		return &OpError{Op: "getpeername", Local: s.Local, Err: err}
 	}
 	refuse := func(r Reason, detail string) error {
@@ -103,14 +107,21 @@ func Inspect(fd int, s *Snapshot) error {
 	} else if v != 0 {
 		return refuse(ReasonUrgent, "")
 	}
-	diag, err := sockDiag(fd, s.Family, s.Local, s.Remote)
-	if err != nil {
-		return opErr("sock_diag lookup (is the socket in this network namespace?)", err)
+	if st == StateClose {
+		// A closed socket is out of the lookup tables, so sock_diag cannot
+		// find it; it sends nothing any more, so MD5 keys do not matter,
+		// and the kernel shut both directions when it closed.
+		s.Shutdown = ShutRead | ShutWrite
+	} else {
+		diag, err := sockDiag(fd, s.Family, s.Local, s.Remote)
+		if err != nil {
+			return opErr("sock_diag lookup (is the socket in this network namespace?)", err)
+		}
+		if diag.md5 {
+			return refuse(ReasonMD5, "")
+		}
+		s.Shutdown = diag.shutdown
 	}
-	if diag.md5 {
-		return refuse(ReasonMD5, "")
-	}
-	s.Shutdown = diag.shutdown
 	if op, err := readOptions(fd, s.Family, &s.Options); err != nil {
 		return opErr(op, err)
 	}
@@ -159,8 +170,19 @@ func capture(fd int, s *Snapshot) error {
 		return opErr("getsockopt TCP_INFO", err)
 	}
 	s.State = State(info[0])
-	if s.State != StateEstablished {
+	if !s.State.Migratable() {
 		return &UnsupportedError{Local: s.Local, Remote: s.Remote, Reason: ReasonState, Detail: s.State.String()}
+	}
+	if s.State == StateSynSent {
+		return captureSynSent(fd, s)
+	}
+	// The peer's FIN or reset may have arrived since Inspect read the
+	// shutdown bits (the owner, frozen, cannot have changed them).
+	switch {
+	case s.State == StateClose:
+		s.Shutdown = ShutRead | ShutWrite
+	case s.State.peerFin():
+		s.Shutdown |= ShutRead
 	}
 	opts := info[5]
 	s.Flags = FlagWindow
@@ -217,8 +239,14 @@ func capture(fd int, s *Snapshot) error {
 		return opErr("getsockopt TCP_QUEUE_SEQ (receive)", err)
 	}
 	s.RecvSeq = uint32(rseq)
-	if s.RecvQueue, err = peekQueue(fd, s.RecvQueue, int(inq)); err != nil {
-		return opErr("peek receive queue", err)
+	// In CLOSE an empty peek would consume the pending error (ECONNRESET)
+	// of a reset connection; the length alone says the queue is empty.
+	if inq > 0 || s.State != StateClose {
+		if s.RecvQueue, err = peekQueue(fd, s.RecvQueue, int(inq)); err != nil {
+			return opErr("peek receive queue", err)
+		}
+	} else {
+		s.RecvQueue = s.RecvQueue[:0]
 	}
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 		return opErr("select send queue", err)
@@ -228,10 +256,15 @@ func capture(fd int, s *Snapshot) error {
 		return opErr("getsockopt TCP_QUEUE_SEQ (send)", err)
 	}
 	s.SendSeq = uint32(sseq)
-	if s.SendQueue, err = peekQueue(fd, s.SendQueue, int(outq)); err != nil {
+	// A queued FIN takes a sequence number but no byte; a CLOSE socket's
+	// send data is dropped (REPAIR-NOTES 3.4).
+	dataOut, dataUnsent := queueLengthsFor(s.State, outq, unsq)
+	if s.State == StateClose {
+		s.SendQueue = s.SendQueue[:0]
+	} else if s.SendQueue, err = peekQueue(fd, s.SendQueue, int(dataOut)); err != nil {
 		return opErr("peek send queue", err)
 	}
-	s.Unsent = uint32(unsq)
+	s.Unsent = uint32(dataUnsent)
 
 	// D14: re-read every counter; any change means packets got past the lock.
 	sseq2, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
@@ -254,6 +287,47 @@ func capture(fd int, s *Snapshot) error {
 	}
 	if sseq2 != sseq || rseq2 != rseq || outq2 != outq || unsq2 != unsq || inq2 != inq {
 		return opErr("re-read counters", ErrUnstable)
+	}
+	return nil
+}
+
+// captureSynSent is capture for a connection whose SYN is not answered
+// yet: all it has is its initial sequence number (write_seq is one past
+// it). Nothing was negotiated, and no window or queue exists; a send queue
+// holding data (a Fast Open SYN) fails the peek rather than lose it.
+func captureSynSent(fd int, s *Snapshot) error {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	s.Flags, s.SndWScale, s.RcvWScale, s.Timestamp = 0, 0, 0, 0
+	s.Window, s.RecvSeq, s.Unsent = Window{}, 0, 0
+	s.RecvQueue = s.RecvQueue[:0]
+	mss, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG)
+	if err != nil {
+		return opErr("getsockopt TCP_MAXSEG", err)
+	}
+	s.MSSClamp = uint32(mss)
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+		return opErr("select send queue", err)
+	}
+	sseq, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return opErr("getsockopt TCP_QUEUE_SEQ (send)", err)
+	}
+	s.SendSeq = uint32(sseq)
+	if s.SendQueue, err = peekQueue(fd, s.SendQueue, 0); err != nil {
+		return opErr("peek send queue (data in the SYN?)", err)
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		return opErr("deselect queue", err)
+	}
+	// D14: a SYN-ACK that got past the lock would have moved the state.
+	var info [tcpInfoPrefix]byte
+	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
+		return opErr("getsockopt TCP_INFO", err)
+	}
+	if State(info[0]) != StateSynSent {
+		return opErr("re-read state", ErrUnstable)
 	}
 	return nil
 }

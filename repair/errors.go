@@ -26,6 +26,9 @@ var (
 	// ErrNoRepairWindow means the kernel lacks TCP_REPAIR_WINDOW (before 4.8);
 	// migrating without it makes the peer drop data (CRIU issue #168).
 	ErrNoRepairWindow = errors.New("repair: kernel has no TCP_REPAIR_WINDOW (needs Linux 4.8+)")
+	// ErrNoInjector means a connection's state needs segments crafted as if
+	// from the peer and the Restorer has no Injector to send them.
+	ErrNoInjector = errors.New("repair: restoring this state needs an Injector for crafted segments")
 )
 
 // Reason is a stable code saying why a connection cannot be migrated.

@@ -102,20 +102,14 @@ func TestRefusals(t *testing.T) {
 		defer unix.Close(ln)
 		wantRefusal(t, ns, ln, ReasonState, "LISTEN")
 	})
-	t.Run("close-wait and fin-wait2", func(t *testing.T) {
-		cl, sv := pair(t, ns, 0, nil, nil)
-		unix.Shutdown(cl, unix.SHUT_WR)
-		waitState(t, sv, StateCloseWait)
-		waitState(t, cl, StateFinWait2)
-		wantRefusal(t, ns, sv, ReasonState, "CLOSE_WAIT")
-		wantRefusal(t, ns, cl, ReasonState, "FIN_WAIT2")
-	})
-	t.Run("close (was time-wait)", func(t *testing.T) {
-		cl, sv := pair(t, ns, 0, nil, nil)
-		unix.Shutdown(cl, unix.SHUT_WR)
-		unix.Shutdown(sv, unix.SHUT_WR)
-		waitState(t, cl, StateClose)
-		wantRefusal(t, ns, cl, ReasonState, "CLOSE")
+	t.Run("close, never connected", func(t *testing.T) {
+		var fd int
+		ns.Do(func() (err error) {
+			fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			return err
+		})
+		defer unix.Close(fd)
+		wantRefusal(t, ns, fd, ReasonState, "CLOSE, not connected")
 	})
 	t.Run("not tcp", func(t *testing.T) {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)

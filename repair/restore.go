@@ -13,12 +13,33 @@ import (
 // buffer per call).
 const minChunk = 1024
 
+// Restore builds a socket for the connection s describes with a Restorer
+// that has no Injector: enough for ESTABLISHED, SYN_SENT and FIN_WAIT1
+// connections. See Restorer.Restore.
+func Restore(s *Snapshot) (fd int, err error) {
+	var r Restorer
+	return r.Restore(s)
+}
+
+// Restorer rebuilds connections in every state Capture accepts. A zero
+// Restorer restores the states that need no crafted segment; the others
+// (State.NeedsInjection) need an Injector. A Restorer is safe for
+// concurrent use if its Injector is.
+type Restorer struct {
+	// Injector sends the segments crafted as if from the peer (REPAIR-NOTES
+	// 5.2). It must belong to the network namespace the sockets are
+	// restored in and carry the mark that passes the lock there.
+	Injector *Injector
+}
+
 // Restore builds a socket for the connection s describes and returns its
-// descriptor, still in repair mode (REPAIR-NOTES 4.1, steps R1 to R16).
+// descriptor, still in repair mode (REPAIR-NOTES 4.1, steps R1 to R16, and
+// the recipes of 5.1 for the other states).
 //
 // The caller must have locked the 4-tuple on this host first, so no early
-// packet meets a half-built socket and nothing the socket emits escapes.
-// The descriptor is non-blocking and close-on-exec. Once the lock is gone,
+// packet meets a half-built socket and nothing the socket emits escapes;
+// the crafted segments pass the lock with the Injector's mark. The
+// descriptor is non-blocking and close-on-exec. Once the lock is gone,
 // Resume hands the connection to the kernel; Discard throws it away
 // silently.
 //
@@ -26,15 +47,24 @@ const minChunk = 1024
 // with EADDRNOTAVAIL, Restore marks the socket transparent (IP_TRANSPARENT
 // or IPV6_TRANSPARENT), which lets both bind and the repair-mode connect
 // succeed; Resume clears the flag again unless the source socket had it.
-// The address must be local by the time the socket is resumed.
+// The address must be local by the time the socket is resumed. A segment
+// crafted for such a socket would be routed out of the host instead of
+// reaching it, so Restore stops short of the first injection and Settle
+// finishes the job once the address is local.
+//
+// A SYN_SENT connection is left bound, with its initial sequence number
+// set and not yet connected: Resume sends the SYN.
 //
 // On error no descriptor is left open.
-func Restore(s *Snapshot) (fd int, err error) {
+func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 	if err := s.Validate(); err != nil {
 		return -1, err
 	}
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	if s.State.NeedsInjection() && r.Injector == nil {
+		return -1, opErr("restore "+s.State.String(), ErrNoInjector)
 	}
 	fd, err = unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
@@ -57,12 +87,21 @@ func Restore(s *Snapshot) (fd int, err error) {
 	if op, err := writeEarlyOptions(fd, s.Family, &s.Options); err != nil {
 		return fd, opErr(op, err)
 	}
-	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2); err != nil {
-		return fd, opErr("setsockopt SO_SNDBUFFORCE", err)
+	if s.State == StateSynSent {
+		// The SYN's window scale follows from the buffers: the final sizes
+		// go in now, before the connect in Resume.
+		if op, err := writeLateOptions(fd, s.Family, &s.Options); err != nil {
+			return fd, opErr(op, err)
+		}
+	} else {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2); err != nil {
+			return fd, opErr("setsockopt SO_SNDBUFFORCE", err)
+		}
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2); err != nil {
+			return fd, opErr("setsockopt SO_RCVBUFFORCE", err)
+		}
 	}
-	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2); err != nil {
-		return fd, opErr("setsockopt SO_RCVBUFFORCE", err)
-	}
+	notLocal := false
 	if err := bindRaw(fd, s.Family, s.Local); errors.Is(err, unix.EADDRNOTAVAIL) {
 		level, transparent, _ := ipLevel(s.Family)
 		if err := setInt(fd, level, transparent, 1); err != nil {
@@ -71,21 +110,27 @@ func Restore(s *Snapshot) (fd int, err error) {
 		if err := bindRaw(fd, s.Family, s.Local); err != nil {
 			return fd, opErr("bind (transparent)", err)
 		}
+		notLocal = true
 	} else if err != nil {
 		return fd, opErr("bind", err)
 	}
+	if s.State == StateSynSent {
+		return fd, restoreSynSent(fd, s)
+	}
 
 	// R7: queue start sequence numbers, before connect and before any data.
+	// A FIN that the recipe re-creates later is not counted yet.
+	recvFin, sendFin := finOffsets(s.State)
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
 		return fd, opErr("select receive queue", err)
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue)))); err != nil {
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-recvFin-uint32(len(s.RecvQueue)))); err != nil {
 		return fd, opErr("setsockopt TCP_QUEUE_SEQ (receive)", err)
 	}
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 		return fd, opErr("select send queue", err)
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue)))); err != nil {
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-sendFin-uint32(len(s.SendQueue)))); err != nil {
 		return fd, opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
 	}
 	// R8: with repair on, connect sends nothing and goes straight to ESTABLISHED.
@@ -124,6 +169,7 @@ func Restore(s *Snapshot) (fd int, err error) {
 	}
 	// R13: never-sent bytes go in with repair off, so they stay unsent. The
 	// peer window is still 0 and the lock holds, so nothing leaves the host.
+	// The socket is still ESTABLISHED, so it takes data (CRIU issue #2446).
 	if unsent := s.NeverSent(); len(unsent) > 0 {
 		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
 			return fd, opErr("leave repair for unsent data", err)
@@ -139,26 +185,64 @@ func Restore(s *Snapshot) (fd int, err error) {
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
 		return fd, opErr("deselect queue", err)
 	}
-	// R14: the window, after the queues (the kernel checks it against rcv_nxt).
+	// R14: the window, after the queues (the kernel checks it against
+	// rcv_nxt). Until the peer's FIN is re-injected rcv_nxt is one lower:
+	// the left edge moves down with it and the right edge stays.
 	if s.Flags&FlagWindow != 0 {
 		w := s.Window
+		w.RcvWup -= recvFin
+		w.RcvWnd += recvFin
 		if err := setWindow(fd, &w); err != nil {
 			return fd, opErr("setsockopt TCP_REPAIR_WINDOW", err)
 		}
+	}
+	// R15: the half-close recipe, as far as it can go before the local
+	// address is on this host.
+	reached, err := r.advance(fd, s, !notLocal)
+	if err != nil {
+		return fd, err
 	}
 	// R16: the remaining options, final buffer sizes and SO_BUF_LOCK bits.
 	if op, err := writeLateOptions(fd, s.Family, &s.Options); err != nil {
 		return fd, opErr(op, err)
 	}
-	if s.Shutdown&ShutRead != 0 {
+	// A received FIN shuts the read side by itself (and a SHUT_RD before a
+	// re-injected FIN would make data in FIN_WAIT states reset the peer).
+	if s.Shutdown&ShutRead != 0 && !s.State.peerFin() {
 		if err := unix.Shutdown(fd, unix.SHUT_RD); err != nil {
 			return fd, opErr("shutdown(SHUT_RD)", err)
 		}
 	}
-	if err := verifyRestored(fd, s); err != nil {
+	if err := verifyRestored(fd, s, reached); err != nil {
 		return fd, opErr("verify restored socket", err)
 	}
 	return fd, nil
+}
+
+// restoreSynSent prepares a SYN_SENT connection (REPAIR-NOTES 5.1): the
+// send queue starts at the initial sequence number (one below the saved
+// write_seq), so that the connect Resume makes, with repair off, sends a
+// SYN carrying the original ISN. The socket stays bound and unconnected
+// until then.
+func restoreSynSent(fd int, s *Snapshot) error {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+		return opErr("select send queue", err)
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-1)); err != nil {
+		return opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		return opErr("deselect queue", err)
+	}
+	if st, err := tcpState(fd); err != nil {
+		return opErr("getsockopt TCP_INFO", err)
+	} else if st != StateClose {
+		return opErr("verify restored socket", ErrRestoreMismatch)
+	}
+	return nil
 }
 
 // setRepairOptions writes the negotiated options in one TCP_REPAIR_OPTIONS
@@ -204,24 +288,32 @@ func writeQueue(fd int, data []byte) error {
 	return nil
 }
 
-// verifyRestored reads the queue lengths and sequence numbers back
-// (REPAIR-NOTES 4.7) and leaves no queue selected.
-func verifyRestored(fd int, s *Snapshot) error {
+// verifyRestored reads the queue lengths back (REPAIR-NOTES 4.7), and
+// checks that the socket is in state want, and leaves no queue selected.
+func verifyRestored(fd int, s *Snapshot, want State) error {
 	outq, unsq, inq, op, err := queueLengths(fd)
 	if err != nil {
 		return errors.New(op + ": " + err.Error())
 	}
+	outq, unsq = queueLengthsFor(want, outq, unsq)
 	if int(outq) != len(s.SendQueue) || uint32(unsq) != s.Unsent || int(inq) != len(s.RecvQueue) {
 		return ErrRestoreMismatch
 	}
-	var info [tcpInfoPrefix]byte
-	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
+	if st, err := tcpState(fd); err != nil {
 		return err
-	}
-	if State(info[0]) != s.State {
+	} else if st != want {
 		return ErrRestoreMismatch
 	}
 	return nil
+}
+
+// tcpState reads the socket's TCP state from TCP_INFO.
+func tcpState(fd int) (State, error) {
+	var info [tcpInfoPrefix]byte
+	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
+		return 0, err
+	}
+	return State(info[0]), nil
 }
 
 var offQuiet = func() int32 {
@@ -238,10 +330,13 @@ func repairOffQuiet() int32 { return offQuiet }
 // Resume takes the socket out of repair mode and puts back what repair mode
 // changed: SO_REUSEADDR (cleared by repair-off), SO_PEEK_OFF, and the
 // transparent flag Restore may have set. Leaving repair sends a window probe
-// that re-synchronises the peer, so the lock must already be gone.
+// that re-synchronises the peer (in ESTABLISHED only), so the lock must
+// already be gone.
 //
-// Resume serves both ends: on the target it is the commit of a restored
-// socket; on the source it rolls back a dumped one.
+// Resume serves both ends: on the source it rolls back a dumped socket,
+// in any state; on the target it is the commit of a restored one, where
+// Restorer.Resume is needed for SYN_SENT (which it connects) and does
+// better for the half-closed states (which it probes).
 func Resume(fd int, s *Snapshot) error {
 	return resume(fd, s, unix.TCP_REPAIR_OFF)
 }
@@ -252,6 +347,14 @@ func resume(fd int, s *Snapshot, mode int32) error {
 	}
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
 		return opErr("turn repair off", err)
+	}
+	return afterRepair(fd, s)
+}
+
+// afterRepair puts back what repair mode changed on a socket out of it.
+func afterRepair(fd int, s *Snapshot) error {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
 	if s.Options.ReuseAddr {
 		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {

@@ -129,6 +129,26 @@ func sockname(fd int, peer bool) (netip.AddrPort, error) {
 	return fromRaw(&rsa)
 }
 
+// peername reads the remote address of fd. getpeername refuses it in
+// SYN_SENT and CLOSE; SO_PEERNAME still answers there while the socket
+// keeps its peer.
+func peername(fd int, family uint16) (netip.AddrPort, error) {
+	ap, err := sockname(fd, true)
+	if err != unix.ENOTCONN {
+		return ap, err
+	}
+	var rsa unix.RawSockaddrAny
+	// The kernel insists on a buffer no longer than the address.
+	n := uint32(unix.SizeofSockaddrInet4)
+	if family == unix.AF_INET6 {
+		n = unix.SizeofSockaddrInet6
+	}
+	if _, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_PEERNAME, unsafe.Pointer(&rsa), n); err != nil {
+		return netip.AddrPort{}, err
+	}
+	return fromRaw(&rsa)
+}
+
 func fromRaw(rsa *unix.RawSockaddrAny) (netip.AddrPort, error) {
 	switch rsa.Addr.Family {
 	case unix.AF_INET:

@@ -41,14 +41,31 @@ func (s *Snapshot) Validate() error {
 	if s.Local.Addr().IsUnspecified() || s.Remote.Addr().IsUnspecified() || s.Remote.Addr().IsMulticast() {
 		return bad("unspecified or multicast address")
 	}
-	if s.State != StateEstablished {
+	if !s.State.Migratable() {
 		return bad("state %s is not supported", s.State)
 	}
 	if s.Flags&^knownFlags != 0 {
 		return bad("unknown flags %#x", uint32(s.Flags&^knownFlags))
 	}
+	if s.State == StateSynSent {
+		// Nothing is negotiated before the SYN-ACK: no options, window,
+		// timestamp or queue, and a shut write side would have closed it.
+		if s.Flags != 0 || s.SndWScale != 0 || s.RcvWScale != 0 || s.Timestamp != 0 || s.Window != (Window{}) {
+			return bad("SYN_SENT with negotiated options or a window")
+		}
+		if len(s.SendQueue) != 0 || len(s.RecvQueue) != 0 || s.Unsent != 0 {
+			return bad("SYN_SENT with queued data")
+		}
+		if s.Shutdown&ShutWrite != 0 {
+			return bad("SYN_SENT with the write side shut")
+		}
+		return s.validateOptions(bad)
+	}
 	if s.Flags&FlagWindow == 0 {
 		return bad("no repair window")
+	}
+	if (s.State == StateClose || s.State == StateFinWait2) && len(s.SendQueue) != 0 {
+		return bad("%s with %d bytes of send data", s.State, len(s.SendQueue))
 	}
 	if s.Flags&FlagWScale != 0 {
 		if s.SndWScale > maxWScale || s.RcvWScale > maxWScale {
@@ -86,9 +103,14 @@ func (s *Snapshot) Validate() error {
 	if uint64(w.RcvWnd) > maxWnd {
 		return bad("rcv_wnd %d over what scale %d can advertise", w.RcvWnd, s.RcvWScale)
 	}
-	if s.Shutdown&^(ShutRead|ShutWrite) != 0 || s.Shutdown&ShutWrite != 0 {
+	if s.Shutdown&^(ShutRead|ShutWrite) != 0 || s.Shutdown&ShutWrite != 0 && !s.State.ourFin() {
 		return bad("shutdown bits %#x impossible in %s", uint8(s.Shutdown), s.State)
 	}
+	return s.validateOptions(bad)
+}
+
+// validateOptions checks the options that a restore writes by name.
+func (s *Snapshot) validateOptions(bad func(string, ...any) error) error {
 	if s.Options.Mask&OptCongestion != 0 && len(s.Options.Congestion) >= 16 {
 		return bad("congestion name too long")
 	}

@@ -1,0 +1,295 @@
+package repair
+
+import (
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// injectWait bounds the wait for a crafted segment to take effect. The
+// loopback path usually delivers it before sendto returns; a busy machine
+// may leave it to the softirq thread for a while.
+const injectWait = 200 * time.Millisecond
+
+// A step of a half-close recipe (REPAIR-NOTES 5.1): from one state to the
+// next by a shutdown or a crafted segment.
+type closeStep uint8
+
+const (
+	stepShutdown     closeStep = iota + 1 // shutdown(SHUT_WR), no queue selected: our FIN is queued and (under the lock, in vain) sent
+	stepShutdownSent                      // shutdown(SHUT_WR) with the send queue selected: our FIN is recorded as sent, nothing is transmitted
+	stepPeerFin                           // crafted FIN+ACK from the peer, not acknowledging our FIN
+	stepAckOurFin                         // crafted ACK from the peer acknowledging our FIN
+)
+
+// nextStep returns the step that takes a socket rebuilt for target one
+// state further from cur, and the state it leads to. ok is false when cur
+// is not on the way to target.
+func nextStep(cur, target State) (step closeStep, next State, ok bool) {
+	switch target {
+	case StateFinWait1:
+		if cur == StateEstablished {
+			return stepShutdown, StateFinWait1, true
+		}
+	case StateFinWait2:
+		switch cur {
+		case StateEstablished:
+			return stepShutdownSent, StateFinWait1, true
+		case StateFinWait1:
+			return stepAckOurFin, StateFinWait2, true
+		}
+	case StateClosing:
+		switch cur {
+		case StateEstablished:
+			return stepShutdown, StateFinWait1, true
+		case StateFinWait1:
+			return stepPeerFin, StateClosing, true
+		}
+	case StateCloseWait:
+		if cur == StateEstablished {
+			return stepPeerFin, StateCloseWait, true
+		}
+	case StateLastAck:
+		switch cur {
+		case StateEstablished:
+			return stepPeerFin, StateCloseWait, true
+		case StateCloseWait:
+			return stepShutdown, StateLastAck, true
+		}
+	case StateClose:
+		switch cur {
+		case StateEstablished:
+			return stepPeerFin, StateCloseWait, true
+		case StateCloseWait:
+			return stepShutdownSent, StateLastAck, true
+		case StateLastAck:
+			return stepAckOurFin, StateClose, true
+		}
+	}
+	return 0, 0, false
+}
+
+// advance runs the half-close recipe of s.State on a socket rebuilt as
+// ESTABLISHED (or part of the way), step by step, re-reading the state
+// after each step and failing on a mismatch (REPAIR-NOTES 5.2). With
+// inject false it stops before the first crafted segment. It returns the
+// state reached. Once s.State is reached, the saved window is written
+// again: the FIN and the acknowledgements the socket sent meanwhile (all
+// dropped by the lock) moved its receive window, and a crafted segment may
+// have moved the peer's.
+func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	cur, err := tcpState(fd)
+	if err != nil {
+		return 0, opErr("getsockopt TCP_INFO", err)
+	}
+	if cur == s.State {
+		return cur, nil
+	}
+	for cur != s.State {
+		step, next, ok := nextStep(cur, s.State)
+		if !ok {
+			return cur, opErr("restore "+s.State.String()+" from "+cur.String(), ErrRestoreMismatch)
+		}
+		switch step {
+		case stepShutdown, stepShutdownSent:
+			if step == stepShutdownSent {
+				if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+					return cur, opErr("select send queue", err)
+				}
+			}
+			serr := unix.Shutdown(fd, unix.SHUT_WR)
+			if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+				return cur, opErr("deselect queue", err)
+			}
+			if serr != nil {
+				return cur, opErr("shutdown(SHUT_WR)", serr)
+			}
+		case stepPeerFin, stepAckOurFin:
+			if !inject {
+				return cur, nil
+			}
+			if r.Injector == nil {
+				return cur, opErr("restore "+s.State.String(), ErrNoInjector)
+			}
+			if err := r.Injector.Send(craft(s, step)); err != nil {
+				return cur, err
+			}
+		}
+		if cur, err = awaitState(fd, next, step == stepPeerFin || step == stepAckOurFin); err != nil {
+			return cur, opErr("getsockopt TCP_INFO", err)
+		}
+		if cur != next {
+			return cur, opErr("restore "+s.State.String()+": "+stepName(step)+" left the socket in "+cur.String()+", not "+next.String(), ErrRestoreMismatch)
+		}
+	}
+	if s.State != StateClose {
+		w := s.Window
+		if err := setWindow(fd, &w); err != nil {
+			return cur, opErr("setsockopt TCP_REPAIR_WINDOW (after the half-close)", err)
+		}
+		var got Window
+		if err := getWindow(fd, &got); err != nil {
+			return cur, opErr("getsockopt TCP_REPAIR_WINDOW", err)
+		}
+		if got != s.Window {
+			return cur, opErr("verify window after the half-close", ErrRestoreMismatch)
+		}
+	}
+	return cur, nil
+}
+
+// craft builds the segment of a step as the peer would have sent it
+// (REPAIR-NOTES 5.2). Sequence numbers follow from the snapshot: the peer's
+// FIN sits one below the saved rcv_nxt and acknowledges our snd_una
+// without our FIN; the acknowledgement of our FIN comes after the peer's
+// FIN, if any, and covers write_seq. The window field carries the peer's
+// own advertisement (snd_wnd >> snd_wscale), so that the socket's view of
+// the peer's window stays what it was.
+func craft(s *Snapshot, step closeStep) Segment {
+	local, remote := s.Tuple()
+	_, sendFin := finOffsets(s.State)
+	seg := Segment{From: remote, To: local, Flags: SegACK, Window: peerWindowField(s)}
+	switch step {
+	case stepPeerFin:
+		seg.Flags |= SegFIN
+		seg.Seq = s.RecvSeq - 1
+		seg.Ack = s.SendSeq - sendFin - uint32(len(s.SendQueue))
+	case stepAckOurFin:
+		seg.Seq = s.RecvSeq
+		seg.Ack = s.SendSeq
+	}
+	return seg
+}
+
+// peerWindowField is the peer's advertised window as its header carried
+// it: snd_wnd scaled down by snd_wscale, capped to 16 bits.
+func peerWindowField(s *Snapshot) uint16 {
+	w := s.Window.SndWnd
+	if s.Flags&FlagWScale != 0 {
+		w >>= s.SndWScale
+	}
+	return uint16(min(w, 0xffff))
+}
+
+// awaitState re-reads the socket's state until it is want; a crafted
+// segment (async true) may take a moment to be processed. It returns the
+// last state read.
+func awaitState(fd int, want State, async bool) (State, error) {
+	deadline := time.Now().Add(injectWait)
+	for delay := 20 * time.Microsecond; ; delay = min(2*delay, 5*time.Millisecond) {
+		st, err := tcpState(fd)
+		if err != nil || st == want || !async || time.Now().After(deadline) {
+			return st, err
+		}
+		time.Sleep(delay)
+	}
+}
+
+func stepName(s closeStep) string {
+	switch s {
+	case stepShutdown:
+		return "shutdown(SHUT_WR)"
+	case stepShutdownSent:
+		return "shutdown(SHUT_WR) on the send queue"
+	case stepPeerFin:
+		return "the crafted FIN+ACK"
+	case stepAckOurFin:
+		return "the crafted ACK of our FIN"
+	}
+	return "step"
+}
+
+// Settle finishes the restore of a connection whose local address was not
+// on this host when Restore ran (Restore stopped before the first crafted
+// segment, which would have been routed away). Call it once the address
+// is local and while the lock still holds, before Resume. It does nothing
+// for a connection that is already complete, and costs no system call for
+// the states that never need a crafted segment.
+func (r *Restorer) Settle(fd int, s *Snapshot) error {
+	if !s.State.NeedsInjection() {
+		return nil
+	}
+	_, err := r.advance(fd, s, true)
+	return err
+}
+
+// Resume is the package's Resume for a socket the Restorer rebuilt, after
+// the lock is gone:
+//
+//   - ESTABLISHED: repair off; the kernel's window probe re-synchronises
+//     the peer.
+//   - SYN_SENT: repair off, then a non-blocking connect, which sends the
+//     SYN with the original initial sequence number at once.
+//   - FIN_WAIT1, FIN_WAIT2, CLOSING, CLOSE_WAIT, LAST_ACK: the kernel sends
+//     no probe outside ESTABLISHED, so Resume sends one of its own (a bare
+//     ACK carrying snd_una-1, as the kernel's probe does) with the
+//     Injector; the peer answers with its current acknowledgement and
+//     window. Without an Injector the connection relies on its timers.
+//   - CLOSE: repair off; there is nobody left to talk to.
+func (r *Restorer) Resume(fd int, s *Snapshot) error {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	switch {
+	case s.State == StateSynSent:
+		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
+			return opErr("turn repair off", err)
+		}
+		if err := connectRaw(fd, s.Family, s.Remote); err != nil {
+			return opErr("connect (SYN_SENT)", err)
+		}
+		return afterRepair(fd, s)
+	case s.State == StateEstablished || s.State == StateClose || r.Injector == nil:
+		return resume(fd, s, unix.TCP_REPAIR_OFF)
+	}
+	probe, err := probeSegment(fd, s)
+	if err != nil {
+		return opErr("read sequence numbers for the probe", err)
+	}
+	if err := resume(fd, s, unix.TCP_REPAIR_OFF); err != nil {
+		return err
+	}
+	return r.Injector.Send(probe)
+}
+
+// probeSegment builds the ACK the kernel's repair-off window probe would
+// have been: from the local end, sequence snd_una-1 (already acknowledged,
+// so the peer answers at once), acknowledging rcv_nxt, advertising our
+// receive window. The socket must be in repair mode.
+func probeSegment(fd int, s *Snapshot) (Segment, error) {
+	local, remote := s.Tuple()
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+		return Segment{}, err
+	}
+	rcvNxt, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return Segment{}, err
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+		return Segment{}, err
+	}
+	writeSeq, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return Segment{}, err
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		return Segment{}, err
+	}
+	outq, err := ioctlInt(fd, unix.SIOCOUTQ)
+	if err != nil {
+		return Segment{}, err
+	}
+	var w Window
+	if err := getWindow(fd, &w); err != nil {
+		return Segment{}, err
+	}
+	win := w.RcvWnd
+	if s.Flags&FlagWScale != 0 {
+		win >>= s.RcvWScale
+	}
+	return Segment{From: local, To: remote, Seq: uint32(writeSeq) - uint32(outq) - 1, Ack: uint32(rcvNxt),
+		Flags: SegACK, Window: uint16(min(win, 0xffff))}, nil
+}

@@ -1,0 +1,483 @@
+package repair
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+)
+
+// stateEnv is one connection between the peer and the source host, driven
+// into a TCP state before it moves to the target host.
+type stateEnv struct {
+	t              *testing.T
+	h              *hosts
+	local, peerAP  netip.AddrPort
+	src, peer      *net.TCPConn
+	srcFd, peerFd  int
+	toSrc, fromSrc int64 // bytes the peer and the source have written
+}
+
+func (e *stateEnv) peerWrite(n int64) {
+	e.t.Helper()
+	if err := writeStream(e.peer, 1, e.toSrc, n); err != nil {
+		e.t.Fatal(err)
+	}
+	e.toSrc += n
+}
+
+// srcWrite writes n bytes on the source socket; they fit in its buffers.
+func (e *stateEnv) srcWrite(n int64) {
+	e.t.Helper()
+	e.src.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if err := writeStream(e.src, 0, e.fromSrc, n); err != nil {
+		e.t.Fatal(err)
+	}
+	e.fromSrc += n
+}
+
+func (e *stateEnv) srcShutdown() {
+	e.t.Helper()
+	if err := unix.Shutdown(e.srcFd, unix.SHUT_WR); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *stateEnv) peerShutdown() {
+	e.t.Helper()
+	if err := e.peer.CloseWrite(); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// srcHas waits until the source's receive queue holds everything the
+// peer wrote.
+func (e *stateEnv) srcHas() {
+	e.t.Helper()
+	waitFor(e.t, "the peer's bytes in the source's receive queue", 5*time.Second, func() bool {
+		n, _ := unix.IoctlGetInt(e.srcFd, unix.SIOCINQ)
+		return int64(n) == e.toSrc
+	})
+}
+
+// lockSrc drops the connection's packets on the source host in the given
+// directions (a test-only table; the target uses the real lock).
+func (e *stateEnv) lockSrc(in, out bool) {
+	e.t.Helper()
+	nftLockDirs(e.t, e.h.src, e.local, e.peerAP, in, out)
+}
+
+func (e *stateEnv) unlockSrc() { e.t.Helper(); nftUnlock(e.t, e.h.src) }
+
+func nftLockDirs(t *testing.T, ns *lab.NS, local, remote netip.AddrPort, in, out bool) {
+	t.Helper()
+	ipk := "ip"
+	if local.Addr().Unmap().Is6() {
+		ipk = "ip6"
+	}
+	l, r := unmap(local), unmap(remote)
+	script := "table inet repairtest {\n"
+	if in {
+		script += fmt.Sprintf(" chain pre { type filter hook prerouting priority -300;\n  %s saddr %s tcp sport %d %s daddr %s tcp dport %d drop\n }\n",
+			ipk, r.Addr(), r.Port(), ipk, l.Addr(), l.Port())
+	}
+	if out {
+		script += fmt.Sprintf(" chain out { type filter hook output priority -300;\n  %s saddr %s tcp sport %d %s daddr %s tcp dport %d drop\n }\n",
+			ipk, l.Addr(), l.Port(), ipk, r.Addr(), r.Port())
+	}
+	script += "}\n"
+	cmd := ns.Command("nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft lock in %s: %v: %s", ns.Label, err, b)
+	}
+}
+
+// stateCase drives a connection into a state (prepare, which ends with
+// the source locked both ways) and says what the migrated connection must
+// do: whether our FIN must show up on the wire after the lock (the peer
+// had not acknowledged it), and the rest of the conversation (finish).
+type stateCase struct {
+	name    string
+	state   State
+	ourFin  bool // our FIN must be (re)transmitted by the target
+	prepare func(e *stateEnv)
+	finish  func(e *stateEnv, c *net.TCPConn)
+}
+
+// The data the tests queue: the receive queue of the moving socket always
+// holds unread bytes; the send queue holds sent-unacknowledged or never-sent
+// bytes where the state allows it.
+const (
+	recvBytes = 30000
+	sendBytes = 20000
+	moreBytes = 10000
+)
+
+var stateCases = []stateCase{
+	{
+		name: "fin-wait1", state: StateFinWait1, ourFin: true,
+		// Data and FIN written under the lock: the peer has neither.
+		prepare: func(e *stateEnv) {
+			e.peerWrite(recvBytes)
+			e.srcHas()
+			e.lockSrc(true, true)
+			e.srcWrite(sendBytes)
+			e.srcShutdown()
+			waitTCPState(e.t, e.srcFd, StateFinWait1)
+		},
+		finish: func(e *stateEnv, c *net.TCPConn) {
+			e.peerReadsAllThenEOF()
+			e.peerWrite(moreBytes)
+			e.peerShutdown()
+			e.targetReadsAllThenEOF(c)
+			waitTCPState(e.t, e.peerFd, StateClose) // LAST_ACK acknowledged
+		},
+	},
+	{
+		name: "fin-wait2", state: StateFinWait2,
+		// Our FIN acknowledged; the peer goes on writing.
+		prepare: func(e *stateEnv) {
+			e.srcWrite(sendBytes)
+			e.srcShutdown()
+			e.peerReadsAllThenEOF()
+			waitTCPState(e.t, e.srcFd, StateFinWait2)
+			e.peerWrite(recvBytes)
+			e.srcHas()
+			e.lockSrc(true, true)
+		},
+		finish: func(e *stateEnv, c *net.TCPConn) {
+			e.peerWrite(moreBytes)
+			e.peerShutdown()
+			e.targetReadsAllThenEOF(c)
+			waitTCPState(e.t, e.peerFd, StateClose)
+		},
+	},
+	{
+		name: "closing", state: StateClosing, ourFin: true,
+		// Simultaneous close: the peer's data and FIN arrive, ours are
+		// dropped on the way out.
+		prepare: func(e *stateEnv) {
+			e.peerWrite(recvBytes)
+			e.srcHas()
+			e.lockSrc(false, true)
+			e.srcWrite(sendBytes)
+			e.srcShutdown()
+			e.peerShutdown()
+			waitTCPState(e.t, e.srcFd, StateClosing)
+			e.unlockSrc()
+			e.lockSrc(true, true)
+		},
+		finish: func(e *stateEnv, c *net.TCPConn) {
+			e.targetReadsAllThenEOF(c)
+			e.peerReadsAllThenEOF()
+			waitTCPState(e.t, e.peerFd, StateClose) // through CLOSING and TIME_WAIT
+		},
+	},
+	{
+		name: "close-wait", state: StateCloseWait,
+		// The peer closed; our data reached it but its ACKs did not.
+		prepare: func(e *stateEnv) {
+			e.peerWrite(recvBytes)
+			e.peerShutdown()
+			e.srcHas()
+			waitTCPState(e.t, e.srcFd, StateCloseWait)
+			e.lockSrc(true, false)
+			e.srcWrite(sendBytes)
+			e.unlockSrc()
+			e.lockSrc(true, true)
+		},
+		finish: func(e *stateEnv, c *net.TCPConn) {
+			e.targetReadsAllThenEOF(c)
+			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if err := writeStream(c, 0, e.fromSrc, moreBytes); err != nil {
+				e.t.Fatal("target write in CLOSE_WAIT: ", err)
+			}
+			e.fromSrc += moreBytes
+			if err := c.CloseWrite(); err != nil {
+				e.t.Fatal(err)
+			}
+			e.peerReadsAllThenEOF()
+			waitTCPState(e.t, fdOf(e.t, c), StateClose) // LAST_ACK acknowledged
+		},
+	},
+	{
+		name: "last-ack", state: StateLastAck, ourFin: true,
+		// The peer closed; our data and FIN were written under the lock.
+		prepare: func(e *stateEnv) {
+			e.peerWrite(recvBytes)
+			e.peerShutdown()
+			e.srcHas()
+			waitTCPState(e.t, e.srcFd, StateCloseWait)
+			e.lockSrc(true, true)
+			e.srcWrite(sendBytes)
+			e.srcShutdown()
+			waitTCPState(e.t, e.srcFd, StateLastAck)
+		},
+		finish: func(e *stateEnv, c *net.TCPConn) {
+			e.peerReadsAllThenEOF()
+			e.targetReadsAllThenEOF(c)
+			waitTCPState(e.t, fdOf(e.t, c), StateClose)
+		},
+	},
+	{
+		name: "close", state: StateClose,
+		// Both FINs exchanged and acknowledged, received bytes unread.
+		prepare: func(e *stateEnv) {
+			e.peerWrite(recvBytes)
+			e.peerShutdown()
+			e.srcHas()
+			waitTCPState(e.t, e.srcFd, StateCloseWait)
+			e.srcShutdown()
+			waitTCPState(e.t, e.srcFd, StateClose)
+			e.peerReadsAllThenEOF()
+			e.lockSrc(true, true)
+		},
+		finish: func(e *stateEnv, c *net.TCPConn) { e.targetClosed(c) },
+	},
+	{
+		name: "close-after-reset", state: StateClose,
+		// The peer reset the connection with bytes unread at the source:
+		// they come back readable, then end-of-file (not ECONNRESET).
+		prepare: func(e *stateEnv) {
+			e.peerWrite(recvBytes)
+			e.srcHas()
+			if err := e.peer.SetLinger(0); err != nil {
+				e.t.Fatal(err)
+			}
+			e.peer.Close()
+			waitTCPState(e.t, e.srcFd, StateClose)
+			e.lockSrc(true, true)
+		},
+		finish: func(e *stateEnv, c *net.TCPConn) { e.targetClosed(c) },
+	},
+}
+
+// peerReadsAllThenEOF checks every byte the source wrote, then end-of-file.
+func (e *stateEnv) peerReadsAllThenEOF() {
+	e.t.Helper()
+	e.peer.SetReadDeadline(time.Now().Add(20 * time.Second))
+	if err := checkStream(e.peer, 0, 0, e.fromSrc); err != nil {
+		e.t.Fatal("peer: ", err)
+	}
+	wantEOF(e.t, "peer", e.peer)
+}
+
+// targetReadsAllThenEOF checks every byte the peer wrote, then end-of-file.
+func (e *stateEnv) targetReadsAllThenEOF(c *net.TCPConn) {
+	e.t.Helper()
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	if err := checkStream(c, 1, 0, e.toSrc); err != nil {
+		e.t.Fatal("target: ", err)
+	}
+	wantEOF(e.t, "target", c)
+}
+
+// targetClosed checks a restored CLOSE connection: bytes, end-of-file,
+// and writes refused.
+func (e *stateEnv) targetClosed(c *net.TCPConn) {
+	e.t.Helper()
+	e.targetReadsAllThenEOF(c)
+	if _, err := c.Write([]byte("x")); !errors.Is(err, unix.EPIPE) {
+		e.t.Errorf("write on a restored CLOSE socket: %v, want EPIPE", err)
+	}
+	if st := tcpStateOf(e.t, fdOf(e.t, c)); st != StateClose {
+		e.t.Errorf("restored socket in %s, want CLOSE", st)
+	}
+}
+
+func wantEOF(t *testing.T, who string, c *net.TCPConn) {
+	t.Helper()
+	var b [1]byte
+	if n, err := c.Read(b[:]); n != 0 || err != io.EOF {
+		t.Fatalf("%s: read after the data = %d, %v; want end-of-file", who, n, err)
+	}
+}
+
+func tcpStateOf(t *testing.T, fd int) State {
+	t.Helper()
+	st, err := tcpState(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func waitTCPState(t *testing.T, fd int, want State) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st := tcpStateOf(t, fd)
+		if st == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("socket in %s, want %s", st, want)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestHalfClosedStates moves a connection in each half-closed state, with
+// data queued, from the source host to the target host: dumped under a lock,
+// closed silently at the source, restored under the target's real lock
+// (firewall package, crafted segments passing with its bypass mark),
+// unlocked and resumed. The peer, the kernel's own stack, then checks the
+// bytes, end-of-file where the state implies it, that our unacknowledged
+// FIN reaches it (bridge capture) and is acknowledged (states on both sides
+// via TCP_INFO), and that nobody sent a reset (capture and the peer's
+// counters). IPv4 connections are restored before the service address
+// moves (the crafted segments wait for Settle), IPv6 ones after it.
+func TestHalfClosedStates(t *testing.T) {
+	for _, fam := range []struct {
+		name   string
+		v6     bool
+		family int
+		only   []string
+	}{
+		{"ipv4", false, unix.AF_INET, nil},
+		{"ipv6", true, unix.AF_INET6, nil},
+		{"ipv4-mapped", false, unix.AF_INET6, []string{"fin-wait2", "last-ack"}},
+	} {
+		for _, sc := range stateCases {
+			if fam.only != nil && !contains(fam.only, sc.name) {
+				continue
+			}
+			t.Run(fam.name+"/"+sc.name, func(t *testing.T) { testState(t, fam.v6, fam.family, sc) })
+		}
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func testState(t *testing.T, v6 bool, family int, sc stateCase) {
+	h := newHosts(t, v6)
+	e := &stateEnv{t: t, h: h, peerAP: netip.AddrPortFrom(h.peerAddr, peerPort), local: netip.AddrPortFrom(h.svc, 40001)}
+	ln := listen(t, h.peer, e.peerAP, nil)
+	e.src = rawDial(t, h.src, family, e.local, e.peerAP, nil)
+	defer e.src.Close()
+	pc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.peer = pc.(*net.TCPConn)
+	defer e.peer.Close()
+	e.srcFd, e.peerFd = fdOf(t, e.src), fdOf(t, e.peer)
+
+	sc.prepare(e) // ends with the source locked both ways
+	stopCapture := captureFlags(t, h.lan, peerPort, v6)
+	before := tcpCounters(t, h.peer)
+
+	var snap Snapshot
+	if err := h.src.Do(func() error { return Dump(e.srcFd, &snap) }); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("dumped %s: recvq %d sendq %d (unsent %d) rcv_nxt %d write_seq %d shutdown %d",
+		snap.State, len(snap.RecvQueue), len(snap.SendQueue), snap.Unsent, snap.RecvSeq, snap.SendSeq, snap.Shutdown)
+	if snap.State != sc.state {
+		t.Fatalf("dumped state %s, want %s", snap.State, sc.state)
+	}
+	if len(snap.RecvQueue) != recvBytes {
+		t.Fatalf("receive queue %d bytes, want %d", len(snap.RecvQueue), recvBytes)
+	}
+	if err := checkBytes(snap.RecvQueue, 1, 0); err != nil {
+		t.Fatal("receive queue: ", err)
+	}
+	if err := checkBytes(snap.SendQueue, 0, e.fromSrc-int64(len(snap.SendQueue))); err != nil {
+		t.Fatal("send queue: ", err)
+	}
+	if err := Discard(dupFd(t, e.srcFd)); err != nil {
+		t.Fatal(err)
+	}
+	e.src.Close()
+
+	// The target: the real lock, an injector with its bypass mark.
+	lock, err := firewall.New(firewall.Config{Instance: "states", NetNS: h.dst.Handle()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	l, r := snap.Tuple()
+	if err := lock.Lock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
+		t.Fatal(err)
+	}
+	var inj *Injector
+	if err := h.dst.Do(func() (err error) { inj, err = NewInjector(lock.BypassMark()); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer inj.Close()
+	rs := Restorer{Injector: inj}
+	early := !v6 // restore before the address is on the target
+	if !early {
+		h.moveService(t)
+	}
+	var fd int
+	if err := h.dst.Do(func() (err error) { fd, err = rs.Restore(&snap); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if early {
+		if st := tcpStateOf(t, fd); snap.State.NeedsInjection() && st == snap.State {
+			t.Errorf("restored to %s before the address is local: the crafted segments cannot have reached it", st)
+		}
+		h.moveService(t)
+		if err := rs.Settle(fd, &snap); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := tcpStateOf(t, fd); st != snap.State {
+		t.Fatalf("restored socket in %s, want %s", st, snap.State)
+	}
+	if err := lock.Unlock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := rs.Resume(fd, &snap); err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "restored")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	restored := c.(*net.TCPConn)
+	defer restored.Close()
+
+	sc.finish(e, restored)
+
+	segs := stopCapture()
+	ourFin := fmt.Sprintf("%s.%d > %s.%d: Flags [F", l.Addr(), l.Port(), r.Addr(), r.Port())
+	sawFin := false
+	for _, s := range segs {
+		if strings.Contains(s, "Flags [R") {
+			t.Errorf("capture saw a reset: %s", s)
+		}
+		sawFin = sawFin || strings.Contains(s, ourFin)
+	}
+	if sc.ourFin && !sawFin {
+		t.Errorf("our FIN never reached the peer after the lock; capture:\n%s", strings.Join(segs, "\n"))
+	}
+	after := tcpCounters(t, h.peer)
+	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
+		if after[k] != before[k] {
+			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
+		}
+	}
+	nftUnlock(t, h.src)
+}
