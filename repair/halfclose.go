@@ -81,7 +81,7 @@ func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
-	cur, err := tcpState(fd)
+	cur, err := readState(fd)
 	if err != nil {
 		return 0, opErr("getsockopt TCP_INFO", err)
 	}
@@ -180,7 +180,7 @@ func peerWindowField(s *Snapshot) uint16 {
 func awaitState(fd int, want State, async bool) (State, error) {
 	deadline := time.Now().Add(injectWait)
 	for delay := 20 * time.Microsecond; ; delay = min(2*delay, 5*time.Millisecond) {
-		st, err := tcpState(fd)
+		st, err := readState(fd)
 		if err != nil || st == want || !async || time.Now().After(deadline) {
 			return st, err
 		}

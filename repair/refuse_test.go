@@ -143,22 +143,6 @@ func TestRefusals(t *testing.T) {
 	})
 }
 
-func waitState(t *testing.T, fd int, want State) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		var info [tcpInfoPrefix]byte
-		getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix)
-		if State(info[0]) == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("socket in %s, want %s", State(info[0]), want)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // setMD5Key installs a TCP-MD5 key for peer (struct tcp_md5sig).
 func setMD5Key(fd int, peer netip.Addr, key string) error {
 	var sig [216]byte

@@ -237,7 +237,7 @@ func restoreSynSent(fd int, s *Snapshot) error {
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
 		return opErr("deselect queue", err)
 	}
-	if st, err := tcpState(fd); err != nil {
+	if st, err := readState(fd); err != nil {
 		return opErr("getsockopt TCP_INFO", err)
 	} else if st != StateClose {
 		return opErr("verify restored socket", ErrRestoreMismatch)
@@ -299,7 +299,7 @@ func verifyRestored(fd int, s *Snapshot, want State) error {
 	if int(outq) != len(s.SendQueue) || uint32(unsq) != s.Unsent || int(inq) != len(s.RecvQueue) {
 		return ErrRestoreMismatch
 	}
-	if st, err := tcpState(fd); err != nil {
+	if st, err := readState(fd); err != nil {
 		return err
 	} else if st != want {
 		return ErrRestoreMismatch
@@ -307,8 +307,8 @@ func verifyRestored(fd int, s *Snapshot, want State) error {
 	return nil
 }
 
-// tcpState reads the socket's TCP state from TCP_INFO.
-func tcpState(fd int) (State, error) {
+// readState reads the socket's TCP state from TCP_INFO.
+func readState(fd int) (State, error) {
 	var info [tcpInfoPrefix]byte
 	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
 		return 0, err

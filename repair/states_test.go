@@ -306,7 +306,7 @@ func wantEOF(t *testing.T, who string, c *net.TCPConn) {
 
 func tcpStateOf(t *testing.T, fd int) State {
 	t.Helper()
-	st, err := tcpState(fd)
+	st, err := readState(fd)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -472,6 +472,146 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 	}
 	if sc.ourFin && !sawFin {
 		t.Errorf("our FIN never reached the peer after the lock; capture:\n%s", strings.Join(segs, "\n"))
+	}
+	after := tcpCounters(t, h.peer)
+	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
+		if after[k] != before[k] {
+			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
+		}
+	}
+	nftUnlock(t, h.src)
+}
+
+// TestSynSent moves a connection whose SYN the peer never saw (the source
+// was locked before it connected). After the target resumes it, the peer's
+// listener accepts it; the peer's own rcv_nxt (read under repair) shows the
+// original initial sequence number, and bytes flow both ways.
+func TestSynSent(t *testing.T) {
+	for _, fam := range []struct {
+		name   string
+		v6     bool
+		family int
+	}{{"ipv4", false, unix.AF_INET}, {"ipv6", true, unix.AF_INET6}} {
+		t.Run(fam.name, func(t *testing.T) { testSynSent(t, fam.v6, fam.family) })
+	}
+}
+
+func testSynSent(t *testing.T, v6 bool, family int) {
+	h := newHosts(t, v6)
+	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
+	local := netip.AddrPortFrom(h.svc, 40001)
+	ln := listen(t, h.peer, peerAP, nil)
+	before := tcpCounters(t, h.peer)
+	stopCapture := captureFlags(t, h.lan, peerPort, v6)
+
+	nftLockDirs(t, h.src, local, peerAP, true, true)
+	var srcFd int
+	if err := h.src.Do(func() (err error) {
+		if srcFd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0); err != nil {
+			return err
+		}
+		if err := unix.Bind(srcFd, sockaddr(family, local)); err != nil {
+			return err
+		}
+		if err := unix.Connect(srcFd, sockaddr(family, peerAP)); !errors.Is(err, unix.EINPROGRESS) {
+			return fmt.Errorf("connect: %v, want EINPROGRESS", err)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	waitTCPState(t, srcFd, StateSynSent)
+	var snap Snapshot
+	if err := h.src.Do(func() error { return Dump(srcFd, &snap) }); err != nil {
+		t.Fatal(err)
+	}
+	isn := snap.SendSeq - 1
+	if snap.State != StateSynSent || snap.Remote.Port() != peerPort {
+		t.Fatalf("dumped %s to %s", snap.State, snap.Remote)
+	}
+	if err := Discard(srcFd); err != nil {
+		t.Fatal(err)
+	}
+
+	lock, err := firewall.New(firewall.Config{Instance: "synsent", NetNS: h.dst.Handle()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	l, r := snap.Tuple()
+	if err := lock.Lock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
+		t.Fatal(err)
+	}
+	var fd int
+	var rs Restorer
+	if err := h.dst.Do(func() (err error) { fd, err = rs.Restore(&snap); return err }); err != nil {
+		t.Fatal(err)
+	}
+	h.moveService(t)
+	if err := lock.Unlock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := rs.Resume(fd, &snap); err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "restored")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	restored := c.(*net.TCPConn)
+	defer restored.Close()
+	ln.(*net.TCPListener).SetDeadline(time.Now().Add(10 * time.Second))
+	pc, err := ln.Accept()
+	if err != nil {
+		t.Fatal("peer's listener: ", err)
+	}
+	t.Logf("peer accepted %v after Resume", time.Since(start))
+	peer := pc.(*net.TCPConn)
+	defer peer.Close()
+	pfd := fdOf(t, peer)
+	// The peer's rcv_nxt is the ISN it saw plus one (nothing received yet).
+	if err := h.peer.Do(func() error {
+		if err := unix.SetsockoptInt(pfd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
+			return err
+		}
+		defer unix.SetsockoptInt(pfd, unix.IPPROTO_TCP, unix.TCP_REPAIR, -1)
+		if err := unix.SetsockoptInt(pfd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+			return err
+		}
+		seq, err := unix.GetsockoptInt(pfd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+		if err != nil {
+			return err
+		}
+		if got := uint32(seq) - 1; got != isn {
+			return fmt.Errorf("peer saw ISN %d, the source chose %d", got, isn)
+		}
+		return unix.SetsockoptInt(pfd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	waitTCPState(t, fdOf(t, restored), StateEstablished)
+	// Bytes both ways.
+	const n = 1 << 20
+	errs := make(chan error, 4)
+	deadline := time.Now().Add(20 * time.Second)
+	restored.SetDeadline(deadline)
+	peer.SetDeadline(deadline)
+	go func() { errs <- writeStream(restored, 0, 0, n) }()
+	go func() { errs <- writeStream(peer, 1, 0, n) }()
+	go func() { errs <- checkStream(restored, 1, 0, n) }()
+	go func() { errs <- checkStream(peer, 0, 0, n) }()
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	for _, s := range stopCapture() {
+		if strings.Contains(s, "Flags [R") {
+			t.Errorf("capture saw a reset: %s", s)
+		}
 	}
 	after := tcpCounters(t, h.peer)
 	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {

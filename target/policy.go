@@ -235,6 +235,12 @@ func needs(s *repair.Snapshot) repair.Features {
 	if s.Options.Mask&repair.OptBufLock != 0 {
 		f |= repair.FeatBufLock
 	}
+	if s.State.HalfClosed() {
+		f |= repair.FeatHalfClosed
+	}
+	if s.State.NeedsInjection() {
+		f |= repair.FeatRawInject | repair.FeatMark
+	}
 	return f
 }
 

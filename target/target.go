@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -276,6 +277,7 @@ type migration struct {
 	claimed  []netip.Prefix
 	didClaim bool       // Claim was called: an abort must undo it
 	adm      *admission // the policy applied to this migration's connections
+	rs       restorer   // restores and resumes the connections, with crafted segments where their state needs them
 }
 
 func (m *migration) fault(st Step) error {
@@ -582,7 +584,7 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 	}
 	err := nsdo.Do(cfg.NetNS, func() error {
 		for _, c := range todo {
-			fd, err := repair.Restore(c.snap)
+			fd, err := m.rs.restore(c.snap, m.lock.BypassMark())
 			if err != nil {
 				c.report.Verdict, c.report.Err = transport.VerdictFailed, err
 				if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL) {
@@ -666,6 +668,18 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		c.report.Verdict, c.report.Err = transport.VerdictFailed, err
 		failed = append(failed, transport.Verdict{Index: c.report.Index, Code: transport.VerdictFailed, Reason: err.Error()})
 	}
+	// A half-closed connection restored before its address was local
+	// still needs its crafted segments; the address is local now (the
+	// switch is done) and the lock still holds.
+	for i, c := range live {
+		if err := m.rs.r.Settle(c.fd, c.snap); err != nil {
+			repair.Discard(c.fd)
+			c.fd = -1
+			fail(c, err)
+			live[i] = nil
+		}
+	}
+	live = slices.DeleteFunc(live, func(c *conn) bool { return c == nil })
 	// Nothing is live here yet: if the sockets cannot be unlocked, the
 	// target backs out as if aborted (its copies are in repair mode, so
 	// discarding them is silent) and says so; the source, finding the
@@ -682,7 +696,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	m.srv.record(m.id, transport.StateCommitted)
 	var delivered []*Delivered
 	for _, c := range live {
-		if err := repair.Resume(c.fd, c.snap); err != nil {
+		if err := m.rs.r.Resume(c.fd, c.snap); err != nil {
 			fail(c, err)
 			continue
 		}
@@ -716,7 +730,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		m.log.Warn("could not answer Committed; the source will ask", "err", err)
 	}
 	lerr := m.lock.Close()
-	return m.report(), errors.Join(jerr, lerr)
+	return m.report(), errors.Join(jerr, lerr, m.rs.close())
 }
 
 // abort discards every restored socket, releases the locks and the claimed
@@ -742,6 +756,7 @@ func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report,
 	if m.lock != nil {
 		errs = append(errs, m.lock.Close())
 	}
+	errs = append(errs, m.rs.close())
 	m.state = StateAborted
 	// Recorded last: a source that asks learns "aborted" only once the
 	// identity is released here, so it may take it back without a clash.

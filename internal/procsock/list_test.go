@@ -186,8 +186,8 @@ func TestList(t *testing.T) {
 	wants := []want{
 		{listenAddr, netip.AddrPortFrom(netip.IPv4Unspecified(), 0), []int{lis.fd}, unix.AF_INET, repair.StateListen, false, procsock.ReasonListener, "listener (recreated in a later version)"},
 		{ap(est.local), ap(est.remote), []int{est.fd, dup.fd}, unix.AF_INET, repair.StateEstablished, true, 0, "take"},
-		{ap(shut.local), ap(shut.remote), []int{shut.fd}, unix.AF_INET, repair.StateFinWait2, false, procsock.ReasonState, "state FIN_WAIT2: half-closed states come later"},
-		{ap(cw.local), ap(cw.remote), []int{cw.fd}, unix.AF_INET, repair.StateCloseWait, false, procsock.ReasonState, "state CLOSE_WAIT: half-closed states come later"},
+		{ap(shut.local), ap(shut.remote), []int{shut.fd}, unix.AF_INET, repair.StateFinWait2, true, 0, "take"},
+		{ap(cw.local), ap(cw.remote), []int{cw.fd}, unix.AF_INET, repair.StateCloseWait, true, 0, "take"},
 		{ap(est6.local), ap(est6.remote), []int{est6.fd}, unix.AF_INET6, repair.StateEstablished, true, 0, "take"},
 		{queuedLocal, queuedRemote, nil, unix.AF_INET, repair.StateEstablished, false, procsock.ReasonNoDescriptor, "stays behind: no descriptor (not yet accepted)"},
 	}

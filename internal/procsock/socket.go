@@ -95,8 +95,8 @@ type Verdict struct {
 	// Reason is the stable code of the refusal; zero when Take is true.
 	Reason Reason
 	// Text explains the verdict to a person, such as "take", "listener
-	// (recreated in a later version)" or "state FIN_WAIT1: half-closed
-	// states come later". Programs use Take and Reason, never Text.
+	// (recreated in a later version)" or "state SYN_RECV: not established
+	// yet". Programs use Take and Reason, never Text.
 	Text string
 }
 
@@ -109,14 +109,12 @@ var take = Verdict{Take: true, Text: "take"}
 // descriptor for, before any port filter.
 func verdictFor(st repair.State) Verdict {
 	switch st {
-	case repair.StateEstablished:
+	case repair.StateEstablished, repair.StateSynSent, repair.StateFinWait1, repair.StateFinWait2,
+		repair.StateCloseWait, repair.StateLastAck, repair.StateClosing:
 		return take
 	case repair.StateListen:
 		return Verdict{Reason: ReasonListener, Text: "listener (recreated in a later version)"}
-	case repair.StateFinWait1, repair.StateFinWait2, repair.StateCloseWait,
-		repair.StateLastAck, repair.StateClosing:
-		return Verdict{Reason: ReasonState, Text: "state " + st.String() + ": half-closed states come later"}
-	case repair.StateSynSent, repair.StateSynRecv:
+	case repair.StateSynRecv:
 		return Verdict{Reason: ReasonState, Text: "state " + st.String() + ": not established yet"}
 	case repair.StateClose:
 		return Verdict{Reason: ReasonState, Text: "state CLOSE: not connected"}
