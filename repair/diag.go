@@ -24,6 +24,8 @@ const (
 type diagInfo struct {
 	shutdown Shutdown
 	md5      bool // TCP-MD5 keys are installed
+	// wqueue is idiag_wqueue: for a listener, its backlog.
+	wqueue uint32
 }
 
 // sockDiag looks the connection up by its exact 4-tuple and cookie with
@@ -110,6 +112,7 @@ func parseDiag(b []byte) (diagInfo, error) {
 		return diagInfo{}, unix.EBADMSG
 	}
 	var info diagInfo
+	info.wqueue = ne.Uint32(b[unix.NLMSG_HDRLEN+60:])
 	attrs := b[unix.NLMSG_HDRLEN+inetDiagMsgLen : mlen]
 	for len(attrs) >= 4 {
 		alen := int(ne.Uint16(attrs[0:]))
