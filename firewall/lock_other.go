@@ -2,7 +2,10 @@
 
 package firewall
 
-import "time"
+import (
+	"net/netip"
+	"time"
+)
 
 // Lock is the connection lock; it exists only on Linux.
 type Lock struct{}
@@ -48,3 +51,27 @@ func (l *Lock) StopRenewer() {}
 
 // Close does nothing outside Linux.
 func (l *Lock) Close() error { return nil }
+
+// ListenLock is the listener lock; it exists only on Linux.
+type ListenLock struct{}
+
+// NewListenLock fails with ErrNotSupported outside Linux.
+func NewListenLock(cfg Config) (*ListenLock, error) { return nil, unsupported("new listen lock") }
+
+// Lock fails with ErrNotSupported outside Linux.
+func (l *ListenLock) Lock(eps []netip.AddrPort) error { return unsupported("lock listeners") }
+
+// Unlock does nothing outside Linux.
+func (l *ListenLock) Unlock(eps []netip.AddrPort) error { return nil }
+
+// Held returns nothing outside Linux.
+func (l *ListenLock) Held() []netip.AddrPort { return nil }
+
+// StartRenewer does nothing outside Linux.
+func (l *ListenLock) StartRenewer(onErr func(error)) {}
+
+// Table returns "" outside Linux.
+func (l *ListenLock) Table() string { return "" }
+
+// Close does nothing outside Linux.
+func (l *ListenLock) Close() error { return nil }

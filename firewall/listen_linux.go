@@ -1,0 +1,348 @@
+package firewall
+
+import (
+	"errors"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Object names inside a listener lock's table.
+const (
+	setListen4 = "l4" // ipv4_addr . inet_service: listeners on one IPv4 address
+	setListen6 = "l6" // ipv6_addr . inet_service: listeners on one IPv6 address
+	setPort4   = "p4" // inet_service: IPv4 listeners on every address
+	setPort6   = "p6" // inet_service: IPv6 listeners on every address
+)
+
+var (
+	listenKey4 = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService)
+	listenKey6 = nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeInetService)
+)
+
+// ListenLock keeps new connections away from listening sockets while they
+// move: a private nftables table whose prerouting chain drops every inbound
+// TCP SYN (SYN set; ACK, RST and FIN clear) to a locked listener's address
+// and port, except packets carrying the bypass mark. Segments of existing
+// connections, and handshakes already past their SYN, are not touched. A
+// dropped SYN is retransmitted by the peer (after 1 s, then 3 s, ...), by
+// which time the listener has moved or the lock is gone.
+//
+// A listener bound to the unspecified address locks its port on every
+// address; an IPv6 one ([::]:P) in both families, as a dual-stack socket
+// receives both. An IPv4-mapped address locks plain IPv4.
+//
+// Locked endpoints carry the lease of Config.Lease, renewed by
+// StartRenewer, so the lock of a crashed agent lapses by itself; Close
+// deletes the table. The table is named and owned like a Lock's (Sweep
+// removes a dead agent's). A ListenLock is safe for concurrent use.
+type ListenLock struct {
+	cfg   Config
+	table string
+	nsfd  int
+	owner int
+
+	mu     sync.Mutex // guards the fields below
+	held   []netip.AddrPort
+	closed bool
+	stop   chan struct{}
+	done   chan struct{}
+}
+
+// NewListenLock creates the listener lock of cfg.Instance in cfg.NetNS: the
+// table, its four sets and the chain, in one batch, holding nothing. It
+// fails with ErrExists like New.
+func NewListenLock(cfg Config) (*ListenLock, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, &Error{Op: "new listen lock", Err: err}
+	}
+	name := TableName(cfg.Instance)
+	fail := func(err error) (*ListenLock, error) { return nil, &Error{Op: "new listen lock", Table: name, Err: err} }
+	nsfd, err := dupNetNS(cfg.NetNS)
+	if err != nil {
+		return fail(err)
+	}
+	var owner int
+	if err := inNetNS(nsfd, func() error {
+		var err error
+		owner, err = claimOwner(name)
+		return err
+	}); err != nil {
+		unix.Close(nsfd)
+		return fail(err)
+	}
+	l := &ListenLock{cfg: cfg, table: name, nsfd: nsfd, owner: owner}
+	if err := l.create(); err != nil {
+		unix.Close(owner)
+		unix.Close(nsfd)
+		if errors.Is(err, unix.EEXIST) {
+			err = ErrExists
+		}
+		return fail(err)
+	}
+	return l, nil
+}
+
+func (l *ListenLock) sets() (tbl *nftables.Table, v4, v6, p4, p6 *nftables.Set) {
+	tbl = &nftables.Table{Name: l.table, Family: nftables.TableFamilyINet}
+	mk := func(name string, id uint32, key nftables.SetDatatype, concat bool) *nftables.Set {
+		return &nftables.Set{Table: tbl, Name: name, ID: id, KeyType: key, HasTimeout: true, Timeout: l.cfg.Lease, Concatenation: concat}
+	}
+	return tbl, mk(setListen4, 1, listenKey4, true), mk(setListen6, 2, listenKey6, true),
+		mk(setPort4, 3, nftables.TypeInetService, false), mk(setPort6, 4, nftables.TypeInetService, false)
+}
+
+func (l *ListenLock) create() error {
+	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
+	if err != nil {
+		return err
+	}
+	tbl, v4, v6, p4, p6 := l.sets()
+	c.CreateTable(tbl)
+	for _, s := range []*nftables.Set{v4, v6, p4, p6} {
+		if err := c.AddSet(s, nil); err != nil {
+			return err
+		}
+	}
+	accept := nftables.ChainPolicyAccept
+	chain := c.AddChain(&nftables.Chain{Name: chainIn, Table: tbl, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept})
+	c.AddRule(&nftables.Rule{Table: tbl, Chain: chain, Exprs: bypassRule(l.cfg.BypassMark)})
+	for _, s := range []*nftables.Set{v4, v6, p4, p6} {
+		c.AddRule(&nftables.Rule{Table: tbl, Chain: chain, Exprs: synDropRule(s)})
+	}
+	return c.Flush()
+}
+
+// synDropRule is "meta nfproto F meta l4proto tcp
+// tcp flags & (fin|syn|rst|ack) == syn [ip[6] daddr .] tcp dport @set
+// counter drop".
+func synDropRule(s *nftables.Set) []expr.Any {
+	proto, alen, dst := byte(unix.NFPROTO_IPV4), uint32(4), uint32(16)
+	if s.Name == setListen6 || s.Name == setPort6 {
+		proto, alen, dst = unix.NFPROTO_IPV6, 16, 24
+	}
+	const reg32 = 8 // NFT_REG32_00
+	const tcpFlags, fin, syn, rst, ack = 13, 0x01, 0x02, 0x04, 0x10
+	e := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: tcpFlags, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{fin | syn | rst | ack}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{syn}},
+	}
+	if s.Concatenation {
+		e = append(e,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: dst, Len: alen},
+			&expr.Payload{DestRegister: reg32 + alen/4, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2})
+	} else {
+		e = append(e, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2})
+	}
+	return append(e,
+		&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID},
+		&expr.Counter{},
+		&expr.Verdict{Kind: expr.VerdictDrop},
+	)
+}
+
+// listenElems returns the set and key of each element that locks ep.
+func (l *ListenLock) listenElems(ep netip.AddrPort) (map[string][][]byte, error) {
+	a := ep.Addr().Unmap().WithZone("")
+	if !a.IsValid() || ep.Port() == 0 {
+		return nil, ErrInvalidTuple
+	}
+	port := binaryutil.BigEndian.PutUint16(ep.Port())
+	padded := append(slices.Clone(port), 0, 0) // concatenated keys pad each part to 4 bytes
+	out := map[string][][]byte{}
+	switch {
+	case a.IsUnspecified() && a.Is6():
+		out[setPort6] = append(out[setPort6], port)
+		out[setPort4] = append(out[setPort4], port)
+	case a.IsUnspecified():
+		out[setPort4] = append(out[setPort4], port)
+	case a.Is4():
+		b := a.As4()
+		out[setListen4] = append(out[setListen4], append(b[:], padded...))
+	default:
+		b := a.As16()
+		out[setListen6] = append(out[setListen6], append(b[:], padded...))
+	}
+	return out, nil
+}
+
+// Element operations of one batch, applied in the order given.
+const (
+	addElems = true
+	delElems = false
+)
+
+// change applies steps (addElems, delElems) to the elements of eps, in
+// order, in one batch.
+func (l *ListenLock) change(op string, eps []netip.AddrPort, steps ...bool) error {
+	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
+	if err != nil {
+		return &Error{Op: op, Table: l.table, Err: err}
+	}
+	_, v4, v6, p4, p6 := l.sets()
+	byName := map[string]*nftables.Set{setListen4: v4, setListen6: v6, setPort4: p4, setPort6: p6}
+	elems := map[string][]nftables.SetElement{}
+	for _, ep := range eps {
+		keys, err := l.listenElems(ep)
+		if err != nil {
+			return &Error{Op: op, Table: l.table, Err: err}
+		}
+		for set, ks := range keys {
+			for _, k := range ks {
+				elems[set] = append(elems[set], nftables.SetElement{Key: k, Timeout: l.cfg.Lease})
+			}
+		}
+	}
+	for _, add := range steps {
+		for set, es := range elems {
+			f := c.SetDeleteElements
+			if add {
+				f = c.SetAddElements
+			}
+			if err := f(byName[set], es); err != nil {
+				return &Error{Op: op, Table: l.table, Err: err}
+			}
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return &Error{Op: op, Table: l.table, Err: err}
+	}
+	return nil
+}
+
+// Lock drops inbound SYNs to each listener endpoint from the moment the
+// batch commits, for one lease. Endpoints already locked stay locked.
+func (l *ListenLock) Lock(eps []netip.AddrPort) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return &Error{Op: "lock listeners", Table: l.table, Err: ErrClosed}
+	}
+	var fresh []netip.AddrPort
+	for _, ep := range eps {
+		if !slices.Contains(l.held, ep) && !slices.Contains(fresh, ep) {
+			fresh = append(fresh, ep)
+		}
+	}
+	if len(fresh) == 0 {
+		return nil
+	}
+	if err := l.change("lock listeners", fresh, addElems); err != nil {
+		return err
+	}
+	l.held = append(l.held, fresh...)
+	return nil
+}
+
+// Unlock lets SYNs reach the listener endpoints again. Endpoints not
+// locked are ignored.
+func (l *ListenLock) Unlock(eps []netip.AddrPort) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil
+	}
+	var gone []netip.AddrPort
+	for _, ep := range eps {
+		if i := slices.Index(l.held, ep); i >= 0 {
+			gone = append(gone, ep)
+			l.held = slices.Delete(l.held, i, i+1)
+		}
+	}
+	if len(gone) == 0 {
+		return nil
+	}
+	// An element may have lapsed already: add then delete makes the batch
+	// valid either way.
+	return l.change("unlock listeners", gone, addElems, delElems)
+}
+
+// Held returns the locked endpoints.
+func (l *ListenLock) Held() []netip.AddrPort {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.held)
+}
+
+// renewAll restarts the lease of every locked endpoint.
+func (l *ListenLock) renewAll() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || len(l.held) == 0 {
+		return nil
+	}
+	// Add (in case it lapsed), delete, add: one batch, a fresh lease.
+	return l.change("renew listeners", l.held, addElems, delElems, addElems)
+}
+
+// StartRenewer renews every locked endpoint each third of the lease until
+// Close; errors go to onErr (if not nil) from the renewer's goroutine.
+func (l *ListenLock) StartRenewer(onErr func(error)) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stop != nil || l.closed {
+		return
+	}
+	l.stop, l.done = make(chan struct{}), make(chan struct{})
+	go func(stop, done chan struct{}) {
+		defer close(done)
+		t := time.NewTicker(l.cfg.Lease / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+			if err := l.renewAll(); err != nil && onErr != nil {
+				onErr(err)
+			}
+		}
+	}(l.stop, l.done)
+}
+
+// Table returns the name of the lock's nftables table.
+func (l *ListenLock) Table() string { return l.table }
+
+// Close stops the renewer and deletes the table, which unlocks every
+// listener. It is idempotent; a table already gone is not an error.
+func (l *ListenLock) Close() error {
+	l.mu.Lock()
+	stop, done := l.stop, l.done
+	l.stop = nil
+	l.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		<-done
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil
+	}
+	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
+	if err == nil {
+		c.DelTable(&nftables.Table{Name: l.table, Family: nftables.TableFamilyINet})
+		err = c.Flush()
+	}
+	if err != nil && !errors.Is(err, unix.ENOENT) {
+		return &Error{Op: "close listen lock", Table: l.table, Err: err}
+	}
+	l.closed, l.held = true, nil
+	unix.Close(l.owner)
+	unix.Close(l.nsfd)
+	return nil
+}
