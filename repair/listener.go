@@ -47,7 +47,7 @@ type Listener struct {
 	NoDelay bool
 	// KeepAlive is SO_KEEPALIVE; KeepIdle, KeepIntvl (seconds) and
 	// KeepCnt are the TCP_KEEP* values (inherited by accepted connections).
-	KeepAlive                   bool
+	KeepAlive                    bool
 	KeepIdle, KeepIntvl, KeepCnt uint32
 	// Mark is SO_MARK.
 	Mark uint32
