@@ -201,6 +201,8 @@ func allMessages(id MigrationID, vs []Verdict) []Message {
 		&Query{Migration: id},
 		&Outcome{Migration: id, State: StateCommitted, Verdicts: vs[1:]},
 		&endRecord{Count: 12},
+		exampleListeners(id),
+		&ListenersReady{Migration: id, Verdicts: vs},
 	}
 }
 

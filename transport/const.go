@@ -66,6 +66,9 @@ const (
 	MsgQuery     MsgType = 0x18 // source: what became of a migration?
 	MsgOutcome   MsgType = 0x19 // target: the recorded outcome of a migration
 
+	MsgListeners      MsgType = 0x1a // source: listening sockets to recreate, with their pending connections
+	MsgListenersReady MsgType = 0x1b // target: a verdict per listener
+
 	// Records of a snapshot stream, inside its (compressed) body.
 	MsgSnapshot MsgType = 0x20 // one connection's snapshot and its index
 	MsgEnd      MsgType = 0x21 // the end of a snapshot stream and its record count

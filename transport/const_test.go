@@ -37,12 +37,12 @@ func TestWireConstants(t *testing.T) {
 		MsgHello: 0x01, MsgAccept: 0x02, MsgReject: 0x03, MsgStreamOpen: 0x04,
 		MsgPrepare: 0x10, MsgVerdicts: 0x11, MsgPrepared: 0x12, MsgSwitch: 0x13, MsgSwitched: 0x14,
 		MsgCommit: 0x15, MsgCommitted: 0x16, MsgAbort: 0x17, MsgQuery: 0x18, MsgOutcome: 0x19,
-		MsgSnapshot: 0x20, MsgEnd: 0x21,
+		MsgListeners: 0x1a, MsgListenersReady: 0x1b, MsgSnapshot: 0x20, MsgEnd: 0x21,
 	}
 	names := map[uint8]string{
 		0x01: "HELLO", 0x02: "ACCEPT", 0x03: "REJECT", 0x04: "STREAM_OPEN", 0x10: "PREPARE", 0x11: "VERDICTS",
 		0x12: "PREPARED", 0x13: "SWITCH", 0x14: "SWITCHED", 0x15: "COMMIT", 0x16: "COMMITTED", 0x17: "ABORT",
-		0x18: "QUERY", 0x19: "OUTCOME", 0x20: "SNAPSHOT", 0x21: "END",
+		0x18: "QUERY", 0x19: "OUTCOME", 0x1a: "LISTENERS", 0x1b: "LISTENERS_READY", 0x20: "SNAPSHOT", 0x21: "END",
 	}
 	for typ, v := range types {
 		pin("message type "+names[v], uint8(typ), v)
