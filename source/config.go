@@ -49,6 +49,10 @@ type Config struct {
 	// Unswitch gives the network identity back after an abort that came
 	// after Switch. It may be nil.
 	Unswitch func(ctx context.Context) error
+	// Listeners are listening sockets that move with the connections
+	// (listeners.go): recreated on the target, their accept queues taken
+	// and migrated as pending connections.
+	Listeners []Listener
 	// SwitchAddrs are the addresses the target should claim at the switch
 	// (sent in the Switch message). Empty when a hook moves them.
 	SwitchAddrs []netip.Prefix
@@ -98,6 +102,8 @@ type Result struct {
 	Migration transport.MigrationID
 	State     State
 	Conns     []ConnResult
+	// Listeners reports the listening sockets of Config.Listeners.
+	Listeners []ListenerResult
 	Phases    []Phase
 	// RawBytes is the queued connection data moved; WireBytes what crossed
 	// the link (both directions, compressed and framed).
@@ -111,5 +117,10 @@ func (r *Result) Committed() bool {
 			return false
 		}
 	}
-	return len(r.Conns) > 0
+	for _, l := range r.Listeners {
+		if l.Outcome != Committed {
+			return false
+		}
+	}
+	return len(r.Conns) > 0 || len(r.Listeners) > 0
 }

@@ -42,6 +42,9 @@ type conn struct {
 	captured bool            // in repair mode on the source
 	done     bool            // committed or rolled back
 	res      *ConnResult
+	// pendingOn is the listener whose accept queue the connection was
+	// taken from (listeners.go); nil for a connection the caller gave.
+	pendingOn *listener
 }
 
 type migration struct {
@@ -65,6 +68,10 @@ type migration struct {
 	recvErr  chan error
 
 	mu sync.Mutex // guards captured and done of every conn, and res.RawBytes
+
+	lsn      []*listener          // listeners.go
+	lsnLock  *firewall.ListenLock // drops SYNs to lsn while they move
+	lsnReady bool                 // LISTENERS_READY received
 }
 
 // Migrate moves conns to the target agent at cfg.To and reports what
@@ -96,6 +103,7 @@ func Migrate(ctx context.Context, cfg Config, conns []Conn) (*Result, error) {
 		c.res = &m.res.Conns[i]
 	}
 	err := m.run(ctx)
+	m.settleListeners()
 	for _, c := range m.conns {
 		if c.res.Outcome == "" {
 			c.res.Outcome = Failed
@@ -145,11 +153,14 @@ func (m *migration) run(ctx context.Context) error {
 	m.setState(StateConnected)
 	m.endPhase("connect")
 
+	if err := m.takeListeners(ctx); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
 	if err := m.fault(StepInspect); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
 	m.inspect()
-	if len(m.elig) == 0 {
+	if len(m.elig) == 0 && len(m.lsn) == 0 {
 		m.sendAbort(transport.AbortPolicy, "no connection can be migrated")
 		return ErrNothingToMigrate
 	}
@@ -166,6 +177,9 @@ func (m *migration) run(ctx context.Context) error {
 	}
 	ctrl := m.link.Control()
 	if err := ctrl.Send(ctx, &transport.Prepare{Migration: m.id, Count: uint32(len(m.elig)), Lease: m.cfg.Lease}); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	if err := m.sendListeners(ctx); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
 	m.endPhase("prepare")
@@ -190,9 +204,12 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.prepare(ctx); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
+	if err := m.awaitListeners(ctx); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
 	m.setState(StatePrepared)
 	m.endPhase("dump+restore")
-	if m.okCount() == 0 {
+	if m.okCount() == 0 && len(m.lsn) == 0 {
 		m.sendAbort(transport.AbortPolicy, "the target refused every connection")
 		m.finishRollback()
 		return nil
@@ -362,6 +379,10 @@ func (m *migration) prepare(ctx context.Context) error {
 			case *transport.Verdicts:
 				verdicts += len(msg.Verdicts)
 				if err := m.applyVerdicts(msg.Verdicts); err != nil {
+					return err
+				}
+			case *transport.ListenersReady:
+				if err := m.listenersReady(msg); err != nil {
 					return err
 				}
 			case *transport.Prepared:
@@ -644,6 +665,7 @@ func (m *migration) finish(c *transport.Committed) error {
 	if m.cfg.BeforeRelease != nil {
 		errs = append(errs, m.cfg.BeforeRelease())
 	}
+	errs = append(errs, m.releaseListeners(ferr == nil))
 	errs = append(errs, m.lock.Close())
 	if ferr == nil {
 		errs = append(errs, m.jr.Remove(&m.rec))
@@ -706,6 +728,7 @@ func (m *migration) awaitAborted(ctx context.Context) error {
 }
 
 func (m *migration) finishRollback() {
+	m.releaseListeners(false)
 	m.setState(StateRolledBack)
 	if m.rec.Migration != "" {
 		m.jr.Remove(&m.rec)

@@ -75,6 +75,12 @@ type Delivered struct {
 	AppState  []byte
 	Migration transport.MigrationID
 	Index     uint32
+	// Listener is set for a listening socket (Remote is then invalid).
+	Listener bool
+	// PendingOn is, for a connection taken from a listener's accept queue
+	// on the source (established, not yet accepted by the program), that
+	// listener's address; the zero AddrPort otherwise.
+	PendingOn netip.AddrPort
 }
 
 // Conn turns the delivered socket into a net.Conn (and closes File).
@@ -136,6 +142,8 @@ type Report struct {
 	Conns []ConnReport
 	// Query is set when the link only asked about an earlier migration.
 	Query bool
+	// Listeners are the listening sockets the source moved (listeners.go).
+	Listeners []ListenerReport
 }
 
 // Server is a target agent. It is safe for concurrent use: each link is
@@ -278,6 +286,7 @@ type migration struct {
 	didClaim bool       // Claim was called: an abort must undo it
 	adm      *admission // the policy applied to this migration's connections
 	rs       restorer   // restores and resumes the connections, with crafted segments where their state needs them
+	lsn      *listenerSet
 }
 
 func (m *migration) fault(st Step) error {
@@ -297,6 +306,7 @@ func (m *migration) report() *Report {
 			r.Conns = append(r.Conns, c.report)
 		}
 	}
+	r.Listeners = m.listenerReports()
 	return r
 }
 
@@ -396,6 +406,10 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 			if err := m.link.Control().Send(ctx, &transport.Switched{Migration: m.id}); err != nil {
 				return m.abort(ctx, err, false)
 			}
+		case *transport.Listeners:
+			if err := m.listen(ctx, msg); err != nil {
+				return m.abort(ctx, err, true)
+			}
 		case *transport.Commit:
 			return m.commit(ctx, msg)
 		case *transport.Abort:
@@ -440,6 +454,12 @@ func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, re
 			}
 			continue
 		case msg := <-msgs:
+			if l, ok := msg.(*transport.Listeners); ok {
+				if err := m.listen(ctx, l); err != nil {
+					return err
+				}
+				continue
+			}
 			if a, isAbort := msg.(*transport.Abort); isAbort {
 				return fmt.Errorf("target: the source aborted: %s: %s", a.Code, a.Reason)
 			}
@@ -713,9 +733,10 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			d.File.Close() // the connection is live and owned by nobody: closing it ends it cleanly
 		}
 		delivered = nil
+		m.closeListeners()
 	}
-	if len(delivered) > 0 && m.srv.cfg.Deliver != nil {
-		for i, err := range m.srv.cfg.Deliver(ctx, delivered) {
+	if len(delivered) > 0 || m.lsn != nil {
+		for i, err := range m.deliver(ctx, delivered) {
 			fail(m.conns[i], err)
 		}
 	}
@@ -730,7 +751,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		m.log.Warn("could not answer Committed; the source will ask", "err", err)
 	}
 	lerr := m.lock.Close()
-	return m.report(), errors.Join(jerr, lerr, m.rs.close())
+	return m.report(), errors.Join(jerr, lerr, m.rs.close(), m.closeListeners())
 }
 
 // abort discards every restored socket, releases the locks and the claimed
@@ -757,6 +778,7 @@ func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report,
 		errs = append(errs, m.lock.Close())
 	}
 	errs = append(errs, m.rs.close())
+	errs = append(errs, m.closeListeners())
 	m.state = StateAborted
 	// Recorded last: a source that asks learns "aborted" only once the
 	// identity is released here, so it may take it back without a clash.

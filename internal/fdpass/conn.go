@@ -471,6 +471,9 @@ func checkItem(it *Item, lim Limits) error {
 	if len(it.State) > lim.MaxState {
 		return fmt.Errorf("%w: socket %d: state blob of %d bytes, the peer accepts at most %d", ErrTooLarge, it.ID, len(it.State), lim.MaxState)
 	}
+	if !validName(it.Name) {
+		return fmt.Errorf("%w: socket %d: name %q is not 0 to %d bytes of [A-Za-z0-9._-]", ErrInvalid, it.ID, it.Name, MaxNameLen)
+	}
 	return nil
 }
 

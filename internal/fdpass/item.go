@@ -23,6 +23,28 @@ type Item struct {
 	// ID names the connection, such as a migration's connection ID. The IDs
 	// of one message are distinct.
 	ID uint64
+	// Name, if not empty, says what the socket is, in the descriptor naming
+	// scheme of LISTEN_FDNAMES (docs/handoff-socket.md): a connection, a
+	// listener, or a connection pending on a listener. At most
+	// MaxNameLen bytes of [A-Za-z0-9._-].
+	Name string
+}
+
+// MaxNameLen bounds Item.Name.
+const MaxNameLen = 255
+
+// validName reports whether s may be an Item.Name.
+func validName(s string) bool {
+	if len(s) > MaxNameLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // CloseItems closes the files of items and returns the first error.

@@ -329,6 +329,15 @@ func decodeRecord(r []byte, lim Limits, i int) (Item, error) {
 	if n > 0 {
 		it.State = append([]byte(nil), r[:n]...)
 	}
+	r = r[n:]
+	// Optional: a name, one length byte and the bytes.
+	if len(r) > 0 && r[0] > 0 {
+		l := int(r[0])
+		if len(r) < 1+l || !validName(string(r[1:1+l])) {
+			return it, fmt.Errorf("%w: socket %d: bad name field", ErrMalformed, i)
+		}
+		it.Name = string(r[1 : 1+l])
+	}
 	return it, nil
 }
 
@@ -400,7 +409,11 @@ func appendAddr(b []byte, ap netip.AddrPort) []byte {
 // recordLen is the encoded length of an item's record, without its length
 // prefix.
 func recordLen(it *Item) int {
-	return 8 + addrLen(it.Local) + addrLen(it.Remote) + 4 + len(it.State)
+	n := 8 + addrLen(it.Local) + addrLen(it.Remote) + 4 + len(it.State)
+	if it.Name != "" {
+		n += 1 + len(it.Name)
+	}
+	return n
 }
 
 // span is a run of items that go in one frame.
@@ -442,6 +455,10 @@ func appendBatchFrame(b []byte, k Kind, items []Item, s span, final bool) []byte
 		b = appendAddr(b, it.Remote)
 		b = binary.BigEndian.AppendUint32(b, uint32(len(it.State)))
 		b = append(b, it.State...)
+		if it.Name != "" {
+			b = append(b, byte(len(it.Name)))
+			b = append(b, it.Name...)
+		}
 	}
 	return b
 }

@@ -184,12 +184,12 @@ func TestList(t *testing.T) {
 		text          string
 	}
 	wants := []want{
-		{listenAddr, netip.AddrPortFrom(netip.IPv4Unspecified(), 0), []int{lis.fd}, unix.AF_INET, repair.StateListen, false, procsock.ReasonListener, "listener (recreated in a later version)"},
+		{listenAddr, netip.AddrPortFrom(netip.IPv4Unspecified(), 0), []int{lis.fd}, unix.AF_INET, repair.StateListen, false, procsock.ReasonListener, "listener (recreated on the target)"},
 		{ap(est.local), ap(est.remote), []int{est.fd, dup.fd}, unix.AF_INET, repair.StateEstablished, true, 0, "take"},
 		{ap(shut.local), ap(shut.remote), []int{shut.fd}, unix.AF_INET, repair.StateFinWait2, true, 0, "take"},
 		{ap(cw.local), ap(cw.remote), []int{cw.fd}, unix.AF_INET, repair.StateCloseWait, true, 0, "take"},
 		{ap(est6.local), ap(est6.remote), []int{est6.fd}, unix.AF_INET6, repair.StateEstablished, true, 0, "take"},
-		{queuedLocal, queuedRemote, nil, unix.AF_INET, repair.StateEstablished, false, procsock.ReasonNoDescriptor, "stays behind: no descriptor (not yet accepted)"},
+		{queuedLocal, queuedRemote, nil, unix.AF_INET, repair.StateEstablished, false, procsock.ReasonNoDescriptor, "no descriptor (not yet accepted): taken from its listener by send --pid"},
 	}
 
 	var socks []procsock.Socket

@@ -54,8 +54,9 @@ type Reason uint8
 // The reasons a socket is not taken. The zero Reason goes with a taken
 // socket.
 const (
-	// ReasonListener: a listening socket; the target recreates listeners
-	// in a later version.
+	// ReasonListener: a listening socket. It is not migrated as a
+	// connection: send --pid recreates it on the target (Listeners) and
+	// takes its accept queue.
 	ReasonListener Reason = iota + 1
 	// ReasonState: a TCP state this version does not migrate (half-closed,
 	// or not yet established, or closed).
@@ -95,7 +96,7 @@ type Verdict struct {
 	// Reason is the stable code of the refusal; zero when Take is true.
 	Reason Reason
 	// Text explains the verdict to a person, such as "take", "listener
-	// (recreated in a later version)" or "state SYN_RECV: not established
+	// (recreated on the target)" or "state SYN_RECV: not established
 	// yet". Programs use Take and Reason, never Text.
 	Text string
 }
@@ -113,7 +114,7 @@ func verdictFor(st repair.State) Verdict {
 		repair.StateCloseWait, repair.StateLastAck, repair.StateClosing:
 		return take
 	case repair.StateListen:
-		return Verdict{Reason: ReasonListener, Text: "listener (recreated in a later version)"}
+		return Verdict{Reason: ReasonListener, Text: "listener (recreated on the target)"}
 	case repair.StateSynRecv:
 		return Verdict{Reason: ReasonState, Text: "state " + st.String() + ": not established yet"}
 	case repair.StateClose:
@@ -128,9 +129,9 @@ func verdictBehind(st repair.State) Verdict {
 	text := "stays behind: no descriptor"
 	switch st {
 	case repair.StateEstablished, repair.StateSynRecv:
-		text += " (not yet accepted)"
+		text = "no descriptor (not yet accepted): taken from its listener by send --pid"
 	case repair.StateNewSynRecv:
-		text += " (handshake in progress)"
+		text += " (handshake in progress: send --pid waits for it before taking the listener's queue)"
 	case repair.StateTimeWait:
 		text += " (TIME_WAIT)"
 	default:

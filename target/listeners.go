@@ -1,0 +1,229 @@
+package target
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/nsdo"
+	"github.com/tcpmigrate/tcpmigrate/repair"
+	"github.com/tcpmigrate/tcpmigrate/transport"
+)
+
+// ErrListeners means the source's LISTENERS message was out of place (sent
+// twice) or named connections the migration does not have.
+var ErrListeners = errors.New("target: bad listeners")
+
+// ListenerReport is what became of one listening socket on the target.
+type ListenerReport struct {
+	// Local is the listener's address.
+	Local netip.AddrPort
+	// Pending is how many connections of its accept queue came with it.
+	Pending int
+	// Verdict is the target's answer to the source.
+	Verdict transport.VerdictCode
+	// Delivered says whether the application got it.
+	Delivered bool
+	Err       error
+}
+
+// listenerSet is the target's part of a migration's listeners: recreated
+// sockets, bound and listening from the prepare phase, behind a listener
+// lock that drops inbound SYNs until the commit delivers them.
+type listenerSet struct {
+	specs   []transport.ListenerSpec
+	fds     []int // -1 when refused, failed or handed on
+	reports []ListenerReport
+	lock    *firewall.ListenLock
+	// pendingOf maps a connection index to the listener it was pending on.
+	pendingOf map[uint32]int
+}
+
+// checkListener applies the policy to one listener: its address (an
+// unspecified one only when the policy allows every address of the
+// family), its port, its mark, and its pending connections' indices.
+func (p *Policy) checkListener(s *transport.ListenerSpec, count uint32) error {
+	l := &s.Listener
+	a := l.Local.Addr().Unmap()
+	if a.IsUnspecified() {
+		all := netip.PrefixFrom(a, 0)
+		if !slices.ContainsFunc(p.Allow, func(pr netip.Prefix) bool { return pr.Bits() == 0 && pr.Addr().Is4() == a.Is4() }) {
+			return &Refusal{Code: transport.VerdictRefused,
+				Err: fmt.Errorf("%w: listener on %v takes every address, and %v is not in the allow-list", ErrNotAllowed, l.Local, all)}
+		}
+	} else if !p.allowedAddr(a) {
+		return &Refusal{Code: transport.VerdictRefused,
+			Err: fmt.Errorf("%w: listener address %s is not in the allow-list", ErrNotAllowed, a)}
+	}
+	if len(p.AllowPorts) > 0 && !slices.Contains(p.AllowPorts, l.Local.Port()) {
+		return &Refusal{Code: transport.VerdictRefused,
+			Err: fmt.Errorf("%w: listener port %d is not in the allowed ports", ErrNotAllowed, l.Local.Port())}
+	}
+	if l.Mark == firewall.DefaultBypassMark {
+		return &Refusal{Code: transport.VerdictRefused,
+			Err: fmt.Errorf("%w: listener %v: socket mark %#x is the lock's bypass mark", ErrNotAllowed, l.Local, l.Mark)}
+	}
+	for _, i := range s.Pending {
+		if i >= count {
+			return &Refusal{Code: transport.VerdictInvalid,
+				Err: fmt.Errorf("%w: listener %v: pending connection %d of %d", ErrListeners, l.Local, i, count)}
+		}
+	}
+	return nil
+}
+
+// listen answers LISTENERS: each listener is checked against the policy,
+// locked (SYNs dropped) and recreated; the verdicts go back in
+// LISTENERS_READY. An error here aborts the migration.
+func (m *migration) listen(ctx context.Context, msg *transport.Listeners) error {
+	if m.lsn != nil {
+		return fmt.Errorf("%w: LISTENERS sent twice", ErrListeners)
+	}
+	cfg := &m.srv.cfg
+	ls := &listenerSet{specs: msg.Listeners, pendingOf: map[uint32]int{}}
+	m.lsn = ls
+	var eps []netip.AddrPort
+	for i := range ls.specs {
+		s := &ls.specs[i]
+		r := ListenerReport{Local: s.Listener.Local, Pending: len(s.Pending)}
+		if err := m.srv.guard.pol.checkListener(s, m.count); err != nil {
+			r.Verdict, r.Err = verdictOf(err), err
+		} else {
+			eps = append(eps, s.Listener.Local)
+		}
+		for _, p := range s.Pending {
+			ls.pendingOf[p] = i
+		}
+		ls.reports = append(ls.reports, r)
+		ls.fds = append(ls.fds, -1)
+	}
+	lock, err := firewall.NewListenLock(firewall.Config{Instance: "tgtl-" + m.id.String()[:16], NetNS: cfg.NetNS,
+		Lease: max(m.lease, firewall.MinLease)})
+	if err != nil {
+		return err
+	}
+	ls.lock = lock
+	lock.StartRenewer(func(err error) { m.log.Warn("listener lease renewal failed", "err", err) })
+	// Locked before it exists: no SYN ever meets the new listener before
+	// the commit.
+	if err := lock.Lock(eps); err != nil {
+		return err
+	}
+	nsdo.Do(cfg.NetNS, func() error {
+		for i := range ls.specs {
+			r := &ls.reports[i]
+			if r.Err != nil {
+				continue
+			}
+			fd, err := repair.Listen(&ls.specs[i].Listener)
+			if err != nil {
+				r.Verdict, r.Err = transport.VerdictFailed, err
+				if errors.Is(err, unix.EADDRINUSE) {
+					r.Verdict = transport.VerdictConflict
+				}
+				continue
+			}
+			ls.fds[i], r.Verdict = fd, transport.VerdictOK
+		}
+		return nil
+	})
+	vs := make([]transport.Verdict, len(ls.reports))
+	for i, r := range ls.reports {
+		vs[i] = transport.Verdict{Index: uint32(i), Code: r.Verdict}
+		if r.Err != nil {
+			vs[i].Reason = r.Err.Error()
+			m.log.Info("listener refused", "listener", r.Local.String(), "reason", vs[i].Reason)
+		}
+	}
+	return m.link.Control().Send(ctx, &transport.ListenersReady{Migration: m.id, Verdicts: vs})
+}
+
+// deliver hands the committed connections, and the listeners with them, to
+// the application in one call of Config.Deliver; it returns the failures
+// of connections, as Deliver does. The listener lock goes once the
+// listeners are the application's: the SYNs it dropped are retransmitted
+// by the peers and reach the new instance.
+func (m *migration) deliver(ctx context.Context, conns []*Delivered) map[uint32]error {
+	ls := m.lsn
+	if ls == nil {
+		if m.srv.cfg.Deliver == nil {
+			return nil
+		}
+		return m.srv.cfg.Deliver(ctx, conns)
+	}
+	all := slices.Clone(conns)
+	for _, d := range all {
+		if i, ok := ls.pendingOf[d.Index]; ok {
+			d.PendingOn = ls.specs[i].Listener.Local
+		}
+	}
+	first := uint32(m.count) // listener i is delivered with index count+i
+	for i, fd := range ls.fds {
+		if fd < 0 {
+			continue
+		}
+		l := &ls.specs[i].Listener
+		all = append(all, &Delivered{File: os.NewFile(uintptr(fd), "tcp-listen:"+l.Local.String()), Local: l.Local,
+			Listener: true, Migration: m.id, Index: first + uint32(i)})
+		ls.fds[i] = -1
+	}
+	var fails map[uint32]error
+	if m.srv.cfg.Deliver != nil {
+		fails = m.srv.cfg.Deliver(ctx, all)
+	}
+	out := map[uint32]error{}
+	for i, err := range fails {
+		if i < first {
+			out[i] = err
+			continue
+		}
+		if j := int(i - first); j < len(ls.reports) {
+			ls.reports[j].Err = err
+		}
+	}
+	for i := range ls.reports {
+		if r := &ls.reports[i]; r.Verdict == transport.VerdictOK && r.Err == nil {
+			r.Delivered = true
+		}
+	}
+	if ls.lock != nil {
+		if err := ls.lock.Close(); err != nil {
+			m.log.Warn("listener lock", "err", err)
+		}
+	}
+	return out
+}
+
+// closeListeners closes the recreated listeners and their lock (abort, or
+// the end of a commit). A listener behind the lock never completed a
+// handshake, so closing it resets nobody.
+func (m *migration) closeListeners() error {
+	ls := m.lsn
+	if ls == nil {
+		return nil
+	}
+	for i, fd := range ls.fds {
+		if fd >= 0 {
+			unix.Close(fd)
+			ls.fds[i] = -1
+		}
+	}
+	if ls.lock != nil {
+		return ls.lock.Close()
+	}
+	return nil
+}
+
+// listenerReports returns the reports of the migration's listeners.
+func (m *migration) listenerReports() []ListenerReport {
+	if m.lsn == nil {
+		return nil
+	}
+	return slices.Clone(m.lsn.reports)
+}
