@@ -89,6 +89,9 @@ type ConnResult struct {
 	// to the target's unlock (committed) or the source's unlock (rolled back).
 	Freeze time.Duration
 	Err    error
+	// PendingOn is, for a connection taken from a listener's accept queue,
+	// that listener's address.
+	PendingOn netip.AddrPort
 }
 
 // Phase is a named part of the migration and how long it took.

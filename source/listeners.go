@@ -156,7 +156,7 @@ func (m *migration) acceptPending(l *listener) error {
 		c := &conn{Conn: Conn{File: os.NewFile(uintptr(fd), "tcp-pending"), OwnerFD: -1}, fd: fd, pendingOn: l}
 		l.pending = append(l.pending, c)
 		m.conns = append(m.conns, c)
-		m.res.Conns = append(m.res.Conns, ConnResult{Index: uint32(len(m.res.Conns))})
+		m.res.Conns = append(m.res.Conns, ConnResult{Index: uint32(len(m.res.Conns)), PendingOn: l.desc.Local})
 		// The slice may have moved: point every connection at its result again.
 		for i, c := range m.conns {
 			c.res = &m.res.Conns[i]

@@ -160,7 +160,7 @@ func execDeliver(args []string) func(context.Context, []*target.Delivered) map[u
 		var err error
 		for i, d := range conns {
 			files[i] = d.File
-			if names[i], err = activation.Name(d.Local, d.Remote); err != nil {
+			if names[i], err = deliveredName(d); err != nil {
 				break
 			}
 		}
@@ -192,6 +192,7 @@ func socketDeliver(path string, log *slog.Logger) func(context.Context, []*targe
 		items := make([]fdpass.Item, len(conns))
 		for i, d := range conns {
 			items[i] = fdpass.Item{File: d.File, Local: d.Local, Remote: d.Remote, State: d.AppState, ID: uint64(d.Index)}
+			items[i].Name, _ = deliveredName(d) // a name that cannot be made is left out
 		}
 		err := deliverItems(ctx, path, items, log)
 		for _, d := range conns {

@@ -147,11 +147,12 @@ func sendPID(ctx context.Context, c *cli.Context, cfg source.Config, pid int, af
 		ports = append(ports, uint16(p))
 	}
 	socks, unused := procsock.Filter(socks, ports)
+	listeners, unused := pidListeners(socks, ports, unused)
 	if len(unused) > 0 {
-		return nil, usageError{fmt.Errorf("--port %v: no established connection of process %d", unused, pid)}
+		return nil, usageError{fmt.Errorf("--port %v: no established connection or listener of process %d", unused, pid)}
 	}
 	taken := procsock.Taken(socks)
-	if len(taken) == 0 {
+	if len(taken) == 0 && len(listeners) == 0 {
 		return nil, fmt.Errorf("process %d has no connection to migrate (see tcpmigrate list --pid %d)", pid, pid)
 	}
 	ns, err := procsock.NetNS(pid)
@@ -168,6 +169,12 @@ func sendPID(ctx context.Context, c *cli.Context, cfg source.Config, pid int, af
 	if err != nil {
 		return nil, errors.Join(err, fz.Thaw())
 	}
+	if cfg.Listeners, err = dupListeners(pid, listeners); err != nil {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, errors.Join(err, fz.Thaw())
+	}
 	conns := make([]source.Conn, len(files))
 	for i, f := range files {
 		conns[i] = source.Conn{File: f, OwnerFD: taken[i].FD()}
@@ -181,6 +188,9 @@ func sendPID(ctx context.Context, c *cli.Context, cfg source.Config, pid int, af
 		cfg.BeforeRelease = fz.Kill
 	}
 	res, err := source.Migrate(ctx, cfg, conns)
+	for _, l := range cfg.Listeners {
+		l.File.Close() // the process has its own; closing twice is harmless
+	}
 	switch {
 	case errors.Is(err, source.ErrInDoubt):
 		// Leave the process frozen: recover decides.
@@ -202,6 +212,16 @@ type connJSON struct {
 	Outcome  string `json:"outcome"`
 	FreezeUS int64  `json:"freeze_us"`
 	Error    string `json:"error,omitempty"`
+	// PendingOn is the listener whose accept queue the connection was taken from.
+	PendingOn string `json:"pending_on,omitempty"`
+}
+
+// listenerJSON is one listener in the --json report.
+type listenerJSON struct {
+	Local   string `json:"local"`
+	Pending int    `json:"pending"`
+	Outcome string `json:"outcome"`
+	Error   string `json:"error,omitempty"`
 }
 
 func printJSON(r *source.Result) {
@@ -209,6 +229,7 @@ func printJSON(r *source.Result) {
 		MigrationID string           `json:"migration_id"`
 		State       string           `json:"state"`
 		Connections []connJSON       `json:"connections"`
+		Listeners   []listenerJSON   `json:"listeners,omitempty"`
 		Phases      map[string]int64 `json:"phases"`
 		Bytes       map[string]int64 `json:"bytes"`
 	}{MigrationID: r.Migration.String(), State: r.State.String(), Phases: map[string]int64{},
@@ -218,7 +239,17 @@ func printJSON(r *source.Result) {
 		if cr.Err != nil {
 			j.Error = cr.Err.Error()
 		}
+		if cr.PendingOn.IsValid() {
+			j.PendingOn = cr.PendingOn.String()
+		}
 		out.Connections = append(out.Connections, j)
+	}
+	for _, lr := range r.Listeners {
+		j := listenerJSON{Local: lr.Local.String(), Pending: lr.Pending, Outcome: string(lr.Outcome)}
+		if lr.Err != nil {
+			j.Error = lr.Err.Error()
+		}
+		out.Listeners = append(out.Listeners, j)
 	}
 	for _, p := range r.Phases {
 		out.Phases[p.Name] = p.Duration.Microseconds()
@@ -248,6 +279,13 @@ func printSummary(r *source.Result, err error) {
 		if cr.Err != nil {
 			fmt.Printf("  %s -> %s: %s: %v\n", cr.Local, cr.Remote, cr.Outcome, cr.Err)
 		}
+	}
+	for _, lr := range r.Listeners {
+		fmt.Printf("  listener %s (%d pending taken): %s", lr.Local, lr.Pending, lr.Outcome)
+		if lr.Err != nil {
+			fmt.Printf(": %v", lr.Err)
+		}
+		fmt.Println()
 	}
 	if err != nil {
 		fmt.Printf("  error: %v\n", err)
