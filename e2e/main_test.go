@@ -24,6 +24,8 @@ func TestMain(m *testing.M) {
 		os.Exit(vmWorkload())
 	case "vm-arrival":
 		os.Exit(vmArrival())
+	case "listen-server":
+		os.Exit(listenServer())
 	}
 	dir, err := os.MkdirTemp("", "tcpmigrate-e2e")
 	if err != nil {
