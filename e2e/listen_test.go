@@ -4,17 +4,20 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -122,14 +125,201 @@ func listenServer() int {
 	select {}
 }
 
+// listenScene is the lab of the listener tests: the old instance on the
+// source host, listening on the service address; the receiving agent on
+// the target; and the peer, opening a connection every 20 ms, each doing
+// two echoed exchanges and staying open until the end.
+type listenScene struct {
+	t                 *testing.T
+	lan               *lab.LAN
+	peer, src, dst    *lab.NS
+	service           netip.Prefix
+	addr              netip.AddrPort
+	dir, self, report string
+	tls               []string
+	old               *exec.Cmd
+	watch             *watch
+	before            map[string]int64 // the peer's Tcp counters before the move
+	stop              chan struct{}
+	wg                sync.WaitGroup
+	closing           atomic.Bool
+	opened, echoed    atomic.Int64 // dials that succeeded; first exchanges done
+	done              atomic.Int64 // connections that completed both exchanges
+	mu                sync.Mutex   // guards the fields below
+	started           int
+	conns             []net.Conn
+	errs              map[string]error // first error, by the peer's address
+	order             []string
+}
+
+func newListenScene(t *testing.T, service netip.Prefix) *listenScene {
+	s := &listenScene{t: t, service: service, dir: t.TempDir(), addr: netip.AddrPortFrom(service.Addr(), svcPort),
+		stop: make(chan struct{}), errs: map[string]error{}}
+	s.lan, s.peer, s.src, s.dst = lanHostsWith(t, service)
+	cert, key, ca := certFiles(t)
+	s.tls = []string{"--cert", cert, "--key", key, "--ca", ca}
+	s.report = filepath.Join(s.dir, "report.json")
+	var err error
+	if s.self, err = os.Executable(); err != nil {
+		t.Fatal(err)
+	}
+	s.old = s.src.Command(s.self)
+	s.old.Env = append(os.Environ(), "TCPM_E2E_HELPER=listen-server", "TCPM_ADDR="+s.addr.String())
+	s.old.Stderr = os.Stderr
+	if err := s.old.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.old.Process.Kill(); s.old.Wait() })
+	waitListening(t, s.src, svcPort)
+	s.watch = startWatch(t, s.lan, s.peer, service.Addr().Is6())
+	t.Cleanup(s.closeAll)
+	return s
+}
+
+// receiver starts `receive --once --exec` of the new instance on the target.
+func (s *listenScene) receiver(extra ...string) *exec.Cmd {
+	args := append(append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", s.service.String(),
+		"--dev", "eth0", "--journal-dir", filepath.Join(s.dir, "jt")}, s.tls...), extra...)
+	r := agent(s.t, s.dst, append(args, "--once", "--exec", "--", "env", "TCPM_E2E_HELPER=listen-server",
+		"TCPM_REPORT="+s.report, s.self)...)
+	waitListening(s.t, s.dst, 7946)
+	return r
+}
+
+// sendCmd returns `send --pid` of the old instance, not started.
+func (s *listenScene) sendCmd() *exec.Cmd {
+	return s.src.Command(bin, append(append([]string{"send", "--to", "198.18.0.3:7946", "--pid", strconv.Itoa(s.old.Process.Pid),
+		"--release-addr", s.service.String(), "--dev", "eth0", "--journal-dir", filepath.Join(s.dir, "js")}, s.tls...), "--json")...)
+}
+
+func (s *listenScene) fail(who string, err error) {
+	if s.closing.Load() {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.errs[who]; !ok {
+		s.errs[who] = err
+		s.order = append(s.order, who)
+	}
+}
+
+// startPeer opens a connection every 20 ms until stopPeer; then it waits
+// until the old instance has served its first connections and at least
+// ten more wait in its accept queue, and reads the peer's counters.
+func (s *listenScene) startPeer() {
+	go func() {
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for n := 0; ; n++ {
+			select {
+			case <-s.stop:
+				return
+			case <-tick.C:
+			}
+			s.mu.Lock()
+			s.started++
+			s.mu.Unlock()
+			s.wg.Add(1)
+			go s.connection(n)
+		}
+	}()
+	if err := waitFor(20*time.Second, func() bool { return s.echoed.Load() >= acceptFirst && s.opened.Load() >= acceptFirst+10 }); err != nil {
+		s.t.Fatalf("before the move: %d echoed, %d opened", s.echoed.Load(), s.opened.Load())
+	}
+	out, _ := s.src.Exec(bin, "list", "--pid", strconv.Itoa(s.old.Process.Pid))
+	s.t.Logf("list:\n%s", out)
+	var err error
+	if s.before, err = s.peer.TCPCounters(); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+// connection is the peer's side of connection n.
+func (s *listenScene) connection(n int) {
+	defer s.wg.Done()
+	var c net.Conn
+	err := s.peer.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp", s.addr.String(), 20*time.Second)
+		return err
+	})
+	if err != nil {
+		s.fail(fmt.Sprintf("dial %d", n), err)
+		return
+	}
+	s.opened.Add(1)
+	s.mu.Lock()
+	s.conns = append(s.conns, c)
+	s.mu.Unlock()
+	who := c.LocalAddr().String()
+	c.SetDeadline(time.Now().Add(40 * time.Second))
+	for i := range 2 {
+		req := request(n, i)
+		if _, err := c.Write(req); err != nil {
+			s.fail(who, fmt.Errorf("write %d: %w", i, err))
+			return
+		}
+		got := make([]byte, reqLen)
+		if _, err := io.ReadFull(c, got); err != nil {
+			s.fail(who, fmt.Errorf("read echo %d: %w", i, err))
+			return
+		}
+		if !bytes.Equal(got, req) {
+			s.fail(who, fmt.Errorf("echo %d differs", i))
+			return
+		}
+		if i == 0 {
+			s.echoed.Add(1)
+		}
+	}
+	s.done.Add(1)
+}
+
+// stopPeer stops opening connections and, with wait, waits for every
+// connection to finish its exchanges.
+func (s *listenScene) stopPeer(wait bool) {
+	close(s.stop)
+	if wait {
+		s.wg.Wait()
+	}
+}
+
+// closeAll closes the peer's connections; errors from then on are not
+// recorded.
+func (s *listenScene) closeAll() {
+	s.closing.Store(true)
+	s.mu.Lock()
+	for _, c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+// sendReport is the part of `send --json` the listener tests read.
+type sendReport struct {
+	Connections []struct {
+		Remote    string `json:"remote"`
+		Outcome   string `json:"outcome"`
+		Error     string `json:"error"`
+		PendingOn string `json:"pending_on"`
+	} `json:"connections"`
+	Listeners []struct {
+		Local   string `json:"local"`
+		Pending int    `json:"pending"`
+		Outcome string `json:"outcome"`
+		Error   string `json:"error"`
+	} `json:"listeners"`
+}
+
 // TestCLIListenerUnderLoad moves a listener with a backlog of pending
 // connections (handshake done, not accepted) under load, with `send --pid`
 // and `receive --exec`: a peer opens a connection every 20 ms throughout.
 // Every connection, whether served by the old instance, pending in its
 // accept queue, or opened during or after the move (its SYN dropped by the
 // listener lock and retransmitted), is echoed byte for byte, and the peer
-// sees no failed connection attempt, no reset (its counters) and no RST
-// or FIN on the bridge.
+// sees no failed connection attempt (its errors and its AttemptFails
+// counter), no reset (its counters) and no RST or FIN on the bridge.
 func TestCLIListenerUnderLoad(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -140,127 +330,15 @@ func TestCLIListenerUnderLoad(t *testing.T) {
 }
 
 func testListenerUnderLoad(t *testing.T, service netip.Prefix) {
-	lan, peer, src, dst := lanHostsWith(t, service)
-	dir := t.TempDir()
-	cert, key, ca := certFiles(t)
-	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
-	addr := netip.AddrPortFrom(service.Addr(), svcPort)
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	old := src.Command(self)
-	old.Env = append(os.Environ(), "TCPM_E2E_HELPER=listen-server", "TCPM_ADDR="+addr.String())
-	old.Stderr = os.Stderr
-	if err := old.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { old.Process.Kill(); old.Wait() })
-	waitListening(t, src, svcPort)
-	report := filepath.Join(dir, "report.json")
-	receiver := agent(t, dst, append(append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", service.String(),
-		"--dev", "eth0", "--journal-dir", filepath.Join(dir, "jt")}, tls...),
-		"--once", "--exec", "--", "env", "TCPM_E2E_HELPER=listen-server", "TCPM_REPORT="+report, self)...)
-	waitListening(t, dst, 7946)
-	w := startWatch(t, lan, peer, service.Addr().Is6())
+	s := newListenScene(t, service)
+	receiver := s.receiver()
+	s.startPeer()
 
-	// The peer: a new connection every 20 ms until stop, each doing its two
-	// exchanges; the connections stay open until the end (no FIN on the
-	// bridge before the judgement).
-	var (
-		mu       sync.Mutex
-		conns    []net.Conn
-		failures []string
-		wg       sync.WaitGroup
-		opened   atomic.Int64 // connections whose dial succeeded
-		echoed   atomic.Int64 // first exchanges completed
-		done     atomic.Int64 // connections that completed both exchanges
-	)
-	fail := func(format string, a ...any) {
-		mu.Lock()
-		failures = append(failures, fmt.Sprintf(format, a...))
-		mu.Unlock()
-	}
-	stop := make(chan struct{})
-	var started int
-	go func() {
-		tick := time.NewTicker(20 * time.Millisecond)
-		defer tick.Stop()
-		for n := 0; ; n++ {
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-			}
-			mu.Lock()
-			started++
-			mu.Unlock()
-			wg.Add(1)
-			go func(n int) {
-				defer wg.Done()
-				var c net.Conn
-				err := peer.Do(func() (err error) {
-					c, err = net.DialTimeout("tcp", addr.String(), 20*time.Second)
-					return err
-				})
-				if err != nil {
-					fail("connection %d: dial: %v", n, err)
-					return
-				}
-				opened.Add(1)
-				mu.Lock()
-				conns = append(conns, c)
-				mu.Unlock()
-				c.SetDeadline(time.Now().Add(40 * time.Second))
-				for i := range 2 {
-					req := request(n, i)
-					if _, err := c.Write(req); err != nil {
-						fail("connection %d: write %d: %v", n, i, err)
-						return
-					}
-					got := make([]byte, reqLen)
-					if _, err := io.ReadFull(c, got); err != nil {
-						fail("connection %d: read echo %d: %v", n, i, err)
-						return
-					}
-					if !bytes.Equal(got, req) {
-						fail("connection %d: echo %d differs", n, i)
-						return
-					}
-					if i == 0 {
-						echoed.Add(1)
-					}
-				}
-				done.Add(1)
-			}(n)
-		}
-	}()
-	t.Cleanup(func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range conns {
-			c.Close()
-		}
-	})
-
-	// Before the move: the old instance served its first connections and
-	// at least ten more wait in its accept queue.
-	if err := waitFor(20*time.Second, func() bool { return echoed.Load() >= acceptFirst && opened.Load() >= acceptFirst+10 }); err != nil {
-		t.Fatalf("before the move: %d echoed, %d opened", echoed.Load(), opened.Load())
-	}
-	out, _ := src.Exec(bin, "list", "--pid", strconv.Itoa(old.Process.Pid))
-	t.Logf("list:\n%s", out)
-	before, err := peer.TCPCounters()
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	send := src.Command(bin, append(append([]string{"send", "--to", "198.18.0.3:7946", "--pid", strconv.Itoa(old.Process.Pid),
-		"--release-addr", service.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, tls...), "--json")...)
 	// The agent pauses before the switch, with the listener locked and
 	// its queue taken: the peer's SYNs meanwhile must be dropped (the peer
 	// retransmits them) and reach the new instance later.
-	hang := filepath.Join(dir, "hang")
+	send := s.sendCmd()
+	hang := filepath.Join(s.dir, "hang")
 	send.Env = append(os.Environ(), "TCPMIGRATE_TEST_HANG=switch", "TCPMIGRATE_TEST_HANG_FILE="+hang, "TCPMIGRATE_TEST_HANG_MODE=pause")
 	var sendOut, sendErr bytes.Buffer
 	send.Stdout, send.Stderr = &sendOut, &sendErr
@@ -270,27 +348,17 @@ func testListenerUnderLoad(t *testing.T, service netip.Prefix) {
 	if err := waitFor(20*time.Second, func() bool { _, err := os.Stat(hang); return err == nil }); err != nil {
 		t.Fatal("send never reached the switch")
 	}
-	retrans := synRetrans(t, peer)
-	if err := waitFor(5*time.Second, func() bool { return synRetrans(t, peer) > retrans }); err != nil {
+	retrans := synRetrans(t, s.peer)
+	if err := waitFor(5*time.Second, func() bool { return synRetrans(t, s.peer) > retrans }); err != nil {
 		t.Fatal("no SYN of the peer was dropped while the listener was locked")
 	}
 	os.Remove(hang)
-	err = send.Wait()
+	err := send.Wait()
 	t.Logf("send:\n%s\n%s", sendOut.String(), sendErr.String())
 	if err != nil {
 		t.Fatalf("send: %v", err)
 	}
-	var res struct {
-		Connections []struct {
-			Outcome   string `json:"outcome"`
-			PendingOn string `json:"pending_on"`
-		} `json:"connections"`
-		Listeners []struct {
-			Local   string `json:"local"`
-			Pending int    `json:"pending"`
-			Outcome string `json:"outcome"`
-		} `json:"listeners"`
-	}
+	var res sendReport
 	if err := json.Unmarshal(sendOut.Bytes(), &res); err != nil {
 		t.Fatal(err)
 	}
@@ -303,7 +371,7 @@ func testListenerUnderLoad(t *testing.T, service netip.Prefix) {
 			pending++
 		}
 	}
-	if len(res.Listeners) != 1 || res.Listeners[0].Outcome != "committed" || res.Listeners[0].Local != addr.String() ||
+	if len(res.Listeners) != 1 || res.Listeners[0].Outcome != "committed" || res.Listeners[0].Local != s.addr.String() ||
 		res.Listeners[0].Pending != pending || pending < 10 || len(res.Connections) != acceptFirst+pending {
 		t.Fatalf("send reported %d connections (%d pending) and listeners %+v; want %d served and at least 10 pending, one listener committed",
 			len(res.Connections), pending, res.Listeners, acceptFirst)
@@ -315,28 +383,27 @@ func testListenerUnderLoad(t *testing.T, service netip.Prefix) {
 	// Keep opening connections for a while after the move, then let every
 	// connection finish.
 	time.Sleep(time.Second)
-	close(stop)
-	wg.Wait()
-	mu.Lock()
-	n := started
-	for _, f := range failures {
-		t.Error(f)
+	s.stopPeer(true)
+	s.mu.Lock()
+	n := s.started
+	for _, who := range s.order {
+		t.Errorf("peer, %s: %v", who, s.errs[who])
 	}
-	mu.Unlock()
-	if done.Load() != int64(n) {
-		t.Errorf("%d of %d connections completed both exchanges", done.Load(), n)
+	s.mu.Unlock()
+	if s.done.Load() != int64(n) {
+		t.Errorf("%d of %d connections completed both exchanges", s.done.Load(), n)
 	}
-	after, err := peer.TCPCounters()
+	after, err := s.peer.TCPCounters()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d := after["AttemptFails"] - before["AttemptFails"]; d != 0 {
+	if d := after["AttemptFails"] - s.before["AttemptFails"]; d != 0 {
 		t.Errorf("the peer counted %d failed connection attempts", d)
 	}
-	t.Logf("peer: %d SYNs retransmitted in all, %d connections opened during the run", synRetrans(t, peer)-retrans, after["ActiveOpens"]-before["ActiveOpens"])
-	t.Logf("%d connections: %d served by the old instance first, %d moved pending, the rest opened during and after the move", n, acceptFirst, pending)
+	t.Logf("%d connections: %d served by the old instance first, %d moved pending, the rest opened during and after the move; "+
+		"the peer retransmitted %d SYNs", n, acceptFirst, pending, synRetrans(t, s.peer)-retrans)
 	var got map[string]int
-	if err := json.Unmarshal(read(report), &got); err != nil {
+	if err := json.Unmarshal(read(s.report), &got); err != nil {
 		t.Fatalf("new instance's report: %v", err)
 	}
 	fam := "4"
@@ -346,13 +413,87 @@ func testListenerUnderLoad(t *testing.T, service netip.Prefix) {
 	if got["listen"+fam] != 1 || got["pending"+fam] != pending || got["tcp"+fam] != acceptFirst {
 		t.Errorf("the new instance got %v; want 1 listener, %d pending, %d connections", got, pending, acceptFirst)
 	}
-	if out, _ := src.Exec("nft", "list", "tables"); bytes.Contains(out, []byte("tcpmigrate")) {
-		t.Errorf("a lock table is left on the source:\n%s", out)
+	for _, ns := range []*lab.NS{s.src, s.dst} {
+		if out, _ := ns.Exec("nft", "list", "tables"); bytes.Contains(out, []byte("tcpmigrate")) {
+			t.Errorf("a lock table is left on %s:\n%s", ns.Label, out)
+		}
 	}
-	if out, _ := dst.Exec("nft", "list", "tables"); bytes.Contains(out, []byte("tcpmigrate")) {
-		t.Errorf("a lock table is left on the target:\n%s", out)
+	s.watch.quiet(t)
+}
+
+// TestCLIListenerRollback refuses the listener on the target (its port is
+// not allowed), so the migration rolls back. The connections the old
+// instance had accepted go on there; those taken from its accept queue
+// cannot go back into it and are reset, each reported failed by send; the
+// peer sees exactly those resets (and nothing else fails: connections
+// opened during and after the attempt complete their handshake with the
+// old instance). docs/faults.md.
+func TestCLIListenerRollback(t *testing.T) {
+	s := newListenScene(t, svc)
+	s.receiver("--allow-port", "1")
+	s.startPeer()
+	send := s.sendCmd()
+	var sendOut, sendErr bytes.Buffer
+	send.Stdout, send.Stderr = &sendOut, &sendErr
+	err := send.Run()
+	t.Logf("send:\n%s\n%s", sendOut.String(), sendErr.String())
+	if code := send.ProcessState.ExitCode(); code != 1 {
+		t.Fatalf("send: %v, want exit status 1", err)
 	}
-	w.quiet(t)
+	var res sendReport
+	if err := json.Unmarshal(sendOut.Bytes(), &res); err != nil {
+		t.Fatal(err)
+	}
+	lost := map[string]bool{}
+	for _, c := range res.Connections {
+		switch {
+		case c.PendingOn != "":
+			lost[c.Remote] = true
+			if c.Outcome != "failed" || !strings.Contains(c.Error, "reset") {
+				t.Errorf("pending connection %+v: want failed, reset", c)
+			}
+		case c.Outcome != "rolled_back":
+			t.Errorf("connection %+v: want rolled_back", c)
+		}
+	}
+	if len(res.Listeners) != 1 || res.Listeners[0].Outcome != "rolled_back" || len(lost) < 10 {
+		t.Fatalf("listeners %+v, %d pending connections: want the listener rolled back and at least 10 pending", res.Listeners, len(lost))
+	}
+	// The old instance is thawed with its listener: connections opened
+	// meanwhile complete their handshake (it does not accept them).
+	time.Sleep(1500 * time.Millisecond)
+	s.stopPeer(false)
+	if err := waitFor(10*time.Second, func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.errs) >= len(lost)
+	}); err != nil {
+		t.Errorf("only %d of the %d reset connections noticed", len(s.errs), len(lost))
+	}
+	s.mu.Lock()
+	for _, who := range s.order {
+		if !lost[who] {
+			t.Errorf("peer, %s: %v (not a connection taken from the queue)", who, s.errs[who])
+		} else if !errors.Is(s.errs[who], syscall.ECONNRESET) {
+			t.Errorf("peer, %s: %v, want a reset", who, s.errs[who])
+		}
+	}
+	s.mu.Unlock()
+	after, err := s.peer.TCPCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := after["EstabResets"] - s.before["EstabResets"]; d != int64(len(lost)) {
+		t.Errorf("the peer counted %d resets, want %d (the connections taken from the queue)", d, len(lost))
+	}
+	if d := after["AttemptFails"] - s.before["AttemptFails"]; d != 0 {
+		t.Errorf("the peer counted %d failed connection attempts", d)
+	}
+	s.watch.stop()
+	s.closeAll()
+	if err := s.old.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Errorf("the old instance is gone after a rollback: %v", err)
+	}
 }
 
 // synRetrans reads the peer's count of retransmitted SYNs (TcpExt
