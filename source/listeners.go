@@ -79,6 +79,9 @@ func (m *migration) takeListeners(ctx context.Context) error {
 			if err := repair.DescribeListener(l.fd, &l.desc); err != nil {
 				return err
 			}
+			if err := l.desc.Validate(); err != nil {
+				return err
+			}
 			l.res.Local = l.desc.Local
 			eps = append(eps, l.desc.Local)
 		}
