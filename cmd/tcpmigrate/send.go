@@ -27,8 +27,8 @@ func sendCommand() *cli.Command {
 		UsageText: "tcpmigrate send --to HOST:PORT (--cert F --key F --ca F | --insecure) (--pid PID [--port N]... | --handoff unix:PATH) [options]",
 		Flags: append(append([]cli.Flag{
 			&cli.StringFlag{Name: "to", Usage: "the target agent, HOST:PORT"},
-			&cli.IntFlag{Name: "pid", Usage: "take the established TCP connections of this process"},
-			&cli.UintSliceFlag{Name: "port", Usage: "with --pid: only connections on these local ports"},
+			&cli.IntFlag{Name: "pid", Usage: "take the established TCP connections and the listeners of this process"},
+			&cli.UintSliceFlag{Name: "port", Usage: "with --pid: only connections and listeners on these local ports"},
 			&cli.StringFlag{Name: "handoff", Usage: "unix:PATH where a cooperating program hands its sockets over"},
 			&cli.StringFlag{Name: "release-addr", Usage: "service address (CIDR) to release at the switch"},
 			&cli.StringFlag{Name: "dev", Usage: "interface of --release-addr"},
