@@ -134,6 +134,7 @@ type listenScene struct {
 	lan               *lab.LAN
 	peer, src, dst    *lab.NS
 	service           netip.Prefix
+	bind              netip.AddrPort // the old instance's listening address
 	addr              netip.AddrPort
 	dir, self, report string
 	tls               []string
@@ -152,9 +153,14 @@ type listenScene struct {
 	order             []string
 }
 
-func newListenScene(t *testing.T, service netip.Prefix) *listenScene {
+// newListenScene builds the lab with the old instance listening on bind
+// (the service address when invalid).
+func newListenScene(t *testing.T, service netip.Prefix, bind netip.AddrPort) *listenScene {
 	s := &listenScene{t: t, service: service, dir: t.TempDir(), addr: netip.AddrPortFrom(service.Addr(), svcPort),
-		stop: make(chan struct{}), errs: map[string]error{}}
+		bind: bind, stop: make(chan struct{}), errs: map[string]error{}}
+	if !s.bind.IsValid() {
+		s.bind = s.addr
+	}
 	s.lan, s.peer, s.src, s.dst = lanHostsWith(t, service)
 	cert, key, ca := certFiles(t)
 	s.tls = []string{"--cert", cert, "--key", key, "--ca", ca}
@@ -164,7 +170,7 @@ func newListenScene(t *testing.T, service netip.Prefix) *listenScene {
 		t.Fatal(err)
 	}
 	s.old = s.src.Command(s.self)
-	s.old.Env = append(os.Environ(), "TCPM_E2E_HELPER=listen-server", "TCPM_ADDR="+s.addr.String())
+	s.old.Env = append(os.Environ(), "TCPM_E2E_HELPER=listen-server", "TCPM_ADDR="+s.bind.String())
 	s.old.Stderr = os.Stderr
 	if err := s.old.Start(); err != nil {
 		t.Fatal(err)
@@ -324,14 +330,23 @@ func TestCLIListenerUnderLoad(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		service netip.Prefix
-	}{{"ipv4", svc}, {"ipv6", svc6}} {
-		t.Run(tc.name, func(t *testing.T) { testListenerUnderLoad(t, tc.service) })
+		bind    netip.AddrPort
+		receive []string
+	}{
+		{"ipv4", svc, netip.AddrPort{}, nil},
+		{"ipv6", svc6, netip.AddrPort{}, nil},
+		// A dual-stack listener on every address ([::]) with an IPv4 peer:
+		// IPv4-mapped connections. A wildcard listener needs the target to
+		// allow every address of its family.
+		{"dual-stack-wildcard", svc, netip.MustParseAddrPort("[::]:8080"), []string{"--allow", "::/0"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testListenerUnderLoad(t, tc.service, tc.bind, tc.receive) })
 	}
 }
 
-func testListenerUnderLoad(t *testing.T, service netip.Prefix) {
-	s := newListenScene(t, service)
-	receiver := s.receiver()
+func testListenerUnderLoad(t *testing.T, service netip.Prefix, bind netip.AddrPort, receive []string) {
+	s := newListenScene(t, service, bind)
+	receiver := s.receiver(receive...)
 	s.startPeer()
 
 	// The agent pauses before the switch, with the listener locked and
@@ -371,7 +386,7 @@ func testListenerUnderLoad(t *testing.T, service netip.Prefix) {
 			pending++
 		}
 	}
-	if len(res.Listeners) != 1 || res.Listeners[0].Outcome != "committed" || res.Listeners[0].Local != s.addr.String() ||
+	if len(res.Listeners) != 1 || res.Listeners[0].Outcome != "committed" || res.Listeners[0].Local != s.bind.String() ||
 		res.Listeners[0].Pending != pending || pending < 10 || len(res.Connections) != acceptFirst+pending {
 		t.Fatalf("send reported %d connections (%d pending) and listeners %+v; want %d served and at least 10 pending, one listener committed",
 			len(res.Connections), pending, res.Listeners, acceptFirst)
@@ -407,7 +422,7 @@ func testListenerUnderLoad(t *testing.T, service netip.Prefix) {
 		t.Fatalf("new instance's report: %v", err)
 	}
 	fam := "4"
-	if service.Addr().Is6() {
+	if s.bind.Addr().Is6() {
 		fam = "6"
 	}
 	if got["listen"+fam] != 1 || got["pending"+fam] != pending || got["tcp"+fam] != acceptFirst {
@@ -429,7 +444,7 @@ func testListenerUnderLoad(t *testing.T, service netip.Prefix) {
 // opened during and after the attempt complete their handshake with the
 // old instance). docs/faults.md.
 func TestCLIListenerRollback(t *testing.T) {
-	s := newListenScene(t, svc)
+	s := newListenScene(t, svc, netip.AddrPort{})
 	s.receiver("--allow-port", "1")
 	s.startPeer()
 	send := s.sendCmd()
@@ -522,4 +537,57 @@ func synRetrans(t *testing.T, ns *lab.NS) int64 {
 	}
 	t.Fatal("no TcpExt TCPSynRetrans counter")
 	return 0
+}
+
+// TestCLIListenerSourceKilled kills the source agent (SIGKILL) after it
+// has locked the listener, taken its queue and put the connections in
+// repair mode; `tcpmigrate recover` then rolls back, leaves none of its
+// lock tables (its sweep of dead agents' tables takes the listener lock
+// too) and thaws the old instance, whose listener
+// takes new connections again at once (a dial shorter than the peer's SYN
+// retransmission succeeds). The connections taken from the queue died with
+// the agent (docs/faults.md).
+func TestCLIListenerSourceKilled(t *testing.T) {
+	s := newListenScene(t, svc, netip.AddrPort{})
+	s.receiver()
+	s.startPeer()
+	s.stopPeer(false)
+	marker := filepath.Join(s.dir, "hung")
+	send := s.sendCmd()
+	send.Args = append(send.Args, "--lease", "30s")
+	send.Env = append(os.Environ(), "TCPMIGRATE_TEST_HANG=verdicts", "TCPMIGRATE_TEST_HANG_FILE="+marker)
+	var out bytes.Buffer
+	send.Stdout, send.Stderr = &out, &out
+	if err := send.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFile(t, marker)
+	if tables, _ := s.src.Exec("nft", "list", "tables"); !bytes.Contains(tables, []byte("tcpmigrate_srcl-")) {
+		t.Fatalf("no listener lock while the agent hangs:\n%s", tables)
+	}
+	send.Process.Kill()
+	send.Wait()
+	t.Logf("send (killed):\n%s", out.String())
+	rec, err := s.src.Exec(bin, "recover", "--journal-dir", filepath.Join(s.dir, "js"))
+	t.Logf("recover:\n%s", rec)
+	if err != nil || !strings.Contains(string(rec), "rolled back") {
+		t.Fatalf("recover: %v", err)
+	}
+	if tables, _ := s.src.Exec("nft", "list", "tables"); bytes.Contains(tables, []byte("tcpmigrate")) {
+		t.Errorf("a lock table is left on the source after recover:\n%s", tables)
+	}
+	if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.old.Process.Pid)); bytes.Contains(st, []byte(") T ")) {
+		t.Error("the old instance is still stopped")
+	}
+	err = s.peer.Do(func() error {
+		c, err := net.DialTimeout("tcp", s.addr.String(), 900*time.Millisecond)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
+	if err != nil {
+		t.Errorf("dial after recover: %v (is the listener still locked?)", err)
+	}
+	s.watch.stop()
 }
