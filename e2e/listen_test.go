@@ -506,6 +506,13 @@ func TestCLIListenerRollback(t *testing.T) {
 	}
 	s.watch.stop()
 	s.closeAll()
+	// The target let go of everything: no lock table, no listener.
+	if out, _ := s.dst.Exec("nft", "list", "tables"); bytes.Contains(out, []byte("tcpmigrate")) {
+		t.Errorf("a lock table is left on the target:\n%s", out)
+	}
+	if out, _ := s.dst.Exec("ss", "-Htln", fmt.Sprintf("sport = :%d", svcPort)); len(bytes.TrimSpace(out)) > 0 {
+		t.Errorf("the target still listens on the service port:\n%s", out)
+	}
 	if err := s.old.Process.Signal(syscall.Signal(0)); err != nil {
 		t.Errorf("the old instance is gone after a rollback: %v", err)
 	}

@@ -108,6 +108,7 @@ func (m *migration) takeListeners(ctx context.Context) error {
 		}
 		l.res.Pending = len(l.pending)
 	}
+	m.endPhase("listeners")
 	return nil
 }
 

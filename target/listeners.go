@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -19,6 +20,14 @@ import (
 // ErrListeners means the source's LISTENERS message was out of place (sent
 // twice) or named connections the migration does not have.
 var ErrListeners = errors.New("target: bad listeners")
+
+// NetListener turns a delivered listening socket (Delivered.Listener) into a
+// net.Listener (and closes File).
+func (d *Delivered) NetListener() (net.Listener, error) {
+	ln, err := net.FileListener(d.File)
+	d.File.Close()
+	return ln, err
+}
 
 // ListenerReport is what became of one listening socket on the target.
 type ListenerReport struct {
