@@ -30,7 +30,8 @@ func encodeFrame(f frame) []byte {
 // encodes back to a frame that decodes to the same value.
 func FuzzDecodeFrame(f *testing.F) {
 	items := []Item{
-		{ID: 1, Local: netip.MustParseAddrPort("198.18.0.10:80"), Remote: netip.MustParseAddrPort("198.18.0.1:5000"), State: []byte("state")},
+		{ID: 1, Local: netip.MustParseAddrPort("198.18.0.10:80"), Remote: netip.MustParseAddrPort("198.18.0.1:5000"), State: []byte("state"),
+			Name: "pending4-198.18.0.10_80-198.18.0.10_80-198.18.0.1_5000"},
 		{ID: 2, Local: netip.MustParseAddrPort("[fd00::10]:443"), Remote: netip.MustParseAddrPort("[fe80::1%eth0]:1")},
 	}
 	f.Add(appendHello(nil, Limits{}.resolve()))
