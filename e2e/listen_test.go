@@ -598,3 +598,36 @@ func TestCLIListenerSourceKilled(t *testing.T) {
 	}
 	s.watch.stop()
 }
+
+// TestCLIListenerAlone moves a process that has a listener and no
+// connection at all: the listener alone is a migration, and afterwards the
+// peer's connections are served by the new instance.
+func TestCLIListenerAlone(t *testing.T) {
+	s := newListenScene(t, svc6, netip.AddrPort{})
+	receiver := s.receiver()
+	send := s.sendCmd()
+	out, err := send.CombinedOutput()
+	t.Logf("send:\n%s", out)
+	if err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	if err := receiver.Wait(); err != nil {
+		t.Fatalf("receive --once: %v", err)
+	}
+	var got map[string]int
+	if err := waitFor(10*time.Second, func() bool { return json.Unmarshal(read(s.report), &got) == nil }); err != nil {
+		t.Fatal("the new instance did not report")
+	}
+	if got["listen6"] != 1 || len(got) != 1 {
+		t.Errorf("the new instance got %v; want one listener", got)
+	}
+	s.wg.Add(1)
+	s.connection(0)
+	for _, who := range s.order {
+		t.Errorf("peer, %s: %v", who, s.errs[who])
+	}
+	if s.done.Load() != 1 {
+		t.Error("the connection after the move was not served")
+	}
+	s.watch.quiet(t)
+}
