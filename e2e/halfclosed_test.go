@@ -141,6 +141,8 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 	}
 	defer ln.Close()
 
+	t0 := time.Now()
+	defer func() { t.Logf("total %v", time.Since(t0)) }()
 	states := []repair.State{repair.StateEstablished, repair.StateFinWait1, repair.StateFinWait2,
 		repair.StateCloseWait, repair.StateLastAck, repair.StateClose}
 	conns := make([]*mixConn, len(states))
@@ -207,6 +209,7 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 		waitConnState(t, "workload side", c.work, c.state)
 	}
 
+	t.Logf("setup done at %v", time.Since(t0))
 	// The agents.
 	srcTC, dstTC := pki(t)
 	delivered := make(chan *target.Delivered, len(conns))
@@ -266,6 +269,7 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 	for _, c := range conns {
 		c.work.Close() // in repair mode at the source: silent
 	}
+	t.Logf("migrated at %v", time.Since(t0))
 	// The peer's path heals.
 	peerDrop(t, peer, nil)
 
@@ -299,6 +303,7 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer func(start time.Time) { t.Logf("%s: finished in %v", c.state, time.Since(start)) }(time.Now())
 			if err := finishMix(t, c, moved); err != nil {
 				errs <- fmt.Errorf("%s: %w", c.state, err)
 			}

@@ -259,6 +259,9 @@ func capture(fd int, s *Snapshot) error {
 	// A queued FIN takes a sequence number but no byte; a CLOSE socket's
 	// send data is dropped (REPAIR-NOTES 3.4).
 	dataOut, dataUnsent := queueLengthsFor(s.State, outq, unsq)
+	if s.State.ourFin() && s.State != StateFinWait2 && s.State != StateClose && unsq > 0 {
+		s.Flags |= FlagFINUnsent // the FIN is the last thing of the write queue
+	}
 	if s.State == StateClose {
 		s.SendQueue = s.SendQueue[:0]
 	} else if s.SendQueue, err = peekQueue(fd, s.SendQueue, int(dataOut)); err != nil {

@@ -16,20 +16,28 @@ const injectWait = 200 * time.Millisecond
 type closeStep uint8
 
 const (
-	stepShutdown     closeStep = iota + 1 // shutdown(SHUT_WR), no queue selected: our FIN is queued and (under the lock, in vain) sent
-	stepShutdownSent                      // shutdown(SHUT_WR) with the send queue selected: our FIN is recorded as sent, nothing is transmitted
-	stepPeerFin                           // crafted FIN+ACK from the peer, not acknowledging our FIN
-	stepAckOurFin                         // crafted ACK from the peer acknowledging our FIN
+	stepShutdownUnsent closeStep = iota + 1 // shutdown(SHUT_WR) behind a zero peer window: our FIN is queued, never sent
+	stepShutdownSent                        // shutdown(SHUT_WR) with the send queue selected: our FIN is recorded as sent, nothing is transmitted
+	stepPeerFin                             // crafted FIN+ACK from the peer, not acknowledging our FIN
+	stepAckOurFin                           // crafted ACK from the peer acknowledging our FIN
 )
 
 // nextStep returns the step that takes a socket rebuilt for target one
 // state further from cur, and the state it leads to. ok is false when cur
-// is not on the way to target.
-func nextStep(cur, target State) (step closeStep, next State, ok bool) {
+// is not on the way to target. finUnsent says whether our FIN had been
+// transmitted at the source (FlagFINUnsent): a FIN the peer may hold is
+// restored as sent, so that the peer's acknowledgement of it is accepted
+// and, if the peer lacks it, it is retransmitted; a FIN that never left is
+// restored as unsent, so that the stack sends it when the window allows.
+func nextStep(cur, target State, finUnsent bool) (step closeStep, next State, ok bool) {
+	shutdown := stepShutdownSent
+	if finUnsent {
+		shutdown = stepShutdownUnsent
+	}
 	switch target {
 	case StateFinWait1:
 		if cur == StateEstablished {
-			return stepShutdown, StateFinWait1, true
+			return shutdown, StateFinWait1, true
 		}
 	case StateFinWait2:
 		switch cur {
@@ -41,7 +49,7 @@ func nextStep(cur, target State) (step closeStep, next State, ok bool) {
 	case StateClosing:
 		switch cur {
 		case StateEstablished:
-			return stepShutdown, StateFinWait1, true
+			return shutdown, StateFinWait1, true
 		case StateFinWait1:
 			return stepPeerFin, StateClosing, true
 		}
@@ -54,7 +62,7 @@ func nextStep(cur, target State) (step closeStep, next State, ok bool) {
 		case StateEstablished:
 			return stepPeerFin, StateCloseWait, true
 		case StateCloseWait:
-			return stepShutdown, StateLastAck, true
+			return shutdown, StateLastAck, true
 		}
 	case StateClose:
 		switch cur {
@@ -73,10 +81,10 @@ func nextStep(cur, target State) (step closeStep, next State, ok bool) {
 // ESTABLISHED (or part of the way), step by step, re-reading the state
 // after each step and failing on a mismatch (REPAIR-NOTES 5.2). With
 // inject false it stops before the first crafted segment. It returns the
-// state reached. Once s.State is reached, the saved window is written
-// again: the FIN and the acknowledgements the socket sent meanwhile (all
-// dropped by the lock) moved its receive window, and a crafted segment may
-// have moved the peer's.
+// state reached. Before it returns, the saved window is written again
+// (with the correction of 5.1 while the peer's FIN is still missing) and
+// read back: the zero window of an unsent FIN, the acknowledgements the
+// socket tried to send and the crafted segments all move it.
 func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
@@ -88,17 +96,27 @@ func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
 	if cur == s.State {
 		return cur, nil
 	}
+	recvFin, _ := finOffsets(s.State)
 	for cur != s.State {
-		step, next, ok := nextStep(cur, s.State)
+		step, next, ok := nextStep(cur, s.State, s.Flags&FlagFINUnsent != 0)
 		if !ok {
 			return cur, opErr("restore "+s.State.String()+" from "+cur.String(), ErrRestoreMismatch)
 		}
 		switch step {
-		case stepShutdown, stepShutdownSent:
-			if step == stepShutdownSent {
-				if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-					return cur, opErr("select send queue", err)
-				}
+		case stepShutdownUnsent:
+			w := s.Window
+			w.RcvWup -= recvFin
+			w.RcvWnd += recvFin
+			w.SndWnd = 0 // nothing may go out, the lock's drop notwithstanding
+			if err := setWindow(fd, &w); err != nil {
+				return cur, opErr("setsockopt TCP_REPAIR_WINDOW (zero window for the FIN)", err)
+			}
+			if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
+				return cur, opErr("shutdown(SHUT_WR)", err)
+			}
+		case stepShutdownSent:
+			if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+				return cur, opErr("select send queue", err)
 			}
 			serr := unix.Shutdown(fd, unix.SHUT_WR)
 			if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
@@ -109,7 +127,7 @@ func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
 			}
 		case stepPeerFin, stepAckOurFin:
 			if !inject {
-				return cur, nil
+				return cur, r.rewindow(fd, s, cur)
 			}
 			if r.Injector == nil {
 				return cur, opErr("restore "+s.State.String(), ErrNoInjector)
@@ -125,20 +143,32 @@ func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
 			return cur, opErr("restore "+s.State.String()+": "+stepName(step)+" left the socket in "+cur.String()+", not "+next.String(), ErrRestoreMismatch)
 		}
 	}
-	if s.State != StateClose {
-		w := s.Window
-		if err := setWindow(fd, &w); err != nil {
-			return cur, opErr("setsockopt TCP_REPAIR_WINDOW (after the half-close)", err)
-		}
-		var got Window
-		if err := getWindow(fd, &got); err != nil {
-			return cur, opErr("getsockopt TCP_REPAIR_WINDOW", err)
-		}
-		if got != s.Window {
-			return cur, opErr("verify window after the half-close", ErrRestoreMismatch)
-		}
+	return cur, r.rewindow(fd, s, cur)
+}
+
+// rewindow writes the saved window on a socket that advance left in state
+// cur, corrected while the peer's FIN is not re-injected yet, and reads it
+// back. A CLOSE socket has no window to keep.
+func (r *Restorer) rewindow(fd int, s *Snapshot, cur State) error {
+	if cur == StateClose {
+		return nil
 	}
-	return cur, nil
+	w := s.Window
+	if s.State.peerFin() && !cur.peerFin() {
+		w.RcvWup--
+		w.RcvWnd++
+	}
+	if err := setWindow(fd, &w); err != nil {
+		return &OpError{Op: "setsockopt TCP_REPAIR_WINDOW (after the half-close)", Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	var got Window
+	if err := getWindow(fd, &got); err != nil {
+		return &OpError{Op: "getsockopt TCP_REPAIR_WINDOW", Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	if got != w {
+		return &OpError{Op: "verify window after the half-close", Local: s.Local, Remote: s.Remote, Err: ErrRestoreMismatch}
+	}
+	return nil
 }
 
 // craft builds the segment of a step as the peer would have sent it
@@ -190,8 +220,8 @@ func awaitState(fd int, want State, async bool) (State, error) {
 
 func stepName(s closeStep) string {
 	switch s {
-	case stepShutdown:
-		return "shutdown(SHUT_WR)"
+	case stepShutdownUnsent:
+		return "shutdown(SHUT_WR) behind a zero window"
 	case stepShutdownSent:
 		return "shutdown(SHUT_WR) on the send queue"
 	case stepPeerFin:

@@ -295,8 +295,19 @@ func verifyRestored(fd int, s *Snapshot, want State) error {
 	if err != nil {
 		return errors.New(op + ": " + err.Error())
 	}
-	outq, unsq = queueLengthsFor(want, outq, unsq)
-	if int(outq) != len(s.SendQueue) || uint32(unsq) != s.Unsent || int(inq) != len(s.RecvQueue) {
+	// Our FIN, queued and not acknowledged, counts in both ioctls (in
+	// SIOCOUTQNSD only while it is unsent), exactly as at the source.
+	wantOut, wantUnsent := uint32(len(s.SendQueue)), s.Unsent
+	switch want {
+	case StateFinWait1, StateClosing, StateLastAck:
+		wantOut++
+		if s.Flags&FlagFINUnsent != 0 {
+			wantUnsent++
+		}
+	case StateClose:
+		wantOut = 0
+	}
+	if uint32(outq) != wantOut || uint32(unsq) != wantUnsent || int(inq) != len(s.RecvQueue) {
 		return ErrRestoreMismatch
 	}
 	if st, err := readState(fd); err != nil {

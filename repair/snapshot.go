@@ -66,10 +66,15 @@ const (
 	FlagECN
 	// FlagWindow: Window holds the five TCP_REPAIR_WINDOW fields.
 	FlagWindow
+	// FlagFINUnsent: our FIN is queued but was never transmitted (it waits
+	// behind unsent data or a closed window). Only in FIN_WAIT1, CLOSING
+	// and LAST_ACK; without it, the FIN of those states went out and only
+	// its acknowledgement is missing.
+	FlagFINUnsent
 )
 
 // knownFlags are the flags this version understands; Validate refuses others.
-const knownFlags = FlagSACK | FlagWScale | FlagTimestamps | FlagUsecTS | FlagECN | FlagWindow
+const knownFlags = FlagSACK | FlagWScale | FlagTimestamps | FlagUsecTS | FlagECN | FlagWindow | FlagFINUnsent
 
 // Shutdown records which directions of a socket the application shut down.
 type Shutdown uint8

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -70,14 +71,22 @@ func (e *stateEnv) srcHas() {
 	})
 }
 
+// srcSentAll waits until the source has transmitted everything, FIN
+// included.
+func (e *stateEnv) srcSentAll() {
+	e.t.Helper()
+	waitFor(e.t, "the source to send everything", 5*time.Second, func() bool {
+		n, _ := unix.IoctlGetInt(e.srcFd, unix.SIOCOUTQNSD)
+		return n == 0
+	})
+}
+
 // lockSrc drops the connection's packets on the source host in the given
 // directions (a test-only table; the target uses the real lock).
 func (e *stateEnv) lockSrc(in, out bool) {
 	e.t.Helper()
 	nftLockDirs(e.t, e.h.src, e.local, e.peerAP, in, out)
 }
-
-func (e *stateEnv) unlockSrc() { e.t.Helper(); nftUnlock(e.t, e.h.src) }
 
 func nftLockDirs(t *testing.T, ns *lab.NS, local, remote netip.AddrPort, in, out bool) {
 	t.Helper()
@@ -122,6 +131,9 @@ const (
 	recvBytes = 30000
 	sendBytes = 20000
 	moreBytes = 10000
+	// initialWindowBytes fit in the initial congestion window (10
+	// segments): they all go out though no ACK comes back.
+	initialWindowBytes = 8000
 )
 
 var stateCases = []stateCase{
@@ -142,6 +154,26 @@ var stateCases = []stateCase{
 			e.peerShutdown()
 			e.targetReadsAllThenEOF(c)
 			waitTCPState(e.t, e.peerFd, StateClose) // LAST_ACK acknowledged
+		},
+	},
+	{
+		name: "fin-wait1-fin-delivered", state: StateFinWait1,
+		// Data and FIN reached the peer; its acknowledgements did not.
+		prepare: func(e *stateEnv) {
+			e.peerWrite(recvBytes)
+			e.srcHas()
+			e.lockSrc(true, false)
+			e.srcWrite(initialWindowBytes) // all of it leaves without an ACK
+			e.srcShutdown()
+			e.srcSentAll()
+			e.lockSrc(false, true) // and now the way out, without a gap
+		},
+		finish: func(e *stateEnv, c *net.TCPConn) {
+			e.peerReadsAllThenEOF()
+			e.peerWrite(moreBytes)
+			e.peerShutdown()
+			e.targetReadsAllThenEOF(c)
+			waitTCPState(e.t, e.peerFd, StateClose)
 		},
 	},
 	{
@@ -175,8 +207,7 @@ var stateCases = []stateCase{
 			e.srcShutdown()
 			e.peerShutdown()
 			waitTCPState(e.t, e.srcFd, StateClosing)
-			e.unlockSrc()
-			e.lockSrc(true, true)
+			e.lockSrc(true, false) // and now the way in, without a gap
 		},
 		finish: func(e *stateEnv, c *net.TCPConn) {
 			e.targetReadsAllThenEOF(c)
@@ -194,8 +225,7 @@ var stateCases = []stateCase{
 			waitTCPState(e.t, e.srcFd, StateCloseWait)
 			e.lockSrc(true, false)
 			e.srcWrite(sendBytes)
-			e.unlockSrc()
-			e.lockSrc(true, true)
+			e.lockSrc(false, true) // and now the way out, without a gap
 		},
 		finish: func(e *stateEnv, c *net.TCPConn) {
 			e.targetReadsAllThenEOF(c)
@@ -223,6 +253,27 @@ var stateCases = []stateCase{
 			e.srcWrite(sendBytes)
 			e.srcShutdown()
 			waitTCPState(e.t, e.srcFd, StateLastAck)
+		},
+		finish: func(e *stateEnv, c *net.TCPConn) {
+			e.peerReadsAllThenEOF()
+			e.targetReadsAllThenEOF(c)
+			waitTCPState(e.t, fdOf(e.t, c), StateClose)
+		},
+	},
+	{
+		name: "last-ack-fin-delivered", state: StateLastAck,
+		// The peer closed; our data and FIN reached it, its ACKs did not.
+		prepare: func(e *stateEnv) {
+			e.peerWrite(recvBytes)
+			e.peerShutdown()
+			e.srcHas()
+			waitTCPState(e.t, e.srcFd, StateCloseWait)
+			e.lockSrc(true, false)
+			e.srcWrite(initialWindowBytes) // all of it leaves without an ACK
+			e.srcShutdown()
+			e.srcSentAll()
+			waitTCPState(e.t, e.srcFd, StateLastAck)
+			e.lockSrc(false, true) // and now the way out, without a gap
 		},
 		finish: func(e *stateEnv, c *net.TCPConn) {
 			e.peerReadsAllThenEOF()
@@ -479,7 +530,37 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
 		}
 	}
+	// A segment the target thinks out of order (an ACK of a FIN it does
+	// not believe sent) is answered with a challenge ACK and dropped.
+	if n := tcpExt(t, h.dst)["TCPChallengeACK"]; n != 0 {
+		t.Errorf("the target sent %d challenge ACKs: it refused the peer's segments", n)
+	}
 	nftUnlock(t, h.src)
+}
+
+// tcpExt reads the TcpExt counters of /proc/net/netstat in ns.
+func tcpExt(t *testing.T, ns *lab.NS) map[string]int64 {
+	t.Helper()
+	var b []byte
+	if err := ns.Do(func() (err error) { b, err = os.ReadFile("/proc/thread-self/net/netstat"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]int64{}
+	var names []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "TcpExt:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		for i := 1; i < len(f) && i < len(names); i++ {
+			m[names[i]], _ = strconv.ParseInt(f[i], 10, 64)
+		}
+	}
+	return m
 }
 
 // TestSynSent moves a connection whose SYN the peer never saw (the source
@@ -618,6 +699,11 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 		if after[k] != before[k] {
 			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
 		}
+	}
+	// A segment the target thinks out of order (an ACK of a FIN it does
+	// not believe sent) is answered with a challenge ACK and dropped.
+	if n := tcpExt(t, h.dst)["TCPChallengeACK"]; n != 0 {
+		t.Errorf("the target sent %d challenge ACKs: it refused the peer's segments", n)
 	}
 	nftUnlock(t, h.src)
 }

@@ -67,6 +67,12 @@ func (s *Snapshot) Validate() error {
 	if (s.State == StateClose || s.State == StateFinWait2) && len(s.SendQueue) != 0 {
 		return bad("%s with %d bytes of send data", s.State, len(s.SendQueue))
 	}
+	if s.Flags&FlagFINUnsent != 0 && (!s.State.ourFin() || s.State == StateFinWait2 || s.State == StateClose) {
+		return bad("unsent FIN in %s", s.State)
+	}
+	if s.Unsent != 0 && s.State.ourFin() && s.Flags&FlagFINUnsent == 0 {
+		return bad("unsent data before a FIN that went out")
+	}
 	if s.Flags&FlagWScale != 0 {
 		if s.SndWScale > maxWScale || s.RcvWScale > maxWScale {
 			return bad("window scale %d/%d over %d", s.SndWScale, s.RcvWScale, maxWScale)
