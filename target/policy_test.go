@@ -105,7 +105,11 @@ func TestPolicyCheck(t *testing.T) {
 		{name: "SO_BUF_LOCK on a kernel without it", mutate: func(s *repair.Snapshot) { s.Options.Mask |= repair.OptBufLock },
 			have: allFeatures &^ repair.FeatBufLock, code: transport.VerdictUnsupported, is: ErrUnsupported, reason: "buf-lock"},
 		{name: "half-closed", mutate: func(s *repair.Snapshot) { s.State = repair.StateCloseWait; s.Shutdown = repair.ShutRead }},
-		{name: "half-closed on a kernel without it", mutate: func(s *repair.Snapshot) { s.State = repair.StateFinWait1; s.Shutdown = repair.ShutWrite; s.Flags |= repair.FlagFINUnsent },
+		{name: "half-closed on a kernel without it", mutate: func(s *repair.Snapshot) {
+			s.State = repair.StateFinWait1
+			s.Shutdown = repair.ShutWrite
+			s.Flags |= repair.FlagFINUnsent
+		},
 			have: allFeatures &^ repair.FeatHalfClosed, code: transport.VerdictUnsupported, is: ErrUnsupported, reason: "half-closed"},
 		{name: "crafted segments without raw sockets", mutate: func(s *repair.Snapshot) { s.State = repair.StateCloseWait },
 			have: allFeatures &^ repair.FeatRawInject, code: transport.VerdictUnsupported, is: ErrUnsupported, reason: "raw-inject"},
