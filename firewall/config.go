@@ -34,6 +34,8 @@ const (
 	chainOut = "out" // hook output
 	setV4    = "v4"
 	setV6    = "v6"
+	holdV4   = "h4" // tuples held with a zero window (Config.Hold)
+	holdV6   = "h6"
 )
 
 // Config says where a Lock lives and how it behaves.
@@ -57,6 +59,11 @@ type Config struct {
 	// DefaultLease; otherwise it must lie within [MinLease, MaxLease] and is
 	// rounded down to a millisecond.
 	Lease time.Duration
+	// Hold adds the zero-window hold to the table: two more sets (h4, h6)
+	// and an output rule that rewrites the TCP window of segments leaving a
+	// held tuple to 0 (see Lock.Hold). If the kernel refuses that rule, New
+	// builds the table without it and Lock.CanHold reports false.
+	Hold bool
 }
 
 // withDefaults validates c and fills in the defaults.

@@ -32,6 +32,10 @@ var (
 	ErrLeaseLapsed = errors.New("firewall: lease lapsed before renewal")
 	// ErrRenewerRunning means StartRenewer was called while a renewer runs.
 	ErrRenewerRunning = errors.New("firewall: renewer already running")
+	// ErrNoHold means Lock.Hold was called on a lock without the
+	// zero-window hold: Config.Hold was not set, or the kernel refused the
+	// rule that rewrites the window (see Lock.CanHold).
+	ErrNoHold = errors.New("firewall: zero-window hold not available")
 	// ErrNotSupported is returned on systems other than Linux.
 	ErrNotSupported = errors.New("firewall: not supported on this system")
 )
@@ -39,8 +43,8 @@ var (
 // Error is the error type of the package: the operation that failed, the
 // table it worked on and, when only some tuples are at fault, which ones.
 type Error struct {
-	// Op is the operation: "new", "lock", "unlock", "renew", "close" or
-	// "sweep".
+	// Op is the operation: "new", "hold", "lock", "unlock", "renew",
+	// "close" or "sweep".
 	Op string
 	// Table is the nftables table the operation worked on, if any.
 	Table string

@@ -46,6 +46,10 @@ type Lock struct {
 	b      batch     // its encoding
 	undo   []undo    // how to restore held if the batch fails
 
+	canHold  bool               // the table has the hold sets and rule
+	holds    map[conn]time.Time // tuples held with a zero window, and their deadline
+	holdUndo []holdUndo         // how to restore holds if the batch fails
+
 	// renewMu guards renewer.
 	renewMu sync.Mutex
 	renewer *renewer
@@ -105,7 +109,15 @@ func New(cfg Config) (*Lock, error) {
 		nsfd:  nsfd,
 		owner: owner,
 	}
-	if err := l.create(); err != nil {
+	err = l.create(cfg.Hold)
+	if err != nil && cfg.Hold && !errors.Is(err, unix.EEXIST) {
+		// The kernel refused the hold's rule (payload writes with checksum
+		// update): the lock works without it.
+		err = l.create(false)
+	} else if err == nil {
+		l.canHold = cfg.Hold
+	}
+	if err != nil {
 		unix.Close(owner)
 		unix.Close(nsfd)
 		if errors.Is(err, unix.EEXIST) {
@@ -121,10 +133,10 @@ var (
 	keyType6 = nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeIP6Addr, nftables.TypeInetService)
 )
 
-// create sends the batch that builds the table, through google/nftables.
-// The table is created with NLM_F_EXCL so that an existing one is never
-// adopted or changed.
-func (l *Lock) create() error {
+// create sends the batch that builds the table, through google/nftables,
+// with the hold's sets and rule if hold is set. The table is created with
+// NLM_F_EXCL so that an existing one is never adopted or changed.
+func (l *Lock) create(hold bool) error {
 	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
 	if err != nil {
 		return err
@@ -159,6 +171,15 @@ func (l *Lock) create() error {
 		for _, s := range []*nftables.Set{v4, v6} {
 			rules = append(rules, dropRule(s, ch.local), dropRule(s, !ch.local))
 		}
+		if hold && ch.local == fromLocal {
+			hs, err := addHoldSets(c, table, l.cfg.Lease)
+			if err != nil {
+				return err
+			}
+			for _, s := range hs {
+				rules = append(rules, holdRule(s))
+			}
+		}
 		for _, exprs := range rules {
 			c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
 		}
@@ -190,8 +211,14 @@ const (
 // loaded into consecutive 32-bit registers starting at register 1
 // (NFT_REG32_00), as nft does, each port padded to 4 bytes.
 func dropRule(s *nftables.Set, o order) []expr.Any {
+	return append(lookupExprs(s, o), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
+}
+
+// lookupExprs match a TCP packet of the family of set s whose endpoints,
+// concatenated in order o, are in s.
+func lookupExprs(s *nftables.Set, o order) []expr.Any {
 	proto, alen, src, dst := byte(unix.NFPROTO_IPV4), uint32(4), uint32(12), uint32(16)
-	if s.Name == setV6 {
+	if s.KeyType.Bytes == keyType6.Bytes {
 		proto, alen, src, dst = unix.NFPROTO_IPV6, 16, 8, 24
 	}
 	sport, dport := uint32(0), uint32(2)
@@ -210,8 +237,6 @@ func dropRule(s *nftables.Set, o order) []expr.Any {
 		&expr.Payload{DestRegister: reg32 + words + 1, Base: expr.PayloadBaseNetworkHeader, Offset: dst, Len: alen},
 		&expr.Payload{DestRegister: reg32 + 2*words + 1, Base: expr.PayloadBaseTransportHeader, Offset: dport, Len: 2},
 		&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID},
-		&expr.Counter{},
-		&expr.Verdict{Kind: expr.VerdictDrop},
 	}
 }
 
@@ -241,6 +266,7 @@ func (l *Lock) Lock(ts []Tuple) error {
 		return &Error{Op: "lock", Table: l.table, Err: ErrClosed}
 	}
 	start := l.startCall()
+	l.unheld(cs, start)
 	l.tx.add.reserve(cs)
 	for _, c := range cs {
 		l.tx.add.put(c) // a tuple named twice is added twice: the kernel ignores the second
@@ -273,7 +299,9 @@ func (l *Lock) Unlock(ts []Tuple) error {
 	if l.closed {
 		return &Error{Op: "unlock", Table: l.table, Err: ErrClosed}
 	}
-	l.unlocked(cs, l.startCall())
+	now := l.startCall()
+	l.unheld(cs, now)
+	l.unlocked(cs, now)
 	return l.commit("unlock")
 }
 
@@ -405,6 +433,7 @@ func (l *Lock) renew(cs []conn) error {
 func (l *Lock) startCall() time.Time {
 	l.tx.reset()
 	l.undo = l.undo[:0]
+	l.holdUndo = l.holdUndo[:0]
 	l.gen++
 	return time.Now()
 }
@@ -420,6 +449,10 @@ func (l *Lock) settle(op string, err error) error {
 	if cap(l.b.buf) > maxKeep {
 		l.b, l.tx = batch{}, changes{}
 	}
+	if err != nil {
+		l.restoreHolds()
+	}
+	l.holdUndo = l.holdUndo[:0]
 	if err == nil {
 		l.undo = l.undo[:0]
 		if cap(l.undo)*int(unsafe.Sizeof(undo{})) > maxKeep {
@@ -464,6 +497,7 @@ func (l *Lock) Close() error {
 	l.dropSocket()
 	l.closed = true
 	l.held = nil
+	l.holds = nil
 	l.b = batch{}
 	l.tx = changes{}
 	unix.Close(l.owner)
@@ -500,16 +534,29 @@ func (k *keys) put(c conn) {
 // first (making the following deletes valid whatever the kernel expired),
 // then del elements deleted, then add elements added. The buffers are kept
 // from one call to the next.
+//
+// The hold's keys (holdGuard, holdDel, holdAdd) change the hold sets in the
+// same way and the same batch.
 type changes struct {
-	guard, del, add keys
+	guard, del, add             keys
+	holdGuard, holdDel, holdAdd keys
+}
+
+func (t *changes) all() []*keys {
+	return []*keys{&t.guard, &t.del, &t.add, &t.holdGuard, &t.holdDel, &t.holdAdd}
 }
 
 func (t *changes) empty() bool {
-	return len(t.guard.v4)+len(t.guard.v6)+len(t.del.v4)+len(t.del.v6)+len(t.add.v4)+len(t.add.v6) == 0
+	for _, k := range t.all() {
+		if len(k.v4)+len(k.v6) != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func (t *changes) reset() {
-	for _, k := range []*keys{&t.guard, &t.del, &t.add} {
+	for _, k := range t.all() {
 		k.v4, k.v6 = k.v4[:0], k.v6[:0]
 	}
 }
@@ -543,16 +590,22 @@ func (l *Lock) encode(seq uint32) {
 	t, b := &l.tx, &l.b
 	b.begin(seq)
 	n := nlmsgHdrLen + nfgenLen // END
-	for _, k := range []*keys{&t.guard, &t.del, &t.add} {
+	for _, k := range t.all() {
 		n += elementsLen(len(l.table), keyLen4, len(k.v4)) + elementsLen(len(l.table), keyLen6, len(k.v6))
 	}
 	b.reserve(n)
 	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV4, keyLen4, t.guard.v4)
 	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV6, keyLen6, t.guard.v6)
+	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, holdV4, keyLen4, t.holdGuard.v4)
+	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, holdV6, keyLen6, t.holdGuard.v6)
 	b.elements(unix.NFT_MSG_DELSETELEM, l.table, setV4, keyLen4, t.del.v4)
 	b.elements(unix.NFT_MSG_DELSETELEM, l.table, setV6, keyLen6, t.del.v6)
+	b.elements(unix.NFT_MSG_DELSETELEM, l.table, holdV4, keyLen4, t.holdDel.v4)
+	b.elements(unix.NFT_MSG_DELSETELEM, l.table, holdV6, keyLen6, t.holdDel.v6)
 	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV4, keyLen4, t.add.v4)
 	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, setV6, keyLen6, t.add.v6)
+	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, holdV4, keyLen4, t.holdAdd.v4)
+	b.elements(unix.NFT_MSG_NEWSETELEM, l.table, holdV6, keyLen6, t.holdAdd.v6)
 	b.end()
 }
 

@@ -29,6 +29,12 @@ func (l *Lock) Lease() time.Duration { return 0 }
 // Table returns "" outside Linux.
 func (l *Lock) Table() string { return "" }
 
+// CanHold reports false outside Linux.
+func (l *Lock) CanHold() bool { return false }
+
+// Hold fails with ErrNotSupported outside Linux.
+func (l *Lock) Hold(ts []Tuple) error { return unsupported("hold") }
+
 // Lock fails with ErrNotSupported outside Linux.
 func (l *Lock) Lock(ts []Tuple) error { return unsupported("lock") }
 

@@ -28,11 +28,17 @@ const (
 	FeatRawInject
 	// FeatMark: SO_MARK can be set (CAP_NET_ADMIN), needed to pass the lock.
 	FeatMark
+	// FeatHeldRestore: this side can take over connections whose peer was
+	// held with a zero window (FlagHeld): it has FeatRepairOffNoWP,
+	// FeatRawInject and FeatMark, and software that uses them for
+	// ResumeHeld and Kick. A target advertises it so that the source may
+	// hold (REPAIR-NOTES 10.4).
+	FeatHeldRestore
 )
 
 var featureNames = []string{
 	"repair", "repair-window", "half-closed", "timestamp", "usec-ts",
-	"repair-off-no-wp", "buf-lock", "raw-inject", "mark",
+	"repair-off-no-wp", "buf-lock", "raw-inject", "mark", "held-restore",
 }
 
 // String lists the features by name, separated by commas.

@@ -56,6 +56,9 @@ func Probe() (Capabilities, error) {
 		}
 		unix.Close(raw)
 	}
+	if c.Features.Has(FeatRepairOffNoWP | FeatRawInject | FeatMark) {
+		c.Features |= FeatHeldRestore
+	}
 	return c, nil
 }
 

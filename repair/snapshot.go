@@ -71,10 +71,15 @@ const (
 	// and LAST_ACK; without it, the FIN of those states went out and only
 	// its acknowledgement is missing.
 	FlagFINUnsent
+	// FlagHeld: the peer was held with a zero window before the dump
+	// (MarkHeld): Window.RcvWnd is 0 and Window.RcvWup is RecvSeq, as the
+	// peer believes, and the restored socket leaves repair with ResumeHeld
+	// and is kicked (Kick) so that it announces its open window at once.
+	FlagHeld
 )
 
 // knownFlags are the flags this version understands; Validate refuses others.
-const knownFlags = FlagSACK | FlagWScale | FlagTimestamps | FlagUsecTS | FlagECN | FlagWindow | FlagFINUnsent
+const knownFlags = FlagSACK | FlagWScale | FlagTimestamps | FlagUsecTS | FlagECN | FlagWindow | FlagFINUnsent | FlagHeld
 
 // Shutdown records which directions of a socket the application shut down.
 type Shutdown uint8

@@ -241,6 +241,9 @@ func needs(s *repair.Snapshot) repair.Features {
 	if s.State.NeedsInjection() {
 		f |= repair.FeatRawInject | repair.FeatMark
 	}
+	if s.Flags&repair.FlagHeld != 0 {
+		f |= repair.FeatHeldRestore
+	}
 	return f
 }
 

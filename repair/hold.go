@@ -1,0 +1,140 @@
+package repair
+
+import (
+	"errors"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// The zero-window hold (REPAIR-NOTES 10.3, 10.4). A peer that sends while
+// the lock drops its segments recovers only at its retransmission timer,
+// at least 200 ms later. Held instead, it stops sending before the lock and
+// waits in zero-window persist mode, and resumes within a round trip of
+// the kick. In order:
+//
+//	source:  (firewall: hold, egress window rewritten to 0) → Drain →
+//	         (firewall: lock) → Dump → MarkHeld
+//	target:  Restore → (unlock) → ResumeHeld → Kick
+//
+// The firewall's part is in package firewall (Lock.Hold).
+
+// Drain timing, from the measurements of REPAIR-NOTES 10.4.
+const (
+	// drainTick is how often Drain forces ACKs and looks at the counters.
+	drainTick = 500 * time.Microsecond
+	// drainQuiet is the shortest time a connection's received-byte count
+	// must stand still for Drain to call it settled; a connection with a
+	// longer round trip waits 1.5 × its smoothed RTT instead.
+	drainQuiet = 2 * time.Millisecond
+)
+
+// Drain waits until nothing the peers of fds sent is still in flight: the
+// connections must be held (every segment they send advertises a window of
+// 0) and not yet locked. In one loop over all of them it forces an
+// immediate ACK on each (TCP_QUICKACK), so that each peer learns of the
+// zero window without waiting for a delayed ACK, and reads
+// tcpi_bytes_received, every half millisecond, until each connection's
+// count has stood still for max(2 ms, 1.5 × srtt). It gives up at limit
+// and returns how many connections were still receiving then (the lock
+// drops what they still send, as without the hold). An error names the
+// first socket that could not be read; the others were still drained.
+func Drain(fds []int, limit time.Duration) (unsettled int, err error) {
+	type state struct {
+		last    uint64
+		changed time.Time
+		done    bool
+	}
+	st := make([]state, len(fds))
+	start := time.Now()
+	for i := range st {
+		st[i].changed = start
+	}
+	pending := len(fds)
+	for first := true; pending > 0; first = false {
+		tick := time.Now()
+		for i, fd := range fds {
+			s := &st[i]
+			if s.done {
+				continue
+			}
+			var info unix.TCPInfo
+			if _, e := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), uint32(unsafe.Sizeof(info))); e != nil {
+				s.done, pending = true, pending-1
+				err = errors.Join(err, drainError(fd, "drain: getsockopt TCP_INFO", e))
+				continue
+			}
+			now := time.Now()
+			quiet := max(drainQuiet, time.Duration(info.Rtt)*time.Microsecond*3/2)
+			switch {
+			case first || info.Bytes_received != s.last:
+				s.last, s.changed = info.Bytes_received, now
+			case now.Sub(s.changed) >= quiet:
+				s.done, pending = true, pending-1
+				continue
+			}
+			if e := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, 1); e != nil {
+				s.done, pending = true, pending-1
+				err = errors.Join(err, drainError(fd, "drain: setsockopt TCP_QUICKACK", e))
+			}
+		}
+		if pending == 0 || time.Since(start) >= limit {
+			break
+		}
+		time.Sleep(drainTick - time.Since(tick))
+	}
+	return pending, err
+}
+
+func drainError(fd int, op string, err error) error {
+	local, _ := sockname(fd, false)
+	remote, _ := sockname(fd, true)
+	return &OpError{Op: op, Local: local, Remote: remote, Err: err}
+}
+
+// MarkHeld records in s, just dumped from a held connection (see Drain),
+// that its peer believes our window is 0 from rcv_nxt on: it sets FlagHeld,
+// Window.RcvWnd to 0 and Window.RcvWup to RecvSeq, so that the restored
+// socket starts from the peer's view rather than from the window it last
+// meant to advertise.
+func (s *Snapshot) MarkHeld() {
+	s.Flags |= FlagHeld
+	s.Window.RcvWnd = 0
+	s.Window.RcvWup = s.RecvSeq
+}
+
+// ResumeHeld is Resume for a socket restored from a held snapshot: it
+// leaves repair mode without the window probe (the probe's sequence number
+// is snd_una - 1, which the peer drops without reading its window, and it
+// makes the kernel believe the open window was announced). Kick the socket
+// next, once its lock is gone.
+func ResumeHeld(fd int, s *Snapshot) error {
+	return resume(fd, s, repairOffQuiet())
+}
+
+// KickSegment returns the kick of the connection of s: a segment as from
+// the peer, ACK, seq = rcv_nxt - 1, ack = snd_nxt, window 0. Being just
+// outside the receive window it is dropped, and the socket answers it at
+// once with a duplicate ACK that carries its real, open window: the held
+// peer resumes sending on receiving it.
+func KickSegment(s *Snapshot) Segment {
+	local, remote := s.Tuple()
+	return Segment{From: remote, To: local, Seq: s.RecvSeq - 1, Ack: s.SendSeq - s.Unsent, Flags: SegACK}
+}
+
+// Kick sends the kick (KickSegment) of every held snapshot of snaps through
+// in, whose namespace must be the restored sockets'; snapshots without
+// FlagHeld are skipped. The sockets must be out of repair mode (ResumeHeld)
+// and unlocked. It returns the failures joined, each naming its connection;
+// a connection whose kick was lost waits for its peer's persist probe.
+func Kick(in *Injector, snaps ...*Snapshot) error {
+	var err error
+	for _, s := range snaps {
+		if s.Flags&FlagHeld == 0 {
+			continue
+		}
+		err = errors.Join(err, in.Send(KickSegment(s)))
+	}
+	return err
+}

@@ -1,0 +1,291 @@
+package repair
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+)
+
+// TestHeldMigrationNoRetransmit moves a connection whose peer (the kernel's
+// TCP in its own namespace) streams toward the migrating endpoint, through
+// real firewall locks on both hosts and a 30 ms freeze, the way the agents
+// do it: with the zero-window hold (firewall hold, Drain, lock, Dump,
+// MarkHeld; Restore, unlock, ResumeHeld, Kick) the peer retransmits
+// nothing and times out nothing, and every byte arrives in order. The
+// control without the hold (drop-only lock, plain Resume) shows that the
+// test can tell: there the peer retransmits what the lock dropped.
+func TestHeldMigrationNoRetransmit(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		v6     bool
+		family int
+		hold   bool
+	}{
+		{"ipv4-held", false, unix.AF_INET, true},
+		{"ipv6-held", true, unix.AF_INET6, true},
+		{"ipv4-mapped-held", false, unix.AF_INET6, true},
+		{"ipv4-drop-only", false, unix.AF_INET, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testHeldMigration(t, tc.v6, tc.family, tc.hold) })
+	}
+}
+
+func testHeldMigration(t *testing.T, v6 bool, family int, hold bool) {
+	h := newHosts(t, v6)
+	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
+	ln := listen(t, h.peer, peerAP, nil)
+	local := netip.AddrPortFrom(h.svc, 40001)
+	src := rawDial(t, h.src, family, local, peerAP, nil)
+	defer src.Close()
+	pc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := pc.(*net.TCPConn)
+	defer peer.Close()
+	stopCapture := captureFlags(t, h.lan, peerPort, v6)
+
+	// The peer streams 16 KiB every millisecond until told to stop.
+	var stop atomic.Bool
+	written := make(chan int64, 1)
+	go func() {
+		buf := make([]byte, 16<<10)
+		var off int64
+		for !stop.Load() {
+			pattern(buf, 1, off)
+			// A deadline, so that a full send buffer cannot keep the
+			// writer from seeing stop.
+			peer.SetWriteDeadline(time.Now().Add(20 * time.Millisecond))
+			n, err := peer.Write(buf)
+			off += int64(n)
+			if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		written <- off
+	}()
+	// The source application reads and checks until it is paused.
+	read, err := readUntilPaused(src, 200*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := tcpCounters(t, h.peer)
+
+	tuple := firewall.Tuple{Local: unmap(local), Remote: peerAP}
+	srcLock := newLock(t, h.src, "src", hold)
+	srcFd := fdOf(t, src)
+	if hold {
+		if err := srcLock.Hold([]firewall.Tuple{tuple}); err != nil {
+			t.Fatal(err)
+		}
+		left, err := Drain([]int{srcFd}, 200*time.Millisecond)
+		if err != nil || left != 0 {
+			t.Fatalf("drain: %d left, %v", left, err)
+		}
+	}
+	if hold {
+		// The peer has stopped on our zero window with nothing in flight.
+		info, err := unix.GetsockoptTCPInfo(fdOf(t, peer), unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Snd_wnd != 0 || info.Unacked != 0 {
+			t.Fatalf("after the drain the peer sees a window of %d with %d segments in flight; want 0 and 0", info.Snd_wnd, info.Unacked)
+		}
+	}
+	if err := srcLock.Lock([]firewall.Tuple{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	locked := time.Now()
+	var snap Snapshot
+	if err := h.src.Do(func() error { return Dump(srcFd, &snap) }); err != nil {
+		t.Fatal(err)
+	}
+	if hold {
+		snap.MarkHeld()
+	}
+	if err := Discard(dupFd(t, srcFd)); err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+
+	dstLock := newLock(t, h.dst, "dst", false)
+	if err := dstLock.Lock([]firewall.Tuple{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	var fd int
+	var in *Injector
+	err = h.dst.Do(func() (err error) {
+		if fd, err = Restore(&snap); err != nil {
+			return err
+		}
+		in, err = NewInjector(dstLock.BypassMark())
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	h.moveService(t)
+	time.Sleep(30*time.Millisecond - time.Since(locked)) // the rest of a 30 ms freeze
+	if err := dstLock.Unlock([]firewall.Tuple{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	unlocked := time.Now()
+	if hold {
+		err = ResumeHeld(fd, &snap)
+		if err == nil {
+			err = Kick(in, &snap)
+		}
+	} else {
+		err = Resume(fd, &snap)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "restored")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	restored := c.(*net.TCPConn)
+	defer restored.Close()
+
+	// The application reads on at the target, from where it paused.
+	var got atomic.Int64
+	got.Store(read)
+	readErr := make(chan error, 1)
+	go func() {
+		buf, want := make([]byte, 64<<10), make([]byte, 64<<10)
+		for {
+			n, err := restored.Read(buf)
+			off := got.Load()
+			pattern(want[:n], 1, off)
+			if !bytes.Equal(buf[:n], want[:n]) {
+				readErr <- fmt.Errorf("stream corrupt after the move, in the %d bytes at offset %d", n, off)
+				return
+			}
+			got.Add(int64(n))
+			if err != nil {
+				readErr <- err
+				return
+			}
+		}
+	}()
+	queued := read + int64(len(snap.RecvQueue))
+	waitFor(t, "new data at the target", 5*time.Second, func() bool { return got.Load() > queued })
+	t.Logf("hold %v: freeze %v, first new byte read %v after the unlock", hold, unlocked.Sub(locked).Round(time.Millisecond),
+		time.Since(unlocked).Round(100*time.Microsecond))
+	time.Sleep(100 * time.Millisecond) // the stream runs on
+	stop.Store(true)
+	total := <-written
+	waitFor(t, "every byte at the target", 10*time.Second, func() bool { return got.Load() >= total })
+	restored.SetReadDeadline(time.Now())
+	if err := <-readErr; !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal(err)
+	}
+	if n := got.Load(); n != total {
+		t.Fatalf("the target read %d bytes, the peer wrote %d", n, total)
+	}
+	after := tcpCounters(t, h.peer)
+	retrans, timeouts := after["RetransSegs"]-before["RetransSegs"], timeoutsOf(t, h.peer)
+	t.Logf("peer: %d retransmitted segments; %s", retrans, timeouts)
+	if hold && retrans != 0 {
+		t.Errorf("with the hold the peer retransmitted %d segments", retrans)
+	}
+	if !hold && retrans == 0 {
+		t.Errorf("without the hold the peer retransmitted nothing: the test cannot tell")
+	}
+	if segs := stopCapture(); len(segs) != 0 {
+		t.Errorf("capture saw RST or FIN segments:\n%v", segs)
+	}
+	if after["EstabResets"] != before["EstabResets"] || after["OutRsts"] != before["OutRsts"] {
+		t.Errorf("peer resets moved: %v -> %v", before, after)
+	}
+}
+
+// readUntilPaused reads and checks c's stream (direction 1 from offset 0)
+// for d, then stops at once, as a frozen application would, and returns
+// how many bytes it read.
+func readUntilPaused(c *net.TCPConn, d time.Duration) (int64, error) {
+	c.SetReadDeadline(time.Now().Add(d))
+	defer c.SetReadDeadline(time.Time{})
+	buf, want := make([]byte, 64<<10), make([]byte, 64<<10)
+	var off int64
+	for {
+		n, err := c.Read(buf)
+		pattern(want[:n], 1, off)
+		if !bytes.Equal(buf[:n], want[:n]) {
+			return off, errors.New("stream corrupt before the move")
+		}
+		off += int64(n)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return off, nil
+		}
+		if err != nil {
+			return off, err
+		}
+	}
+}
+
+// newLock makes a firewall lock in ns that the test's cleanup closes.
+func newLock(t *testing.T, ns *lab.NS, name string, hold bool) *firewall.Lock {
+	t.Helper()
+	l, err := firewall.New(firewall.Config{Instance: "holdtest-" + name, NetNS: ns.Handle(), Hold: hold})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	if hold && !l.CanHold() {
+		t.Fatal("the kernel refused the hold rule")
+	}
+	return l
+}
+
+// timeoutsOf reports the peer namespace's TCPTimeouts and TCPLossProbes.
+func timeoutsOf(t *testing.T, ns *lab.NS) string {
+	t.Helper()
+	out, err := ns.Exec("nstat", "-az", "TcpExtTCPTimeouts", "TcpExtTCPLossProbes")
+	if err != nil {
+		return "nstat: " + err.Error()
+	}
+	return string(bytes.Join(bytes.Fields(out), []byte(" ")))
+}
+
+// TestMarkHeld: MarkHeld gives the window the peer believes in, and
+// Validate refuses a held snapshot whose window says otherwise.
+func TestMarkHeld(t *testing.T) {
+	s := Snapshot{
+		Local: netip.MustParseAddrPort("198.18.0.10:80"), Remote: netip.MustParseAddrPort("198.18.0.1:40000"),
+		Family: unix.AF_INET, State: StateEstablished, Flags: FlagWindow, MSSClamp: 1460,
+		SendSeq: 5000, RecvSeq: 9000, Unsent: 0,
+		Window: Window{SndWl1: 8000, SndWnd: 64000, MaxWindow: 64000, RcvWnd: 64000, RcvWup: 8500},
+	}
+	s.MarkHeld()
+	if s.Flags&FlagHeld == 0 || s.Window.RcvWnd != 0 || s.Window.RcvWup != 9000 {
+		t.Fatalf("after MarkHeld: flags %#x window %+v", s.Flags, s.Window)
+	}
+	if err := s.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if k := KickSegment(&s); k.Seq != 8999 || k.Ack != 5000 || k.Flags != SegACK || k.From != s.Remote || k.To != s.Local {
+		t.Errorf("kick %+v", k)
+	}
+	s.Window.RcvWnd = 1000
+	if err := s.Validate(); !errors.Is(err, ErrInvalidSnapshot) {
+		t.Errorf("held with an open window: %v, want ErrInvalidSnapshot", err)
+	}
+}
