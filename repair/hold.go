@@ -97,11 +97,17 @@ func drainError(fd int, op string, err error) error {
 // that its peer believes our window is 0 from rcv_nxt on: it sets FlagHeld,
 // Window.RcvWnd to 0 and Window.RcvWup to RecvSeq, so that the restored
 // socket starts from the peer's view rather than from the window it last
-// meant to advertise.
-func (s *Snapshot) MarkHeld() {
+// meant to advertise. Only ESTABLISHED connections are held (in the other
+// states a FIN has passed, and sequence numbers carry its corrections);
+// MarkHeld leaves any other snapshot alone and reports whether it marked s.
+func (s *Snapshot) MarkHeld() bool {
+	if s.State != StateEstablished {
+		return false
+	}
 	s.Flags |= FlagHeld
 	s.Window.RcvWnd = 0
 	s.Window.RcvWup = s.RecvSeq
+	return true
 }
 
 // ResumeHeld is Resume for a socket restored from a held snapshot: it

@@ -274,8 +274,7 @@ func TestMarkHeld(t *testing.T) {
 		SendSeq: 5000, RecvSeq: 9000, Unsent: 0,
 		Window: Window{SndWl1: 8000, SndWnd: 64000, MaxWindow: 64000, RcvWnd: 64000, RcvWup: 8500},
 	}
-	s.MarkHeld()
-	if s.Flags&FlagHeld == 0 || s.Window.RcvWnd != 0 || s.Window.RcvWup != 9000 {
+	if !s.MarkHeld() || s.Flags&FlagHeld == 0 || s.Window.RcvWnd != 0 || s.Window.RcvWup != 9000 {
 		t.Fatalf("after MarkHeld: flags %#x window %+v", s.Flags, s.Window)
 	}
 	if err := s.Validate(); err != nil {
@@ -287,5 +286,9 @@ func TestMarkHeld(t *testing.T) {
 	s.Window.RcvWnd = 1000
 	if err := s.Validate(); !errors.Is(err, ErrInvalidSnapshot) {
 		t.Errorf("held with an open window: %v, want ErrInvalidSnapshot", err)
+	}
+	closing := Snapshot{State: StateCloseWait}
+	if closing.MarkHeld() || closing.Flags&FlagHeld != 0 {
+		t.Error("MarkHeld marked a CLOSE_WAIT snapshot")
 	}
 }

@@ -105,6 +105,9 @@ func (s *Snapshot) Validate() error {
 	if seqAfter(w.SndWl1, s.RecvSeq+w.RcvWnd) {
 		return bad("snd_wl1 %d beyond the receive window", w.SndWl1)
 	}
+	if s.Flags&FlagHeld != 0 && s.State != StateEstablished {
+		return bad("held in state %s", s.State)
+	}
 	if s.Flags&FlagHeld != 0 && (w.RcvWnd != 0 || w.RcvWup != s.RecvSeq) {
 		return bad("held, but rcv_wnd %d and rcv_wup %d are not 0 and rcv_nxt %d", w.RcvWnd, w.RcvWup, s.RecvSeq)
 	}
