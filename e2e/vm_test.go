@@ -114,6 +114,9 @@ func TestScriptedVMMigration(t *testing.T) {
 			t.Errorf("peer connection %d: %v", i, err)
 		}
 	}
+	// Judge the wire before the arrival is told to stop: stopping closes its
+	// connections, and those FINs are the test's, not the migration's.
+	watch.quiet(t)
 	// The arrival checks its side of every stream when told to stop.
 	var arrival int
 	for _, line := range strings.Split(string(out), "\n") {
@@ -134,7 +137,6 @@ func TestScriptedVMMigration(t *testing.T) {
 	if b, _ := os.ReadFile(arrivalOut); string(b) != "ok\n" {
 		t.Errorf("the VM on the target: %s", b)
 	}
-	watch.quiet(t)
 	var stall time.Duration
 	for _, cl := range clients {
 		stall = max(stall, cl.MaxGap())
