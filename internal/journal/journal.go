@@ -1,8 +1,16 @@
 // Package journal keeps the small durable record each agent writes about a
 // migration in flight, so that `tcpmigrate recover` can clean up after a
 // crash and an in-doubt source can be resolved. One file per migration and
-// role, rewritten atomically (write, fsync, rename, fsync the directory) at
-// every state change that matters for recovery.
+// role, rewritten atomically (write, rename) at every state change that
+// matters for recovery; the connection list, which may be long, lives in a
+// file of its own beside it, written once.
+//
+// Write makes a record durable (fsync of the files and the directory): it
+// survives the machine's crash. Update only replaces the record atomically:
+// it survives the agent's crash, not the machine's, and costs a fraction
+// of Write (no fsync, the connection list not rewritten), which is why the
+// agents use it inside the freeze where a machine crash would leave nothing
+// to recover anyway (docs/faults.md).
 package journal
 
 import (
@@ -66,9 +74,11 @@ type Record struct {
 	Claimed  []netip.Prefix `json:"claimed,omitempty"`
 	Dev      string         `json:"dev,omitempty"`
 	// AgentPID is the process ID of the agent that wrote the record.
-	AgentPID int       `json:"agent_pid"`
-	Conns    []Conn    `json:"conns,omitempty"`
-	Updated  time.Time `json:"updated"`
+	AgentPID int `json:"agent_pid"`
+	// Conns are the connections of the migration. They are stored in a
+	// file of their own (see Write), not in the record's.
+	Conns   []Conn    `json:"-"`
+	Updated time.Time `json:"updated"`
 }
 
 // Journal writes the records of one agent into a directory.
@@ -94,23 +104,61 @@ func (j *Journal) path(r *Record) string {
 	return filepath.Join(j.dir, string(r.Role)+"-"+r.Migration+".json")
 }
 
+// connsPath is the file of r's connection list. Its name does not end in
+// .json, so List does not take it for a record.
+func (j *Journal) connsPath(r *Record) string {
+	return filepath.Join(j.dir, string(r.Role)+"-"+r.Migration+".conns")
+}
+
 // Write stores r durably, replacing the previous record of the same
-// migration and role.
+// migration and role: its connection list (when it has one) in a file of
+// its own, then the record; each written, fsynced and renamed into place,
+// and the directory fsynced.
 func (j *Journal) Write(r *Record) error {
+	if len(r.Conns) > 0 {
+		b, err := json.Marshal(r.Conns)
+		if err != nil {
+			return fmt.Errorf("journal: encode %s: %w", r.Migration, err)
+		}
+		if err := j.replace(r, j.connsPath(r), b, true); err != nil {
+			return err
+		}
+	}
+	return j.writeRecord(r, true)
+}
+
+// Update stores a change of r (its state, the addresses it moved) without
+// its connection list, which stays as the last Write stored it. The record
+// is replaced atomically (write, rename) but not synced: it survives the
+// agent's crash, not the machine's.
+func (j *Journal) Update(r *Record) error {
+	return j.writeRecord(r, false)
+}
+
+func (j *Journal) writeRecord(r *Record, sync bool) error {
 	r.Updated = time.Now().UTC()
 	r.AgentPID = os.Getpid()
 	b, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return fmt.Errorf("journal: encode %s: %w", r.Migration, err)
 	}
-	p := j.path(r)
+	return j.replace(r, j.path(r), b, sync)
+}
+
+// replace writes b to p through a temporary file and a rename, so that a
+// reader finds the old content or the new, never a mix; with sync, the
+// file and the directory are fsynced too.
+func (j *Journal) replace(r *Record, p string, b []byte, sync bool) error {
 	tmp := p + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return fmt.Errorf("journal: write %s: %w", r.Migration, err)
 	}
 	_, werr := f.Write(b)
-	serr := f.Sync()
+	var serr error
+	if sync {
+		serr = f.Sync()
+	}
 	cerr := f.Close()
 	if err := errors.Join(werr, serr, cerr); err != nil {
 		os.Remove(tmp)
@@ -119,27 +167,32 @@ func (j *Journal) Write(r *Record) error {
 	if err := os.Rename(tmp, p); err != nil {
 		return fmt.Errorf("journal: write %s: %w", r.Migration, err)
 	}
-	if d, err := os.Open(j.dir); err == nil {
-		d.Sync()
-		d.Close()
+	if sync {
+		if d, err := os.Open(j.dir); err == nil {
+			d.Sync()
+			d.Close()
+		}
 	}
 	return nil
 }
 
-// Remove deletes the record of a finished migration.
+// Remove deletes the record of a finished migration and its connection
+// list (the record first: a list without a record is never read).
 func (j *Journal) Remove(r *Record) error {
-	if err := os.Remove(j.path(r)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("journal: remove %s: %w", r.Migration, err)
+	for _, p := range []string{j.path(r), j.connsPath(r)} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("journal: remove %s: %w", r.Migration, err)
+		}
 	}
 	return nil
 }
 
-// Read returns a stored record.
+// Read returns a stored record, with its connection list.
 func (j *Journal) Read(role Role, migration string) (*Record, error) {
-	return readFile(filepath.Join(j.dir, string(role)+"-"+migration+".json"))
+	return j.readFile(filepath.Join(j.dir, string(role)+"-"+migration+".json"))
 }
 
-// List returns every record in the journal.
+// List returns every record in the journal, each with its connection list.
 func (j *Journal) List() ([]*Record, error) {
 	entries, err := os.ReadDir(j.dir)
 	if err != nil {
@@ -150,7 +203,7 @@ func (j *Journal) List() ([]*Record, error) {
 		if !strings.HasSuffix(e.Name(), ".json") {
 			continue
 		}
-		r, err := readFile(filepath.Join(j.dir, e.Name()))
+		r, err := j.readFile(filepath.Join(j.dir, e.Name()))
 		if err != nil {
 			return out, err
 		}
@@ -159,7 +212,7 @@ func (j *Journal) List() ([]*Record, error) {
 	return out, nil
 }
 
-func readFile(p string) (*Record, error) {
+func (j *Journal) readFile(p string) (*Record, error) {
 	b, err := os.ReadFile(p)
 	if err != nil {
 		return nil, fmt.Errorf("journal: read %s: %w", p, err)
@@ -167,6 +220,17 @@ func readFile(p string) (*Record, error) {
 	var r Record
 	if err := json.Unmarshal(b, &r); err != nil {
 		return nil, fmt.Errorf("journal: decode %s: %w", p, err)
+	}
+	cp := j.connsPath(&r)
+	b, err = os.ReadFile(cp)
+	if errors.Is(err, os.ErrNotExist) {
+		return &r, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("journal: read %s: %w", cp, err)
+	}
+	if err := json.Unmarshal(b, &r.Conns); err != nil {
+		return nil, fmt.Errorf("journal: decode %s: %w", cp, err)
 	}
 	return &r, nil
 }
