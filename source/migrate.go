@@ -166,12 +166,9 @@ func (m *migration) run(ctx context.Context) error {
 	}
 	m.endPhase("inspect")
 
-	// The lock table is made and the target told before anything is
-	// frozen: neither belongs in the freeze window.
-	if err := m.newLock(); err != nil {
-		return m.rollbackAll(ctx, err)
-	}
-	defer m.lock.Close()
+	// The target is told first, so that it makes its lock table and
+	// writes its journal while the source makes its own: none of it
+	// belongs in the freeze window.
 	if err := m.fault(StepPrepare); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
@@ -182,6 +179,10 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.sendListeners(ctx); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
+	if err := m.newLock(); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	defer m.lock.Close()
 	m.endPhase("prepare")
 
 	if err := m.fault(StepLock); err != nil {
@@ -228,17 +229,17 @@ func (m *migration) run(ctx context.Context) error {
 		return m.rollbackAll(ctx, err)
 	}
 	m.setState(StateSwitched)
+	// The one record written inside the freeze, and the last before
+	// Commit: from "switched" on, recovery asks the target (Commit may have
+	// been sent). An Update: no fsync, and the connection list, written
+	// before the lock, is not rewritten (docs/faults.md).
 	m.rec.State, m.rec.Released = StateSwitched.String(), m.cfg.SwitchAddrs
-	if err := m.jr.Write(&m.rec); err != nil {
+	if err := m.jr.Update(&m.rec); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
 	m.endPhase("switch")
 
 	if err := m.fault(StepCommit); err != nil {
-		return m.rollbackAll(ctx, err)
-	}
-	m.rec.State = StateCommitting.String()
-	if err := m.jr.Write(&m.rec); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
 	m.setState(StateCommitting)
@@ -248,7 +249,7 @@ func (m *migration) run(ctx context.Context) error {
 		if err != nil {
 			m.setState(StateInDoubt)
 			m.rec.State = StateInDoubt.String()
-			m.jr.Write(&m.rec)
+			m.jr.Update(&m.rec)
 			for _, c := range m.elig {
 				if !c.done {
 					c.res.Err = ErrInDoubt

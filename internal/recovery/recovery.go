@@ -97,25 +97,24 @@ func alive(pid int) bool {
 }
 
 func recoverSource(ctx context.Context, o Options, r *journal.Record) (string, error) {
-	commitSent := r.State == source.StateCommitting.String() || r.State == source.StateInDoubt.String()
-	if r.State == source.StateSwitched.String() {
-		// The target may still hold the identity: take it back only once
-		// the target has let go (it aborts when it loses the source).
-		st, err := query(ctx, o, r)
-		if err != nil || st == transport.StatePreparing {
-			return "the target may still hold the address; run recover again in a few seconds", errors.Join(err, errors.New("recovery: target still preparing"))
-		}
-	}
-	if commitSent {
+	// From "switched" on, Commit may have been sent (the source writes no
+	// record between the switch and Commit: that write would lengthen every
+	// freeze) and the target may hold the address: only the target knows
+	// which, so it is asked. Committed: the connections are its. Aborted or
+	// unknown: it has let go of the address and the connections come back.
+	// Preparing: it still waits for a Commit that will not come, and aborts
+	// when it notices the source is gone.
+	switch r.State {
+	case source.StateSwitched.String(), source.StateCommitting.String(), source.StateInDoubt.String():
 		st, err := query(ctx, o, r)
 		if err != nil {
 			return "in doubt: the target could not be asked; run recover again with its TLS flags", err
 		}
-		if st == transport.StateCommitted {
+		switch st {
+		case transport.StateCommitted:
 			return finishCommit(o, r)
-		}
-		if st == transport.StatePreparing {
-			return "in doubt: the target is still deciding; run recover again", errors.New("recovery: target still preparing")
+		case transport.StatePreparing:
+			return "in doubt: the target is still deciding (and may hold the address); run recover again in a few seconds", errors.New("recovery: target still preparing")
 		}
 	}
 	return rollBack(o, r)
