@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -339,7 +340,9 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 	m.lock = lock
 	m.rec = journal.Record{Migration: m.id.String(), Role: journal.Target, State: StatePreparing.String(), Lock: lock.Table(),
 		Peer: m.link.RemoteAddr().String()}
-	if err := m.srv.jr.Write(&m.rec); err != nil {
+	// Not synced: its absence means what it says ("nothing live here"),
+	// so it need not outlive a crash of the machine (docs/faults.md).
+	if err := m.srv.jr.Update(&m.rec); err != nil {
 		return m.abort(ctx, err, true)
 	}
 	if err := m.lock.StartRenewer(0, func(err error) { m.log.Warn("lease renewal failed", "err", err) }); err != nil {
@@ -602,21 +605,24 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 			return nil, err
 		}
 	}
-	err := nsdo.Do(cfg.NetNS, func() error {
-		for _, c := range todo {
-			fd, err := m.rs.restore(c.snap, m.lock.BypassMark())
-			if err != nil {
-				c.report.Verdict, c.report.Err = transport.VerdictFailed, err
-				if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL) {
-					c.report.Verdict = transport.VerdictConflict
+	// Both cores: each share restores in the namespace on its own thread.
+	err := parallel(len(todo), func(lo, hi int) error {
+		return nsdo.Do(cfg.NetNS, func() error {
+			for _, c := range todo[lo:hi] {
+				fd, err := m.rs.restore(c.snap, m.lock.BypassMark())
+				if err != nil {
+					c.report.Verdict, c.report.Err = transport.VerdictFailed, err
+					if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL) {
+						c.report.Verdict = transport.VerdictConflict
+					}
+					continue
 				}
-				continue
+				c.fd, c.report.Verdict = fd, transport.VerdictOK
+				// The queues are in the kernel now; keep only what Resume needs.
+				c.snap.RecvQueue, c.snap.SendQueue = nil, nil
 			}
-			c.fd, c.report.Verdict = fd, transport.VerdictOK
-			// The queues are in the kernel now; keep only what Resume needs.
-			c.snap.RecvQueue, c.snap.SendQueue = nil, nil
-		}
-		return nil
+			return nil
+		})
 	})
 	if err != nil {
 		return nil, err
@@ -714,9 +720,17 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	}
 	// From here the connections are the target's: a query says committed.
 	m.srv.record(m.id, transport.StateCommitted)
+	// Both cores: leaving repair mode sends each socket's window probe.
+	resumeErrs := make([]error, len(live))
+	parallel(len(live), func(lo, hi int) error {
+		for i := lo; i < hi; i++ {
+			resumeErrs[i] = m.rs.r.Resume(live[i].fd, live[i].snap)
+		}
+		return nil
+	})
 	var delivered []*Delivered
-	for _, c := range live {
-		if err := m.rs.r.Resume(c.fd, c.snap); err != nil {
+	for i, c := range live {
+		if err := resumeErrs[i]; err != nil {
 			fail(c, err)
 			continue
 		}
@@ -725,8 +739,10 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		c.fd = -1
 	}
 	// The sockets are live: the record says so before anyone else has them.
+	// Not synced: it answers for the agent's crash; a crash of the machine
+	// takes the live sockets (and /run) with it (docs/faults.md).
 	m.rec.State = StateCommitted.String()
-	jerr = errors.Join(jerr, m.srv.jr.Write(&m.rec))
+	jerr = errors.Join(jerr, m.srv.jr.Update(&m.rec))
 	if err := m.fault(StepDeliver); err != nil {
 		for _, d := range delivered {
 			fail(m.conns[d.Index], err)
@@ -785,7 +801,36 @@ func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report,
 	m.srv.record(m.id, transport.StateAborted)
 	if m.rec.Migration != "" {
 		m.rec.State = StateAborted.String()
-		errs = append(errs, m.srv.jr.Write(&m.rec))
+		errs = append(errs, m.srv.jr.Update(&m.rec))
 	}
 	return m.report(), errors.Join(append([]error{cause}, errs...)...)
+}
+
+// minShare is the fewest connections worth a goroutine of their own in
+// parallel: below it, the goroutine costs more than the second core gives.
+const minShare = 16
+
+// parallel splits [0, n) into contiguous shares, one per CPU the runtime
+// uses (fewer when n is small), runs fn on each share concurrently (the
+// first on the calling goroutine) and returns the first error.
+func parallel(n int, fn func(lo, hi int) error) error {
+	shares := min(runtime.GOMAXPROCS(0), (n+minShare-1)/minShare)
+	if shares <= 1 {
+		if n == 0 {
+			return nil
+		}
+		return fn(0, n)
+	}
+	errs := make([]error, shares)
+	var wg sync.WaitGroup
+	for k := 1; k < shares; k++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[k] = fn(k*n/shares, (k+1)*n/shares)
+		}()
+	}
+	errs[0] = fn(0, n/shares)
+	wg.Wait()
+	return errors.Join(errs...)
 }
