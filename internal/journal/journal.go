@@ -6,11 +6,11 @@
 // file of its own beside it, written once.
 //
 // Write makes a record durable (fsync of the files and the directory): it
-// survives the machine's crash. Update only replaces the record atomically:
-// it survives the agent's crash, not the machine's, and costs a fraction
-// of Write (no fsync, the connection list not rewritten), which is why the
-// agents use it inside the freeze where a machine crash would leave nothing
-// to recover anyway (docs/faults.md).
+// survives the machine's crash. Update only replaces the record, in place
+// when it can: it survives the agent's crash, not the machine's, and costs
+// microseconds (no fsync, no new file, the connection list not rewritten),
+// which is why the agents use it inside the freeze, where a machine crash
+// would leave nothing to recover anyway (docs/faults.md).
 package journal
 
 import (
@@ -128,21 +128,60 @@ func (j *Journal) Write(r *Record) error {
 }
 
 // Update stores a change of r (its state, the addresses it moved) without
-// its connection list, which stays as the last Write stored it. The record
-// is replaced atomically (write, rename) but not synced: it survives the
-// agent's crash, not the machine's.
+// its connection list, which stays as the last Write stored it, and
+// without fsync: it survives the agent's crash, not the machine's.
+//
+// A record that exists and fits in one page is overwritten in place, with
+// one write at offset 0 padded with spaces to the old length (JSON ignores
+// them): a write within one page of the page cache is done whole or not at
+// all when the process dies, and it costs microseconds where a new file
+// renamed over the old costs a quarter of a millisecond here (ext4 starts
+// the new file's writeback at the rename). Otherwise the record is
+// replaced through a new file and a rename.
 func (j *Journal) Update(r *Record) error {
-	return j.writeRecord(r, false)
+	b, err := j.encode(r)
+	if err != nil {
+		return err
+	}
+	p := j.path(r)
+	if len(b) <= pageSize {
+		f, err := os.OpenFile(p, os.O_WRONLY, 0)
+		if err == nil {
+			defer f.Close()
+			st, err := f.Stat()
+			if err == nil && st.Size() <= pageSize {
+				for int64(len(b)) < st.Size() {
+					b = append(b, ' ')
+				}
+				if _, err := f.WriteAt(b, 0); err != nil {
+					return fmt.Errorf("journal: update %s: %w", r.Migration, err)
+				}
+				return nil
+			}
+		}
+	}
+	return j.replace(r, p, b, false)
 }
 
+// pageSize bounds the records Update overwrites in place.
+const pageSize = 4096
+
 func (j *Journal) writeRecord(r *Record, sync bool) error {
+	b, err := j.encode(r)
+	if err != nil {
+		return err
+	}
+	return j.replace(r, j.path(r), b, sync)
+}
+
+func (j *Journal) encode(r *Record) ([]byte, error) {
 	r.Updated = time.Now().UTC()
 	r.AgentPID = os.Getpid()
 	b, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
-		return fmt.Errorf("journal: encode %s: %w", r.Migration, err)
+		return nil, fmt.Errorf("journal: encode %s: %w", r.Migration, err)
 	}
-	return j.replace(r, j.path(r), b, sync)
+	return b, nil
 }
 
 // replace writes b to p through a temporary file and a rename, so that a

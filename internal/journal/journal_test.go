@@ -70,3 +70,24 @@ func TestRecordWithoutConnections(t *testing.T) {
 		t.Fatalf("read back %+v, %v", got, err)
 	}
 }
+
+func TestUpdateInPlaceShorterAndLonger(t *testing.T) {
+	jr, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &Record{Migration: "m3", Role: Target, State: "preparing", Peer: "198.18.0.2:50000"}
+	if err := jr.Update(r); err != nil { // no record yet: a new file
+		t.Fatal(err)
+	}
+	for _, st := range []string{"committed", "a", "a-much-longer-state-than-any-before-it"} {
+		r.State = st
+		if err := jr.Update(r); err != nil {
+			t.Fatal(err)
+		}
+		got, err := jr.Read(Target, "m3")
+		if err != nil || got.State != st || got.Peer != r.Peer {
+			t.Fatalf("after Update to %q: %+v, %v", st, got, err)
+		}
+	}
+}
