@@ -720,11 +720,17 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	}
 	// From here the connections are the target's: a query says committed.
 	m.srv.record(m.id, transport.StateCommitted)
-	// Both cores: leaving repair mode sends each socket's window probe.
+	// Both cores: leaving repair mode sends each socket's window probe, and
+	// os.NewFile registers each socket with the runtime's poller.
+	resumed := make([]*Delivered, len(live))
 	resumeErrs := make([]error, len(live))
 	parallel(len(live), func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
-			resumeErrs[i] = m.rs.r.Resume(live[i].fd, live[i].snap)
+			c := live[i]
+			if resumeErrs[i] = m.rs.r.Resume(c.fd, c.snap); resumeErrs[i] == nil {
+				resumed[i] = &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
+					Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index}
+			}
 		}
 		return nil
 	})
@@ -734,8 +740,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			fail(c, err)
 			continue
 		}
-		delivered = append(delivered, &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
-			Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index})
+		delivered = append(delivered, resumed[i])
 		c.fd = -1
 	}
 	// The sockets are live: the record says so before anyone else has them.
