@@ -32,6 +32,11 @@ var (
 // streams is how many snapshot streams carry the connections in parallel.
 const streams = 2
 
+// flushEvery is how many snapshots a stream sends at a time, so that the
+// target restores the first while the source still captures the next: the
+// pipeline of the freeze.
+const flushEvery = 32
+
 // conn is the source's bookkeeping for one connection.
 type conn struct {
 	Conn
@@ -64,8 +69,12 @@ type migration struct {
 	phase  time.Time // start of the current phase
 
 	switched bool
-	msgs     chan transport.Message
-	recvErr  chan error
+	// writers are the snapshot streams, opened before the lock; once
+	// streaming is set, stream owns them (it closes or aborts each).
+	writers   []*transport.SnapshotWriter
+	streaming bool
+	msgs      chan transport.Message
+	recvErr   chan error
 
 	mu sync.Mutex // guards captured and done of every conn, and res.RawBytes
 
@@ -166,9 +175,13 @@ func (m *migration) run(ctx context.Context) error {
 	}
 	m.endPhase("inspect")
 
-	// The target is told first, so that it makes its lock table and
-	// writes its journal while the source makes its own: none of it
-	// belongs in the freeze window.
+	// The journal first (recovery needs it as soon as anything can be
+	// left behind), then Prepare, then the lock table: the target makes its
+	// own table and writes its journal while the source makes its table.
+	// None of it belongs in the freeze window.
+	if err := m.writeJournal(); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
 	if err := m.fault(StepPrepare); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
@@ -184,6 +197,15 @@ func (m *migration) run(ctx context.Context) error {
 	}
 	defer m.lock.Close()
 	m.endPhase("prepare")
+
+	// The snapshot streams (and their compressors) are opened before the
+	// lock too; prepare cancels sctx when it returns, which stops them.
+	sctx, scancel := context.WithCancel(ctx)
+	defer scancel()
+	defer m.abortUnusedStreams()
+	if err := m.openStreams(sctx); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
 
 	if err := m.fault(StepLock); err != nil {
 		return m.rollbackAll(ctx, err)
@@ -202,7 +224,7 @@ func (m *migration) run(ctx context.Context) error {
 	m.msgs, m.recvErr = make(chan transport.Message, 64), make(chan error, 1)
 	go m.receive(ctx)
 
-	if err := m.prepare(ctx); err != nil {
+	if err := m.prepare(ctx, scancel); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
 	if err := m.awaitListeners(ctx); err != nil {
@@ -301,16 +323,16 @@ func (m *migration) inspect() {
 	})
 }
 
-// newLock creates the source's lock table and writes the journal record
-// that recovery needs, before anything is locked.
-func (m *migration) newLock() error {
-	lock, err := firewall.New(firewall.Config{Instance: "src-" + m.id.String()[:16], NetNS: m.cfg.NetNS, Lease: m.cfg.Lease})
-	if err != nil {
-		return err
-	}
-	m.lock = lock
+// lockInstance names the source's lock of this migration.
+func (m *migration) lockInstance() string { return "src-" + m.id.String()[:16] }
+
+// writeJournal writes the record that recovery needs, with the connection
+// list, before the lock table exists and before anything is locked. It
+// names the table about to be made (recovery removes a table that is
+// missing without complaint).
+func (m *migration) writeJournal() error {
 	m.rec = journal.Record{Migration: m.id.String(), Role: journal.Source, State: StateLocked.String(), Peer: m.cfg.To,
-		Lock: lock.Table()}
+		Lock: firewall.TableName(m.lockInstance())}
 	for _, c := range m.elig {
 		m.rec.Conns = append(m.rec.Conns, journal.Conn{Index: c.index, Local: c.tuple.Local, Remote: c.tuple.Remote, FD: c.OwnerFD,
 			Family: c.snap.Family, ReuseAddr: c.snap.Options.ReuseAddr})
@@ -319,6 +341,16 @@ func (m *migration) newLock() error {
 		m.cfg.Annotate(&m.rec)
 	}
 	return m.jr.Write(&m.rec)
+}
+
+// newLock creates the source's lock table.
+func (m *migration) newLock() error {
+	lock, err := firewall.New(firewall.Config{Instance: m.lockInstance(), NetNS: m.cfg.NetNS, Lease: m.cfg.Lease})
+	if err != nil {
+		return err
+	}
+	m.lock = lock
+	return nil
 }
 
 // lockAll locks every eligible connection in one batch: the freeze starts.
@@ -352,14 +384,14 @@ func (m *migration) receive(ctx context.Context) {
 
 // prepare captures and streams every eligible connection while collecting
 // the target's verdicts; refused connections are rolled back on the spot.
-func (m *migration) prepare(ctx context.Context) error {
+func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc) error {
 	if err := m.fault(StepCapture); err != nil {
 		return err
 	}
-	wctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	defer stopStreams()
 	sent := make(chan error, 1)
-	go func() { sent <- m.stream(wctx) }()
+	m.streaming = true // from here stream ends every writer
+	go func() { sent <- m.stream() }()
 
 	streamed := false
 	verdicts := 0
@@ -388,7 +420,11 @@ func (m *migration) prepare(ctx context.Context) error {
 				}
 			case *transport.Prepared:
 				if !streamed {
+					// The target can be quicker than this loop's select.
 					if err := <-sent; err != nil {
+						return err
+					}
+					if err := m.fault(StepVerdicts); err != nil {
 						return err
 					}
 				}
@@ -413,13 +449,13 @@ func (m *migration) prepare(ctx context.Context) error {
 
 // stream captures the connections and writes their snapshots on parallel
 // streams, each connection on stream index%streams.
-func (m *migration) stream(ctx context.Context) error {
-	n := min(streams, len(m.elig))
+func (m *migration) stream() error {
+	n := len(m.writers)
 	errs := make(chan error, n)
 	var done atomic.Int64
 	for s := 0; s < n; s++ {
 		go func(s int) {
-			errs <- m.streamShare(ctx, s, n, &done)
+			errs <- m.streamShare(m.writers[s], s, n, &done)
 		}(s)
 	}
 	var first error
@@ -431,12 +467,33 @@ func (m *migration) stream(ctx context.Context) error {
 	return first
 }
 
-func (m *migration) streamShare(ctx context.Context, share, n int, done *atomic.Int64) error {
-	w, err := m.link.OpenSnapshotStream(ctx)
-	if err != nil {
-		return err
+// openStreams opens the snapshot streams, one per share of the connections.
+func (m *migration) openStreams(ctx context.Context) error {
+	for range min(streams, len(m.elig)) {
+		w, err := m.link.OpenSnapshotStream(ctx)
+		if err != nil {
+			return err
+		}
+		m.writers = append(m.writers, w)
 	}
+	return nil
+}
+
+// abortUnusedStreams ends the streams that stream never took over.
+func (m *migration) abortUnusedStreams() {
+	if m.streaming {
+		return
+	}
+	for _, w := range m.writers {
+		w.Abort()
+	}
+}
+
+// streamShare captures the connections of one share and writes them on w,
+// which it closes (or aborts).
+func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done *atomic.Int64) error {
 	var scratch repair.Snapshot
+	sent := 0
 	for i := share; i < len(m.elig); i += n {
 		c := m.elig[i]
 		scratch.RecvQueue, scratch.SendQueue = scratch.RecvQueue[:0], scratch.SendQueue[:0]
@@ -456,6 +513,15 @@ func (m *migration) streamShare(ctx context.Context, share, n int, done *atomic.
 		if err := w.WriteState(c.index, &scratch, c.AppState); err != nil {
 			w.Abort()
 			return err
+		}
+		// A chunk holds hundreds of idle snapshots: without a flush the
+		// target would restore nothing until the stream closes. The first
+		// goes at once, to start the target's pipeline.
+		if sent++; sent == 1 || sent%flushEvery == 0 {
+			if err := w.Flush(); err != nil {
+				w.Abort()
+				return err
+			}
 		}
 		if p := m.cfg.Progress; p != nil {
 			p(int(done.Add(1)), len(m.elig))
