@@ -388,10 +388,19 @@ func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc)
 	if err := m.fault(StepCapture); err != nil {
 		return err
 	}
-	defer stopStreams()
 	sent := make(chan error, 1)
 	m.streaming = true // from here stream ends every writer
 	go func() { sent <- m.stream() }()
+	ended := false // stream has returned
+	defer func() {
+		// Stop the streams and wait for them: a rollback must see every
+		// capture they made, or a socket captured after it would stay in
+		// repair mode.
+		stopStreams()
+		if !ended {
+			<-sent
+		}
+	}()
 
 	streamed := false
 	verdicts := 0
@@ -400,6 +409,7 @@ func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc)
 	for {
 		select {
 		case err := <-sent:
+			ended = true
 			if err != nil {
 				return err
 			}
@@ -421,7 +431,9 @@ func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc)
 			case *transport.Prepared:
 				if !streamed {
 					// The target can be quicker than this loop's select.
-					if err := <-sent; err != nil {
+					err := <-sent
+					ended = true
+					if err != nil {
 						return err
 					}
 					if err := m.fault(StepVerdicts); err != nil {
