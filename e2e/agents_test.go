@@ -113,7 +113,7 @@ func TestGoAPIMigration(t *testing.T) {
 			t.Errorf("connection %d %s->%s: %s: %v", c.Index, c.Local, c.Remote, c.Outcome, c.Err)
 		}
 	}
-	t.Logf("state %s, phases %v, raw %d bytes, wire %d bytes, freeze %s", res.State, res.Phases, res.RawBytes, res.WireBytes, res.Conns[0].Freeze)
+	t.Logf("state %s, phases %v, raw %d bytes, wire %d bytes, freeze %s, %d held", res.State, res.Phases, res.RawBytes, res.WireBytes, res.Conns[0].Freeze, res.Held)
 	// The source copies are closed (in repair mode: silently).
 	for _, c := range w.conns {
 		c.Close()

@@ -65,6 +65,7 @@ func Inspect(fd int, s *Snapshot) error {
 		return &OpError{Op: "getsockopt TCP_INFO", Err: err}
 	}
 	st := State(info[0])
+	s.State = st // as inspected; Capture reads it again under the lock
 	if !st.Migratable() {
 		local, _ := sockname(fd, false)
 		remote, _ := peername(fd, s.Family)

@@ -259,6 +259,8 @@ func (r *Restorer) Settle(fd int, s *Snapshot) error {
 //     Injector; the peer answers with its current acknowledgement and
 //     window. Without an Injector the connection relies on its timers.
 //   - CLOSE: repair off; there is nobody left to talk to.
+//   - held (FlagHeld, ESTABLISHED only) with an Injector: ResumeHeld, then
+//     Kick, so that the held peer learns the open window at once.
 func (r *Restorer) Resume(fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
@@ -272,6 +274,8 @@ func (r *Restorer) Resume(fd int, s *Snapshot) error {
 			return opErr("connect (SYN_SENT)", err)
 		}
 		return afterRepair(fd, s)
+	case s.Flags&FlagHeld != 0 && r.Injector != nil:
+		return r.resumeHeld(fd, s)
 	case s.State == StateEstablished || s.State == StateClose || r.Injector == nil:
 		return resume(fd, s, unix.TCP_REPAIR_OFF)
 	}

@@ -144,3 +144,12 @@ func Kick(in *Injector, snaps ...*Snapshot) error {
 	}
 	return err
 }
+
+// resumeHeld is Restorer.Resume for a held connection: ResumeHeld, then the
+// kick.
+func (r *Restorer) resumeHeld(fd int, s *Snapshot) error {
+	if err := ResumeHeld(fd, s); err != nil {
+		return err
+	}
+	return r.Injector.Send(KickSegment(s))
+}

@@ -39,6 +39,16 @@ type Config struct {
 	// Lease bounds how long either side's locks outlive a silent agent.
 	// Zero means DefaultLease.
 	Lease time.Duration
+	// NoHold turns off the zero-window hold (docs/handoff.md): without it
+	// the lock simply drops what the peers send during the freeze, and a
+	// peer that was sending waits for its retransmission timer (at least
+	// 200 ms on Linux) after the unlock. The hold is used when this is
+	// false, the target advertises repair.FeatHeldRestore and this kernel
+	// accepts the hold's nftables rule.
+	NoHold bool
+	// HoldDrain bounds the wait, before the lock, for held peers to stop
+	// sending. Zero means DefaultHoldDrain.
+	HoldDrain time.Duration
 	// Timeout bounds each wait for the target (verdicts, switch, commit).
 	// Zero means DefaultTimeout.
 	Timeout time.Duration
@@ -111,6 +121,9 @@ type Result struct {
 	// RawBytes is the queued connection data moved; WireBytes what crossed
 	// the link (both directions, compressed and framed).
 	RawBytes, WireBytes int64
+	// Held is how many connections were held with a zero window before the
+	// lock (Config.NoHold).
+	Held int
 }
 
 // Committed reports whether every connection was committed.

@@ -45,6 +45,7 @@ type conn struct {
 	tuple    firewall.Tuple
 	snap     repair.Snapshot // queues dropped once sent
 	captured bool            // in repair mode on the source
+	held     bool            // held with a zero window before the lock (hold.go)
 	done     bool            // committed or rolled back
 	res      *ConnResult
 	// pendingOn is the listener whose accept queue the connection was
@@ -77,6 +78,8 @@ type migration struct {
 	recvErr   chan error
 
 	mu sync.Mutex // guards captured and done of every conn, and res.RawBytes
+
+	hold holder // the zero-window hold (hold.go)
 
 	lsn      []*listener          // listeners.go
 	lsnLock  *firewall.ListenLock // drops SYNs to lsn while they move
@@ -196,6 +199,7 @@ func (m *migration) run(ctx context.Context) error {
 		return m.rollbackAll(ctx, err)
 	}
 	defer m.lock.Close()
+	defer m.closeHold()
 	m.endPhase("prepare")
 
 	// The snapshot streams (and their compressors) are opened before the
@@ -210,6 +214,7 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.fault(StepLock); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
+	m.holdAll()
 	if err := m.lockAll(); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
@@ -345,11 +350,13 @@ func (m *migration) writeJournal() error {
 
 // newLock creates the source's lock table.
 func (m *migration) newLock() error {
-	lock, err := firewall.New(firewall.Config{Instance: m.lockInstance(), NetNS: m.cfg.NetNS, Lease: m.cfg.Lease})
+	lock, err := firewall.New(firewall.Config{Instance: m.lockInstance(), NetNS: m.cfg.NetNS, Lease: m.cfg.Lease,
+		Hold: m.wantHold()})
 	if err != nil {
 		return err
 	}
 	m.lock = lock
+	m.hold.on = lock.CanHold()
 	return nil
 }
 
@@ -516,6 +523,9 @@ func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done 
 			w.Abort()
 			return err
 		}
+		if c.held {
+			scratch.MarkHeld()
+		}
 		m.mu.Lock()
 		c.captured = true
 		m.res.RawBytes += int64(len(scratch.RecvQueue) + len(scratch.SendQueue))
@@ -580,7 +590,7 @@ func (m *migration) resumeOne(c *conn) {
 	c.done, c.captured = true, false
 	m.mu.Unlock()
 	if captured {
-		if err := repair.Resume(c.fd, &c.snap); err != nil {
+		if err := m.resumeSocket(c); err != nil {
 			c.res.Outcome, c.res.Err = Failed, errors.Join(c.res.Err, err)
 			return
 		}

@@ -18,7 +18,7 @@ type restorer struct {
 // restore is repair's Restore with the injector the state needs; it runs
 // in the target's network namespace.
 func (x *restorer) restore(s *repair.Snapshot, mark uint32) (int, error) {
-	if s.State.NeedsInjection() {
+	if s.State.NeedsInjection() || s.Flags&repair.FlagHeld != 0 { // a held connection is kicked on resume
 		x.mu.Lock()
 		if x.r.Injector == nil {
 			inj, err := repair.NewInjector(mark)

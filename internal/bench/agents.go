@@ -28,6 +28,8 @@ type sourceConfig struct {
 	Release    string `json:"release"`
 	Dev        string `json:"dev"`
 	JournalDir string `json:"journal_dir"`
+	// NoHold turns the zero-window hold off (source.Config.NoHold).
+	NoHold bool `json:"no_hold,omitempty"`
 }
 
 // sourceResult is what the source agent's child reports.
@@ -45,6 +47,8 @@ type sourceResult struct {
 	// HandedBack counts the sockets that rolled back and went back to the
 	// workload.
 	HandedBack int `json:"handed_back"`
+	// Held is source.Result.Held.
+	Held int `json:"held"`
 }
 
 // runSource takes the workload's sockets over the handoff socket, migrates
@@ -68,6 +72,7 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 		Switch:      func(ctx context.Context) error { return addrmove.Release(ctx, am) },
 		Unswitch:    func(ctx context.Context) error { return addrmove.Claim(ctx, am) },
 		SwitchAddrs: []netip.Prefix{svc},
+		NoHold:      sc.NoHold,
 	}
 	ln, err := fdpass.Listen(sc.Handoff, fdpass.Policy{Limits: fdpass.Limits{MaxBatch: fdpass.MaxBatchLimit}})
 	if err != nil {
@@ -107,7 +112,7 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 		fdpass.CloseItems(back)
 	}
 	out := sourceResult{event: event{Event: "result"}, State: res.State.String(), Outcomes: map[string]int{},
-		Phases: res.Phases, RawBytes: res.RawBytes, WireBytes: res.WireBytes, Received: received}
+		Phases: res.Phases, RawBytes: res.RawBytes, WireBytes: res.WireBytes, Received: received, Held: res.Held}
 	for _, cr := range res.Conns {
 		out.Freeze = append(out.Freeze, cr.Freeze)
 		out.Outcomes[string(cr.Outcome)]++

@@ -51,6 +51,9 @@ type Options struct {
 	Child []string
 	// ChildEnv is added to the children's environment.
 	ChildEnv []string
+	// NoHold turns off the source agent's zero-window hold
+	// (source.Config.NoHold), for a drop-only baseline.
+	NoHold bool
 	// Pcap, if set, is a file where tcpdump records the migrated
 	// connections' segments on the bridge during the move (headers only).
 	Pcap string
@@ -393,7 +396,7 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 	go w.serveDeliveries(dln, &x.errs)
 	src, err := startChild(o, x.src, childConfig{Role: roleSource, CPUProfile: x.profile(roleSource), TLS: srcTLS, Source: &sourceConfig{
 		To: netip.AddrPortFrom(dstAddr.Addr(), agentPort).String(), Handoff: filepath.Join(x.dir, "handoff.sock"),
-		Release: svcAddr.String(), Dev: "eth0", JournalDir: filepath.Join(x.dir, "journal-source"),
+		Release: svcAddr.String(), Dev: "eth0", JournalDir: filepath.Join(x.dir, "journal-source"), NoHold: o.NoHold,
 	}})
 	if err != nil {
 		return err
@@ -590,7 +593,7 @@ func (x *run) handOver(ctx context.Context) error {
 // sourceFigures fills the report from the source agent's result.
 func (x *run) sourceFigures(s *sourceResult) {
 	r := x.r
-	r.State, r.Committed = s.State, s.Outcomes["committed"]
+	r.State, r.Committed, r.Held = s.State, s.Outcomes["committed"], s.Held
 	r.StateBytes, r.WireBytes = s.RawBytes, s.WireBytes
 	r.PeakRSS.Source = s.VmHWM
 	var sw time.Duration

@@ -130,6 +130,9 @@ type Report struct {
 	// or failed them) and that the source agent handed back to the
 	// workload, which went on with them and checked them like the others.
 	HandedBack int `json:"handed_back"`
+	// Held is how many connections the source held with a zero window
+	// before the lock (0 with --no-hold, or when the hold is unavailable).
+	Held int `json:"held"`
 	// State is the source agent's final state.
 	State string `json:"state"`
 	// QueueBytes is what each static connection had queued each way.
@@ -243,8 +246,8 @@ func (r *Report) WriteTable(w io.Writer) {
 	if r.StreamConns > 0 {
 		p(", %d streaming (16 KiB every %s)", r.StreamConns, time.Duration(r.StreamIntervalUS*1e3))
 	}
-	p("\n  %d/%d committed (%s), %d handed back; load %.2f before, %.2f after; %s, %d CPUs\n\n",
-		r.Committed, r.Conns, r.State, r.HandedBack, r.LoadBefore(), r.Env.LoadAfter[0], r.Env.Kernel, r.Env.CPUs)
+	p("\n  %d/%d committed (%s), %d held with a zero window, %d handed back; load %.2f before, %.2f after; %s, %d CPUs\n\n",
+		r.Committed, r.Conns, r.State, r.Held, r.HandedBack, r.LoadBefore(), r.Env.LoadAfter[0], r.Env.Kernel, r.Env.CPUs)
 	p("  %-34s %10s %10s %10s %10s\n", "µs", "min", "p50", "p99", "max")
 	row := func(name string, d *Dist) {
 		if d == nil {

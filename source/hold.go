@@ -1,0 +1,121 @@
+package source
+
+import (
+	"sync"
+	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/nsdo"
+	"github.com/tcpmigrate/tcpmigrate/repair"
+)
+
+// The zero-window hold (REPAIR-NOTES 10.4, docs/handoff.md): before the
+// lock, the source makes its connections advertise a window of 0 and waits
+// until their peers have nothing left in flight, so that the lock drops
+// nothing of theirs and they wait in zero-window persist mode instead of
+// retransmission backoff. The target restores the window the peer
+// believes in and kicks each socket into announcing its open window.
+
+// DefaultHoldDrain bounds the wait for the peers to stop sending
+// (Config.HoldDrain).
+const DefaultHoldDrain = 200 * time.Millisecond
+
+// holder is the source's part of the hold for one migration.
+type holder struct {
+	on bool // the hold is used: wanted, the target restores held connections, the lock can hold
+
+	mu  sync.Mutex       // guards inj
+	inj *repair.Injector // for the kicks of rolled-back connections, opened on first use
+}
+
+// wantHold reports whether this migration should hold its connections:
+// the configuration does not turn the hold off and the target can restore
+// held connections (it advertised repair.FeatHeldRestore).
+func (m *migration) wantHold() bool {
+	return !m.cfg.NoHold && m.link.Peer().Features.Has(repair.FeatHeldRestore)
+}
+
+// holdAll holds the eligible ESTABLISHED connections and waits until their
+// peers have nothing in flight (repair.Drain), just before lockAll, whose
+// batch moves them from the hold to the lock. A failure to hold is not
+// fatal: the connections are then locked as without the hold.
+func (m *migration) holdAll() {
+	if !m.hold.on {
+		return
+	}
+	var tuples []firewall.Tuple
+	var fds []int
+	for _, c := range m.elig {
+		if !c.done && c.snap.State == repair.StateEstablished {
+			tuples = append(tuples, c.tuple)
+			fds = append(fds, c.fd)
+		}
+	}
+	if len(tuples) == 0 {
+		return
+	}
+	if err := m.lock.Hold(tuples); err != nil {
+		m.log.Warn("zero-window hold failed: locking without it", "err", err)
+		return
+	}
+	for _, c := range m.elig {
+		c.held = !c.done && c.snap.State == repair.StateEstablished
+	}
+	m.res.Held = len(tuples)
+	limit := m.cfg.HoldDrain
+	if limit == 0 {
+		limit = DefaultHoldDrain
+	}
+	start := time.Now()
+	left, err := repair.Drain(fds, limit)
+	if err != nil || left > 0 {
+		m.log.Warn("zero-window hold: peers still sending at the lock", "conns", len(fds), "still_receiving", left, "err", err)
+	}
+	m.log.Debug("zero-window hold drained", "conns", len(fds), "took", time.Since(start))
+}
+
+// resumeSocket takes a captured connection out of repair mode on the
+// source (a rollback). One whose peer was held leaves repair without the
+// window probe and is kicked, so that it announces its open window now;
+// the others leave with the kernel's probe.
+func (m *migration) resumeSocket(c *conn) error {
+	if c.snap.Flags&repair.FlagHeld == 0 {
+		return repair.Resume(c.fd, &c.snap)
+	}
+	inj, err := m.injector()
+	if err != nil {
+		// Without a kick the peer learns the window at its next persist
+		// probe; the connection is fine, only slower to resume.
+		m.log.Warn("no kick for a held connection", "conn", c.tuple.String(), "err", err)
+		return repair.Resume(c.fd, &c.snap)
+	}
+	r := repair.Restorer{Injector: inj}
+	return r.Resume(c.fd, &c.snap)
+}
+
+// injector returns the migration's injector, opening it in the sockets'
+// namespace with the lock's bypass mark the first time.
+func (m *migration) injector() (*repair.Injector, error) {
+	m.hold.mu.Lock()
+	defer m.hold.mu.Unlock()
+	if m.hold.inj != nil {
+		return m.hold.inj, nil
+	}
+	err := nsdo.Do(m.cfg.NetNS, func() (err error) {
+		m.hold.inj, err = repair.NewInjector(m.lock.BypassMark())
+		return err
+	})
+	return m.hold.inj, err
+}
+
+// closeHold closes the injector, if one was opened.
+func (m *migration) closeHold() error {
+	m.hold.mu.Lock()
+	defer m.hold.mu.Unlock()
+	if m.hold.inj == nil {
+		return nil
+	}
+	err := m.hold.inj.Close()
+	m.hold.inj = nil
+	return err
+}
