@@ -37,8 +37,9 @@ func (m *migration) wantHold() bool {
 
 // holdAll holds the eligible ESTABLISHED connections and waits until their
 // peers have nothing in flight (repair.Drain), just before lockAll, whose
-// batch moves them from the hold to the lock. A failure to hold is not
-// fatal: the connections are then locked as without the hold.
+// batch moves them from the hold to the lock; the wait is the phase
+// "hold", before the freeze. A failure to hold is not fatal: the
+// connections are then locked as without the hold.
 func (m *migration) holdAll() {
 	if !m.hold.on {
 		return
@@ -72,6 +73,7 @@ func (m *migration) holdAll() {
 		m.log.Warn("zero-window hold: peers still sending at the lock", "conns", len(fds), "still_receiving", left, "err", err)
 	}
 	m.log.Debug("zero-window hold drained", "conns", len(fds), "took", time.Since(start))
+	m.endPhase("hold")
 }
 
 // resumeSocket takes a captured connection out of repair mode on the
