@@ -5,7 +5,13 @@
 // The package has a handful of verbs, used in this order:
 //
 //	source:  (lock the 4-tuple) → Dump → hold … → Discard (commit) or Abort (roll back)
-//	target:  (lock the 4-tuple) → Restore → hold … → (unlock) → Resume (commit) or Discard (abort)
+//	target:  (lock the 4-tuple) → Restore → hold … → Settle → (unlock) → Resume (commit) or Discard (abort)
+//
+// Besides ESTABLISHED, the dump takes SYN_SENT and the half-closed states
+// (State.Migratable). Restoring those in which a FIN was received or ours
+// acknowledged needs segments crafted as if from the peer: a Restorer with
+// an Injector sends them, and its Settle sends those that had to wait for
+// the local address to be on this host.
 //
 // Invariants:
 //

@@ -511,6 +511,12 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 	defer restored.Close()
 
 	sc.finish(e, restored)
+	// Every FIN was acknowledged: both ends are closed (through TIME_WAIT
+	// on the side that closed first).
+	waitTCPState(t, fdOf(t, restored), StateClose)
+	if sc.name != "close-after-reset" { // that peer closed its socket
+		waitTCPState(t, e.peerFd, StateClose)
+	}
 
 	segs := stopCapture()
 	ourFin := fmt.Sprintf("%s.%d > %s.%d: Flags [F", l.Addr(), l.Port(), r.Addr(), r.Port())
