@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -102,7 +103,9 @@ func waitConnState(t *testing.T, what string, c *net.TCPConn, want repair.State)
 
 // TestHalfClosedMix migrates, through both agents (Go API), a mix of
 // connections in ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK and
-// CLOSE, each with unread bytes queued at the workload, over IPv4 and IPv6.
+// CLOSE, each with unread bytes queued at the workload, and one in SYN_SENT
+// (the workload dialling a listener on the peer, whose path drops the SYN
+// until after the commit), over IPv4 and IPv6.
 // FIN_WAIT1 and LAST_ACK are held by dropping the peer's acknowledgements
 // (a lossy path) until after the commit. The peer then judges: every byte
 // and end-of-file where the state implies it, on both sides; its own FIN
@@ -160,6 +163,19 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 		defer c.work.Close()
 		conns[i] = c
 	}
+	// One more connection, from the workload to a listener on the peer,
+	// whose SYN the peer does not answer yet (its path drops it).
+	peerLnAP := netip.AddrPortFrom(netip.MustParsePrefix(addrs[0]).Addr(), 9000)
+	var peerLn net.Listener
+	if err := peer.Do(func() (err error) { peerLn, err = net.Listen("tcp", peerLnAP.String()); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer peerLn.Close()
+	ipk := "ip"
+	if v6 {
+		ipk = "ip6"
+	}
+	synDrop := fmt.Sprintf("%s daddr %s tcp dport %d drop", ipk, peerLnAP.Addr(), peerLnAP.Port())
 	watch := startWatch(t, lan, peer, v6)
 
 	// Drive each connection into its state; the workload never reads, so
@@ -178,7 +194,9 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 			dropRules = append(dropRules, dropRule(c, v6))
 		}
 	}
-	peerDrop(t, peer, dropRules)
+	peerDrop(t, peer, dropRules, []string{synDrop})
+	synFile := dialSynSent(t, src, svcP.Addr(), peerLnAP)
+	defer synFile.Close()
 	for _, c := range conns {
 		switch c.state {
 		case repair.StateEstablished:
@@ -212,7 +230,7 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 	t.Logf("setup done at %v", time.Since(t0))
 	// The agents.
 	srcTC, dstTC := pki(t)
-	delivered := make(chan *target.Delivered, len(conns))
+	delivered := make(chan *target.Delivered, len(conns)+1)
 	srv, err := target.NewServer(target.Config{
 		Transport: dstTC, NetNS: dst.Handle(), Allow: []netip.Prefix{svcP}, JournalDir: t.TempDir(),
 		Claim: func(context.Context, []netip.Prefix) error {
@@ -247,6 +265,7 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 		}
 		hand = append(hand, source.Conn{File: f})
 	}
+	hand = append(hand, source.Conn{File: synFile})
 	res, err := source.Migrate(ctxT(t), source.Config{
 		To: tl.Addr().String(), Transport: srcTC, NetNS: src.Handle(), Lease: 5 * time.Second,
 		Timeout: 10 * time.Second, JournalDir: t.TempDir(),
@@ -263,19 +282,19 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 	}
 	for i, c := range res.Conns {
 		if c.Outcome != source.Committed {
-			t.Fatalf("connection %d (%s): %s: %v", i, conns[i].state, c.Outcome, c.Err)
+			t.Fatalf("connection %d (%s): %s: %v", i, c.Local, c.Outcome, c.Err)
 		}
 	}
 	for _, c := range conns {
 		c.work.Close() // in repair mode at the source: silent
 	}
-	t.Logf("migrated at %v", time.Since(t0))
+	t.Logf("migrated at %v: state %s, phases %v", time.Since(t0), res.State, res.Phases)
 	// The peer's path heals.
-	peerDrop(t, peer, nil)
+	peerDrop(t, peer, nil, nil)
 
 	// Hand every delivered socket to its connection.
 	byPeer := map[netip.AddrPort]*net.TCPConn{}
-	for range conns {
+	for range len(conns) + 1 {
 		select {
 		case d := <-delivered:
 			nc, err := d.Conn()
@@ -291,7 +310,39 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 
 	// The rest of each conversation, judged from the peer's side.
 	var wg sync.WaitGroup
-	errs := make(chan error, len(conns))
+	errs := make(chan error, len(conns)+1)
+	synMoved := byPeer[peerLnAP]
+	if synMoved == nil {
+		t.Fatal("SYN_SENT: no delivered socket")
+	}
+	if st := stateOf(t, synMoved); st != repair.StateSynSent {
+		t.Errorf("SYN_SENT: delivered in %s", st)
+	}
+	var synPeer *net.TCPConn
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		start := time.Now()
+		peerLn.(*net.TCPListener).SetDeadline(time.Now().Add(10 * time.Second))
+		pc, err := peerLn.Accept()
+		if err != nil {
+			errs <- fmt.Errorf("SYN_SENT: the peer's listener: %w", err)
+			return
+		}
+		t.Logf("SYN_SENT: accepted %v after the commit", time.Since(start))
+		synPeer = pc.(*net.TCPConn)
+		c := &mixConn{state: repair.StateSynSent, peer: synPeer}
+		c.workWrite(t, synMoved, 3000)
+		synMoved.CloseWrite()
+		c.peerWrite(t, 2000)
+		synPeer.CloseWrite()
+		if err := readAll(synPeer, 0, c.toPeer); err != nil {
+			errs <- fmt.Errorf("SYN_SENT: peer: %w", err)
+		}
+		if err := readAll(synMoved, 1, c.toWork); err != nil {
+			errs <- fmt.Errorf("SYN_SENT: moved socket: %w", err)
+		}
+	}()
 	for _, c := range conns {
 		moved := byPeer[c.peer.LocalAddr().(*net.TCPAddr).AddrPort()]
 		if moved == nil {
@@ -317,6 +368,10 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 	// Every connection is over on the peer's side, through an orderly close.
 	for _, c := range conns {
 		waitConnState(t, c.state.String()+": peer side", c.peer, repair.StateClose)
+	}
+	if synPeer != nil {
+		defer synPeer.Close()
+		waitConnState(t, "SYN_SENT: peer side", synPeer, repair.StateClose)
 	}
 	judgeNoReset(t, watch)
 }
@@ -362,6 +417,55 @@ func finishMix(t *testing.T, c *mixConn, moved *net.TCPConn) error {
 	return nil
 }
 
+// dialSynSent connects from the service address on the source host to
+// remote without waiting: the peer drops the SYN, so the socket stays in
+// SYN_SENT.
+func dialSynSent(t *testing.T, src *lab.NS, local netip.Addr, remote netip.AddrPort) *os.File {
+	t.Helper()
+	family := unix.AF_INET
+	if local.Is6() {
+		family = unix.AF_INET6
+	}
+	var fd int
+	if err := src.Do(func() (err error) {
+		if fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0); err != nil {
+			return err
+		}
+		var la, ra unix.Sockaddr
+		if family == unix.AF_INET {
+			la = &unix.SockaddrInet4{Addr: local.As4()}
+			ra = &unix.SockaddrInet4{Addr: remote.Addr().As4(), Port: int(remote.Port())}
+		} else {
+			la = &unix.SockaddrInet6{Addr: local.As16()}
+			ra = &unix.SockaddrInet6{Addr: remote.Addr().As16(), Port: int(remote.Port())}
+		}
+		if err := unix.Bind(fd, la); err != nil {
+			return err
+		}
+		if err := unix.Connect(fd, ra); err != unix.EINPROGRESS {
+			return fmt.Errorf("connect: %v, want EINPROGRESS", err)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "syn-sent")
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if repair.State(info.State) == repair.StateSynSent {
+			return f
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("dialing socket in %s, want SYN_SENT", repair.State(info.State))
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 // dropRule drops the peer's segments of c towards the service (its ACKs).
 func dropRule(c *mixConn, v6 bool) string {
 	ipk := "ip"
@@ -372,14 +476,16 @@ func dropRule(c *mixConn, v6 bool) string {
 	return fmt.Sprintf("%s saddr %s tcp sport %d tcp dport %d drop", ipk, l.Addr(), l.Port(), svcPort)
 }
 
-// peerDrop replaces the peer's drop rules with rules (none: remove them).
-func peerDrop(t *testing.T, peer *lab.NS, rules []string) {
+// peerDrop replaces the peer's drop rules with out (its output) and in
+// (its input); none removes them.
+func peerDrop(t *testing.T, peer *lab.NS, out, in []string) {
 	t.Helper()
 	peer.Exec("nft", "delete", "table", "inet", "lossy")
-	if len(rules) == 0 {
+	if len(out)+len(in) == 0 {
 		return
 	}
-	script := "table inet lossy {\n chain out { type filter hook output priority 0;\n  " + strings.Join(rules, "\n  ") + "\n }\n}\n"
+	script := "table inet lossy {\n chain out { type filter hook output priority 0;\n  " + strings.Join(out, "\n  ") + "\n }\n" +
+		" chain in { type filter hook input priority 0;\n  " + strings.Join(in, "\n  ") + "\n }\n}\n"
 	cmd := peer.Command("nft", "-f", "-")
 	cmd.Stdin = strings.NewReader(script)
 	if b, err := cmd.CombinedOutput(); err != nil {

@@ -297,8 +297,10 @@ func capture(fd int, s *Snapshot) error {
 
 // captureSynSent is capture for a connection whose SYN is not answered
 // yet: all it has is its initial sequence number (write_seq is one past
-// it). Nothing was negotiated, and no window or queue exists; a send queue
-// holding data (a Fast Open SYN) fails the peek rather than lose it.
+// it) and its timestamp clock, which the SYN carried and a peer that saw
+// it remembers. Nothing was negotiated, and no window or queue exists; a
+// send queue holding data (a Fast Open SYN) fails the peek rather than
+// lose it.
 func captureSynSent(fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
@@ -311,6 +313,19 @@ func captureSynSent(fd int, s *Snapshot) error {
 		return opErr("getsockopt TCP_MAXSEG", err)
 	}
 	s.MSSClamp = uint32(mss)
+	ts, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP)
+	if err != nil {
+		return opErr("getsockopt TCP_TIMESTAMP", err)
+	}
+	s.Timestamp = uint32(ts)
+	if kernelUsecTS() {
+		if s.Timestamp&1 != 0 {
+			s.Flags |= FlagUsecTS
+		}
+		s.Timestamp &^= 1
+	} else if s.Timestamp&1 != 0 {
+		s.Timestamp++
+	}
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 		return opErr("select send queue", err)
 	}

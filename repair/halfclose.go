@@ -251,8 +251,8 @@ func (r *Restorer) Settle(fd int, s *Snapshot) error {
 //
 //   - ESTABLISHED: repair off; the kernel's window probe re-synchronises
 //     the peer.
-//   - SYN_SENT: repair off, then a non-blocking connect, which sends the
-//     SYN with the original initial sequence number at once.
+//   - SYN_SENT: repair off; the kernel's SYN timer retransmits the SYN
+//     with the original initial sequence number and the source's clock.
 //   - FIN_WAIT1, FIN_WAIT2, CLOSING, CLOSE_WAIT, LAST_ACK: the kernel sends
 //     no probe outside ESTABLISHED, so Resume sends one of its own (a bare
 //     ACK carrying snd_una-1, as the kernel's probe does) with the
@@ -265,18 +265,14 @@ func (r *Restorer) Resume(fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
-	switch {
-	case s.State == StateSynSent:
-		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
-			return opErr("turn repair off", err)
-		}
-		if err := connectRaw(fd, s.Family, s.Remote); err != nil {
-			return opErr("connect (SYN_SENT)", err)
-		}
-		return afterRepair(fd, s)
-	case s.Flags&FlagHeld != 0 && r.Injector != nil:
+	if s.Flags&FlagHeld != 0 && r.Injector != nil {
 		return r.resumeHeld(fd, s)
-	case s.State == StateEstablished || s.State == StateClose || r.Injector == nil:
+	}
+	switch s.State {
+	case StateEstablished, StateSynSent, StateClose:
+		return resume(fd, s, unix.TCP_REPAIR_OFF)
+	}
+	if r.Injector == nil {
 		return resume(fd, s, unix.TCP_REPAIR_OFF)
 	}
 	probe, err := probeSegment(fd, s)

@@ -52,8 +52,9 @@ type Restorer struct {
 // reaching it, so Restore stops short of the first injection and Settle
 // finishes the job once the address is local.
 //
-// A SYN_SENT connection is left bound, with its initial sequence number
-// set and not yet connected: Resume sends the SYN.
+// A SYN_SENT connection is connected with repair off, so that its SYN
+// (dropped by the lock) carries the original ISN; it is retransmitted by
+// the kernel's SYN timer after the unlock.
 //
 // On error no descriptor is left open.
 func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
@@ -89,7 +90,7 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 	}
 	if s.State == StateSynSent {
 		// The SYN's window scale follows from the buffers: the final sizes
-		// go in now, before the connect in Resume.
+		// go in now, before the connect.
 		if op, err := writeLateOptions(fd, s.Family, &s.Options); err != nil {
 			return fd, opErr(op, err)
 		}
@@ -219,11 +220,14 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 	return fd, nil
 }
 
-// restoreSynSent prepares a SYN_SENT connection (REPAIR-NOTES 5.1): the
+// restoreSynSent rebuilds a SYN_SENT connection (REPAIR-NOTES 5.1): the
 // send queue starts at the initial sequence number (one below the saved
-// write_seq), so that the connect Resume makes, with repair off, sends a
-// SYN carrying the original ISN. The socket stays bound and unconnected
-// until then.
+// write_seq); a non-blocking connect with repair off then sends a SYN
+// carrying that ISN, which the lock drops (the kernel keeps a non-zero
+// write_seq as the ISN); back in repair mode the source's timestamp clock
+// replaces the offset the connect picked, so the retransmitted SYN
+// continues the clock a peer may have seen. The handshake completes after
+// the unlock, at the SYN's retransmission.
 func restoreSynSent(fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
@@ -237,9 +241,26 @@ func restoreSynSent(fd int, s *Snapshot) error {
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
 		return opErr("deselect queue", err)
 	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
+		return opErr("leave repair for the SYN", err)
+	}
+	cerr := connectRaw(fd, s.Family, s.Remote)
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		return opErr("re-enter repair after the SYN", err)
+	}
+	if cerr != nil {
+		return opErr("connect (SYN_SENT)", cerr)
+	}
+	ts := s.Timestamp
+	if s.Flags&FlagUsecTS != 0 && kernelUsecTS() {
+		ts |= 1
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts)); err != nil {
+		return opErr("setsockopt TCP_TIMESTAMP", err)
+	}
 	if st, err := readState(fd); err != nil {
 		return opErr("getsockopt TCP_INFO", err)
-	} else if st != StateClose {
+	} else if st != StateSynSent {
 		return opErr("verify restored socket", ErrRestoreMismatch)
 	}
 	return nil
@@ -346,8 +367,7 @@ func repairOffQuiet() int32 { return offQuiet }
 //
 // Resume serves both ends: on the source it rolls back a dumped socket,
 // in any state; on the target it is the commit of a restored one, where
-// Restorer.Resume is needed for SYN_SENT (which it connects) and does
-// better for the half-closed states (which it probes).
+// Restorer.Resume does better for the half-closed states (it probes them).
 func Resume(fd int, s *Snapshot) error {
 	return resume(fd, s, unix.TCP_REPAIR_OFF)
 }

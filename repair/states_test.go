@@ -572,7 +572,8 @@ func tcpExt(t *testing.T, ns *lab.NS) map[string]int64 {
 // TestSynSent moves a connection whose SYN the peer never saw (the source
 // was locked before it connected). After the target resumes it, the peer's
 // listener accepts it; the peer's own rcv_nxt (read under repair) shows the
-// original initial sequence number, and bytes flow both ways.
+// original initial sequence number, the restored socket's timestamp clock
+// continues the source's, and bytes flow both ways.
 func TestSynSent(t *testing.T) {
 	for _, fam := range []struct {
 		name   string
@@ -608,6 +609,26 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 		t.Fatal(err)
 	}
 	waitTCPState(t, srcFd, StateSynSent)
+	// Move the source's timestamp clock far from the target's (on one
+	// machine both hosts share the clock and the offset secret, which
+	// would hide a restore that loses it).
+	var shifted uint32
+	if err := h.src.Do(func() error {
+		if err := unix.SetsockoptInt(srcFd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
+			return err
+		}
+		ts, err := unix.GetsockoptInt(srcFd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP)
+		if err != nil {
+			return err
+		}
+		shifted = (uint32(ts) + 1<<30) &^ 1
+		if err := unix.SetsockoptInt(srcFd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int(int32(shifted))); err != nil {
+			return err
+		}
+		return unix.SetsockoptInt(srcFd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 0)
+	}); err != nil {
+		t.Fatal(err)
+	}
 	var snap Snapshot
 	if err := h.src.Do(func() error { return Dump(srcFd, &snap) }); err != nil {
 		t.Fatal(err)
@@ -635,10 +656,10 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 		t.Fatal(err)
 	}
 	h.moveService(t)
+	start := time.Now()
 	if err := lock.Unlock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
 	if err := rs.Resume(fd, &snap); err != nil {
 		t.Fatal(err)
 	}
@@ -655,7 +676,7 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 	if err != nil {
 		t.Fatal("peer's listener: ", err)
 	}
-	t.Logf("peer accepted %v after Resume", time.Since(start))
+	t.Logf("peer accepted %v after the unlock (the SYN timer retransmits)", time.Since(start))
 	peer := pc.(*net.TCPConn)
 	defer peer.Close()
 	pfd := fdOf(t, peer)
@@ -680,6 +701,21 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 		t.Fatal(err)
 	}
 	waitTCPState(t, fdOf(t, restored), StateEstablished)
+	// The restored socket goes on with the source's clock.
+	rfd := fdOf(t, restored)
+	if err := unix.SetsockoptInt(rfd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
+		t.Fatal(err)
+	}
+	ts, err := unix.GetsockoptInt(rfd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetsockoptInt(rfd, unix.IPPROTO_TCP, unix.TCP_REPAIR, -1); err != nil {
+		t.Fatal(err)
+	}
+	if d := uint32(ts) - shifted; d > 60_000 {
+		t.Errorf("restored timestamp clock %d, the source's was %d", uint32(ts), shifted)
+	}
 	// Bytes both ways.
 	const n = 1 << 20
 	errs := make(chan error, 4)

@@ -48,10 +48,14 @@ func (s *Snapshot) Validate() error {
 		return bad("unknown flags %#x", uint32(s.Flags&^knownFlags))
 	}
 	if s.State == StateSynSent {
-		// Nothing is negotiated before the SYN-ACK: no options, window,
-		// timestamp or queue, and a shut write side would have closed it.
-		if s.Flags != 0 || s.SndWScale != 0 || s.RcvWScale != 0 || s.Timestamp != 0 || s.Window != (Window{}) {
+		// Nothing is negotiated before the SYN-ACK: no options, window or
+		// queue (Timestamp is the clock the SYN carried), and a shut write
+		// side would have closed it.
+		if s.Flags&^FlagUsecTS != 0 || s.SndWScale != 0 || s.RcvWScale != 0 || s.Window != (Window{}) {
 			return bad("SYN_SENT with negotiated options or a window")
+		}
+		if s.Timestamp&1 != 0 {
+			return bad("odd timestamp (bit 0 is the microsecond flag)")
 		}
 		if len(s.SendQueue) != 0 || len(s.RecvQueue) != 0 || s.Unsent != 0 {
 			return bad("SYN_SENT with queued data")

@@ -235,6 +235,9 @@ func needs(s *repair.Snapshot) repair.Features {
 	if s.Options.Mask&repair.OptBufLock != 0 {
 		f |= repair.FeatBufLock
 	}
+	if s.State == repair.StateSynSent {
+		f |= repair.FeatTimestamp // the SYN's clock goes on
+	}
 	if s.State.HalfClosed() {
 		f |= repair.FeatHalfClosed
 	}
