@@ -6,10 +6,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// injectWait bounds the wait for a crafted segment to take effect. The
+// injectWait bounds the wait for a crafted segment to take effect, and
+// resendEvery is how long one copy is given before another is sent. The
 // loopback path usually delivers it before sendto returns; a busy machine
-// may leave it to the softirq thread for a while.
-const injectWait = 200 * time.Millisecond
+// may leave it to the softirq thread for a while. And an IPv6 address
+// added a moment ago (even without duplicate address detection) is usable
+// for bind before its local route exists: the kernel installs the route
+// from a workqueue, and a segment sent before that is routed out of the
+// host. Copies that arrive after the first took effect are old segments
+// to the socket (or, after CLOSE, hit no socket at all, and the lock
+// drops the reset): harmless.
+const (
+	injectWait  = 500 * time.Millisecond
+	resendEvery = 10 * time.Millisecond
+)
 
 // A step of a half-close recipe (REPAIR-NOTES 5.1): from one state to the
 // next by a shutdown or a crafted segment.
@@ -132,18 +142,46 @@ func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
 			if r.Injector == nil {
 				return cur, opErr("restore "+s.State.String(), ErrNoInjector)
 			}
-			if err := r.Injector.Send(craft(s, step)); err != nil {
+			if cur, err = r.inject(fd, craft(s, step), next); err != nil {
 				return cur, err
 			}
 		}
-		if cur, err = awaitState(fd, next, step == stepPeerFin || step == stepAckOurFin); err != nil {
-			return cur, opErr("getsockopt TCP_INFO", err)
+		if step == stepShutdownUnsent || step == stepShutdownSent {
+			if cur, err = readState(fd); err != nil {
+				return cur, opErr("getsockopt TCP_INFO", err)
+			}
 		}
 		if cur != next {
 			return cur, opErr("restore "+s.State.String()+": "+stepName(step)+" left the socket in "+cur.String()+", not "+next.String(), ErrRestoreMismatch)
 		}
 	}
 	return cur, r.rewindow(fd, s, cur)
+}
+
+// inject sends seg and waits until the socket is in state want, sending it
+// again every resendEvery, for up to injectWait. It returns the last state
+// read.
+func (r *Restorer) inject(fd int, seg Segment, want State) (State, error) {
+	deadline := time.Now().Add(injectWait)
+	for {
+		if err := r.Injector.Send(seg); err != nil {
+			return 0, err
+		}
+		next := time.Now().Add(resendEvery)
+		for delay := 20 * time.Microsecond; ; delay = min(2*delay, 2*time.Millisecond) {
+			st, err := readState(fd)
+			if err != nil {
+				return st, &OpError{Op: "getsockopt TCP_INFO", Local: seg.To, Remote: seg.From, Err: err}
+			}
+			if st == want || time.Now().After(deadline) {
+				return st, nil
+			}
+			if time.Now().After(next) {
+				break
+			}
+			time.Sleep(delay)
+		}
+	}
 }
 
 // rewindow writes the saved window on a socket that advance left in state
@@ -202,20 +240,6 @@ func peerWindowField(s *Snapshot) uint16 {
 		w >>= s.SndWScale
 	}
 	return uint16(min(w, 0xffff))
-}
-
-// awaitState re-reads the socket's state until it is want; a crafted
-// segment (async true) may take a moment to be processed. It returns the
-// last state read.
-func awaitState(fd int, want State, async bool) (State, error) {
-	deadline := time.Now().Add(injectWait)
-	for delay := 20 * time.Microsecond; ; delay = min(2*delay, 5*time.Millisecond) {
-		st, err := readState(fd)
-		if err != nil || st == want || !async || time.Now().After(deadline) {
-			return st, err
-		}
-		time.Sleep(delay)
-	}
 }
 
 func stepName(s closeStep) string {
