@@ -6,6 +6,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tcpmigrate/tcpmigrate/firewall"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
@@ -303,4 +304,97 @@ func bareRestore(s *Snapshot) error {
 	rawIoctl(fd, unix.SIOCINQ)
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoPrefix)
 	return unix.Close(fd)
+}
+
+// BenchmarkRestoreHalfClosed measures Restore of half-closed connections,
+// crafted segments included (loopback, under a real lock), next to the ESTABLISHED
+// Restore of BenchmarkRestore: CLOSE_WAIT takes one crafted FIN, FIN_WAIT2
+// a shutdown and one crafted ACK, CLOSE a crafted FIN, a shutdown and a
+// crafted ACK.
+func BenchmarkRestoreHalfClosed(b *testing.B) {
+	for _, st := range []State{StateCloseWait, StateFinWait2, StateClose} {
+		ns, fd := benchConn(b, false)
+		peer := peerOf(b, ns, fd)
+		switch st {
+		case StateCloseWait:
+			unix.Shutdown(peer, unix.SHUT_WR)
+		case StateFinWait2:
+			unix.Shutdown(fd, unix.SHUT_WR)
+		case StateClose:
+			unix.Shutdown(peer, unix.SHUT_WR)
+			benchWaitState(b, fd, StateCloseWait)
+			unix.Shutdown(fd, unix.SHUT_WR)
+		}
+		benchWaitState(b, fd, st)
+		var s Snapshot
+		if err := ns.Do(func() error { return Dump(fd, &s) }); err != nil {
+			b.Fatal(err)
+		}
+		dst, err := lab.NewNS("bench-dst")
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { dst.Close() })
+		dst.IP("link", "set", "lo", "up")
+		// The lock keeps the restored socket's ACKs from meeting no socket
+		// and coming back as resets.
+		lock, err := firewall.New(firewall.Config{Instance: "bench", NetNS: dst.Handle()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { lock.Close() })
+		l, r := s.Tuple()
+		if err := lock.Lock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
+			b.Fatal(err)
+		}
+		var rs Restorer
+		if err := dst.Do(func() (err error) { rs.Injector, err = NewInjector(lock.BypassMark()); return err }); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { rs.Injector.Close() })
+		b.Run(st.String()+"/Restore+Discard", func(b *testing.B) {
+			dst.Do(func() error {
+				b.ReportAllocs()
+				for i := 0; i < b.N; i++ {
+					rfd, err := rs.Restore(&s)
+					if err != nil {
+						b.Fatal(err)
+					}
+					unix.Close(rfd)
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// peerOf returns the accepted end of the benchmark connection fd (the
+// other descriptor benchConn opened in the namespace).
+func peerOf(b *testing.B, ns *lab.NS, fd int) int {
+	b.Helper()
+	local, err := sockname(fd, false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for cand := 3; cand < 1024; cand++ {
+		if cand == fd {
+			continue
+		}
+		if r, err := sockname(cand, true); err == nil && r == local {
+			return cand
+		}
+	}
+	b.Fatal("no peer socket found")
+	return -1
+}
+
+func benchWaitState(b *testing.B, fd int, want State) {
+	b.Helper()
+	for i := 0; i < 1000000; i++ {
+		if st, _ := readState(fd); st == want {
+			return
+		}
+	}
+	st, _ := readState(fd)
+	b.Fatalf("socket in %s, want %s", st, want)
 }
