@@ -10,10 +10,10 @@ import (
 // resendEvery is how long one copy is given before another is sent. The
 // loopback path usually delivers it before sendto returns; a busy machine
 // may leave it to the softirq thread for a while. And an IPv6 address
-// added a moment ago (even without duplicate address detection) is usable
-// for bind before its local route exists: the kernel installs the route
-// from a workqueue, and a segment sent before that is routed out of the
-// host. Copies that arrive after the first took effect are old segments
+// added a moment ago (even without duplicate address detection) seems to
+// be usable for bind before its local route exists (the kernel installs
+// the route from the address's DAD work item), and a segment sent before
+// that is routed out of the host: a test saw a crafted FIN lost once. Copies that arrive after the first took effect are old segments
 // to the socket (or, after CLOSE, hit no socket at all, and the lock
 // drops the reset): harmless.
 const (
