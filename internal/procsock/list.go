@@ -15,8 +15,11 @@ import (
 // List returns every TCP socket, IPv4 and IPv6, that process pid holds a
 // descriptor for, each once with all its descriptors, in the order of their
 // lowest descriptor, and with the verdict of send --pid before any port
-// filter: established connections are taken, listeners and half-closed or
-// unconnected sockets are not (see Reason).
+// filter: established, half-closed and connecting (SYN_SENT) connections
+// are taken, listeners are not (see Reason). A socket in CLOSE is out of
+// the kernel's lookup tables and so out of the sock_diag dump: List does
+// not report it, and send --pid leaves it (and any bytes still unread in
+// it) with the process; the Go API migrates it.
 //
 // After them come the connections on the same local ports that no
 // descriptor refers to: TIME_WAIT, orphaned (closed by the process while
