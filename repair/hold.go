@@ -14,8 +14,8 @@ import (
 // waits in zero-window persist mode, and resumes within a round trip of
 // the kick. In order:
 //
-//	source:  (firewall: hold, egress window rewritten to 0) → Drain →
-//	         (firewall: lock) → Dump → MarkHeld
+//	source:  (firewall: hold, egress window rewritten to 0) → Announce →
+//	         Drain → (firewall: lock) → Dump → MarkHeld
 //	target:  Restore → (unlock) → ResumeHeld → Kick
 //
 // The firewall's part is in package firewall (Lock.Hold).
@@ -152,4 +152,61 @@ func (r *Restorer) resumeHeld(fd int, s *Snapshot) error {
 		return err
 	}
 	return r.Injector.Send(KickSegment(s))
+}
+
+// Announce makes the socket on fd, just held and not yet locked, send an
+// ACK at once, which the hold rewrites to advertise window 0. Drain's
+// forced ACKs go out only when one is due (data came in unacknowledged):
+// a peer that happens to be idle when the hold begins would otherwise
+// learn of the zero window only from the ACK of its next segment, and if
+// that segment comes after the lock it is dropped.
+//
+// The ACK is the answer to a crafted segment just below the receive window
+// (as Kick's), sent through in, which must belong to the socket's
+// namespace. Building it needs rcv_nxt, which only repair mode reads: the
+// socket enters repair mode for the few system calls that read its
+// sequence numbers and leaves it without a window probe, and what leaving
+// clears is put back from s, the socket's inspected snapshot (Inspect).
+func Announce(in *Injector, fd int, s *Snapshot) error {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: "announce: " + op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		return opErr("turn repair on", err)
+	}
+	rcvNxt, sndNxt, op, err := liveSeqs(fd)
+	if rerr := resume(fd, s, repairOffQuiet()); rerr != nil {
+		return errors.Join(opErr(op, err), rerr)
+	}
+	if err != nil {
+		return opErr(op, err)
+	}
+	local, remote := s.Tuple()
+	return in.Send(Segment{From: remote, To: local, Seq: rcvNxt - 1, Ack: sndNxt, Flags: SegACK})
+}
+
+// liveSeqs reads rcv_nxt and snd_nxt of a socket in repair mode.
+func liveSeqs(fd int) (rcvNxt, sndNxt uint32, op string, err error) {
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+		return 0, 0, "select the receive queue", err
+	}
+	r, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return 0, 0, "read rcv_nxt", err
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+		return 0, 0, "select the send queue", err
+	}
+	w, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return 0, 0, "read write_seq", err
+	}
+	unsent, err := ioctlInt(fd, unix.SIOCOUTQNSD)
+	if err != nil {
+		return 0, 0, "ioctl SIOCOUTQNSD", err
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		return 0, 0, "deselect the queue", err
+	}
+	return uint32(r), uint32(w) - uint32(unsent), "", nil
 }

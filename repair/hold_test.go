@@ -18,7 +18,9 @@ import (
 )
 
 // TestHeldMigrationNoRetransmit moves a connection whose peer (the kernel's
-// TCP in its own namespace) streams toward the migrating endpoint, through
+// TCP in its own namespace) streams toward the migrating endpoint (16 KiB
+// every millisecond, or every 10 ms, so that the hold may begin while the
+// peer is idle and no ACK is due), through
 // real firewall locks on both hosts and a 30 ms freeze, the way the agents
 // do it: with the zero-window hold (firewall hold, Drain, lock, Dump,
 // MarkHeld; Restore, unlock, ResumeHeld, Kick) the peer retransmits
@@ -31,17 +33,20 @@ func TestHeldMigrationNoRetransmit(t *testing.T) {
 		v6     bool
 		family int
 		hold   bool
+		pace   time.Duration
 	}{
-		{"ipv4-held", false, unix.AF_INET, true},
-		{"ipv6-held", true, unix.AF_INET6, true},
-		{"ipv4-mapped-held", false, unix.AF_INET6, true},
-		{"ipv4-drop-only", false, unix.AF_INET, false},
+		{"ipv4-held", false, unix.AF_INET, true, time.Millisecond},
+		{"ipv6-held", true, unix.AF_INET6, true, time.Millisecond},
+		{"ipv4-mapped-held", false, unix.AF_INET6, true, time.Millisecond},
+		{"ipv4-held-paced", false, unix.AF_INET, true, 10 * time.Millisecond},
+		{"ipv6-held-paced", true, unix.AF_INET6, true, 10 * time.Millisecond},
+		{"ipv4-drop-only", false, unix.AF_INET, false, time.Millisecond},
 	} {
-		t.Run(tc.name, func(t *testing.T) { testHeldMigration(t, tc.v6, tc.family, tc.hold) })
+		t.Run(tc.name, func(t *testing.T) { testHeldMigration(t, tc.v6, tc.family, tc.hold, tc.pace) })
 	}
 }
 
-func testHeldMigration(t *testing.T, v6 bool, family int, hold bool) {
+func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.Duration) {
 	h := newHosts(t, v6)
 	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
 	ln := listen(t, h.peer, peerAP, nil)
@@ -56,7 +61,7 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool) {
 	defer peer.Close()
 	stopCapture := captureFlags(t, h.lan, peerPort, v6)
 
-	// The peer streams 16 KiB every millisecond until told to stop.
+	// The peer streams 16 KiB every pace until told to stop.
 	var stop atomic.Bool
 	written := make(chan int64, 1)
 	go func() {
@@ -72,7 +77,7 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool) {
 			if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 				break
 			}
-			time.Sleep(time.Millisecond)
+			time.Sleep(pace)
 		}
 		written <- off
 	}()
@@ -88,6 +93,21 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool) {
 	srcFd := fdOf(t, src)
 	if hold {
 		if err := srcLock.Hold([]firewall.Tuple{tuple}); err != nil {
+			t.Fatal(err)
+		}
+		var inspected Snapshot
+		err := h.src.Do(func() error {
+			if err := Inspect(srcFd, &inspected); err != nil {
+				return err
+			}
+			srcIn, err := NewInjector(srcLock.BypassMark())
+			if err != nil {
+				return err
+			}
+			defer srcIn.Close()
+			return Announce(srcIn, srcFd, &inspected)
+		})
+		if err != nil {
 			t.Fatal(err)
 		}
 		left, err := Drain([]int{srcFd}, 200*time.Millisecond)

@@ -25,7 +25,7 @@ type holder struct {
 	on bool // the hold is used: wanted, the target restores held connections, the lock can hold
 
 	mu  sync.Mutex       // guards inj
-	inj *repair.Injector // for the kicks of rolled-back connections, opened on first use
+	inj *repair.Injector // for Announce and the kicks of rolled-back connections, opened on first use
 }
 
 // wantHold reports whether this migration should hold its connections:
@@ -35,8 +35,9 @@ func (m *migration) wantHold() bool {
 	return !m.cfg.NoHold && m.link.Peer().Features.Has(repair.FeatHeldRestore)
 }
 
-// holdAll holds the eligible ESTABLISHED connections and waits until their
-// peers have nothing in flight (repair.Drain), just before lockAll, whose
+// holdAll holds the eligible ESTABLISHED connections, makes each announce
+// its zero window (repair.Announce) and waits until their peers have
+// nothing in flight (repair.Drain), just before lockAll, whose
 // batch moves them from the hold to the lock; the wait is the phase
 // "hold", before the freeze. A failure to hold is not fatal: the
 // connections are then locked as without the hold.
@@ -63,6 +64,19 @@ func (m *migration) holdAll() {
 		c.held = !c.done && c.snap.State == repair.StateEstablished
 	}
 	m.res.Held = len(tuples)
+	// Every held socket sends one ACK now (with window 0), so that idle
+	// peers learn of the hold too.
+	if inj, err := m.injector(); err != nil {
+		m.log.Warn("zero-window hold: cannot announce it", "err", err)
+	} else {
+		for _, c := range m.elig {
+			if c.held {
+				if err := repair.Announce(inj, c.fd, &c.snap); err != nil {
+					m.log.Warn("zero-window hold: cannot announce it", "conn", c.tuple.String(), "err", err)
+				}
+			}
+		}
+	}
 	limit := m.cfg.HoldDrain
 	if limit == 0 {
 		limit = DefaultHoldDrain
