@@ -165,8 +165,9 @@ func (r *Restorer) resumeHeld(fd int, s *Snapshot) error {
 // (as Kick's), sent through in, which must belong to the socket's
 // namespace. Building it needs rcv_nxt, which only repair mode reads: the
 // socket enters repair mode for the few system calls that read its
-// sequence numbers and leaves it without a window probe, and what leaving
-// clears is put back from s, the socket's inspected snapshot (Inspect).
+// sequence numbers and leaves it without a window probe; SO_REUSEADDR,
+// which leaving clears, is put back from s, the socket's inspected
+// snapshot (Inspect). The queue selection is left for Capture to set.
 func Announce(in *Injector, fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: "announce: " + op, Local: s.Local, Remote: s.Remote, Err: err}
@@ -175,8 +176,15 @@ func Announce(in *Injector, fd int, s *Snapshot) error {
 		return opErr("turn repair on", err)
 	}
 	rcvNxt, sndNxt, op, err := liveSeqs(fd)
-	if rerr := resume(fd, s, repairOffQuiet()); rerr != nil {
-		return errors.Join(opErr(op, err), rerr)
+	// Leaving repair clears SO_REUSEADDR; nothing else Inspect read changes
+	// (the transparent flag and SO_PEEK_OFF are Restore's and Capture's).
+	if rerr := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); rerr != nil {
+		return errors.Join(opErr(op, err), opErr("turn repair off", rerr))
+	}
+	if s.Options.ReuseAddr {
+		if rerr := setInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); rerr != nil {
+			return errors.Join(opErr(op, err), opErr("setsockopt SO_REUSEADDR", rerr))
+		}
 	}
 	if err != nil {
 		return opErr(op, err)
@@ -185,7 +193,8 @@ func Announce(in *Injector, fd int, s *Snapshot) error {
 	return in.Send(Segment{From: remote, To: local, Seq: rcvNxt - 1, Ack: sndNxt, Flags: SegACK})
 }
 
-// liveSeqs reads rcv_nxt and snd_nxt of a socket in repair mode.
+// liveSeqs reads rcv_nxt and snd_nxt of a socket in repair mode, leaving
+// the send queue selected.
 func liveSeqs(fd int) (rcvNxt, sndNxt uint32, op string, err error) {
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
 		return 0, 0, "select the receive queue", err
@@ -204,9 +213,6 @@ func liveSeqs(fd int) (rcvNxt, sndNxt uint32, op string, err error) {
 	unsent, err := ioctlInt(fd, unix.SIOCOUTQNSD)
 	if err != nil {
 		return 0, 0, "ioctl SIOCOUTQNSD", err
-	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-		return 0, 0, "deselect the queue", err
 	}
 	return uint32(r), uint32(w) - uint32(unsent), "", nil
 }
