@@ -109,6 +109,20 @@ func (m *migration) resumeSocket(c *conn) error {
 	return r.Resume(c.fd, &c.snap)
 }
 
+// unhold tells the peer of a held connection rolled back before its
+// capture (its hold and lock already gone) that the window is open again:
+// the socket announces its real window (repair.Announce), where it would
+// otherwise wait for the peer's next persist probe (200 ms or more).
+func (m *migration) unhold(c *conn) {
+	inj, err := m.injector()
+	if err == nil {
+		err = repair.Announce(inj, c.fd, &c.snap)
+	}
+	if err != nil {
+		m.log.Warn("zero-window hold: cannot reopen the window at once", "conn", c.tuple.String(), "err", err)
+	}
+}
+
 // injector returns the migration's injector, opening it in the sockets'
 // namespace with the lock's bypass mark the first time.
 func (m *migration) injector() (*repair.Injector, error) {

@@ -594,6 +594,8 @@ func (m *migration) resumeOne(c *conn) {
 			c.res.Outcome, c.res.Err = Failed, errors.Join(c.res.Err, err)
 			return
 		}
+	} else if c.held {
+		m.unhold(c)
 	}
 	c.res.Outcome = RolledBack
 	c.res.Freeze = time.Since(m.locked)
