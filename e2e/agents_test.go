@@ -161,3 +161,32 @@ func TestPartialRefusalAbortsWhenTheAddressMoves(t *testing.T) {
 	w.restart(res)
 	w.check(300 * time.Millisecond)
 }
+
+// TestHoldDefaultAndOff migrates streaming connections twice: by default
+// the source holds every one with a zero window before its lock (this
+// machine's kernel and target advertise what the hold needs), and with
+// Config.NoHold none; both times every byte arrives and nobody sees a
+// reset.
+func TestHoldDefaultAndOff(t *testing.T) {
+	for _, noHold := range []bool{false, true} {
+		w := newWorld(t, 8)
+		cfg, _ := w.agents([]netip.Prefix{svc}, nil, nil)
+		cfg.NoHold = noHold
+		conns := w.handOver()
+		res, err := source.Migrate(ctxT(t), cfg, conns)
+		if err != nil {
+			t.Fatalf("migrate (no hold %v): %v", noHold, err)
+		}
+		want := len(conns)
+		if noHold {
+			want = 0
+		}
+		if res.Held != want {
+			t.Errorf("no hold %v: %d connections held, want %d", noHold, res.Held, want)
+		}
+		for _, c := range w.conns {
+			c.Close()
+		}
+		w.check(300 * time.Millisecond)
+	}
+}
