@@ -233,9 +233,24 @@ func (s *listenScene) startPeer() {
 	if err := waitFor(20*time.Second, func() bool { return s.echoed.Load() >= acceptFirst && s.opened.Load() >= acceptFirst+10 }); err != nil {
 		s.t.Fatalf("before the move: %d echoed, %d opened", s.echoed.Load(), s.opened.Load())
 	}
-	out, _ := s.src.Exec(bin, "list", "--pid", strconv.Itoa(s.old.Process.Pid))
+	out, err := s.src.Exec(bin, "list", "--json", "--pid", strconv.Itoa(s.old.Process.Pid))
 	s.t.Logf("list:\n%s", out)
-	var err error
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	// list says what send --pid will do: recreate the listener, take the
+	// queued connections from it, take the accepted ones.
+	var rows []struct{ Moves, State string }
+	if err := json.Unmarshal(out, &rows); err != nil {
+		s.t.Fatalf("list --json: %v", err)
+	}
+	moves := map[string]int{}
+	for _, r := range rows {
+		moves[r.Moves]++
+	}
+	if moves["listener"] != 1 || moves["pending"] < 10 || moves["yes"] != acceptFirst {
+		s.t.Errorf("list --pid: %v; want 1 listener, at least 10 pending, %d taken", moves, acceptFirst)
+	}
 	if s.before, err = s.peer.TCPCounters(); err != nil {
 		s.t.Fatal(err)
 	}

@@ -24,6 +24,17 @@ func Listeners(socks []Socket, ports []uint16) []Socket {
 	return out
 }
 
+// Pending reports whether s is a connection waiting in the accept queue of
+// one of listeners (as Listeners returns them): established, without a
+// descriptor, on an address one of them listens for. send --pid takes such
+// connections from the queue and moves them.
+func Pending(s Socket, listeners []Socket) bool {
+	if len(s.FDs) != 0 || (s.State != repair.StateEstablished && s.State != repair.StateSynRecv) {
+		return false
+	}
+	return slices.ContainsFunc(listeners, func(l Socket) bool { return listensFor(l.Local, s.Local) })
+}
+
 // Handshakes counts the connections still in their handshake (request
 // sockets, SYN_RECV) towards any of the listener addresses eps, in the
 // network namespace whose descriptor is netns (0: the caller's). An
