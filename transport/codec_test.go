@@ -190,7 +190,10 @@ func allMessages(id MigrationID, vs []Verdict) []Message {
 		&Accept{},
 		&Reject{Code: RejectFeature, Reason: "no repair-window"},
 		&streamOpen{Kind: StreamSnapshots, Codec: CodecZstd},
-		&Prepare{Migration: id, Count: 10000, Lease: 30 * time.Second},
+		&Prepare{Migration: id, Count: 10000, Lease: 30 * time.Second, Tuples: []Tuple{
+			{Local: netip.MustParseAddrPort("198.18.0.10:8080"), Remote: netip.MustParseAddrPort("198.18.0.1:40000")},
+			{Local: netip.MustParseAddrPort("[fd00::10]:443"), Remote: netip.MustParseAddrPort("[fd00::1]:50000")}}},
+		&Ready{Migration: id},
 		&Verdicts{Migration: id, Verdicts: vs},
 		&Prepared{Migration: id, Count: 3, OK: 1},
 		&Switch{Migration: id, Addrs: []netip.Prefix{netip.MustParsePrefix("198.18.0.10/24"), netip.MustParsePrefix("fd00::10/64")}},

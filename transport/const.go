@@ -17,8 +17,9 @@ var Magic = [4]byte{'T', 'M', 'I', 'G'}
 // Protocol versions. A side speaks every version from its minimum to its
 // maximum; the link runs at the highest version both speak.
 const (
-	// ProtocolVersion is the version this package speaks.
-	ProtocolVersion uint16 = 1
+	// ProtocolVersion is the version this package speaks. Version 2 adds
+	// READY and PREPARE's tuples (docs/protocol.md §9).
+	ProtocolVersion uint16 = 2
 	// MinProtocolVersion is the oldest version this package still speaks.
 	MinProtocolVersion uint16 = 1
 )
@@ -68,6 +69,7 @@ const (
 
 	MsgListeners      MsgType = 0x1a // source: listening sockets to recreate, with their pending connections
 	MsgListenersReady MsgType = 0x1b // target: a verdict per listener
+	MsgReady          MsgType = 0x1c // target: ready for the source's lock (version 2)
 
 	// Records of a snapshot stream, inside its (compressed) body.
 	MsgSnapshot MsgType = 0x20 // one connection's snapshot and its index

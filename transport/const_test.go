@@ -22,7 +22,7 @@ func TestWireConstants(t *testing.T) {
 		}
 	}
 	pin("Magic", string(Magic[:]), "TMIG")
-	pin("ProtocolVersion", ProtocolVersion, 1)
+	pin("ProtocolVersion", ProtocolVersion, 2)
 	pin("MinProtocolVersion", MinProtocolVersion, 1)
 	pin("preambleSize", preambleSize, 8)
 	pin("frameHeaderSize", frameHeaderSize, 5)
@@ -37,12 +37,12 @@ func TestWireConstants(t *testing.T) {
 		MsgHello: 0x01, MsgAccept: 0x02, MsgReject: 0x03, MsgStreamOpen: 0x04,
 		MsgPrepare: 0x10, MsgVerdicts: 0x11, MsgPrepared: 0x12, MsgSwitch: 0x13, MsgSwitched: 0x14,
 		MsgCommit: 0x15, MsgCommitted: 0x16, MsgAbort: 0x17, MsgQuery: 0x18, MsgOutcome: 0x19,
-		MsgListeners: 0x1a, MsgListenersReady: 0x1b, MsgSnapshot: 0x20, MsgEnd: 0x21,
+		MsgListeners: 0x1a, MsgListenersReady: 0x1b, MsgReady: 0x1c, MsgSnapshot: 0x20, MsgEnd: 0x21,
 	}
 	names := map[uint8]string{
 		0x01: "HELLO", 0x02: "ACCEPT", 0x03: "REJECT", 0x04: "STREAM_OPEN", 0x10: "PREPARE", 0x11: "VERDICTS",
 		0x12: "PREPARED", 0x13: "SWITCH", 0x14: "SWITCHED", 0x15: "COMMIT", 0x16: "COMMITTED", 0x17: "ABORT",
-		0x18: "QUERY", 0x19: "OUTCOME", 0x1a: "LISTENERS", 0x1b: "LISTENERS_READY", 0x20: "SNAPSHOT", 0x21: "END",
+		0x18: "QUERY", 0x19: "OUTCOME", 0x1a: "LISTENERS", 0x1b: "LISTENERS_READY", 0x1c: "READY", 0x20: "SNAPSHOT", 0x21: "END",
 	}
 	for typ, v := range types {
 		pin("message type "+names[v], uint8(typ), v)
@@ -82,6 +82,8 @@ func TestWireConstants(t *testing.T) {
 		"reject":      tagList(rejectTable),
 		"stream-open": tagList(streamOpenTable),
 		"prepare":     tagList(prepareTable),
+		"tuple":       tagList(tupleTable),
+		"ready":       tagList(readyTable),
 		"verdicts":    tagList(verdictsTable),
 		"verdict":     tagList(verdictTable),
 		"prepared":    tagList(preparedTable),
@@ -101,7 +103,9 @@ func TestWireConstants(t *testing.T) {
 		"accept":      "",
 		"reject":      "1:code 2:reason",
 		"stream-open": "1:kind 2:codec",
-		"prepare":     "1:migration 2:count 3:lease",
+		"prepare":     "1:migration 2:count 3:lease 4:tuple",
+		"tuple":       "1:local 2:remote",
+		"ready":       "1:migration",
 		"verdicts":    "1:migration 2:verdict",
 		"verdict":     "1:index 2:code 3:reason",
 		"prepared":    "1:migration 2:count 3:ok",
@@ -156,7 +160,7 @@ func TestGoldenEncodings(t *testing.T) {
 		got  []byte
 		want string
 	}{
-		{"preamble", appendPreamble(nil), "544d4947 0001 0001"},
+		{"preamble", appendPreamble(nil), "544d4947 0001 0002"},
 		{"accept", appendFrame(nil, &Accept{}), "00000001 02"},
 		{"reject", appendFrame(nil, &Reject{Code: RejectVersion, Reason: "v2"}), "00000008 03 010101 02027632"},
 		{"stream-open", appendFrame(nil, &streamOpen{Kind: StreamSnapshots, Codec: CodecZstd}), "00000007 04 010102 020101"},

@@ -139,12 +139,40 @@ type Prepare struct {
 	Count uint32
 	// Lease is how long the target may hold a lock without news.
 	Lease time.Duration
+	// Tuples, if not empty, are the 4-tuples of the connections (at most
+	// Count), sent so that the target can lock them before the source
+	// freezes anything (version 2; a source may leave them out).
+	Tuples []Tuple
 }
+
+// Tuple is the 4-tuple of a connection, as the local host sees it.
+type Tuple struct {
+	Local, Remote netip.AddrPort
+}
+
+var tupleTable = newTable("tuple",
+	addrPortField(1, "local", func(t *Tuple) *netip.AddrPort { return &t.Local }),
+	addrPortField(2, "remote", func(t *Tuple) *netip.AddrPort { return &t.Remote }),
+)
 
 var prepareTable = newTable("prepare",
 	fixedField(1, "migration", 16, func(m *Prepare) []byte { return m.Migration[:] }),
 	uintField(2, "count", func(m *Prepare) *uint32 { return &m.Count }),
 	durationField(3, "lease", func(m *Prepare) *time.Duration { return &m.Lease }),
+	nestedListField(4, "tuple", tupleTable, func(m *Prepare) *[]Tuple { return &m.Tuples }),
+)
+
+// Ready says that the target has made its lock table, written its journal
+// and locked the 4-tuples PREPARE listed (target → source, version 2): the
+// source may now lock and capture, and nothing of the target's set-up
+// falls inside the freeze.
+type Ready struct {
+	// Migration is the migration's ID.
+	Migration MigrationID
+}
+
+var readyTable = newTable("ready",
+	fixedField(1, "migration", 16, func(m *Ready) []byte { return m.Migration[:] }),
 )
 
 // Verdicts carries the target's verdicts on a batch of connections (target →
@@ -304,6 +332,9 @@ func (*streamOpen) Type() MsgType { return MsgStreamOpen }
 // Type returns MsgPrepare.
 func (*Prepare) Type() MsgType { return MsgPrepare }
 
+// Type returns MsgReady.
+func (*Ready) Type() MsgType { return MsgReady }
+
 // Type returns MsgVerdicts.
 func (*Verdicts) Type() MsgType { return MsgVerdicts }
 
@@ -339,6 +370,7 @@ func (m *Accept) appendFields(b []byte) []byte     { return acceptTable.appendFi
 func (m *Reject) appendFields(b []byte) []byte     { return rejectTable.appendFields(b, m) }
 func (m *streamOpen) appendFields(b []byte) []byte { return streamOpenTable.appendFields(b, m) }
 func (m *Prepare) appendFields(b []byte) []byte    { return prepareTable.appendFields(b, m) }
+func (m *Ready) appendFields(b []byte) []byte      { return readyTable.appendFields(b, m) }
 func (m *Verdicts) appendFields(b []byte) []byte   { return verdictsTable.appendFields(b, m) }
 func (m *Prepared) appendFields(b []byte) []byte   { return preparedTable.appendFields(b, m) }
 func (m *Switch) appendFields(b []byte) []byte     { return switchTable.appendFields(b, m) }
@@ -355,6 +387,7 @@ func (m *Accept) decodeFields(b []byte) error     { return acceptTable.decode(m,
 func (m *Reject) decodeFields(b []byte) error     { return rejectTable.decode(m, b) }
 func (m *streamOpen) decodeFields(b []byte) error { return streamOpenTable.decode(m, b) }
 func (m *Prepare) decodeFields(b []byte) error    { return prepareTable.decode(m, b) }
+func (m *Ready) decodeFields(b []byte) error      { return readyTable.decode(m, b) }
 func (m *Verdicts) decodeFields(b []byte) error   { return verdictsTable.decode(m, b) }
 func (m *Prepared) decodeFields(b []byte) error   { return preparedTable.decode(m, b) }
 func (m *Switch) decodeFields(b []byte) error     { return switchTable.decode(m, b) }
@@ -402,6 +435,7 @@ var msgTable = [...]msgInfo{
 	MsgOutcome:        {"OUTCOME", phaseControl, func() Message { return new(Outcome) }},
 	MsgListeners:      {"LISTENERS", phaseControl, func() Message { return new(Listeners) }},
 	MsgListenersReady: {"LISTENERS_READY", phaseControl, func() Message { return new(ListenersReady) }},
+	MsgReady:          {"READY", phaseControl, func() Message { return new(Ready) }},
 	MsgSnapshot:       {"SNAPSHOT", phaseSnapshot, nil},
 	MsgEnd:            {"END", phaseSnapshot, func() Message { return new(endRecord) }},
 }
@@ -473,6 +507,10 @@ func validate(m Message) error {
 	case *Abort:
 		if m.Code == 0 {
 			return malformedf("abort: no code")
+		}
+	case *Prepare:
+		if uint64(len(m.Tuples)) > uint64(m.Count) {
+			return malformedf("prepare: %d tuples for %d connections", len(m.Tuples), m.Count)
 		}
 	case *streamOpen:
 		if m.Kind == 0 {
