@@ -188,8 +188,10 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.fault(StepPrepare); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
+	m.msgs, m.recvErr = make(chan transport.Message, 64), make(chan error, 1)
+	go m.receive(ctx)
 	ctrl := m.link.Control()
-	if err := ctrl.Send(ctx, &transport.Prepare{Migration: m.id, Count: uint32(len(m.elig)), Lease: m.cfg.Lease}); err != nil {
+	if err := ctrl.Send(ctx, m.prepareMsg()); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
 	if err := m.sendListeners(ctx); err != nil {
@@ -200,7 +202,6 @@ func (m *migration) run(ctx context.Context) error {
 	}
 	defer m.lock.Close()
 	defer m.closeHold()
-	m.endPhase("prepare")
 
 	// The snapshot streams (and their compressors) are opened before the
 	// lock too; prepare cancels sctx when it returns, which stops them.
@@ -210,6 +211,10 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.openStreams(sctx); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
+	if err := m.awaitReady(ctx); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	m.endPhase("prepare")
 
 	if err := m.fault(StepLock); err != nil {
 		return m.rollbackAll(ctx, err)
@@ -226,8 +231,6 @@ func (m *migration) run(ctx context.Context) error {
 	m.endPhase("lock")
 
 	m.setState(StatePreparing)
-	m.msgs, m.recvErr = make(chan transport.Message, 64), make(chan error, 1)
-	go m.receive(ctx)
 
 	if err := m.prepare(ctx, scancel); err != nil {
 		return m.rollbackAll(ctx, err)
@@ -326,6 +329,49 @@ func (m *migration) inspect() {
 		}
 		return nil
 	})
+}
+
+// tupleBytes bounds the encoded size of one 4-tuple in PREPARE.
+const tupleBytes = 48
+
+// prepareMsg is the PREPARE of the migration. On a version-2 link it lists
+// the 4-tuples, if they fit in one frame, for the target to lock before
+// the freeze.
+func (m *migration) prepareMsg() *transport.Prepare {
+	p := &transport.Prepare{Migration: m.id, Count: uint32(len(m.elig)), Lease: m.cfg.Lease}
+	if m.link.Version() < 2 || (len(m.elig)+1)*tupleBytes > int(m.link.Peer().Limits.MaxFrame) {
+		return p
+	}
+	p.Tuples = make([]transport.Tuple, len(m.elig))
+	for i, c := range m.elig {
+		p.Tuples[i] = transport.Tuple{Local: c.tuple.Local, Remote: c.tuple.Remote}
+	}
+	return p
+}
+
+// awaitReady waits, on a version-2 link, until the target says it is
+// ready (its lock table, journal and the locks of the announced tuples are
+// in place): none of that may fall inside the freeze.
+func (m *migration) awaitReady(ctx context.Context) error {
+	if m.link.Version() < 2 {
+		return nil
+	}
+	for {
+		msg, err := m.await(ctx)
+		if err != nil {
+			return err
+		}
+		switch msg := msg.(type) {
+		case *transport.Ready:
+			return nil
+		case *transport.ListenersReady:
+			if err := m.listenersReady(msg); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("source: unexpected %s while waiting for READY", msg.Type())
+		}
+	}
 }
 
 // lockInstance names the source's lock of this migration.

@@ -349,6 +349,44 @@ var hostileCases = []hostileCase{
 		r.expectAbort(10*time.Second, transport.AbortPolicy, "more than 16 snapshot streams")
 		return &r.id
 	}},
+	{"tuples announced in PREPARE: only the allowed ones locked, before READY", func(t *testing.T, h *harness) *transport.MigrationID {
+		// A version-2 source lists the 4-tuples so that the target locks
+		// them before the freeze. The target must lock only those its
+		// policy allows (the service address and port here), and say READY
+		// once they are locked.
+		l := h.dial(t, h.srcCert)
+		defer l.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		id := transport.NewMigrationID()
+		allowed := transport.Tuple{Local: netip.AddrPortFrom(hSvc.Addr(), svcPort), Remote: netip.AddrPortFrom(fake, 7001)}
+		other := transport.Tuple{Local: netip.AddrPortFrom(hDst.Addr(), svcPort), Remote: netip.AddrPortFrom(fake, 7002)}
+		if err := l.Control().Send(ctx, &transport.Prepare{Migration: id, Count: 2, Tuples: []transport.Tuple{allowed, other}}); err != nil {
+			t.Fatal(err)
+		}
+		m, err := l.Control().Recv(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := m.(*transport.Ready); !ok {
+			t.Fatalf("the target answered PREPARE with %s, want READY", m.Type())
+		}
+		tables, err := h.lockTables(&id)
+		if err != nil || len(tables) != 1 {
+			t.Fatalf("lock table: %q, %v", tables, err)
+		}
+		out, err := h.dst.Exec("nft", "list", "table", strings.Fields(tables[0])[1], strings.Fields(tables[0])[2])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(out), "7001") || strings.Contains(string(out), "7002") {
+			t.Fatalf("the lock holds (want port 7001, not 7002):\n%s", out)
+		}
+		if err := l.Control().Send(ctx, &transport.Abort{Migration: id, Code: transport.AbortCanceled}); err != nil {
+			t.Fatal(err)
+		}
+		return &id
+	}},
 	{"restored, then the link is cut; its ID used again", func(t *testing.T, h *harness) *transport.MigrationID {
 		// A valid snapshot for the service address is restored: the
 		// observers must see its socket and its lock table (or their
@@ -442,6 +480,7 @@ func (h *harness) prepareGo(t *testing.T, l *transport.Link, id transport.Migrat
 			}
 		case *transport.Prepared:
 			return vs
+		case *transport.Ready: // the target's set-up is done (version 2)
 		default:
 			t.Fatalf("target sent %s while preparing", m.Type())
 		}
@@ -630,6 +669,7 @@ func hostileBackground(t *testing.T, h *harness) (stop func()) {
 					return fmt.Errorf("prepared %d ok after %d refusals", m.OK, refused)
 				}
 				return l.Control().Send(ctx, &transport.Abort{Migration: id, Code: transport.AbortPolicy})
+			case *transport.Ready: // the target's set-up is done (version 2)
 			default:
 				return fmt.Errorf("got %s", m.Type())
 			}
@@ -652,6 +692,9 @@ func hostileBackground(t *testing.T, h *harness) (stop func()) {
 		}
 		defer w.Abort()
 		m, err := l.Control().Recv(ctx)
+		if _, ready := m.(*transport.Ready); ready && err == nil {
+			m, err = l.Control().Recv(ctx) // the target's set-up is done (version 2)
+		}
 		if err != nil {
 			return err
 		}

@@ -253,7 +253,7 @@ func (s *Server) serveLink(ctx context.Context, link *transport.Link) (*Report, 
 		err := link.Control().Send(ctx, &transport.Outcome{Migration: msg.Migration, State: st})
 		return &Report{Migration: msg.Migration, Query: true}, err
 	case *transport.Prepare:
-		m := &migration{srv: s, link: link, id: msg.Migration, count: msg.Count, lease: msg.Lease,
+		m := &migration{srv: s, link: link, id: msg.Migration, count: msg.Count, lease: msg.Lease, announced: msg.Tuples,
 			log: s.log.With("migration", msg.Migration.String())}
 		return m.run(ctx)
 	default:
@@ -286,6 +286,11 @@ type migration struct {
 	claimed  []netip.Prefix
 	didClaim bool       // Claim was called: an abort must undo it
 	adm      *admission // the policy applied to this migration's connections
+	// announced are the 4-tuples PREPARE listed; prelocked, those of them
+	// the policy allowed, locked before the source's freeze (prelock).
+	// Only the goroutine running the migration touches prelocked.
+	announced []transport.Tuple
+	prelocked map[firewall.Tuple]bool
 	rs       restorer   // restores and resumes the connections, with crafted segments where their state needs them
 	lsn      *listenerSet
 }
@@ -349,6 +354,16 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 		return m.abort(ctx, err, true)
 	}
 	defer m.lock.StopRenewer()
+	if err := m.prelock(); err != nil {
+		return m.abort(ctx, err, true)
+	}
+	if m.link.Version() >= 2 {
+		// The source locks nothing before this: the set-up above is not
+		// part of any freeze.
+		if err := m.link.Control().Send(ctx, &transport.Ready{Migration: m.id}); err != nil {
+			return m.abort(ctx, err, true)
+		}
+	}
 
 	msgs, recvErr := make(chan transport.Message, 16), make(chan error, 1)
 	go func() {
@@ -600,6 +615,8 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 		lockList = append(lockList, c.tuple)
 		todo = append(todo, c)
 	}
+	// Tuples locked before the freeze (prelock) are not locked again.
+	lockList = slices.DeleteFunc(lockList, func(t firewall.Tuple) bool { return m.prelocked[t] })
 	if len(lockList) > 0 {
 		if err := m.lock.Lock(lockList); err != nil {
 			return nil, err
@@ -636,6 +653,11 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 			m.log.Info("connection refused", "conn", r.index, "reason", v.Reason)
 			if refusal := (*Refusal)(nil); !errors.As(c.report.Err, &refusal) {
 				unlock = append(unlock, c.tuple) // locked, then the restore failed
+			} else if _, held := m.adm.tuples[c.tuple]; m.prelocked[c.tuple] && !held {
+				// Locked before the freeze, then refused: let it go,
+				// unless another connection of the same tuple holds it.
+				unlock = append(unlock, c.tuple)
+				delete(m.prelocked, c.tuple)
 			}
 			// Only the report is kept of a connection the target does not hold.
 			c.snap.RecvQueue, c.snap.SendQueue, c.appState = nil, nil, nil
@@ -649,6 +671,33 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 		}
 	}
 	return vs, nil
+}
+
+// prelock locks, in one batch, the 4-tuples PREPARE listed whose local
+// address and port the policy allows (the rest of the policy applies to
+// each snapshot as it arrives), so that the batches of the restore need
+// no lock of their own inside the freeze.
+func (m *migration) prelock() error {
+	pol := &m.srv.guard.pol
+	var ts []firewall.Tuple
+	m.prelocked = map[firewall.Tuple]bool{}
+	for _, a := range m.announced {
+		l, r := a.Local, a.Remote
+		if !l.IsValid() || !r.IsValid() || l.Addr().Is4() != r.Addr().Is4() || l.Port() == 0 || r.Port() == 0 ||
+			!pol.allowedAddr(l.Addr()) || len(pol.AllowPorts) > 0 && !slices.Contains(pol.AllowPorts, l.Port()) {
+			continue
+		}
+		t := firewall.Tuple{Local: l, Remote: r}
+		if !m.prelocked[t] {
+			m.prelocked[t] = true
+			ts = append(ts, t)
+		}
+	}
+	m.announced = nil
+	if len(ts) == 0 {
+		return nil
+	}
+	return m.lock.Lock(ts)
 }
 
 func (m *migration) claim(ctx context.Context, addrs []netip.Prefix) error {
