@@ -291,8 +291,8 @@ type migration struct {
 	// Only the goroutine running the migration touches prelocked.
 	announced []transport.Tuple
 	prelocked map[firewall.Tuple]bool
-	rs       restorer   // restores and resumes the connections, with crafted segments where their state needs them
-	lsn      *listenerSet
+	rs        restorer // restores and resumes the connections, with crafted segments where their state needs them
+	lsn       *listenerSet
 }
 
 func (m *migration) fault(st Step) error {
