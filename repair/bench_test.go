@@ -295,8 +295,11 @@ func bareRestore(s *Snapshot) error {
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
 	w := s.Window
 	setWindow(fd, &w)
-	// As many setsockopt calls as writeLateOptions makes on IPv4.
-	for i := 0; i < 5+len(boolOpts)+len(intOpts)+len(uintOpts)-1+3; i++ {
+	// As many setsockopt calls as writeLateOptions makes on IPv4 for a
+	// connection whose options are the defaults: not IP_TOS, the on/off
+	// options, SO_PRIORITY, SO_RCVLOWAT, TCP_USER_TIMEOUT and
+	// TCP_NOTSENT_LOWAT (already right on the new socket).
+	for i := 0; i < 4+len(intOpts)-2+3; i++ {
 		rawSet(fd, unix.SOL_SOCKET, unix.SO_PRIORITY, 0)
 	}
 	rawIoctl(fd, unix.SIOCOUTQ)
