@@ -16,10 +16,14 @@ import (
 // descriptor for, each once with all its descriptors, in the order of their
 // lowest descriptor, and with the verdict of send --pid before any port
 // filter: established, half-closed and connecting (SYN_SENT) connections
-// are taken, listeners are not (see Reason). A socket in CLOSE is out of
-// the kernel's lookup tables and so out of the sock_diag dump: List does
-// not report it, and send --pid leaves it (and any bytes still unread in
-// it) with the process; the Go API migrates it.
+// are taken, listeners are not (see Reason).
+//
+// Closed connections (CLOSE: both FINs exchanged, or reset, possibly with
+// bytes still unread) are out of the kernel's lookup tables and so out of
+// sock_diag's dump: List finds them by asking each socket descriptor the
+// dump did not account for (a copy made with pidfd_getfd) and takes those
+// that are TCP, closed and have a peer. Without the right to copy the
+// process's descriptors (PTRACE_MODE_ATTACH) it leaves them out.
 //
 // After them come the connections on the same local ports that no
 // descriptor refers to: TIME_WAIT, orphaned (closed by the process while
@@ -53,12 +57,14 @@ func List(pid int) ([]Socket, error) {
 	var held, behind []Socket
 	ports := map[uint16]bool{}
 	seen := map[uint64]bool{}
+	listed := map[uint64]bool{} // inodes sock_diag reported
 	for _, e := range entries {
 		fds := byInode[e.inode]
 		if e.inode == 0 || len(fds) == 0 || seen[e.cookie] {
 			continue
 		}
 		seen[e.cookie] = true
+		listed[e.inode] = true
 		s := socketOf(pid, e)
 		s.FDs = fds
 		s.Inode = e.inode
@@ -67,6 +73,14 @@ func List(pid int) ([]Socket, error) {
 		if p := e.local.Port(); p != 0 {
 			ports[p] = true
 		}
+	}
+	closed, err := closedConns(pid, byInode, listed)
+	if err != nil {
+		return nil, err
+	}
+	for _, s := range closed {
+		seen[s.Cookie] = true
+		held = append(held, s)
 	}
 	for _, e := range entries {
 		if e.inode != 0 || !ports[e.local.Port()] || seen[e.cookie] {

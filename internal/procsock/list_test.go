@@ -156,9 +156,15 @@ func TestList(t *testing.T) {
 		"shut="+w.srv4.String(),
 		"dial="+w.srv4.String(), // the peer closes this one: CLOSE_WAIT
 		"dial="+w.srv6.String(),
+		"shut="+w.srv6.String(), // the peer writes and closes this one: CLOSE, bytes unread
 	)
-	lis, est, dup, shut, cw, est6 := h.lines[0], h.lines[1], h.lines[2], h.lines[3], h.lines[4], h.lines[5]
+	lis, est, dup, shut, cw, est6, closed := h.lines[0], h.lines[1], h.lines[2], h.lines[3], h.lines[4], h.lines[5], h.lines[6]
 	ap := netip.MustParseAddrPort
+	closing := w.peerConn(t, ap(closed.local))
+	if _, err := closing.Write([]byte("unread")); err != nil {
+		t.Fatal(err)
+	}
+	closing.Close()
 	listenAddr := ap(lis.local)
 
 	// Peer side: close the CLOSE_WAIT one; make a TIME_WAIT on the
@@ -189,6 +195,7 @@ func TestList(t *testing.T) {
 		{ap(shut.local), ap(shut.remote), []int{shut.fd}, unix.AF_INET, repair.StateFinWait2, true, 0, "take"},
 		{ap(cw.local), ap(cw.remote), []int{cw.fd}, unix.AF_INET, repair.StateCloseWait, true, 0, "take"},
 		{ap(est6.local), ap(est6.remote), []int{est6.fd}, unix.AF_INET6, repair.StateEstablished, true, 0, "take"},
+		{ap(closed.local), ap(closed.remote), []int{closed.fd}, unix.AF_INET6, repair.StateClose, true, 0, "take"},
 		{queuedLocal, queuedRemote, nil, unix.AF_INET, repair.StateEstablished, false, procsock.ReasonNoDescriptor, "no descriptor (not yet accepted): taken from its listener by send --pid"},
 	}
 
@@ -223,6 +230,11 @@ func TestList(t *testing.T) {
 			t.Errorf("%s->%s: inode %d with fds %v", wt.local, wt.remote, s.Inode, s.FDs)
 		}
 	}
+	// The closed connection is out of sock_diag's dump: List found it
+	// through its descriptor, with its unread bytes.
+	if s := find(socks, ap(closed.local), ap(closed.remote)); s.RecvQ != uint32(len("unread")) {
+		t.Errorf("CLOSE %s->%s: RecvQ %d, want %d", s.Local, s.Remote, s.RecvQ, len("unread"))
+	}
 	var held, tw int
 	cookies := map[uint64]bool{}
 	decoyLocal := ap(decoy.LocalAddr().String())
@@ -250,8 +262,8 @@ func TestList(t *testing.T) {
 			}
 		}
 	}
-	if held != 5 || tw != 1 {
-		t.Errorf("%d sockets with descriptors and %d TIME_WAIT, want 5 and 1:%s", held, tw, dumpList(socks))
+	if held != 6 || tw != 1 {
+		t.Errorf("%d sockets with descriptors and %d TIME_WAIT, want 6 and 1:%s", held, tw, dumpList(socks))
 	}
 
 	t.Run("Filter", func(t *testing.T) {
