@@ -286,11 +286,12 @@ type migration struct {
 	claimed  []netip.Prefix
 	didClaim bool       // Claim was called: an abort must undo it
 	adm      *admission // the policy applied to this migration's connections
-	// announced are the 4-tuples PREPARE listed; prelocked, those of them
-	// the policy allowed, locked before the source's freeze (prelock).
-	// Only the goroutine running the migration touches prelocked.
+	// announced are the 4-tuples PREPARE listed, by connection index;
+	// prelocked[i] says that announced[i] was locked before the source's
+	// freeze (prelock). Only the goroutine running the migration touches
+	// them.
 	announced []transport.Tuple
-	prelocked map[firewall.Tuple]bool
+	prelocked []bool
 	rs        restorer // restores and resumes the connections, with crafted segments where their state needs them
 	lsn       *listenerSet
 }
@@ -612,11 +613,12 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 			c.report.Verdict, c.report.Err = verdictOf(err), err
 			continue
 		}
-		lockList = append(lockList, c.tuple)
 		todo = append(todo, c)
+		// Tuples locked before the freeze (prelock) are not locked again.
+		if !m.isPrelocked(r.index, c.tuple) {
+			lockList = append(lockList, c.tuple)
+		}
 	}
-	// Tuples locked before the freeze (prelock) are not locked again.
-	lockList = slices.DeleteFunc(lockList, func(t firewall.Tuple) bool { return m.prelocked[t] })
 	if len(lockList) > 0 {
 		if err := m.lock.Lock(lockList); err != nil {
 			return nil, err
@@ -653,11 +655,11 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 			m.log.Info("connection refused", "conn", r.index, "reason", v.Reason)
 			if refusal := (*Refusal)(nil); !errors.As(c.report.Err, &refusal) {
 				unlock = append(unlock, c.tuple) // locked, then the restore failed
-			} else if _, held := m.adm.tuples[c.tuple]; m.prelocked[c.tuple] && !held {
+			} else if _, held := m.adm.tuples[c.tuple]; m.isPrelocked(r.index, c.tuple) && !held {
 				// Locked before the freeze, then refused: let it go,
 				// unless another connection of the same tuple holds it.
 				unlock = append(unlock, c.tuple)
-				delete(m.prelocked, c.tuple)
+				m.prelocked[r.index] = false
 			}
 			// Only the report is kept of a connection the target does not hold.
 			c.snap.RecvQueue, c.snap.SendQueue, c.appState = nil, nil, nil
@@ -680,24 +682,33 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 func (m *migration) prelock() error {
 	pol := &m.srv.guard.pol
 	var ts []firewall.Tuple
-	m.prelocked = map[firewall.Tuple]bool{}
-	for _, a := range m.announced {
+	seen := map[firewall.Tuple]bool{}
+	m.prelocked = make([]bool, len(m.announced))
+	for i, a := range m.announced {
 		l, r := a.Local, a.Remote
 		if !l.IsValid() || !r.IsValid() || l.Addr().Is4() != r.Addr().Is4() || l.Port() == 0 || r.Port() == 0 ||
 			!pol.allowedAddr(l.Addr()) || len(pol.AllowPorts) > 0 && !slices.Contains(pol.AllowPorts, l.Port()) {
 			continue
 		}
 		t := firewall.Tuple{Local: l, Remote: r}
-		if !m.prelocked[t] {
-			m.prelocked[t] = true
+		if !seen[t] {
+			seen[t] = true
+			m.prelocked[i] = true
 			ts = append(ts, t)
 		}
 	}
-	m.announced = nil
 	if len(ts) == 0 {
 		return nil
 	}
 	return m.lock.Lock(ts)
+}
+
+// isPrelocked reports whether connection i's tuple t was locked by prelock:
+// PREPARE announced t at index i (a source may announce what it likes; the
+// snapshot's tuple is what counts).
+func (m *migration) isPrelocked(i uint32, t firewall.Tuple) bool {
+	return int(i) < len(m.prelocked) && m.prelocked[i] &&
+		m.announced[i].Local == t.Local && m.announced[i].Remote == t.Remote
 }
 
 func (m *migration) claim(ctx context.Context, addrs []netip.Prefix) error {

@@ -139,9 +139,10 @@ type Prepare struct {
 	Count uint32
 	// Lease is how long the target may hold a lock without news.
 	Lease time.Duration
-	// Tuples, if not empty, are the 4-tuples of the connections (at most
-	// Count), sent so that the target can lock them before the source
-	// freezes anything (version 2; a source may leave them out).
+	// Tuples, if not empty, are the 4-tuples of connections 0 to
+	// len(Tuples)-1 (at most Count), in index order, sent so that the
+	// target can lock them before the source freezes anything (version 2;
+	// a source may leave them out).
 	Tuples []Tuple
 }
 
