@@ -133,8 +133,11 @@ func (j *Journal) Write(r *Record) error {
 //
 // A record that exists and fits in one page is overwritten in place, with
 // one write at offset 0 padded with spaces to the old length (JSON ignores
-// them): a write within one page of the page cache is done whole or not at
-// all when the process dies, and it costs microseconds where a new file
+// them): the kernel copies a write within one page into the page cache
+// without stopping for a signal, so a killed agent leaves the old record or
+// the new (only a fault on the source buffer in mid-copy could split it,
+// and the buffer was just written by this process), and it costs
+// microseconds where a new file
 // renamed over the old costs a quarter of a millisecond here (ext4 starts
 // the new file's writeback at the rename). Otherwise the record is
 // replaced through a new file and a rename.
