@@ -114,6 +114,24 @@ func TestGoAPIMigration(t *testing.T) {
 		}
 	}
 	t.Logf("state %s, phases %v, raw %d bytes, wire %d bytes, freeze %s, %d held", res.State, res.Phases, res.RawBytes, res.WireBytes, res.Conns[0].Freeze, res.Held)
+	// Each freeze ends at the target's resume of the connection, placed on
+	// the source's clock: after the switch, before COMMITTED came back.
+	var sw, frozen time.Duration // the switch phase; lock to COMMITTED
+	inFreeze := false
+	for _, p := range res.Phases {
+		inFreeze = inFreeze || p.Name == "dump+restore"
+		if inFreeze && (p.Name == "dump+restore" || p.Name == "switch" || p.Name == "commit") {
+			frozen += p.Duration
+		}
+		if p.Name == "switch" {
+			sw = p.Duration
+		}
+	}
+	for _, c := range res.Conns {
+		if c.Freeze <= sw || c.Freeze > frozen {
+			t.Errorf("connection %d: freeze %s, want within (%s, %s]: after the switch, before COMMITTED", c.Index, c.Freeze, sw, frozen)
+		}
+	}
 	// The source copies are closed (in repair mode: silently).
 	for _, c := range w.conns {
 		c.Close()

@@ -95,8 +95,13 @@ type ConnResult struct {
 	Index         uint32
 	Local, Remote netip.AddrPort
 	Outcome       Outcome
-	// Freeze is how long the connection was locked: from the source lock
-	// to the target's unlock (committed) or the source's unlock (rolled back).
+	// Freeze is how long the connection was frozen: from the source lock
+	// until the target resumed it (committed) or the source resumed it
+	// (rolled back). For a committed connection the end is the target's
+	// report placed on this host's clock by halving the round trip of
+	// COMMIT (transport.Committed.Freezes); from a target that does not
+	// report it, the end is the arrival of COMMITTED, which also counts
+	// the target's delivery and the way back.
 	Freeze time.Duration
 	Err    error
 	// PendingOn is, for a connection taken from a listener's accept queue,

@@ -67,7 +67,12 @@ type migration struct {
 	jr     *journal.Journal
 	rec    journal.Record
 	locked time.Time // when the source lock went on
-	phase  time.Time // start of the current phase
+	// commitSent is when COMMIT went out; freezeEnds, by connection index,
+	// when the target resumed each connection, on this clock (estimated from
+	// COMMITTED: transport.Committed.Freezes).
+	commitSent time.Time
+	freezeEnds []time.Time
+	phase      time.Time // start of the current phase
 
 	switched bool
 	// writers are the snapshot streams, opened before the lock; once
@@ -705,6 +710,7 @@ func (m *migration) commit(ctx context.Context) (*transport.Committed, error) {
 			exclude = append(exclude, c.index)
 		}
 	}
+	m.commitSent = time.Now()
 	if err := m.link.Control().Send(ctx, &transport.Commit{Migration: m.id, Exclude: exclude}); err != nil {
 		return nil, err
 	}
@@ -716,6 +722,7 @@ func (m *migration) commit(ctx context.Context) (*transport.Committed, error) {
 	if !ok {
 		return nil, fmt.Errorf("source: unexpected %s after commit", msg.Type())
 	}
+	m.freezeEnds, _ = c.Freezes(m.commitSent, time.Now())
 	return c, nil
 }
 
@@ -782,6 +789,10 @@ func (m *migration) finish(c *transport.Committed) error {
 		}
 		cn.done = true
 		cn.res.Freeze = now.Sub(m.locked)
+		if int(cn.index) < len(m.freezeEnds) && !m.freezeEnds[cn.index].IsZero() {
+			// Until the target resumed it, not until its answer came back.
+			cn.res.Freeze = m.freezeEnds[cn.index].Sub(m.locked)
+		}
 		if v, ok := failed[cn.index]; ok {
 			cn.res.Outcome, cn.res.Err = Failed, fmt.Errorf("source: target could not deliver %s: %s: %s", cn.tuple, v.Code, v.Reason)
 		} else {

@@ -726,6 +726,7 @@ func (m *migration) claim(ctx context.Context, addrs []netip.Prefix) error {
 // did not exclude, records the outcome and answers Committed. Once here the
 // commit runs to its end even if the link is gone.
 func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report, error) {
+	start := time.Now() // COMMIT's arrival: the origin of the offsets in Committed
 	m.state = StateCommitting
 	// No journal write here: a target that dies before its sockets are live
 	// has lost only repair-mode copies, which is what "preparing" already
@@ -784,10 +785,13 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// os.NewFile registers each socket with the runtime's poller.
 	resumed := make([]*Delivered, len(live))
 	resumeErrs := make([]error, len(live))
+	// When each connection's freeze ended, for the source's report.
+	resumedUs := make([]uint32, m.count)
 	parallel(len(live), func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			c := live[i]
 			if resumeErrs[i] = m.rs.r.Resume(c.fd, c.snap); resumeErrs[i] == nil {
+				resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
 				resumed[i] = &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
 					Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index}
 			}
@@ -828,7 +832,9 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	}
 	m.state = StateCommitted
 	// Answer first: the source is waiting; the bookkeeping can follow.
-	if err := m.link.Control().Send(ctx, &transport.Committed{Migration: m.id, Failed: failed}); err != nil {
+	answer := &transport.Committed{Migration: m.id, Failed: failed, Resumed: resumedUs}
+	answer.Elapsed = time.Since(start)
+	if err := m.link.Control().Send(ctx, answer); err != nil {
 		m.log.Warn("could not answer Committed; the source will ask", "err", err)
 	}
 	lerr := m.lock.Close()

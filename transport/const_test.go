@@ -112,7 +112,7 @@ func TestWireConstants(t *testing.T) {
 		"switch":      "1:migration 2:addr",
 		"switched":    "1:migration",
 		"commit":      "1:migration 2:exclude",
-		"committed":   "1:migration 2:failed",
+		"committed":   "1:migration 2:failed 3:elapsed 4:resumed",
 		"abort":       "1:migration 2:code 3:reason",
 		"query":       "1:migration",
 		"outcome":     "1:migration 2:state 3:verdict",

@@ -258,12 +258,45 @@ type Committed struct {
 	Migration MigrationID
 	// Failed lists the connections that failed after the commit.
 	Failed []Verdict
+	// Elapsed is the time from the target's receipt of COMMIT to its
+	// sending of COMMITTED. With Resumed it lets the source place the end
+	// of each freeze on its own clock (see Freezes). Zero: not reported.
+	Elapsed time.Duration
+	// Resumed holds, by connection index, the microseconds from the
+	// target's receipt of COMMIT until that connection left repair mode
+	// (its freeze ended); 0 for a connection not resumed. Empty: not
+	// reported.
+	Resumed []uint32
 }
 
 var committedTable = newTable("committed",
 	fixedField(1, "migration", 16, func(m *Committed) []byte { return m.Migration[:] }),
 	nestedListField(2, "failed", verdictTable, func(m *Committed) *[]Verdict { return &m.Failed }),
+	durationField(3, "elapsed", func(m *Committed) *time.Duration { return &m.Elapsed }),
+	uint32sField(4, "resumed", func(m *Committed) *[]uint32 { return &m.Resumed }),
 )
+
+// Freezes estimates, on the source's clock, when each connection's freeze
+// ended: the target's Resumed offsets, shifted by the one-way delay of the
+// link, taken as half of the round trip (sent: COMMIT sent; received:
+// COMMITTED received) less the target's Elapsed. ends[i] is zero for a
+// connection the target did not report; ok is false when it reported
+// nothing usable (an older target, or an Elapsed longer than the round
+// trip).
+func (m *Committed) Freezes(sent, received time.Time) (ends []time.Time, ok bool) {
+	rtt := received.Sub(sent)
+	if len(m.Resumed) == 0 || m.Elapsed <= 0 || m.Elapsed > rtt {
+		return nil, false
+	}
+	oneWay := (rtt - m.Elapsed) / 2
+	ends = make([]time.Time, len(m.Resumed))
+	for i, us := range m.Resumed {
+		if us != 0 {
+			ends[i] = sent.Add(oneWay + time.Duration(us)*time.Microsecond)
+		}
+	}
+	return ends, true
+}
 
 // Abort rolls the migration back (either side, before Commit is sent).
 type Abort struct {
