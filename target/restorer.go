@@ -19,18 +19,29 @@ type restorer struct {
 // in the target's network namespace.
 func (x *restorer) restore(s *repair.Snapshot, mark uint32) (int, error) {
 	if s.State.NeedsInjection() || s.Flags&repair.FlagHeld != 0 { // a held connection is kicked on resume
-		x.mu.Lock()
-		if x.r.Injector == nil {
-			inj, err := repair.NewInjector(mark)
-			if err != nil {
-				x.mu.Unlock()
-				return -1, err
-			}
-			x.r.Injector = inj
+		if err := x.open(mark); err != nil {
+			return -1, err
 		}
-		x.mu.Unlock()
 	}
 	return x.r.Restore(s)
+}
+
+// open opens the injector if it is not open yet. The target calls it before
+// it answers READY, so that the raw sockets are not made inside a freeze
+// (most connections are held, and a held one is kicked on resume); it must
+// run in the target's network namespace.
+func (x *restorer) open(mark uint32) error {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.r.Injector != nil {
+		return nil
+	}
+	inj, err := repair.NewInjector(mark)
+	if err != nil {
+		return err
+	}
+	x.r.Injector = inj
+	return nil
 }
 
 // close closes the injector, if one was opened.

@@ -358,6 +358,11 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 	if err := m.prelock(); err != nil {
 		return m.abort(ctx, err, true)
 	}
+	// The raw sockets for crafted segments, before the freeze. Not fatal:
+	// restore tries again when a connection needs them.
+	if err := nsdo.Do(cfg.NetNS, func() error { return m.rs.open(m.lock.BypassMark()) }); err != nil {
+		m.log.Warn("could not open the raw sockets for crafted segments before the freeze", "err", err)
+	}
 	if m.link.Version() >= 2 {
 		// The source locks nothing before this: the set-up above is not
 		// part of any freeze.
