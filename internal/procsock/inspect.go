@@ -44,8 +44,9 @@ func Inspect(pid int, socks []Socket) ([]Socket, error) {
 	}()
 	err = InNetNS(pid, func() error {
 		var snap repair.Snapshot
+		var in repair.Inspector // one sock_diag dump for all
 		for j, f := range files {
-			err := repair.Inspect(int(f.Fd()), &snap)
+			err := in.Inspect(int(f.Fd()), &snap)
 			var ue *repair.UnsupportedError
 			switch {
 			case errors.As(err, &ue):
