@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/tcpmigrate/tcpmigrate/internal/activation"
+	"github.com/tcpmigrate/tcpmigrate/internal/fdpass"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
@@ -55,6 +56,9 @@ func request(n, i int) []byte {
 // to TCPM_REPORT.
 func listenServer() int {
 	files, err := activation.Files(true)
+	if path := os.Getenv("TCPM_DELIVER"); path != "" && err == nil {
+		files, err = adoptDelivered(path)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "listen-server:", err)
 		return 1
@@ -138,6 +142,7 @@ type listenScene struct {
 	addr              netip.AddrPort
 	dir, self, report string
 	tls               []string
+	deliver           bool // the new instance takes the sockets from receive --deliver, not --exec
 	old               *exec.Cmd
 	watch             *watch
 	before            map[string]int64 // the peer's Tcp counters before the move
@@ -186,8 +191,23 @@ func newListenScene(t *testing.T, service netip.Prefix, bind netip.AddrPort) *li
 func (s *listenScene) receiver(extra ...string) *exec.Cmd {
 	args := append(append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", s.service.String(),
 		"--dev", "eth0", "--journal-dir", filepath.Join(s.dir, "jt")}, s.tls...), extra...)
-	r := agent(s.t, s.dst, append(args, "--once", "--exec", "--", "env", "TCPM_E2E_HELPER=listen-server",
-		"TCPM_REPORT="+s.report, s.self)...)
+	args = append(args, "--once")
+	if s.deliver {
+		// The new instance runs already and waits for the sockets.
+		path := filepath.Join(s.dir, "deliver.sock")
+		adopt := s.dst.Command(s.self)
+		adopt.Env = append(os.Environ(), "TCPM_E2E_HELPER=listen-server", "TCPM_DELIVER="+path, "TCPM_REPORT="+s.report)
+		adopt.Stderr = os.Stderr
+		if err := adopt.Start(); err != nil {
+			s.t.Fatal(err)
+		}
+		s.t.Cleanup(func() { adopt.Process.Kill(); adopt.Wait() })
+		waitFile(s.t, path)
+		args = append(args, "--deliver", "unix:"+path)
+	} else {
+		args = append(args, "--exec", "--", "env", "TCPM_E2E_HELPER=listen-server", "TCPM_REPORT="+s.report, s.self)
+	}
+	r := agent(s.t, s.dst, args...)
 	waitListening(s.t, s.dst, 7946)
 	return r
 }
@@ -355,12 +375,16 @@ func TestCLIListenerUnderLoad(t *testing.T) {
 		// allow every address of its family.
 		{"dual-stack-wildcard", svc, netip.MustParseAddrPort("[::]:8080"), []string{"--allow", "::/0"}},
 	} {
-		t.Run(tc.name, func(t *testing.T) { testListenerUnderLoad(t, tc.service, tc.bind, tc.receive) })
+		t.Run(tc.name, func(t *testing.T) { testListenerUnderLoad(t, tc.service, tc.bind, tc.receive, false) })
 	}
+	// The same with the sockets handed to a running new instance over
+	// receive --deliver (names in the delivery instead of LISTEN_FDNAMES).
+	t.Run("ipv4-deliver", func(t *testing.T) { testListenerUnderLoad(t, svc, netip.AddrPort{}, nil, true) })
 }
 
-func testListenerUnderLoad(t *testing.T, service netip.Prefix, bind netip.AddrPort, receive []string) {
+func testListenerUnderLoad(t *testing.T, service netip.Prefix, bind netip.AddrPort, receive []string, deliver bool) {
 	s := newListenScene(t, service, bind)
+	s.deliver = deliver
 	receiver := s.receiver(receive...)
 	s.startPeer()
 
@@ -645,4 +669,36 @@ func TestCLIListenerAlone(t *testing.T) {
 		t.Error("the connection after the move was not served")
 	}
 	s.watch.quiet(t)
+}
+
+// adoptDelivered is the new instance's side of `receive --deliver`: it
+// listens on path, takes the one delivery, acknowledges every socket and
+// returns them as files named as the delivery named them.
+func adoptDelivered(path string) ([]*os.File, error) {
+	dl, err := fdpass.Listen(path, fdpass.Policy{})
+	if err != nil {
+		return nil, err
+	}
+	defer dl.Close()
+	c, err := dl.Accept()
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	items, err := c.RecvSockets()
+	if err != nil {
+		return nil, err
+	}
+	var files []*os.File
+	var ids []uint64
+	for _, it := range items {
+		fd, err := syscall.Dup(int(it.File.Fd()))
+		it.File.Close()
+		if err != nil {
+			return nil, err
+		}
+		files = append(files, os.NewFile(uintptr(fd), it.Name))
+		ids = append(ids, it.ID)
+	}
+	return files, c.SendAck(ids)
 }
