@@ -29,6 +29,17 @@ var (
 	// ErrNoInjector means a connection's state needs segments crafted as if
 	// from the peer and the Restorer has no Injector to send them.
 	ErrNoInjector = errors.New("repair: restoring this state needs an Injector for crafted segments")
+	// ErrResumedLive is matched by an error of a resume (Resume,
+	// ResumeHeld, Restorer.Resume) that failed after the socket left
+	// repair mode: the connection is live and the caller owns it. What
+	// failed is a finishing touch: the crafted segment sent after it (the
+	// probe of a half-closed connection, the kick of a held one; the
+	// connection then recovers at the peer's persist probe or its own
+	// timers), or an option that leaving repair clears could not be put
+	// back. Such a socket must be delivered, or closed, never discarded:
+	// Discard on a live socket would tear the connection down. Any other
+	// error of a resume leaves the socket in repair mode.
+	ErrResumedLive = errors.New("repair: socket resumed (live), but a step after leaving repair mode failed")
 )
 
 // Reason is a stable code saying why a connection cannot be migrated.

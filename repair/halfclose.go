@@ -285,6 +285,12 @@ func (r *Restorer) Settle(fd int, s *Snapshot) error {
 //   - CLOSE: repair off; there is nobody left to talk to.
 //   - held (FlagHeld, ESTABLISHED only) with an Injector: ResumeHeld, then
 //     Kick, so that the held peer learns the open window at once.
+//
+// The probe and the kick are sent after the socket left repair mode, and
+// losing them only slows the connection down: a send that fails returns an
+// error matching ErrResumedLive, as does a failure to put back an option
+// (the socket is live: deliver it or close it, never Discard it). Any
+// other error leaves the socket in repair mode.
 func (r *Restorer) Resume(fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
@@ -306,7 +312,10 @@ func (r *Restorer) Resume(fd int, s *Snapshot) error {
 	if err := resume(fd, s, unix.TCP_REPAIR_OFF); err != nil {
 		return err
 	}
-	return r.Injector.Send(probe)
+	if err := r.Injector.Send(probe); err != nil {
+		return liveError(s, "send the window probe (the connection waits for its timers)", err)
+	}
+	return nil
 }
 
 // probeSegment builds the ACK the kernel's repair-off window probe would

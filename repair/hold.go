@@ -114,7 +114,8 @@ func (s *Snapshot) MarkHeld() bool {
 // leaves repair mode without the window probe (the probe's sequence number
 // is snd_una - 1, which the peer drops without reading its window, and it
 // makes the kernel believe the open window was announced). Kick the socket
-// next, once its lock is gone.
+// next, once its lock is gone. Its errors are Resume's (ErrResumedLive: the
+// socket is live).
 func ResumeHeld(fd int, s *Snapshot) error {
 	return resume(fd, s, repairOffQuiet())
 }
@@ -146,12 +147,16 @@ func Kick(in *Injector, snaps ...*Snapshot) error {
 }
 
 // resumeHeld is Restorer.Resume for a held connection: ResumeHeld, then the
-// kick.
+// kick. A kick that cannot be sent is not fatal (ErrResumedLive): the peer
+// learns the open window at its next persist probe.
 func (r *Restorer) resumeHeld(fd int, s *Snapshot) error {
 	if err := ResumeHeld(fd, s); err != nil {
 		return err
 	}
-	return r.Injector.Send(KickSegment(s))
+	if err := r.Injector.Send(KickSegment(s)); err != nil {
+		return liveError(s, "kick (the peer waits for its persist probe)", err)
+	}
+	return nil
 }
 
 // Announce makes the socket on fd, just held and not yet locked, send an

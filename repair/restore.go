@@ -368,6 +368,10 @@ func repairOffQuiet() int32 { return offQuiet }
 // Resume serves both ends: on the source it rolls back a dumped socket,
 // in any state; on the target it is the commit of a restored one, where
 // Restorer.Resume does better for the half-closed states (it probes them).
+//
+// An error matching ErrResumedLive comes after the socket left repair
+// mode: it is live (deliver or close it, never Discard it). Any other
+// error leaves it in repair mode.
 func Resume(fd int, s *Snapshot) error {
 	return resume(fd, s, unix.TCP_REPAIR_OFF)
 }
@@ -382,11 +386,23 @@ func resume(fd int, s *Snapshot, mode int32) error {
 	return afterRepair(fd, s)
 }
 
+// liveError is the error of a step that failed after the socket left
+// repair mode: it matches ErrResumedLive and err.
+func liveError(s *Snapshot, op string, err error) error {
+	return &OpError{Op: op + " after leaving repair mode", Local: s.Local, Remote: s.Remote, Err: &resumedLiveError{err}}
+}
+
+// resumedLiveError wraps the error of a step after repair mode was left.
+type resumedLiveError struct{ err error }
+
+func (e *resumedLiveError) Error() string { return e.err.Error() + " (the socket is live)" }
+
+func (e *resumedLiveError) Unwrap() []error { return []error{ErrResumedLive, e.err} }
+
 // afterRepair puts back what repair mode changed on a socket out of it.
+// Its errors match ErrResumedLive.
 func afterRepair(fd int, s *Snapshot) error {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
+	opErr := func(op string, err error) error { return liveError(s, op, err) }
 	if s.Options.ReuseAddr {
 		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 			return opErr("setsockopt SO_REUSEADDR", err)

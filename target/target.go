@@ -795,7 +795,14 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	parallel(len(live), func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			c := live[i]
-			if resumeErrs[i] = m.rs.r.Resume(c.fd, c.snap); resumeErrs[i] == nil {
+			err := m.rs.r.Resume(c.fd, c.snap)
+			if errors.Is(err, repair.ErrResumedLive) {
+				// Live despite the error (a lost kick or probe, an option
+				// not put back): it is delivered like the others.
+				m.log.Warn("connection resumed with a lost finishing step", "conn", c.report.Index, "err", err)
+				err = nil
+			}
+			if resumeErrs[i] = err; err == nil {
 				resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
 				resumed[i] = &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
 					Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index}
@@ -806,6 +813,10 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	var delivered []*Delivered
 	for i, c := range live {
 		if err := resumeErrs[i]; err != nil {
+			// Still in repair mode (repair.Resume's contract): it never
+			// went live here, and closing it so is silent.
+			repair.Discard(c.fd)
+			c.fd = -1
 			fail(c, err)
 			continue
 		}
