@@ -142,6 +142,13 @@ func (m *migration) listen(ctx context.Context, msg *transport.Listeners) error 
 		}
 		return nil
 	})
+	// A listener that could not be recreated (most often EADDRINUSE: a
+	// local service owns the port) is not the target's: its endpoint is
+	// let go at once, so that a source cannot black-hole a local service's
+	// port for the rest of the migration.
+	if err := lock.Unlock(ls.failedEndpoints()); err != nil {
+		return err
+	}
 	vs := make([]transport.Verdict, len(ls.reports))
 	for i, r := range ls.reports {
 		vs[i] = transport.Verdict{Index: uint32(i), Code: r.Verdict}
@@ -151,6 +158,26 @@ func (m *migration) listen(ctx context.Context, msg *transport.Listeners) error 
 		}
 	}
 	return m.link.Control().Send(ctx, &transport.ListenersReady{Migration: m.id, Verdicts: vs})
+}
+
+// failedEndpoints returns the endpoints of the listeners that were refused
+// or could not be recreated (the lock ignores those it does not hold),
+// less those another listener of the set holds.
+func (ls *listenerSet) failedEndpoints() []netip.AddrPort {
+	var failed []netip.AddrPort
+	for i, fd := range ls.fds {
+		if fd < 0 {
+			failed = append(failed, ls.specs[i].Listener.Local)
+		}
+	}
+	return slices.DeleteFunc(failed, func(ep netip.AddrPort) bool {
+		for i, fd := range ls.fds {
+			if fd >= 0 && ls.specs[i].Listener.Local == ep {
+				return true
+			}
+		}
+		return false
+	})
 }
 
 // deliver hands the committed connections, and the listeners with them, to
