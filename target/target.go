@@ -171,15 +171,19 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log.With("role", "target"), jr: jr, outcomes: map[transport.MigrationID]transport.MigrationState{}}
 	s.guard = newGuard(&cfg, s.log)
-	// Outcomes survive a restart through the journal.
-	if recs, err := jr.List(); err == nil {
-		for _, r := range recs {
-			if r.Role != journal.Target {
-				continue
-			}
-			if id, err := transport.ParseMigrationID(r.Migration); err == nil {
-				s.outcomes[id] = recordedState(r.State)
-			}
+	// Outcomes survive a restart through the journal. A record that cannot
+	// be read hides no other (journal.List skips it); its migration is
+	// answered Unknown, and the operator is told which file it is.
+	recs, err := jr.List()
+	if err != nil {
+		s.log.Error("journal: some recorded outcomes cannot be read; their migrations will be answered unknown", "err", err)
+	}
+	for _, r := range recs {
+		if r.Role != journal.Target {
+			continue
+		}
+		if id, err := transport.ParseMigrationID(r.Migration); err == nil {
+			s.outcomes[id] = recordedState(r.State)
 		}
 	}
 	return s, nil

@@ -1,16 +1,21 @@
 // Package journal keeps the small durable record each agent writes about a
 // migration in flight, so that `tcpmigrate recover` can clean up after a
 // crash and an in-doubt source can be resolved. One file per migration and
-// role, rewritten atomically (write, rename) at every state change that
-// matters for recovery; the connection list, which may be long, lives in a
-// file of its own beside it, written once.
+// role, rewritten at every state change that matters for recovery; the
+// connection list, which may be long, lives in a file of its own beside
+// it, written once.
 //
-// Write makes a record durable (fsync of the files and the directory): it
-// survives the machine's crash. Update only replaces the record, in place
-// when it can: it survives the agent's crash, not the machine's, and costs
-// microseconds (no fsync, no new file, the connection list not rewritten),
-// which is why the agents use it inside the freeze, where a machine crash
-// would leave nothing to recover anyway (docs/faults.md).
+// Write makes a record durable: a new file, fsynced and renamed over the
+// old, and the directory fsynced: it survives the machine's crash.
+// Update only replaces the record, overwriting it in place when it can: it
+// survives the agent's crash, not the machine's, and costs microseconds
+// (no fsync, no new file, the connection list not rewritten), which is why
+// the agents use it inside the freeze, where a machine crash would leave
+// nothing to recover anyway (docs/faults.md). An in-place Update is not
+// torn by the death of its writer (the old record or the new is left), but
+// it is not atomic for a reader running at the same time, who may read a
+// mix of both, which fails to decode: List skips such a record and says so
+// (ErrBadRecord), and reading it again later finds it whole.
 package journal
 
 import (
@@ -234,24 +239,38 @@ func (j *Journal) Read(role Role, migration string) (*Record, error) {
 	return j.readFile(filepath.Join(j.dir, string(role)+"-"+migration+".json"))
 }
 
+// ErrBadRecord is matched by the error List returns beside the records it
+// could read: one or more files of the journal could not be read or
+// decoded, and were skipped.
+var ErrBadRecord = errors.New("journal: record skipped")
+
 // List returns every record in the journal, each with its connection list.
+// A record that cannot be read or decoded (or whose connection list cannot)
+// does not hide the others: List skips it and returns every other record,
+// with an error that matches ErrBadRecord and names each skipped file. A
+// record removed while List runs is left out silently. Only a directory
+// that cannot be read makes List return no records.
 func (j *Journal) List() ([]*Record, error) {
 	entries, err := os.ReadDir(j.dir)
 	if err != nil {
 		return nil, fmt.Errorf("journal: list %s: %w", j.dir, err)
 	}
 	var out []*Record
+	var bad []error
 	for _, e := range entries {
 		if !strings.HasSuffix(e.Name(), ".json") {
 			continue
 		}
 		r, err := j.readFile(filepath.Join(j.dir, e.Name()))
-		if err != nil {
-			return out, err
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+		case err != nil:
+			bad = append(bad, fmt.Errorf("%w: %w", ErrBadRecord, err))
+		default:
+			out = append(out, r)
 		}
-		out = append(out, r)
 	}
-	return out, nil
+	return out, errors.Join(bad...)
 }
 
 func (j *Journal) readFile(p string) (*Record, error) {

@@ -1,9 +1,11 @@
 package journal
 
 import (
+	"errors"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -89,5 +91,52 @@ func TestUpdateInPlaceShorterAndLonger(t *testing.T) {
 		if err != nil || got.State != st || got.Peer != r.Peer {
 			t.Fatalf("after Update to %q: %+v, %v", st, got, err)
 		}
+	}
+}
+
+// TestListSkipsBadRecords puts an undecodable record and a record whose
+// connection list is undecodable between good ones: List returns every
+// good record and an error that matches ErrBadRecord and names both bad
+// files, where it used to stop at the first bad one.
+func TestListSkipsBadRecords(t *testing.T) {
+	jr, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := map[string]bool{}
+	for _, m := range []string{"a1", "c1", "e1"} {
+		if err := jr.Update(&Record{Migration: m, Role: Target, State: "committed"}); err != nil {
+			t.Fatal(err)
+		}
+		good[m] = true
+	}
+	// b1 sorts between a1 and c1: a torn record.
+	if err := os.WriteFile(filepath.Join(jr.Dir(), "target-b1.json"), []byte(`{"migration": "b1", "ro`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// d1: a good record with a bad connection list.
+	if err := jr.Write(&Record{Migration: "d1", Role: Source, State: "locked", Conns: []Conn{{Index: 0}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(jr.Dir(), "source-d1.conns"), []byte("[{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	list, err := jr.List()
+	if !errors.Is(err, ErrBadRecord) {
+		t.Fatalf("List error = %v, want one matching ErrBadRecord", err)
+	}
+	for _, name := range []string{"target-b1.json", "source-d1.conns"} {
+		if !strings.Contains(err.Error(), name) {
+			t.Errorf("List error does not name %s: %v", name, err)
+		}
+	}
+	for _, r := range list {
+		if !good[r.Migration] {
+			t.Errorf("List returned %s", r.Migration)
+		}
+		delete(good, r.Migration)
+	}
+	if len(good) != 0 {
+		t.Fatalf("List left out good records %v (returned %d)", good, len(list))
 	}
 }

@@ -52,11 +52,15 @@ func Run(ctx context.Context, o Options) ([]Action, error) {
 		return nil, err
 	}
 	recs, err := jr.List()
-	if err != nil {
+	if err != nil && !errors.Is(err, journal.ErrBadRecord) {
 		return nil, err
 	}
+	// A record that cannot be read does not stop the others' recovery; it
+	// is reported, and, since the lock it names is unknown, no lock table is
+	// swept in this run (run recover again once the file is dealt with).
+	badRecords := err != nil
 	var acts []Action
-	var errs []error
+	errs := []error{err}
 	unresolved := map[string]bool{} // lock tables that must stay
 	for _, r := range recs {
 		if alive(r.AgentPID) {
@@ -78,7 +82,7 @@ func Run(ctx context.Context, o Options) ([]Action, error) {
 		}
 		acts = append(acts, a)
 	}
-	if !o.DryRun {
+	if !o.DryRun && !badRecords {
 		swept, err := firewall.Sweep(0, func(instance string) bool { return unresolved[firewall.TableName(instance)] })
 		errs = append(errs, err)
 		for _, t := range swept {
