@@ -372,8 +372,8 @@ func TestCLIListenerUnderLoad(t *testing.T) {
 		{"ipv6", svc6, netip.AddrPort{}, nil},
 		// A dual-stack listener on every address ([::]) with an IPv4 peer:
 		// IPv4-mapped connections. A wildcard listener needs the target to
-		// allow every address of its family.
-		{"dual-stack-wildcard", svc, netip.MustParseAddrPort("[::]:8080"), []string{"--allow", "::/0"}},
+		// allow every address it takes: both families for a dual-stack one.
+		{"dual-stack-wildcard", svc, netip.MustParseAddrPort("[::]:8080"), []string{"--allow", "::/0", "--allow", "0.0.0.0/0"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) { testListenerUnderLoad(t, tc.service, tc.bind, tc.receive, false) })
 	}

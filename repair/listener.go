@@ -205,6 +205,56 @@ func (l *Listener) Validate() error {
 	return nil
 }
 
+// PortHeld reports whether a socket of this host (of the calling thread's
+// namespace) already holds the port of l on an address l would take: a
+// listener, or a socket bound without SO_REUSEADDR. It binds, without
+// listening, a probe socket with l's family, IPV6_V6ONLY and
+// SO_BINDTODEVICE, with SO_REUSEADDR and IP_FREEBIND and without
+// SO_REUSEPORT, and closes it: EADDRINUSE means held. Sockets in repair
+// mode (connections being restored) never count.
+//
+// A listener recreated with SO_REUSEPORT where PortHeld is true would, if
+// the holder is a listener of the same user with SO_REUSEPORT, join its
+// group and take a share of its connections; Listen alone cannot tell.
+func PortHeld(l *Listener) (bool, error) {
+	if err := l.Validate(); err != nil {
+		return false, err
+	}
+	fail := func(op string, err error) error {
+		return &OpError{Op: "probe the port: " + op, Local: l.Local, Err: err}
+	}
+	fd, err := unix.Socket(int(l.Family), unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return false, fail("socket", err)
+	}
+	defer unix.Close(fd)
+	level, _, freebind := ipLevel(l.Family)
+	if l.Family == unix.AF_INET6 {
+		if err := setInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, b2i(l.V6Only)); err != nil {
+			return false, fail("setsockopt IPV6_V6ONLY", err)
+		}
+	}
+	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return false, fail("setsockopt SO_REUSEADDR", err)
+	}
+	if err := setInt(fd, level, freebind, 1); err != nil {
+		return false, fail("setsockopt IP_FREEBIND", err)
+	}
+	if l.BindToDevice != "" {
+		if err := unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, l.BindToDevice); err != nil {
+			return false, fail("setsockopt SO_BINDTODEVICE", err)
+		}
+	}
+	switch err := bindRaw(fd, l.Family, l.Local); {
+	case err == nil:
+		return false, nil
+	case errors.Is(err, unix.EADDRINUSE):
+		return true, nil
+	default:
+		return false, fail("bind", err)
+	}
+}
+
 // Listen creates the listening socket l describes and returns its
 // descriptor (non-blocking, close-on-exec). The options go on before bind;
 // if the local address is not on this host yet, bind is retried with

@@ -55,16 +55,28 @@ type listenerSet struct {
 }
 
 // checkListener applies the policy to one listener: its address (an
-// unspecified one only when the policy allows every address of the
-// family), its port, its mark, and its pending connections' indices.
+// unspecified one only when the policy allows every address the socket
+// takes: both families for a dual-stack [::]), its port, its mark, and its
+// pending connections' indices.
 func (p *Policy) checkListener(s *transport.ListenerSpec, count uint32) error {
 	l := &s.Listener
 	a := l.Local.Addr().Unmap()
 	if a.IsUnspecified() {
-		all := netip.PrefixFrom(a, 0)
-		if !slices.ContainsFunc(p.Allow, func(pr netip.Prefix) bool { return pr.Bits() == 0 && pr.Addr().Is4() == a.Is4() }) {
-			return &Refusal{Code: transport.VerdictRefused,
-				Err: fmt.Errorf("%w: listener on %v takes every address, and %v is not in the allow-list", ErrNotAllowed, l.Local, all)}
+		families := []bool{a.Is4()} // by Is4
+		if l.Family == unix.AF_INET6 && a.Is6() && !l.V6Only {
+			// A dual-stack [::] listener takes port P on every IPv4
+			// address of the host as well.
+			families = append(families, true)
+		}
+		for _, v4 := range families {
+			if !p.allowsEvery(v4) {
+				all := netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+				if v4 {
+					all = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+				}
+				return &Refusal{Code: transport.VerdictRefused,
+					Err: fmt.Errorf("%w: listener on %v (v6only %t) takes every address, and %v is not in the allow-list", ErrNotAllowed, l.Local, l.V6Only, all)}
+			}
 		}
 	} else if !p.allowedAddr(a) {
 		return &Refusal{Code: transport.VerdictRefused,
@@ -85,6 +97,17 @@ func (p *Policy) checkListener(s *transport.ListenerSpec, count uint32) error {
 		}
 	}
 	return nil
+}
+
+// allowsEvery reports whether the allow-list holds every address of a
+// family (0.0.0.0/0 or ::ffff:0.0.0.0/96 for IPv4, ::/0 for IPv6).
+func (p *Policy) allowsEvery(v4 bool) bool {
+	return slices.ContainsFunc(p.Allow, func(pr netip.Prefix) bool {
+		if v4 && pr.Addr().Is4In6() {
+			return pr.Bits() <= 96
+		}
+		return pr.Bits() == 0 && pr.Addr().Is4() == v4
+	})
 }
 
 // listen answers LISTENERS: each listener is checked against the policy,
@@ -125,6 +148,22 @@ func (m *migration) listen(ctx context.Context, msg *transport.Listeners) error 
 		return err
 	}
 	nsdo.Do(cfg.NetNS, func() error {
+		// First, before any listener of the set exists: a listener with
+		// SO_REUSEPORT on a port a local socket holds would join a local
+		// service's reuseport group and take a share of its connections.
+		for i := range ls.specs {
+			r, l := &ls.reports[i], &ls.specs[i].Listener
+			if r.Err != nil || !l.ReusePort {
+				continue
+			}
+			held, err := repair.PortHeld(l)
+			if err == nil && held {
+				err = fmt.Errorf("%w: listener %v asks for SO_REUSEPORT and a local socket holds the port: it would share that socket's connections", ErrNotAllowed, l.Local)
+			}
+			if err != nil {
+				r.Verdict, r.Err = transport.VerdictConflict, err
+			}
+		}
 		for i := range ls.specs {
 			r := &ls.reports[i]
 			if r.Err != nil {

@@ -13,8 +13,9 @@ import (
 )
 
 // TestCheckListener applies the policy to listeners: allowed addresses and
-// ports, the unspecified address only when every address of its family is
-// allowed, never the bypass mark, pending indices within the count.
+// ports, the unspecified address only when every address it takes is
+// allowed (a dual-stack [::] takes every IPv4 address too), never the
+// bypass mark, pending indices within the count.
 func TestCheckListener(t *testing.T) {
 	pol := Policy{Allow: []netip.Prefix{netip.MustParsePrefix("198.18.0.10/32"), netip.MustParsePrefix("fd00::/64")}, AllowPorts: []uint16{80}}
 	spec := func(local string, mut ...func(*transport.ListenerSpec)) *transport.ListenerSpec {
@@ -29,6 +30,7 @@ func TestCheckListener(t *testing.T) {
 		}
 		return s
 	}
+	v6only := func(s *transport.ListenerSpec) { s.Listener.V6Only = true }
 	for _, tc := range []struct {
 		name string
 		pol  Policy
@@ -42,7 +44,12 @@ func TestCheckListener(t *testing.T) {
 		{"port", pol, spec("198.18.0.10:81"), transport.VerdictRefused},
 		{"wildcard v4", pol, spec("0.0.0.0:80"), transport.VerdictRefused},
 		{"wildcard v6", pol, spec("[::]:80"), transport.VerdictRefused},
-		{"wildcard v6 allowed", Policy{Allow: []netip.Prefix{netip.MustParsePrefix("::/0")}}, spec("[::]:80"), 0},
+		{"wildcard v6only allowed", Policy{Allow: []netip.Prefix{netip.MustParsePrefix("::/0")}}, spec("[::]:80", v6only), 0},
+		{"wildcard dual-stack needs 0.0.0.0/0 too", Policy{Allow: []netip.Prefix{netip.MustParsePrefix("::/0")}}, spec("[::]:80"), transport.VerdictRefused},
+		{"wildcard dual-stack needs ::/0 too", Policy{Allow: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}}, spec("[::]:80"), transport.VerdictRefused},
+		{"wildcard dual-stack allowed", Policy{Allow: []netip.Prefix{netip.MustParsePrefix("::/0"), netip.MustParsePrefix("0.0.0.0/0")}}, spec("[::]:80"), 0},
+		{"wildcard dual-stack allowed (mapped)", Policy{Allow: []netip.Prefix{netip.MustParsePrefix("::/0"), netip.MustParsePrefix("::ffff:0.0.0.0/96")}}, spec("[::]:80"), 0},
+		{"wildcard mapped v4 needs 0.0.0.0/0", Policy{Allow: []netip.Prefix{netip.MustParsePrefix("::/0")}}, spec("[::ffff:0.0.0.0]:80", v6only), transport.VerdictRefused},
 		{"wildcard v4 needs 0.0.0.0/0", Policy{Allow: []netip.Prefix{netip.MustParsePrefix("::/0")}}, spec("0.0.0.0:80"), transport.VerdictRefused},
 		{"bypass mark", pol, spec("198.18.0.10:80", func(s *transport.ListenerSpec) { s.Listener.Mark = firewall.DefaultBypassMark }), transport.VerdictRefused},
 		{"pending index", pol, spec("198.18.0.10:80", func(s *transport.ListenerSpec) { s.Pending = []uint32{3} }), transport.VerdictInvalid},
