@@ -289,7 +289,7 @@ func (l *ListenLock) renewAll() error {
 }
 
 // StartRenewer renews every locked endpoint each third of the lease until
-// Close; errors go to onErr (if not nil) from the renewer's goroutine.
+// StopRenewer or Close; errors go to onErr (if not nil) from the renewer's goroutine.
 func (l *ListenLock) StartRenewer(onErr func(error)) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -317,9 +317,10 @@ func (l *ListenLock) StartRenewer(onErr func(error)) {
 // Table returns the name of the lock's nftables table.
 func (l *ListenLock) Table() string { return l.table }
 
-// Close stops the renewer and deletes the table, which unlocks every
-// listener. It is idempotent; a table already gone is not an error.
-func (l *ListenLock) Close() error {
+// StopRenewer stops the renewer, if it runs: the locked endpoints keep
+// their current lease and lapse when it ends, unless renewed again. The
+// table stays. It is idempotent.
+func (l *ListenLock) StopRenewer() {
 	l.mu.Lock()
 	stop, done := l.stop, l.done
 	l.stop = nil
@@ -328,6 +329,12 @@ func (l *ListenLock) Close() error {
 		close(stop)
 		<-done
 	}
+}
+
+// Close stops the renewer and deletes the table, which unlocks every
+// listener. It is idempotent; a table already gone is not an error.
+func (l *ListenLock) Close() error {
+	l.StopRenewer()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {

@@ -79,5 +79,8 @@ func (l *ListenLock) StartRenewer(onErr func(error)) {}
 // Table returns "" outside Linux.
 func (l *ListenLock) Table() string { return "" }
 
+// StopRenewer does nothing outside Linux.
+func (l *ListenLock) StopRenewer() {}
+
 // Close does nothing outside Linux.
 func (l *ListenLock) Close() error { return nil }

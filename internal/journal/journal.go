@@ -67,6 +67,9 @@ type Record struct {
 	Peer string `json:"peer,omitempty"`
 	// Lock is the firewall instance holding this agent's locks.
 	Lock string `json:"lock,omitempty"`
+	// ListenLock is the table of the source's listener lock (the SYNs to
+	// the listeners that move), if it takes listeners.
+	ListenLock string `json:"listen_lock,omitempty"`
 	// NetNS is the path of the network namespace the lock lives in, if not
 	// the agent's own.
 	NetNS string `json:"netns,omitempty"`
