@@ -61,13 +61,24 @@ type listener struct {
 	res     *ListenerResult
 }
 
+// ErrListenersUnsupported means the target speaks a protocol version that
+// cannot move listeners (LISTENERS is version 2); Migrate refuses before
+// anything is locked or taken.
+var ErrListenersUnsupported = errors.New("source: the target speaks protocol version 1, which cannot move listeners")
+
 // takeListeners runs before the connections are inspected: it describes
 // each listener, locks its SYNs, waits for the handshakes in progress, and
 // accepts what waits in the accept queues. The accepted connections join
 // the migration's connections.
 func (m *migration) takeListeners(ctx context.Context) error {
 	if len(m.cfg.Listeners) == 0 {
-		return nil
+		return m.fault(StepListeners)
+	}
+	// A version-1 target takes LISTENERS for a malformed message: refuse
+	// now, while nothing is taken, rather than reset the queued
+	// connections when it fails.
+	if v := m.link.Version(); v < 2 {
+		return fmt.Errorf("%w (link version %d, %d listeners)", ErrListenersUnsupported, v, len(m.cfg.Listeners))
 	}
 	m.res.Listeners = make([]ListenerResult, len(m.cfg.Listeners))
 	for i, l := range m.cfg.Listeners {
@@ -90,7 +101,7 @@ func (m *migration) takeListeners(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	lock, err := firewall.NewListenLock(firewall.Config{Instance: "srcl-" + m.id.String()[:16], NetNS: m.cfg.NetNS, Lease: m.cfg.Lease})
+	lock, err := firewall.NewListenLock(firewall.Config{Instance: m.listenLockInstance(), NetNS: m.cfg.NetNS, Lease: m.cfg.Lease})
 	if err != nil {
 		return err
 	}
@@ -107,6 +118,9 @@ func (m *migration) takeListeners(ctx context.Context) error {
 			return err
 		}
 		l.res.Pending = len(l.pending)
+	}
+	if err := m.fault(StepListeners); err != nil {
+		return err
 	}
 	m.endPhase("listeners")
 	return nil
@@ -231,9 +245,11 @@ func (m *migration) awaitListeners(ctx context.Context) error {
 }
 
 // releaseListeners ends the source's part of the listeners: on commit, the
-// source copies are closed and the listeners reported committed; in every
-// case the listener lock goes (on commit after the old owner is gone:
-// Config.BeforeRelease). It is idempotent.
+// source copies are closed and the listeners reported committed; the
+// listener lock goes (on commit after the old owner is gone:
+// Config.BeforeRelease), except in doubt, when it stays with its lease
+// running out, for recover to remove once it has resolved the migration.
+// It is idempotent.
 func (m *migration) releaseListeners(committed bool) error {
 	for _, l := range m.lsn {
 		if committed && l.res.Outcome == "" {
@@ -244,7 +260,12 @@ func (m *migration) releaseListeners(committed bool) error {
 	if m.lsnLock == nil {
 		return nil
 	}
-	err := m.lsnLock.Close()
+	var err error
+	if m.state == StateInDoubt {
+		m.lsnLock.StopRenewer()
+	} else {
+		err = m.lsnLock.Close()
+	}
 	m.lsnLock = nil
 	return err
 }
@@ -266,7 +287,10 @@ func (m *migration) settleListeners() {
 		}
 	}
 	for _, c := range m.conns {
-		if c.pendingOn == nil || c.res.Outcome == Committed || errors.Is(c.res.Err, ErrInDoubt) {
+		// A committed connection is the target's, or was lost there
+		// (Committed.Failed, outcome Failed): finish closed its socket, and
+		// its descriptor number may be another socket's by now.
+		if c.pendingOn == nil || c.res.Outcome == Committed || c.committed || errors.Is(c.res.Err, ErrInDoubt) {
 			continue
 		}
 		unix.SetsockoptLinger(c.fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})

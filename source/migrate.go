@@ -45,9 +45,13 @@ type conn struct {
 	tuple    firewall.Tuple
 	snap     repair.Snapshot // queues dropped once sent
 	captured bool            // in repair mode on the source
+	verdict  bool            // the target's verdict on it has arrived
 	held     bool            // held with a zero window before the lock (hold.go)
 	done     bool            // committed or rolled back
-	res      *ConnResult
+	// committed: finish took it (the target's, or lost there); its File
+	// is closed, and its descriptor number may be another socket's.
+	committed bool
+	res       *ConnResult
 	// pendingOn is the listener whose accept queue the connection was
 	// taken from (listeners.go); nil for a connection the caller gave.
 	pendingOn *listener
@@ -82,7 +86,7 @@ type migration struct {
 	msgs      chan transport.Message
 	recvErr   chan error
 
-	mu sync.Mutex // guards captured and done of every conn, and res.RawBytes
+	mu sync.Mutex // guards captured, verdict and done of every conn, and res.RawBytes
 
 	hold holder // the zero-window hold (hold.go)
 
@@ -160,6 +164,15 @@ func (m *migration) run(ctx context.Context) error {
 		return err
 	}
 	m.jr = jr
+	// A frozen owner (Annotate names it) or listeners about to be taken
+	// (their SYNs locked, their queues accepted) must be in a record before
+	// anything can fail or crash: recover would find nothing to thaw or
+	// unlock. The connection list follows once it is known.
+	if m.cfg.Annotate != nil || len(m.cfg.Listeners) > 0 {
+		if err := m.writeJournal(); err != nil {
+			return err
+		}
+	}
 	if err := m.fault(StepDial); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
@@ -179,6 +192,9 @@ func (m *migration) run(ctx context.Context) error {
 	m.inspect()
 	if len(m.elig) == 0 && len(m.lsn) == 0 {
 		m.sendAbort(transport.AbortPolicy, "no connection can be migrated")
+		if m.rec.Migration != "" {
+			m.jr.Remove(&m.rec)
+		}
 		return ErrNothingToMigrate
 	}
 	m.endPhase("inspect")
@@ -205,7 +221,7 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.newLock(); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
-	defer m.lock.Close()
+	defer m.closeLock()
 	defer m.closeHold()
 
 	// The snapshot streams (and their compressors) are opened before the
@@ -264,11 +280,11 @@ func (m *migration) run(ctx context.Context) error {
 		return m.rollbackAll(ctx, err)
 	}
 	m.setState(StateSwitched)
-	// The one record written inside the freeze, and the last before
-	// Commit: from "switched" on, recovery asks the target (Commit may have
-	// been sent). An Update: no fsync, and the connection list, written
-	// before the lock, is not rewritten (docs/faults.md).
-	m.rec.State, m.rec.Released = StateSwitched.String(), m.cfg.SwitchAddrs
+	// The last record before Commit: from "switched" on, recovery asks the
+	// target (Commit may have been sent). An Update: no fsync, and the
+	// connection list, written before the lock, is not rewritten
+	// (docs/faults.md).
+	m.rec.State = StateSwitched.String()
 	if err := m.jr.Update(&m.rec); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
@@ -388,13 +404,33 @@ func (m *migration) awaitReady(ctx context.Context) error {
 // lockInstance names the source's lock of this migration.
 func (m *migration) lockInstance() string { return "src-" + m.id.String()[:16] }
 
+// listenLockInstance names the source's listener lock of this migration.
+func (m *migration) listenLockInstance() string { return "srcl-" + m.id.String()[:16] }
+
+// closeLock removes the source's lock, except in doubt: the source copies
+// are in repair mode and may live on the target, so the lock stays, its
+// lease running out (the renewer is stopped), for recover to remove once
+// it has resolved the migration (docs/handoff.md).
+func (m *migration) closeLock() {
+	if m.state == StateInDoubt {
+		m.lock.StopRenewer()
+		return
+	}
+	m.lock.Close()
+}
+
 // writeJournal writes the record that recovery needs, with the connection
 // list, before the lock table exists and before anything is locked. It
-// names the table about to be made (recovery removes a table that is
-// missing without complaint).
+// names the tables about to be made (recovery removes a table that is
+// missing without complaint). With a frozen owner or listeners it is
+// written twice: before the link is dialled (no connection yet: the owner
+// and the listener lock) and once the connections are known.
 func (m *migration) writeJournal() error {
 	m.rec = journal.Record{Migration: m.id.String(), Role: journal.Source, State: StateLocked.String(), Peer: m.cfg.To,
 		Lock: firewall.TableName(m.lockInstance())}
+	if len(m.cfg.Listeners) > 0 {
+		m.rec.ListenLock = firewall.TableName(m.listenLockInstance())
+	}
 	for _, c := range m.elig {
 		m.rec.Conns = append(m.rec.Conns, journal.Conn{Index: c.index, Local: c.tuple.Local, Remote: c.tuple.Remote, FD: c.OwnerFD,
 			Family: c.snap.Family, ReuseAddr: c.snap.Options.ReuseAddr})
@@ -572,6 +608,15 @@ func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done 
 	sent := 0
 	for i := share; i < len(m.elig); i += n {
 		c := m.elig[i]
+		m.mu.Lock()
+		settled := c.done
+		m.mu.Unlock()
+		if settled {
+			// Settled already (applyVerdicts refuses a verdict before the
+			// capture, so this is a guard): capturing it now would leave
+			// it in repair mode for good.
+			continue
+		}
 		scratch.RecvQueue, scratch.SendQueue = scratch.RecvQueue[:0], scratch.SendQueue[:0]
 		recvq, sendq := scratch.RecvQueue, scratch.SendQueue
 		scratch = c.snap // the inspected part
@@ -610,14 +655,31 @@ func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done 
 }
 
 // applyVerdicts rolls back, on the source alone, the connections the target
-// refused or failed to restore.
+// refused or failed to restore. A verdict must answer a snapshot: one for
+// a connection not captured yet, or a second one, is a protocol error
+// (the migration rolls back), never counted or acted upon.
 func (m *migration) applyVerdicts(vs []transport.Verdict) error {
 	var back []*conn
 	var tuples []firewall.Tuple
+	m.mu.Lock()
 	for _, v := range vs {
 		if int(v.Index) >= len(m.elig) {
+			m.mu.Unlock()
 			return fmt.Errorf("source: verdict for unknown connection %d", v.Index)
 		}
+		c := m.elig[v.Index]
+		if c.verdict {
+			m.mu.Unlock()
+			return fmt.Errorf("source: second verdict for connection %d (%s)", v.Index, c.tuple)
+		}
+		if !c.captured {
+			m.mu.Unlock()
+			return fmt.Errorf("source: verdict for connection %d (%s) before its snapshot was sent", v.Index, c.tuple)
+		}
+		c.verdict = true
+	}
+	m.mu.Unlock()
+	for _, v := range vs {
 		if v.OK() {
 			continue
 		}
@@ -669,12 +731,25 @@ func (m *migration) okCount() int {
 }
 
 // doSwitch moves the network identity and waits for the target to claim it.
+// Before the identity moves, the journal says so ("switching", with the
+// addresses about to be released): a crash in the switch is then
+// recovered like one after it (the target is asked, the addresses claimed
+// back if it aborted), not as if nothing had moved. An in-place Update,
+// inside the freeze (docs/faults.md).
 func (m *migration) doSwitch(ctx context.Context) error {
 	if m.cfg.Switch != nil {
+		m.setState(StateSwitching)
+		m.rec.State, m.rec.Released = StateSwitching.String(), m.cfg.SwitchAddrs
+		if err := m.jr.Update(&m.rec); err != nil {
+			return err
+		}
 		m.switched = true // from here an abort must try to undo it
 		if err := m.cfg.Switch(ctx); err != nil {
 			return fmt.Errorf("source: switch: %w", err)
 		}
+	}
+	if err := m.fault(StepSwitched); err != nil {
+		return err
 	}
 	if err := m.link.Control().Send(ctx, &transport.Switch{Migration: m.id, Addrs: m.cfg.SwitchAddrs}); err != nil {
 		return err
@@ -793,7 +868,7 @@ func (m *migration) finish(c *transport.Committed) error {
 		if cn.done {
 			continue
 		}
-		cn.done = true
+		cn.done, cn.committed = true, true
 		cn.res.Freeze = now.Sub(m.locked)
 		if int(cn.index) < len(m.freezeEnds) && !m.freezeEnds[cn.index].IsZero() {
 			// Until the target resumed it, not until its answer came back.

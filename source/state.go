@@ -13,6 +13,7 @@ const (
 	StateLocked                  // eligible connections locked on the source
 	StatePreparing               // capturing and streaming snapshots, collecting verdicts
 	StatePrepared                // every verdict is in; refused connections rolled back
+	StateSwitching               // the switch is about to move the identity (journal only: recovery treats it as switched)
 	StateSwitched                // the network identity has moved
 	StateCommitting              // Commit sent: in doubt until Committed arrives
 	StateCommitted               // the target owns the connections; source copies discarded
@@ -22,7 +23,7 @@ const (
 
 var stateNames = [...]string{
 	StateInit: "init", StateConnected: "connected", StateLocked: "locked",
-	StatePreparing: "preparing", StatePrepared: "prepared", StateSwitched: "switched",
+	StatePreparing: "preparing", StatePrepared: "prepared", StateSwitching: "switching", StateSwitched: "switched",
 	StateCommitting: "committing", StateCommitted: "committed", StateRolledBack: "rolled-back",
 	StateInDoubt: "in-doubt",
 }
@@ -40,19 +41,21 @@ type Step string
 
 // The steps, in order.
 const (
-	StepDial     Step = "dial"     // before the link is dialled
-	StepInspect  Step = "inspect"  // before the connections are inspected
-	StepLock     Step = "lock"     // before the source lock
-	StepPrepare  Step = "prepare"  // before Prepare is sent
-	StepCapture  Step = "capture"  // before the first capture
-	StepVerdicts Step = "verdicts" // after the snapshots are sent, before Prepared is awaited
-	StepSwitch   Step = "switch"   // before the switch hook
-	StepCommit   Step = "commit"   // before Commit is sent
-	StepFinish   Step = "finish"   // after Committed, before the source copies are discarded
+	StepDial      Step = "dial"      // before the link is dialled
+	StepListeners Step = "listeners" // after the listeners' SYNs are locked and their accept queues taken (with no listener: before inspect)
+	StepInspect   Step = "inspect"   // before the connections are inspected
+	StepLock      Step = "lock"      // before the source lock
+	StepPrepare   Step = "prepare"   // before Prepare is sent
+	StepCapture   Step = "capture"   // before the first capture
+	StepVerdicts  Step = "verdicts"  // after the snapshots are sent, before Prepared is awaited
+	StepSwitch    Step = "switch"    // before the switch hook
+	StepSwitched  Step = "switched"  // after the switch hook, before the target is told
+	StepCommit    Step = "commit"    // before Commit is sent
+	StepFinish    Step = "finish"    // after Committed, before the source copies are discarded
 )
 
 // Steps lists every fault-injection step in order.
-var Steps = []Step{StepDial, StepInspect, StepLock, StepPrepare, StepCapture, StepVerdicts, StepSwitch, StepCommit, StepFinish}
+var Steps = []Step{StepDial, StepListeners, StepInspect, StepLock, StepPrepare, StepCapture, StepVerdicts, StepSwitch, StepSwitched, StepCommit, StepFinish}
 
 // Outcome is what became of one connection.
 type Outcome string

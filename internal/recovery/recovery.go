@@ -6,11 +6,13 @@
 package recovery
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -77,7 +79,7 @@ func Run(ctx context.Context, o Options) ([]Action, error) {
 			a.Err = jr.Remove(r)
 		}
 		if a.Err != nil {
-			unresolved[r.Lock] = true
+			unresolved[r.Lock], unresolved[r.ListenLock] = true, true
 			errs = append(errs, fmt.Errorf("recovery: %s %s: %w", r.Role, r.Migration, a.Err))
 		}
 		acts = append(acts, a)
@@ -101,15 +103,16 @@ func alive(pid int) bool {
 }
 
 func recoverSource(ctx context.Context, o Options, r *journal.Record) (string, error) {
-	// From "switched" on, Commit may have been sent (the source writes no
-	// record between the switch and Commit: that write would lengthen every
-	// freeze) and the target may hold the address: only the target knows
-	// which, so it is asked. Committed: the connections are its. Aborted or
-	// unknown: it has let go of the address and the connections come back.
-	// Preparing: it still waits for a Commit that will not come, and aborts
-	// when it notices the source is gone.
+	// From "switching" on, the address may have moved, and from "switched"
+	// on Commit may have been sent (the source writes no record between the
+	// switch and Commit: that write would lengthen every freeze); the
+	// target may hold the address: only the target knows, so it is asked.
+	// Committed: the connections are its. Aborted or unknown: it has let go
+	// of the address, which is claimed back (Released), and the connections
+	// come back. Preparing: it still waits for a Commit that will not come,
+	// and aborts when it notices the source is gone.
 	switch r.State {
-	case source.StateSwitched.String(), source.StateCommitting.String(), source.StateInDoubt.String():
+	case source.StateSwitching.String(), source.StateSwitched.String(), source.StateCommitting.String(), source.StateInDoubt.String():
 		st, err := query(ctx, o, r)
 		if err != nil {
 			return "in doubt: the target could not be asked; run recover again with its TLS flags", err
@@ -136,7 +139,8 @@ func query(ctx context.Context, o Options, r *journal.Record) (transport.Migrati
 }
 
 // finishCommit ends a committed migration on the source: the old owner's
-// copies (in repair mode, so silent) die with it.
+// copies (in repair mode, so silent) die with it, then its locks go (kept
+// until then: the owner's descriptors must not outlive them).
 func finishCommit(o Options, r *journal.Record) (string, error) {
 	if o.DryRun {
 		return "committed at the target: would kill the frozen owner", nil
@@ -146,8 +150,55 @@ func finishCommit(o Options, r *journal.Record) (string, error) {
 			return "committed at the target", fmt.Errorf("recovery: kill %d: %w", r.PID, err)
 		}
 		freeze.ThawRecord(*r.Freeze) // a frozen cgroup must thaw for the kill to land
+		if !awaitGone(r.PID, 5*time.Second) {
+			return "committed at the target: the owner was killed but has not exited; its locks stay", fmt.Errorf("recovery: process %d still alive after SIGKILL", r.PID)
+		}
 	}
-	return "committed at the target: the owner's copies discarded", nil
+	if err := removeLocks(r); err != nil {
+		return "committed at the target: the owner's copies discarded", err
+	}
+	return "committed at the target: the owner's copies discarded, its locks removed", nil
+}
+
+// awaitGone waits until pid has exited (a zombie has closed its
+// descriptors: it counts as gone).
+func awaitGone(pid int, within time.Duration) bool {
+	deadline := time.Now().Add(within)
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return true
+		}
+		// The state follows the command name, which ends with the last ')'.
+		if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) && b[i+2] == 'Z' {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// removeLocks removes the record's lock tables (the connection lock and,
+// if it took listeners, the listener lock) in the namespace they live in.
+// Tables already gone are not an error.
+func removeLocks(r *journal.Record) error {
+	if r.Lock == "" && r.ListenLock == "" {
+		return nil
+	}
+	ns := 0
+	if r.NetNS != "" {
+		if f, err := os.Open(r.NetNS); err == nil {
+			defer f.Close()
+			ns = int(f.Fd())
+		}
+	}
+	_, err := firewall.Sweep(ns, func(instance string) bool {
+		t := firewall.TableName(instance)
+		return t != r.Lock && t != r.ListenLock
+	})
+	return err
 }
 
 // rollBack gives the connections back to their owner: repair off on each
@@ -170,19 +221,10 @@ func rollBack(o Options, r *journal.Record) (string, error) {
 			claimed = append(claimed, p.String())
 		}
 	}
-	if r.Lock != "" {
-		// Remove this migration's lock first: leaving repair sends a probe
-		// that must reach the peer.
-		ns := 0
-		if r.NetNS != "" {
-			if f, err := os.Open(r.NetNS); err == nil {
-				defer f.Close()
-				ns = int(f.Fd())
-			}
-		}
-		_, err := firewall.Sweep(ns, func(instance string) bool { return firewall.TableName(instance) != r.Lock })
-		errs = append(errs, err)
-	}
+	// Remove this migration's locks first: leaving repair sends a probe
+	// that must reach the peer, and the thawed owner's listeners must get
+	// their SYNs again.
+	errs = append(errs, removeLocks(r))
 	resumed := 0
 	if r.PID > 0 && alive(r.PID) {
 		for _, c := range r.Conns {
