@@ -586,14 +586,21 @@ func synRetrans(t *testing.T, ns *lab.NS) int64 {
 }
 
 // TestCLIListenerSourceKilled kills the source agent (SIGKILL) after it
-// has locked the listener, taken its queue and put the connections in
-// repair mode; `tcpmigrate recover` then rolls back, leaves none of its
-// lock tables (its sweep of dead agents' tables takes the listener lock
-// too) and thaws the old instance, whose listener
-// takes new connections again at once (a dial shorter than the peer's SYN
-// retransmission succeeds). The connections taken from the queue died with
-// the agent (docs/faults.md).
+// has locked the listener and taken its queue: at the end of the
+// listeners phase (before the connections are inspected, locked or
+// listed) and once the connections are in repair mode (verdicts).
+// `tcpmigrate recover` then rolls back, leaves none of its lock tables
+// and thaws the old instance, whose listener takes new connections again
+// at once (a dial shorter than the peer's SYN retransmission succeeds).
+// The connections taken from the queue died with the agent
+// (docs/faults.md).
 func TestCLIListenerSourceKilled(t *testing.T) {
+	for _, step := range []string{"listeners", "verdicts"} {
+		t.Run(step, func(t *testing.T) { testListenerSourceKilled(t, step) })
+	}
+}
+
+func testListenerSourceKilled(t *testing.T, step string) {
 	s := newListenScene(t, svc, netip.AddrPort{})
 	s.receiver()
 	s.startPeer()
@@ -601,7 +608,7 @@ func TestCLIListenerSourceKilled(t *testing.T) {
 	marker := filepath.Join(s.dir, "hung")
 	send := s.sendCmd()
 	send.Args = append(send.Args, "--lease", "30s")
-	send.Env = append(os.Environ(), "TCPMIGRATE_TEST_HANG=verdicts", "TCPMIGRATE_TEST_HANG_FILE="+marker)
+	send.Env = append(os.Environ(), "TCPMIGRATE_TEST_HANG="+step, "TCPMIGRATE_TEST_HANG_FILE="+marker)
 	var out bytes.Buffer
 	send.Stdout, send.Stderr = &out, &out
 	if err := send.Start(); err != nil {

@@ -284,7 +284,7 @@ func (m *migration) run(ctx context.Context) error {
 	// target (Commit may have been sent). An Update: no fsync, and the
 	// connection list, written before the lock, is not rewritten
 	// (docs/faults.md).
-	m.rec.State = StateSwitched.String()
+	m.rec.State, m.rec.Released = StateSwitched.String(), m.cfg.SwitchAddrs
 	if err := m.jr.Update(&m.rec); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
