@@ -50,7 +50,8 @@ var listenerTable = newTable("listener",
 // (source → target), after Prepare and before Switch. The target checks
 // each against its policy, recreates the allowed ones (bound, listening,
 // with inbound SYNs dropped by its listener lock until the commit) and
-// answers with ListenersReady.
+// answers with ListenersReady. Version 2 only: a version-1 peer does not
+// know the message.
 type Listeners struct {
 	// Migration is the migration's ID.
 	Migration MigrationID
@@ -65,7 +66,8 @@ var listenersTable = newTable("listeners",
 
 // ListenersReady answers Listeners (target → source) with one verdict per
 // listener, indexed by its position in Listeners. A listener that is not
-// VerdictOK stays on the source, and so do its pending connections.
+// VerdictOK fails the whole migration: the source aborts it and rolls
+// every connection back (docs/protocol.md §6.1).
 type ListenersReady struct {
 	// Migration is the migration's ID.
 	Migration MigrationID
