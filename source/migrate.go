@@ -709,7 +709,14 @@ func (m *migration) resumeOne(c *conn) {
 	c.done, c.captured = true, false
 	m.mu.Unlock()
 	if captured {
-		if err := m.resumeSocket(c); err != nil {
+		err := m.resumeSocket(c)
+		switch {
+		case errors.Is(err, repair.ErrResumedLive):
+			// Out of repair mode and live: only its kick or an option is
+			// lost. It is rolled back; the peer resumes it at its next
+			// probe.
+			m.log.Warn("rolled back without its kick or an option", "conn", c.tuple.String(), "err", err)
+		case err != nil:
 			c.res.Outcome, c.res.Err = Failed, errors.Join(c.res.Err, err)
 			return
 		}

@@ -240,9 +240,13 @@ func rollBack(o Options, r *journal.Record) (string, error) {
 			if v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR); err == nil && v == 1 {
 				s := repair.Snapshot{Family: c.Family, Local: c.Local, Remote: c.Remote}
 				s.Options.ReuseAddr = c.ReuseAddr
-				if err := repair.Resume(fd, &s); err != nil {
+				switch err := repair.Resume(fd, &s); {
+				case errors.Is(err, repair.ErrResumedLive):
+					resumed++ // live; only an option could not be put back
 					errs = append(errs, err)
-				} else {
+				case err != nil:
+					errs = append(errs, err)
+				default:
 					resumed++
 				}
 			}
