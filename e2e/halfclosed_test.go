@@ -373,7 +373,7 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 		defer synPeer.Close()
 		waitConnState(t, "SYN_SENT: peer side", synPeer, repair.StateClose)
 	}
-	judgeNoReset(t, watch)
+	t.Logf("%d FIN segments on the bridge", watch.noReset(t))
 }
 
 // next is the state a held connection reaches once the peer's
@@ -491,31 +491,4 @@ func peerDrop(t *testing.T, peer *lab.NS, out, in []string) {
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("nft on the peer: %v: %s", err, b)
 	}
-}
-
-// judgeNoReset stops the capture and fails on any RST on the bridge or
-// any reset the peer counted (FINs are expected here).
-func judgeNoReset(t *testing.T, w *watch) {
-	t.Helper()
-	after, err := w.peer.Resets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if after != w.before {
-		t.Errorf("the peer counted %d resets", after-w.before)
-	}
-	segs, err := w.capture.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	fins := 0
-	for _, s := range segs {
-		if strings.Contains(s, "Flags [R") {
-			t.Errorf("RST on the bridge: %s", s)
-		}
-		if strings.Contains(s, "Flags [F") {
-			fins++
-		}
-	}
-	t.Logf("%d FIN segments on the bridge", fins)
 }

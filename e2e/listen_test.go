@@ -561,28 +561,15 @@ func TestCLIListenerRollback(t *testing.T) {
 // TCPSynRetrans).
 func synRetrans(t *testing.T, ns *lab.NS) int64 {
 	t.Helper()
-	var b []byte
-	if err := ns.Do(func() (err error) {
-		b, err = os.ReadFile("/proc/thread-self/net/netstat")
-		return err
-	}); err != nil {
+	m, err := ns.TCPExtCounters()
+	if err != nil {
 		t.Fatal(err)
 	}
-	lines := strings.Split(string(b), "\n")
-	for i := 0; i+1 < len(lines); i++ {
-		names, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
-		if len(names) == 0 || names[0] != "TcpExt:" || len(vals) != len(names) {
-			continue
-		}
-		for j, n := range names {
-			if n == "TCPSynRetrans" {
-				v, _ := strconv.ParseInt(vals[j], 10, 64)
-				return v
-			}
-		}
+	n, ok := m["TCPSynRetrans"]
+	if !ok {
+		t.Fatal("no TcpExt TCPSynRetrans counter")
 	}
-	t.Fatal("no TcpExt TCPSynRetrans counter")
-	return 0
+	return n
 }
 
 // TestCLIListenerSourceKilled kills the source agent (SIGKILL) after it

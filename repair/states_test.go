@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -547,24 +546,9 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 // tcpExt reads the TcpExt counters of /proc/net/netstat in ns.
 func tcpExt(t *testing.T, ns *lab.NS) map[string]int64 {
 	t.Helper()
-	var b []byte
-	if err := ns.Do(func() (err error) { b, err = os.ReadFile("/proc/thread-self/net/netstat"); return err }); err != nil {
+	m, err := ns.TCPExtCounters()
+	if err != nil {
 		t.Fatal(err)
-	}
-	m := map[string]int64{}
-	var names []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != "TcpExt:" {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		for i := 1; i < len(f) && i < len(names); i++ {
-			m[names[i]], _ = strconv.ParseInt(f[i], 10, 64)
-		}
 	}
 	return m
 }

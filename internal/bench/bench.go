@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -493,28 +492,11 @@ func peerCounters(ns *lab.NS) (map[string]int64, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := map[string]int64{"RetransSegs": m["RetransSegs"]}
-	var b []byte
-	if err := ns.Do(func() (err error) { b, err = os.ReadFile("/proc/thread-self/net/netstat"); return err }); err != nil {
+	ext, err := ns.TCPExtCounters()
+	if err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
-	var names []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != "TcpExt:" {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		for i := 1; i < len(f) && i < len(names); i++ {
-			if names[i] == "TCPTimeouts" || names[i] == "TCPLossProbes" {
-				out[names[i]], _ = strconv.ParseInt(f[i], 10, 64)
-			}
-		}
-	}
-	return out, nil
+	return map[string]int64{"RetransSegs": m["RetransSegs"], "TCPTimeouts": ext["TCPTimeouts"], "TCPLossProbes": ext["TCPLossProbes"]}, nil
 }
 
 // capture records the headers of the migrated connections' segments on the

@@ -13,21 +13,34 @@ import (
 )
 
 // TCPCounters returns the Tcp counters of /proc/net/snmp in the namespace
-// (ActiveOpens, EstabResets, OutRsts, ...).
+// (ActiveOpens, EstabResets, OutRsts, RetransSegs, ...).
 func (n *NS) TCPCounters() (map[string]int64, error) {
+	return n.counters("snmp", "Tcp:")
+}
+
+// TCPExtCounters returns the TcpExt counters of /proc/net/netstat in the
+// namespace (TCPTimeouts, TCPLossProbes, TCPSynRetrans, TCPChallengeACK,
+// ...).
+func (n *NS) TCPExtCounters() (map[string]int64, error) {
+	return n.counters("netstat", "TcpExt:")
+}
+
+// counters parses the pair of lines of /proc/net/file whose first field is
+// prefix: the counters' names, then their values.
+func (n *NS) counters(file, prefix string) (map[string]int64, error) {
 	var b []byte
 	err := n.Do(func() (err error) {
-		b, err = os.ReadFile("/proc/thread-self/net/snmp")
+		b, err = os.ReadFile("/proc/thread-self/net/" + file)
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("lab: read snmp in %s: %w", n.Label, err)
+		return nil, fmt.Errorf("lab: read %s in %s: %w", file, n.Label, err)
 	}
 	var names []string
 	m := map[string]int64{}
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != "Tcp:" {
+		if len(f) == 0 || f[0] != prefix {
 			continue
 		}
 		if names == nil {
@@ -37,6 +50,9 @@ func (n *NS) TCPCounters() (map[string]int64, error) {
 		for i := 1; i < len(f) && i < len(names); i++ {
 			m[names[i]], _ = strconv.ParseInt(f[i], 10, 64)
 		}
+	}
+	if names == nil {
+		return nil, fmt.Errorf("lab: no %s counters in %s of %s", prefix, file, n.Label)
 	}
 	return m, nil
 }
