@@ -157,8 +157,9 @@ func TestList(t *testing.T) {
 		"dial="+w.srv4.String(), // the peer closes this one: CLOSE_WAIT
 		"dial="+w.srv6.String(),
 		"shut="+w.srv6.String(), // the peer writes and closes this one: CLOSE, bytes unread
+		"listen="+netip.AddrPortFrom(appV4, 0).String(), // its accepted connection is closed while the peer keeps its end: an orphan
 	)
-	lis, est, dup, shut, cw, est6, closed := h.lines[0], h.lines[1], h.lines[2], h.lines[3], h.lines[4], h.lines[5], h.lines[6]
+	lis, est, dup, shut, cw, est6, closed, lis2 := h.lines[0], h.lines[1], h.lines[2], h.lines[3], h.lines[4], h.lines[5], h.lines[6], h.lines[7]
 	ap := netip.MustParseAddrPort
 	closing := w.peerConn(t, ap(closed.local))
 	if _, err := closing.Write([]byte("unread")); err != nil {
@@ -179,6 +180,14 @@ func TestList(t *testing.T) {
 	queued := w.dialFromPeer(t, listenAddr)
 	queuedLocal := ap(queued.RemoteAddr().String())
 	queuedRemote := ap(queued.LocalAddr().String())
+	// The helper closes this one at once and the peer never does: the
+	// helper's end is an orphan in FIN_WAIT2, with no descriptor.
+	listen2Addr := ap(lis2.local)
+	kept := w.dialFromPeer(t, listen2Addr)
+	if n, err := kept.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("read from the helper's second accepted-and-closed connection: %d, %v; want EOF", n, err)
+	}
+	orphanLocal, orphanRemote := ap(kept.RemoteAddr().String()), ap(kept.LocalAddr().String())
 
 	type want struct {
 		local, remote netip.AddrPort
@@ -197,6 +206,7 @@ func TestList(t *testing.T) {
 		{ap(est6.local), ap(est6.remote), []int{est6.fd}, unix.AF_INET6, repair.StateEstablished, true, 0, "take"},
 		{ap(closed.local), ap(closed.remote), []int{closed.fd}, unix.AF_INET6, repair.StateClose, true, 0, "take"},
 		{queuedLocal, queuedRemote, nil, unix.AF_INET, repair.StateEstablished, false, procsock.ReasonNoDescriptor, "no descriptor (not yet accepted): taken from its listener by send --pid"},
+		{orphanLocal, orphanRemote, nil, unix.AF_INET, repair.StateFinWait2, false, procsock.ReasonNoDescriptor, "stays behind: no descriptor (orphaned in FIN_WAIT2)"},
 	}
 
 	var socks []procsock.Socket
@@ -251,7 +261,7 @@ func TestList(t *testing.T) {
 			if i > 0 && len(socks[i-1].FDs) > 0 && socks[i-1].FDs[0] > s.FDs[0] {
 				t.Errorf("sockets not in descriptor order:%s", dumpList(socks))
 			}
-		} else if s.Local.Port() != listenAddr.Port() {
+		} else if s.Local.Port() != listenAddr.Port() && s.Local.Port() != listen2Addr.Port() {
 			t.Errorf("socket without descriptor on a port the helper has none on: %s->%s", s.Local, s.Remote)
 		}
 		if s.State == repair.StateTimeWait {
@@ -262,8 +272,8 @@ func TestList(t *testing.T) {
 			}
 		}
 	}
-	if held != 6 || tw != 1 {
-		t.Errorf("%d sockets with descriptors and %d TIME_WAIT, want 6 and 1:%s", held, tw, dumpList(socks))
+	if held != 7 || tw != 1 {
+		t.Errorf("%d sockets with descriptors and %d TIME_WAIT, want 7 and 1:%s", held, tw, dumpList(socks))
 	}
 
 	t.Run("Filter", func(t *testing.T) {
