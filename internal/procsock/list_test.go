@@ -156,7 +156,7 @@ func TestList(t *testing.T) {
 		"shut="+w.srv4.String(),
 		"dial="+w.srv4.String(), // the peer closes this one: CLOSE_WAIT
 		"dial="+w.srv6.String(),
-		"shut="+w.srv6.String(), // the peer writes and closes this one: CLOSE, bytes unread
+		"shut="+w.srv6.String(),                         // the peer writes and closes this one: CLOSE, bytes unread
 		"listen="+netip.AddrPortFrom(appV4, 0).String(), // its accepted connection is closed while the peer keeps its end: an orphan
 	)
 	lis, est, dup, shut, cw, est6, closed, lis2 := h.lines[0], h.lines[1], h.lines[2], h.lines[3], h.lines[4], h.lines[5], h.lines[6], h.lines[7]
