@@ -97,7 +97,7 @@ func (r *relay) stuck(t *testing.T, msg string) {
 		t.Fatal(err)
 	}
 	var socks []procsock.Socket
-	waitFor(t, "the bytes to reach socat's receive queue", func() (bool, string) {
+	lab.WaitFor(t, "the bytes to reach socat's receive queue", func() (bool, string) {
 		var err error
 		if socks, err = procsock.List(r.p.pid); err != nil {
 			t.Fatal(err)
@@ -139,7 +139,7 @@ func thawedState(t *testing.T, f *freeze.Frozen, pid int) {
 	t.Helper()
 	switch f.Method() {
 	case freeze.MethodSignal:
-		waitFor(t, "the threads to leave state T", func() (bool, string) {
+		lab.WaitFor(t, "the threads to leave state T", func() (bool, string) {
 			st := threadStates(t, pid)
 			return noneT(st), st
 		})
@@ -371,7 +371,7 @@ func TestRecover(t *testing.T) {
 			if err := freeze.ThawRecord(rec); err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, "the process to run again", func() (bool, string) {
+			lab.WaitFor(t, "the process to run again", func() (bool, string) {
 				st := threadStates(t, p.pid)
 				if dir != "" {
 					return frozenEvent(t, dir) == "0", "frozen " + frozenEvent(t, dir)
@@ -404,7 +404,7 @@ func TestErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer zombie.Wait()
-	waitFor(t, "a zombie", func() (bool, string) {
+	lab.WaitFor(t, "a zombie", func() (bool, string) {
 		st := threadStates(t, zombie.Process.Pid)
 		return st == "Z", st
 	})

@@ -170,24 +170,6 @@ func noneT(states string) bool {
 	return states != "" && !strings.Contains(states, "T")
 }
 
-// waitFor polls cond until it returns true or the deadline passes.
-func waitFor(t *testing.T, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	delay := time.Millisecond
-	for {
-		ok, last := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s; last: %s", what, last)
-		}
-		time.Sleep(delay)
-		delay = min(2*delay, 50*time.Millisecond)
-	}
-}
-
 var cgroupCounter atomic.Uint32
 
 // newCgroup creates an empty cgroup v2 directory owned by the test under

@@ -191,22 +191,3 @@ func checkExe(t *testing.T, pid int, exe string) {
 		t.Fatalf("pid %d runs %s, want the helper %s", pid, got, exe)
 	}
 }
-
-// waitFor polls cond until it returns true or the deadline passes; it
-// reports the last description cond gave.
-func waitFor(t *testing.T, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	delay := time.Millisecond
-	for {
-		ok, last := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s; last: %s", what, last)
-		}
-		time.Sleep(delay)
-		delay = min(2*delay, 50*time.Millisecond)
-	}
-}

@@ -94,7 +94,7 @@ func newWorld(t *testing.T) *world {
 func (w *world) peerConn(t *testing.T, client netip.AddrPort) net.Conn {
 	t.Helper()
 	var c net.Conn
-	waitFor(t, "peer to accept "+client.String(), func() (bool, string) {
+	lab.WaitFor(t, "peer to accept "+client.String(), func() (bool, string) {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		c = w.accepted[client]
@@ -210,7 +210,7 @@ func TestList(t *testing.T) {
 	}
 
 	var socks []procsock.Socket
-	waitFor(t, "the helper's sockets in their states", func() (bool, string) {
+	lab.WaitFor(t, "the helper's sockets in their states", func() (bool, string) {
 		var err error
 		if socks, err = procsock.List(h.pid); err != nil {
 			t.Fatal(err)
@@ -320,7 +320,7 @@ func TestList(t *testing.T) {
 			t.Fatal(err, serr)
 		}
 		var got []procsock.Socket
-		waitFor(t, "urgent data to be refused", func() (bool, string) {
+		lab.WaitFor(t, "urgent data to be refused", func() (bool, string) {
 			if got, err = procsock.Inspect(h.pid, socks); err != nil {
 				t.Fatal(err)
 			}
