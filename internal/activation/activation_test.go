@@ -95,26 +95,16 @@ func childMain() int {
 			cn.DecodeErr = err.Error()
 		}
 		if sa, err := unix.Getsockname(int(f.Fd())); err == nil {
-			cn.SockLocal = toAddrPort(sa)
+			cn.SockLocal = lab.AddrPort(sa)
 		}
 		if sa, err := unix.Getpeername(int(f.Fd())); err == nil {
-			cn.SockRemote = toAddrPort(sa)
+			cn.SockRemote = lab.AddrPort(sa)
 		}
 		fmt.Fprintf(f, "hello from pid %d via %s\n", os.Getpid(), f.Name())
 		f.Close()
 	}
 	json.NewEncoder(os.Stdout).Encode(r)
 	return 0
-}
-
-func toAddrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
-	}
-	return netip.AddrPort{}
 }
 
 // pair is an established TCP connection in the test namespace; served is
@@ -165,12 +155,9 @@ func newPair(t *testing.T, ns *lab.NS, srv, cli netip.Addr) pair {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	rc, _ := f.SyscallConn()
-	rc.Control(func(fd uintptr) {
-		l, _ := unix.Getsockname(int(fd))
-		r, _ := unix.Getpeername(int(fd))
-		p.local, p.remote = toAddrPort(l), toAddrPort(r)
-	})
+	if p.local, p.remote, err = lab.SockAddrs(f); err != nil {
+		t.Fatal(err)
+	}
 	return p
 }
 

@@ -123,32 +123,11 @@ func item(t *testing.T, p pair, id uint64, state []byte) Item {
 // sockAddrs asks the kernel for a socket's addresses.
 func sockAddrs(t *testing.T, f *os.File) (local, remote netip.AddrPort) {
 	t.Helper()
-	rc, err := f.SyscallConn()
+	l, r, err := lab.SockAddrs(f)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var lsa, rsa unix.Sockaddr
-	var lerr, rerr error
-	if err := rc.Control(func(fd uintptr) {
-		lsa, lerr = unix.Getsockname(int(fd))
-		rsa, rerr = unix.Getpeername(int(fd))
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if lerr != nil || rerr != nil {
-		t.Fatalf("getsockname: %v, getpeername: %v", lerr, rerr)
-	}
-	return toAddrPort(lsa), toAddrPort(rsa)
-}
-
-func toAddrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
-	}
-	return netip.AddrPort{}
+	return l, r
 }
 
 // exchange proves that f is the socket whose far end is peer: a message

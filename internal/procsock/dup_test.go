@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 	"github.com/tcpmigrate/tcpmigrate/internal/procsock"
 )
 
@@ -64,34 +65,6 @@ func cookie(t *testing.T, f *os.File) uint64 {
 	return c
 }
 
-func addrs(t *testing.T, f *os.File) (local, remote netip.AddrPort) {
-	t.Helper()
-	rc, err := f.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var la, ra unix.Sockaddr
-	var lerr, rerr error
-	rc.Control(func(fd uintptr) {
-		la, lerr = unix.Getsockname(int(fd))
-		ra, rerr = unix.Getpeername(int(fd))
-	})
-	if lerr != nil || rerr != nil {
-		t.Fatal(lerr, rerr)
-	}
-	return toAddrPort(la), toAddrPort(ra)
-}
-
-func toAddrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
-	}
-	return netip.AddrPort{}
-}
-
 func TestDup(t *testing.T) {
 	w := newWorld(t)
 	h := startHelper(t, w.app,
@@ -127,7 +100,9 @@ func TestDup(t *testing.T) {
 			if c := cookie(t, f); c != s.Cookie {
 				t.Errorf("copy of fd %d has SO_COOKIE %d, sock_diag said %d", fds[i], c, s.Cookie)
 			}
-			if l, r := addrs(t, f); l != s.Local || r != s.Remote {
+			if l, r, err := lab.SockAddrs(f); err != nil {
+				t.Fatal(err)
+			} else if l != s.Local || r != s.Remote {
 				t.Errorf("copy of fd %d is %s->%s, want %s->%s", fds[i], l, r, s.Local, s.Remote)
 			}
 			f.Close()
