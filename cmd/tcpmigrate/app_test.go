@@ -18,7 +18,8 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"send", "--to", "x", "--pid", "1", "--after", "x"}, 2}, // a bad value
 		{[]string{"receive", "--listen", "x", "--insecure"}, 2},          // neither --exec nor --deliver
 		{[]string{"list"}, 2},
-		{[]string{"list", "--pid", "999999999"}, 1}, // no such process: a failure, not a usage error
+		{[]string{"list", "--pid", "999999999"}, 1},                    // no such process: a failure, not a usage error
+		{[]string{"list", "--pid", "999999999", "--port", "70000"}, 2}, // a port out of range
 	} {
 		app := newApp()
 		app.Writer, app.ErrWriter = io.Discard, io.Discard

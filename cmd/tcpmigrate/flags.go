@@ -79,3 +79,15 @@ func logger(c *cli.Context) (*slog.Logger, error) {
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})), nil
 }
+
+// portsFlag reads a repeatable port flag (--port, --allow-port).
+func portsFlag(c *cli.Context, name string) ([]uint16, error) {
+	var ports []uint16
+	for _, p := range c.UintSlice(name) {
+		if p == 0 || p > 65535 {
+			return nil, usageError{fmt.Errorf("--%s %d: want 1 to 65535", name, p)}
+		}
+		ports = append(ports, uint16(p))
+	}
+	return ports, nil
+}

@@ -27,14 +27,14 @@ func listCommand() *cli.Command {
 			if err := require(c, "pid"); err != nil {
 				return err
 			}
+			ports, err := portsFlag(c, "port")
+			if err != nil {
+				return err
+			}
 			pid := c.Int("pid")
 			socks, err := procsock.List(pid)
 			if err != nil {
 				return err
-			}
-			var ports []uint16
-			for _, p := range c.UintSlice("port") {
-				ports = append(ports, uint16(p))
 			}
 			socks, _ = procsock.Filter(socks, ports)
 			// Inspect shows what repair itself would refuse (kTLS, MD5, urgent data...).

@@ -240,11 +240,9 @@ func receivePolicy(c *cli.Context) (target.Policy, error) {
 		PrepareTimeout: c.Duration("prepare-timeout"),
 		CommitTimeout:  c.Duration("commit-timeout"),
 	}
-	for _, port := range c.UintSlice("allow-port") {
-		if port == 0 || port > 65535 {
-			return p, usageError{fmt.Errorf("--allow-port %d: want 1 to 65535", port)}
-		}
-		p.AllowPorts = append(p.AllowPorts, uint16(port))
+	var err error
+	if p.AllowPorts, err = portsFlag(c, "allow-port"); err != nil {
+		return p, err
 	}
 	n := c.Uint64("max-conns")
 	if n == 0 || n > 1<<20 {

@@ -139,13 +139,13 @@ func runHook(ctx context.Context, command, phase string) error {
 // sendPID migrates the established connections of a process: freeze it,
 // take copies of its sockets, migrate, then kill, stop or thaw it.
 func sendPID(ctx context.Context, c *cli.Context, cfg source.Config, pid int, after string) (*source.Result, error) {
-	socks, err := procsock.List(pid)
+	ports, err := portsFlag(c, "port")
 	if err != nil {
 		return nil, err
 	}
-	var ports []uint16
-	for _, p := range c.UintSlice("port") {
-		ports = append(ports, uint16(p))
+	socks, err := procsock.List(pid)
+	if err != nil {
+		return nil, err
 	}
 	socks, unused := procsock.Filter(socks, ports)
 	listeners, unused := pidListeners(socks, ports, unused)
