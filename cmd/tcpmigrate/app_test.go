@@ -20,6 +20,7 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"list"}, 2},
 		{[]string{"list", "--pid", "999999999"}, 1},                    // no such process: a failure, not a usage error
 		{[]string{"list", "--pid", "999999999", "--port", "70000"}, 2}, // a port out of range
+		{[]string{"receive", "--listen", "x", "--insecure", "--deliver", "unix:/x", "--claim-addr", "198.18.0.9/32"}, 2}, // --claim-addr without --dev
 	} {
 		app := newApp()
 		app.Writer, app.ErrWriter = io.Discard, io.Discard

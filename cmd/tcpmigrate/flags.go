@@ -3,11 +3,13 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/tcpmigrate/tcpmigrate/internal/addrmove"
 	"github.com/tcpmigrate/tcpmigrate/internal/certs"
 	"github.com/tcpmigrate/tcpmigrate/repair"
 	"github.com/tcpmigrate/tcpmigrate/transport"
@@ -90,4 +92,21 @@ func portsFlag(c *cli.Context, name string) ([]uint16, error) {
 		ports = append(ports, uint16(p))
 	}
 	return ports, nil
+}
+
+// addrFlag reads a service address flag (--claim-addr, --release-addr),
+// which needs --dev; ok is false when the flag is not given.
+func addrFlag(c *cli.Context, name string) (am addrmove.Config, ok bool, err error) {
+	s := c.String(name)
+	if s == "" {
+		return am, false, nil
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return am, false, usageError{fmt.Errorf("--%s: %w", name, err)}
+	}
+	if c.String("dev") == "" {
+		return am, false, usageError{fmt.Errorf("--%s needs --dev", name)}
+	}
+	return addrmove.Config{Prefix: p, Dev: c.String("dev")}, true, nil
 }

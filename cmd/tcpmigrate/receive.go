@@ -80,16 +80,11 @@ func runReceive(c *cli.Context) error {
 		}
 		cfg.Allow = append(cfg.Allow, p)
 	}
-	if s := c.String("claim-addr"); s != "" {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			return usageError{fmt.Errorf("--claim-addr: %w", err)}
-		}
-		if c.String("dev") == "" {
-			return usageError{errors.New("--claim-addr needs --dev")}
-		}
-		am := addrmove.Config{Prefix: p, Dev: c.String("dev")}
-		cfg.Allow = append(cfg.Allow, netip.PrefixFrom(p.Addr(), p.Addr().BitLen()))
+	if am, ok, err := addrFlag(c, "claim-addr"); err != nil {
+		return err
+	} else if ok {
+		a := am.Prefix.Addr()
+		cfg.Allow = append(cfg.Allow, netip.PrefixFrom(a, a.BitLen()))
 		cfg.Claim = func(ctx context.Context, _ []netip.Prefix) error { return addrmove.Claim(ctx, am) }
 		cfg.Unclaim = func(ctx context.Context, _ []netip.Prefix) error { return addrmove.Release(ctx, am) }
 	}

@@ -103,18 +103,12 @@ func switchHooks(c *cli.Context, cfg *source.Config) error {
 	if c.String("release-addr") != "" && c.String("on-switch") != "" {
 		return usageError{errors.New("--release-addr and --on-switch exclude each other")}
 	}
-	if s := c.String("release-addr"); s != "" {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			return usageError{fmt.Errorf("--release-addr: %w", err)}
-		}
-		if c.String("dev") == "" {
-			return usageError{errors.New("--release-addr needs --dev")}
-		}
-		am := addrmove.Config{Prefix: p, Dev: c.String("dev")}
+	if am, ok, err := addrFlag(c, "release-addr"); err != nil {
+		return err
+	} else if ok {
 		cfg.Switch = func(ctx context.Context) error { return addrmove.Release(ctx, am) }
 		cfg.Unswitch = func(ctx context.Context) error { return addrmove.Claim(ctx, am) }
-		cfg.SwitchAddrs = []netip.Prefix{p}
+		cfg.SwitchAddrs = []netip.Prefix{am.Prefix}
 	}
 	if cmd := c.String("on-switch"); cmd != "" {
 		cfg.Switch = func(ctx context.Context) error { return runHook(ctx, cmd, "switch") }
