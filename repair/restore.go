@@ -198,10 +198,14 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 		}
 	}
 	// R15: the half-close recipe, as far as it can go before the local
-	// address is on this host.
-	reached, err := r.advance(fd, s, !notLocal)
-	if err != nil {
-		return fd, err
+	// address is on this host. The repair-mode connect left the socket
+	// ESTABLISHED, so an ESTABLISHED connection has no recipe, and
+	// verifyRestored reads its state once.
+	reached := StateEstablished
+	if s.State != StateEstablished {
+		if reached, err = r.advance(fd, s, !notLocal); err != nil {
+			return fd, err
+		}
 	}
 	// R16: the remaining options, final buffer sizes and SO_BUF_LOCK bits.
 	if op, err := writeLateOptions(fd, s.Family, &s.Options); err != nil {
