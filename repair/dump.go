@@ -349,11 +349,9 @@ func captureSynSent(fd int, s *Snapshot) error {
 		return opErr("deselect queue", err)
 	}
 	// D14: a SYN-ACK that got past the lock would have moved the state.
-	var info [tcpInfoPrefix]byte
-	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
+	if st, err := readState(fd); err != nil {
 		return opErr("getsockopt TCP_INFO", err)
-	}
-	if State(info[0]) != StateSynSent {
+	} else if st != StateSynSent {
 		return opErr("re-read state", ErrUnstable)
 	}
 	return nil

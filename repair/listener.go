@@ -74,7 +74,7 @@ func DescribeListener(fd int, l *Listener) error {
 	if l.Local, err = sockname(fd, false); err != nil {
 		return fail("getsockname", err)
 	}
-	st, err := getTCPState(fd)
+	st, err := readState(fd)
 	if err != nil {
 		return fail("getsockopt TCP_INFO", err)
 	}
@@ -153,14 +153,6 @@ func unspecified(family uint16) netip.Addr {
 		return netip.IPv6Unspecified()
 	}
 	return netip.IPv4Unspecified()
-}
-
-func getTCPState(fd int) (State, error) {
-	var info unix.TCPInfo
-	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), uint32(unsafe.Sizeof(info))); err != nil {
-		return 0, err
-	}
-	return State(info.State), nil
 }
 
 // Validate checks that l names a listener Listen can create: a known
