@@ -82,11 +82,12 @@ func DescribeListener(fd int, l *Listener) error {
 		return fail("describe listener", fmt.Errorf("%w: state %s, not LISTEN", ErrUnsupported, st))
 	}
 	level, transparent, freebind := ipLevel(l.Family)
-	flags := []struct {
+	type flag struct {
 		level, name int
 		what        string
 		dst         *bool
-	}{
+	}
+	flags := []flag{
 		{unix.SOL_SOCKET, unix.SO_REUSEADDR, "SO_REUSEADDR", &l.ReuseAddr},
 		{unix.SOL_SOCKET, unix.SO_REUSEPORT, "SO_REUSEPORT", &l.ReusePort},
 		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, "SO_KEEPALIVE", &l.KeepAlive},
@@ -95,11 +96,7 @@ func DescribeListener(fd int, l *Listener) error {
 		{level, transparent, "IP_TRANSPARENT", &l.Transparent},
 	}
 	if l.Family == unix.AF_INET6 {
-		flags = append(flags, struct {
-			level, name int
-			what        string
-			dst         *bool
-		}{unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, "IPV6_V6ONLY", &l.V6Only})
+		flags = append(flags, flag{unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, "IPV6_V6ONLY", &l.V6Only})
 	}
 	for _, f := range flags {
 		v, err := getInt(fd, f.level, f.name)
