@@ -324,17 +324,7 @@ func (r *Restorer) Resume(fd int, s *Snapshot) error {
 // receive window. The socket must be in repair mode.
 func probeSegment(fd int, s *Snapshot) (Segment, error) {
 	local, remote := s.Tuple()
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
-		return Segment{}, err
-	}
-	rcvNxt, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
-	if err != nil {
-		return Segment{}, err
-	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-		return Segment{}, err
-	}
-	writeSeq, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	rcvNxt, writeSeq, _, err := queueSeqs(fd)
 	if err != nil {
 		return Segment{}, err
 	}
@@ -353,6 +343,6 @@ func probeSegment(fd int, s *Snapshot) (Segment, error) {
 	if s.Flags&FlagWScale != 0 {
 		win >>= s.RcvWScale
 	}
-	return Segment{From: local, To: remote, Seq: uint32(writeSeq) - uint32(outq) - 1, Ack: uint32(rcvNxt),
+	return Segment{From: local, To: remote, Seq: writeSeq - uint32(outq) - 1, Ack: rcvNxt,
 		Flags: SegACK, Window: uint16(min(win, 0xffff))}, nil
 }

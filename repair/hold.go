@@ -201,6 +201,21 @@ func Announce(in *Injector, fd int, s *Snapshot) error {
 // liveSeqs reads rcv_nxt and snd_nxt of a socket in repair mode, leaving
 // the send queue selected.
 func liveSeqs(fd int) (rcvNxt, sndNxt uint32, op string, err error) {
+	rcvNxt, writeSeq, op, err := queueSeqs(fd)
+	if err != nil {
+		return 0, 0, op, err
+	}
+	unsent, err := ioctlInt(fd, unix.SIOCOUTQNSD)
+	if err != nil {
+		return 0, 0, "ioctl SIOCOUTQNSD", err
+	}
+	return rcvNxt, writeSeq - uint32(unsent), "", nil
+}
+
+// queueSeqs reads rcv_nxt and write_seq (TCP_QUEUE_SEQ of the receive and
+// the send queue) of a socket in repair mode, leaving the send queue
+// selected; on error it names the failed operation.
+func queueSeqs(fd int) (rcvNxt, writeSeq uint32, op string, err error) {
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
 		return 0, 0, "select the receive queue", err
 	}
@@ -215,9 +230,5 @@ func liveSeqs(fd int) (rcvNxt, sndNxt uint32, op string, err error) {
 	if err != nil {
 		return 0, 0, "read write_seq", err
 	}
-	unsent, err := ioctlInt(fd, unix.SIOCOUTQNSD)
-	if err != nil {
-		return 0, 0, "ioctl SIOCOUTQNSD", err
-	}
-	return uint32(r), uint32(w) - uint32(unsent), "", nil
+	return uint32(r), uint32(w), "", nil
 }
