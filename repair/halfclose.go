@@ -324,11 +324,11 @@ func (r *Restorer) Resume(fd int, s *Snapshot) error {
 // receive window. The socket must be in repair mode.
 func probeSegment(fd int, s *Snapshot) (Segment, error) {
 	local, remote := s.Tuple()
+	// The send queue stays selected: Resume turns repair off next, and the
+	// selection means nothing out of repair mode (turning repair on again
+	// resets it).
 	rcvNxt, writeSeq, _, err := queueSeqs(fd)
 	if err != nil {
-		return Segment{}, err
-	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
 		return Segment{}, err
 	}
 	outq, err := ioctlInt(fd, unix.SIOCOUTQ)

@@ -242,9 +242,8 @@ func restoreSynSent(fd int, s *Snapshot) error {
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-1)); err != nil {
 		return opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-		return opErr("deselect queue", err)
-	}
+	// No need to deselect the send queue: out of repair mode the selection
+	// means nothing, and turning repair on again resets it.
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
 		return opErr("leave repair for the SYN", err)
 	}
