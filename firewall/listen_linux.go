@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
-	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -43,49 +42,25 @@ var (
 // deletes the table. The table is named and owned like a Lock's (Sweep
 // removes a dead agent's). A ListenLock is safe for concurrent use.
 type ListenLock struct {
-	cfg   Config
-	table string
-	nsfd  int
-	owner int
+	*instance
 
-	mu     sync.Mutex // guards the fields below
-	held   []netip.AddrPort
-	closed bool
-	stop   chan struct{}
-	done   chan struct{}
+	mu      sync.Mutex // guards the fields below
+	held    []netip.AddrPort
+	closed  bool
+	renewer *renewer
 }
 
 // NewListenLock creates the listener lock of cfg.Instance in cfg.NetNS: the
 // table, its four sets and the chain, in one batch, holding nothing. It
 // fails with ErrExists like New.
 func NewListenLock(cfg Config) (*ListenLock, error) {
-	cfg, err := cfg.withDefaults()
+	l := &ListenLock{}
+	_, err := claim("new listen lock", cfg, func(in *instance) error {
+		l.instance = in
+		return l.create()
+	})
 	if err != nil {
-		return nil, &Error{Op: "new listen lock", Err: err}
-	}
-	name := TableName(cfg.Instance)
-	fail := func(err error) (*ListenLock, error) { return nil, &Error{Op: "new listen lock", Table: name, Err: err} }
-	nsfd, err := dupNetNS(cfg.NetNS)
-	if err != nil {
-		return fail(err)
-	}
-	var owner int
-	if err := inNetNS(nsfd, func() error {
-		var err error
-		owner, err = claimOwner(name)
-		return err
-	}); err != nil {
-		unix.Close(nsfd)
-		return fail(err)
-	}
-	l := &ListenLock{cfg: cfg, table: name, nsfd: nsfd, owner: owner}
-	if err := l.create(); err != nil {
-		unix.Close(owner)
-		unix.Close(nsfd)
-		if errors.Is(err, unix.EEXIST) {
-			err = ErrExists
-		}
-		return fail(err)
+		return nil, err
 	}
 	return l, nil
 }
@@ -293,25 +268,10 @@ func (l *ListenLock) renewAll() error {
 func (l *ListenLock) StartRenewer(onErr func(error)) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.stop != nil || l.closed {
+	if l.renewer != nil || l.closed {
 		return
 	}
-	l.stop, l.done = make(chan struct{}), make(chan struct{})
-	go func(stop, done chan struct{}) {
-		defer close(done)
-		t := time.NewTicker(l.cfg.Lease / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-			}
-			if err := l.renewAll(); err != nil && onErr != nil {
-				onErr(err)
-			}
-		}
-	}(l.stop, l.done)
+	l.renewer = startRenewer(l.cfg.Lease/3, l.renewAll, onErr)
 }
 
 // Table returns the name of the lock's nftables table.
@@ -322,13 +282,10 @@ func (l *ListenLock) Table() string { return l.table }
 // table stays. It is idempotent.
 func (l *ListenLock) StopRenewer() {
 	l.mu.Lock()
-	stop, done := l.stop, l.done
-	l.stop = nil
+	r := l.renewer
+	l.renewer = nil
 	l.mu.Unlock()
-	if stop != nil {
-		close(stop)
-		<-done
-	}
+	r.stopAndWait()
 }
 
 // Close stops the renewer and deletes the table, which unlocks every
@@ -349,7 +306,6 @@ func (l *ListenLock) Close() error {
 		return &Error{Op: "close listen lock", Table: l.table, Err: err}
 	}
 	l.closed, l.held = true, nil
-	unix.Close(l.owner)
-	unix.Close(l.nsfd)
+	l.release()
 	return nil
 }

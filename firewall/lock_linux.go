@@ -29,10 +29,7 @@ const leaseMargin = 250 * time.Millisecond
 // at the same instant, or none is. A Lock is safe for concurrent use; its
 // calls are applied one at a time.
 type Lock struct {
-	cfg   Config
-	table string
-	nsfd  int // our duplicate of the namespace descriptor
-	owner int // the owner socket, bound while the instance lives
+	*instance
 
 	// mu guards everything below, and serialises the batches so that held
 	// follows the kernel's order of changes. (While Lock waits for the
@@ -82,48 +79,20 @@ type undo struct {
 // process exits, however it exits, which is how Sweep tells live instances
 // from dead ones.
 func New(cfg Config) (*Lock, error) {
-	cfg, err := cfg.withDefaults()
-	if err != nil {
-		return nil, &Error{Op: "new", Err: err}
-	}
-	name := TableName(cfg.Instance)
-	fail := func(err error) (*Lock, error) { return nil, &Error{Op: "new", Table: name, Err: err} }
-
-	nsfd, err := dupNetNS(cfg.NetNS)
-	if err != nil {
-		return fail(err)
-	}
-	var owner int
-	err = inNetNS(nsfd, func() error {
-		var err error
-		owner, err = claimOwner(name)
+	l := &Lock{}
+	_, err := claim("new", cfg, func(in *instance) error {
+		l.instance = in
+		err := l.create(in.cfg.Hold)
+		if err != nil && in.cfg.Hold && !errors.Is(err, unix.EEXIST) {
+			// The kernel refused the hold's rule (payload writes with
+			// checksum update): the lock works without it.
+			return l.create(false)
+		}
+		l.canHold = err == nil && in.cfg.Hold
 		return err
 	})
 	if err != nil {
-		unix.Close(nsfd)
-		return fail(err)
-	}
-	l := &Lock{
-		cfg:   cfg,
-		table: name,
-		nsfd:  nsfd,
-		owner: owner,
-	}
-	err = l.create(cfg.Hold)
-	if err != nil && cfg.Hold && !errors.Is(err, unix.EEXIST) {
-		// The kernel refused the hold's rule (payload writes with checksum
-		// update): the lock works without it.
-		err = l.create(false)
-	} else if err == nil {
-		l.canHold = cfg.Hold
-	}
-	if err != nil {
-		unix.Close(owner)
-		unix.Close(nsfd)
-		if errors.Is(err, unix.EEXIST) {
-			err = ErrExists
-		}
-		return fail(err)
+		return nil, err
 	}
 	return l, nil
 }
@@ -500,8 +469,7 @@ func (l *Lock) Close() error {
 	l.holds = nil
 	l.b = batch{}
 	l.tx = changes{}
-	unix.Close(l.owner)
-	unix.Close(l.nsfd)
+	l.release()
 	return nil
 }
 

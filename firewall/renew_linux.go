@@ -6,7 +6,8 @@ import (
 	"time"
 )
 
-// renewer is the background goroutine of StartRenewer.
+// renewer is the background goroutine of Lock.StartRenewer and
+// ListenLock.StartRenewer.
 type renewer struct {
 	stop chan struct{}
 	done chan struct{}
@@ -38,27 +39,7 @@ func (l *Lock) StartRenewer(interval time.Duration, onErr func(error)) error {
 	if l.renewer != nil {
 		return &Error{Op: "renew", Table: l.table, Err: ErrRenewerRunning}
 	}
-	r := &renewer{stop: make(chan struct{}), done: make(chan struct{})}
-	l.renewer = r
-	go func() {
-		defer close(r.done)
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for {
-			select {
-			case <-r.stop:
-				return
-			case <-t.C:
-			}
-			err := l.RenewAll()
-			if err != nil && onErr != nil {
-				onErr(err)
-			}
-			if errors.Is(err, ErrClosed) {
-				return
-			}
-		}
-	}()
+	l.renewer = startRenewer(interval, l.RenewAll, onErr)
 	return nil
 }
 
@@ -69,6 +50,39 @@ func (l *Lock) StopRenewer() {
 	r := l.renewer
 	l.renewer = nil
 	l.renewMu.Unlock()
+	r.stopAndWait()
+}
+
+// startRenewer starts a goroutine that calls renew every interval until
+// stopAndWait, or until renew reports ErrClosed. Every error of renew is
+// passed to onErr (if not nil), from the renewer's goroutine.
+func startRenewer(interval time.Duration, renew func() error, onErr func(error)) *renewer {
+	r := &renewer{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-r.stop:
+				return
+			case <-t.C:
+			}
+			err := renew()
+			if err != nil && onErr != nil {
+				onErr(err)
+			}
+			if errors.Is(err, ErrClosed) {
+				return
+			}
+		}
+	}()
+	return r
+}
+
+// stopAndWait stops the renewer and waits for its goroutine to end. A nil
+// renewer is not running: nothing is done.
+func (r *renewer) stopAndWait() {
 	if r != nil {
 		close(r.stop)
 		<-r.done
