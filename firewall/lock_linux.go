@@ -38,7 +38,7 @@ type Lock struct {
 	held   map[conn]holding // made by the first Lock
 	gen    uint64           // numbers the calls, to spot a tuple named twice in one
 	closed bool
-	sock   *nfSocket // lasting netlink socket, dialled on first use
+	sock   *nfSocket // lasting netlink socket, dialled by New or next use
 	tx     changes   // the keys of the batch being built
 	b      batch     // its encoding
 	undo   []undo    // how to restore held if the batch fails
@@ -94,6 +94,11 @@ func New(cfg Config) (*Lock, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Dial the lasting socket now, so that the first batch (the target's
+	// Lock, inside the freeze) does not wait for a thread to enter the
+	// namespace and the socket's setup. If it fails, the first use tries
+	// again and reports it.
+	l.socket()
 	return l, nil
 }
 
