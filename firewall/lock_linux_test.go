@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/google/nftables"
-	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 )
@@ -395,12 +394,7 @@ func tuples(n int, local, remote netip.Addr) []Tuple {
 // TestManyTuples locks and unlocks 10,000 connections of each family,
 // each call one batch, and counts the elements in the kernel: one per tuple.
 func TestManyTuples(t *testing.T) {
-	lab.Require(t)
-	ns, err := lab.NewNS("many")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	ns := newTestNS(t, "many")
 	l := newTestLock(t, Config{Instance: "many", NetNS: ns.Handle()})
 	const n = 10000
 	v4 := tuples(n, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.1.1"))
@@ -449,12 +443,7 @@ func TestManyTuples(t *testing.T) {
 // a tuple named twice in a call counts once; renewing an unlocked tuple
 // fails; bad tuples fail the whole call.
 func TestMirrorAndIdempotence(t *testing.T) {
-	lab.Require(t)
-	ns, err := lab.NewNS("mirror")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	ns := newTestNS(t, "mirror")
 	l := newTestLock(t, Config{Instance: "mirror", NetNS: ns.Handle()})
 	tu := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.2:40000")}
 	mirror := Tuple{Local: tu.Remote, Remote: tu.Local}
@@ -495,7 +484,7 @@ func TestMirrorAndIdempotence(t *testing.T) {
 		t.Fatalf("%d elements left", n)
 	}
 	bad := Tuple{Local: tu.Local, Remote: netip.MustParseAddrPort("[fd00::1]:1")}
-	err = l.Lock([]Tuple{tu, bad})
+	err := l.Lock([]Tuple{tu, bad})
 	var fe *Error
 	if !errors.As(err, &fe) || !errors.Is(err, ErrInvalidTuple) || fe.Op != "lock" || len(fe.Tuples) != 1 {
 		t.Fatalf("lock with a bad tuple: %v", err)
@@ -521,12 +510,7 @@ func TestMirrorAndIdempotence(t *testing.T) {
 // keyed local·lport·remote·rport as the host sees the connection, mapped
 // addresses in v4, and nothing else.
 func TestElements(t *testing.T) {
-	lab.Require(t)
-	ns, err := lab.NewNS("elements")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	ns := newTestNS(t, "elements")
 	l := newTestLock(t, Config{Instance: "elements", NetNS: ns.Handle()})
 	ts := []Tuple{
 		{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.1:40000")},
@@ -579,12 +563,7 @@ func TestElements(t *testing.T) {
 // of them is applied, that the Lock's bookkeeping stays as it was, and that
 // the next batch goes through on a fresh socket.
 func TestFailedBatch(t *testing.T) {
-	lab.Require(t)
-	ns, err := lab.NewNS("failed")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	ns := newTestNS(t, "failed")
 	l := newTestLock(t, Config{Instance: "failed", NetNS: ns.Handle()})
 	ts := tuples(3, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.0.1"))
 	if err := l.Lock(ts[:2]); err != nil {
@@ -596,7 +575,7 @@ func TestFailedBatch(t *testing.T) {
 		"{ 198.18.0.2 . 80 . 198.18.0.1 . 10001 }"); err != nil {
 		t.Fatal(err)
 	}
-	err = l.Unlock(ts)
+	err := l.Unlock(ts)
 	var fe *Error
 	if !errors.Is(err, unix.ENOENT) || !errors.As(err, &fe) || fe.Op != "unlock" || !strings.Contains(err.Error(), "set v4") {
 		t.Fatalf("unlock with an element missing: %v", err)
@@ -657,12 +636,7 @@ func TestFailedBatch(t *testing.T) {
 // one lease, that Unlock of lapsed tuples succeeds, that Lock of a lapsed
 // tuple locks it afresh, and that RenewAll reports (and repairs) a lapse.
 func TestLeaseExpiryAndRenewal(t *testing.T) {
-	lab.Require(t)
-	ns, err := lab.NewNS("lease")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	ns := newTestNS(t, "lease")
 	l := newTestLock(t, Config{Instance: "lease", NetNS: ns.Handle(), Lease: MinLease})
 	t1 := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.1:40000")}
 	t2 := Tuple{Local: netip.MustParseAddrPort("[fd00::2]:80"), Remote: netip.MustParseAddrPort("[fd00::1]:40000")}
@@ -707,7 +681,7 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 	if err := l.Renew([]Tuple{t1}); err != nil {
 		t.Fatalf("renew of a tuple locked afresh: %v", err)
 	}
-	err = l.RenewAll()
+	err := l.RenewAll()
 	var fe *Error
 	if !errors.Is(err, ErrLeaseLapsed) || !errors.As(err, &fe) || len(fe.Tuples) != 1 || fe.Tuples[0] != t2 {
 		t.Fatalf("RenewAll after a lapse: %v", err)
@@ -854,12 +828,7 @@ table ip tcpmigrate_ipfamily {
 // locks and that the rest of the ruleset is byte for byte what it was,
 // during and after their lives, sweeps included.
 func TestOthersUntouched(t *testing.T) {
-	lab.Require(t)
-	ns, err := lab.NewNS("others")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	ns := newTestNS(t, "others")
 	nftScript(t, ns, otherRuleset)
 	before := nftList(t, ns, "ruleset")
 	others := func() string {
@@ -915,12 +884,7 @@ func TestOthersUntouched(t *testing.T) {
 // gone (a closed owner socket, or a table made by hand), unless keep
 // spares them; never a live instance's, nor tables outside the pattern.
 func TestSweep(t *testing.T) {
-	lab.Require(t)
-	ns, err := lab.NewNS("sweep")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	ns := newTestNS(t, "sweep")
 	nftScript(t, ns, otherRuleset+`table inet tcpmigrate_byhand {
 	set v4 {
 		type ipv4_addr . inet_service . ipv4_addr . inet_service
@@ -992,12 +956,7 @@ func TestSweep(t *testing.T) {
 // TestCurrentNamespace checks that NetNS 0 pins the namespace of the thread
 // that calls New, even when later calls come from other threads.
 func TestCurrentNamespace(t *testing.T) {
-	lab.Require(t)
-	ns, err := lab.NewNS("current")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	ns := newTestNS(t, "current")
 	var l *Lock
 	if err := ns.Do(func() error {
 		var err error
@@ -1029,12 +988,7 @@ func TestCurrentNamespace(t *testing.T) {
 // TestConcurrentUse locks and unlocks from several goroutines while the
 // renewer runs; run with -race it checks the locking of the bookkeeping.
 func TestConcurrentUse(t *testing.T) {
-	lab.Require(t)
-	ns, err := lab.NewNS("concurrent")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
+	ns := newTestNS(t, "concurrent")
 	l := newTestLock(t, Config{Instance: "concurrent", NetNS: ns.Handle(), Lease: MinLease})
 	if err := l.StartRenewer(50*time.Millisecond, func(err error) { t.Errorf("renewer: %v", err) }); err != nil {
 		t.Fatal(err)
