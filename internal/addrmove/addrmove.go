@@ -156,16 +156,12 @@ func release(ctx context.Context, cfg Config) error {
 }
 
 func present(cfg Config) (bool, error) {
-	if err := cfg.validate(); err != nil {
-		return false, err
-	}
-	h, link, err := open(cfg)
+	h, _, have, err := lookup(context.Background(), cfg)
 	if err != nil {
 		return false, err
 	}
-	defer h.Close()
-	have, err := configured(h, link, cfg.Prefix.Addr())
-	return len(have) > 0, err
+	h.Close()
+	return len(have) > 0, nil
 }
 
 // open returns a route netlink handle in cfg's namespace and the device.
