@@ -239,7 +239,7 @@ func (j *Journal) Remove(r *Record) error {
 
 // Read returns a stored record, with its connection list.
 func (j *Journal) Read(role Role, migration string) (*Record, error) {
-	return j.readFile(filepath.Join(j.dir, string(role)+"-"+migration+".json"))
+	return j.readFile(j.path(&Record{Role: role, Migration: migration}))
 }
 
 // ErrBadRecord is matched by the error List returns beside the records it
