@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/binary"
 	"net"
 	"os"
 	"path/filepath"
@@ -90,7 +89,10 @@ func (w *world) adopt(dl *fdpass.Listener) error {
 		}
 		ep := streamcheck.NewEndpoint(1, 0)
 		ep.Interval = time.Millisecond
-		ep.SetOffsets(int64(binary.BigEndian.Uint64(it.State)), int64(binary.BigEndian.Uint64(it.State[8:])))
+		if err := ep.SetState(it.State); err != nil {
+			conn.Close()
+			return err
+		}
 		ep.Start(conn.(*net.TCPConn))
 		w.mu.Lock()
 		w.work[it.Remote.String()] = ep
@@ -132,9 +134,8 @@ func (w *world) handOff(path string) *fdpass.Conn {
 		if err != nil {
 			t.Fatal(err)
 		}
-		state := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(ep.Sent())), uint64(ep.Checked()))
 		items = append(items, fdpass.Item{File: f, Local: c.LocalAddr().(*net.TCPAddr).AddrPort(),
-			Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort(), State: state, ID: uint64(i)})
+			Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort(), State: ep.State(), ID: uint64(i)})
 	}
 	defer fdpass.CloseItems(items)
 	if err := hc.SendSockets(items); err != nil {

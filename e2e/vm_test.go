@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -191,7 +190,7 @@ func vmWorkload() int {
 		f, _ := c.File()
 		items = append(items, fdpass.Item{File: f, Local: c.LocalAddr().(*net.TCPAddr).AddrPort(),
 			Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort(), ID: uint64(i),
-			State: binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(eps[i].Sent())), uint64(eps[i].Checked()))})
+			State: eps[i].State()})
 	}
 	hc, err := fdpass.Dial(context.Background(), os.Getenv("TCPM_HANDOFF"), fdpass.Limits{})
 	if err != nil {
@@ -245,7 +244,10 @@ func vmArrival() int {
 		}
 		ep := streamcheck.NewEndpoint(1, 0)
 		ep.Interval = time.Millisecond
-		ep.SetOffsets(int64(binary.BigEndian.Uint64(it.State)), int64(binary.BigEndian.Uint64(it.State[8:])))
+		if err := ep.SetState(it.State); err != nil {
+			fmt.Println(err)
+			return 1
+		}
 		ep.Start(nc.(*net.TCPConn))
 		eps, ids = append(eps, ep), append(ids, it.ID)
 	}

@@ -7,7 +7,6 @@ package demo
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -222,11 +221,16 @@ func migrate(lan *lab.LAN, svc netip.Prefix, work []*streamcheck.Endpoint, conns
 			for _, d := range ds {
 				c, err := d.Conn()
 				ep := byPeer[d.Remote]
-				if err != nil || ep == nil || len(d.AppState) != 16 {
+				if err == nil && ep == nil {
+					err = errors.New("no workload connection with this peer")
+				}
+				if err == nil {
+					err = ep.SetState(d.AppState)
+				}
+				if err != nil {
 					failed[d.Index] = fmt.Errorf("cannot adopt %s: %v", d.Remote, err)
 					continue
 				}
-				ep.SetOffsets(int64(binary.BigEndian.Uint64(d.AppState)), int64(binary.BigEndian.Uint64(d.AppState[8:])))
 				ep.Start(c.(*net.TCPConn))
 			}
 			return failed
@@ -251,8 +255,7 @@ func migrate(lan *lab.LAN, svc netip.Prefix, work []*streamcheck.Endpoint, conns
 		if err != nil {
 			return nil, 0, err
 		}
-		state := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(work[i].Sent())), uint64(work[i].Checked()))
-		handed[i] = source.Conn{File: f, AppState: state}
+		handed[i] = source.Conn{File: f, AppState: work[i].State()}
 	}
 	res, err := source.Migrate(ctx, source.Config{
 		To: ln.Addr().String(), Transport: srcTLS, NetNS: src.Handle(),

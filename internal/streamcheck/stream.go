@@ -6,6 +6,7 @@
 package streamcheck
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -168,3 +169,23 @@ func (e *Endpoint) MaxGap() time.Duration { return time.Duration(e.maxGap.Load()
 // SetOffsets sets where the streams continue, for an endpoint rebuilt from
 // state carried with a migrated connection.
 func (e *Endpoint) SetOffsets(sent, checked int64) { e.sent, e.checked = sent, checked }
+
+// StateLen is the length of the state State returns.
+const StateLen = 16
+
+// State returns the endpoint's offsets as the application state a paused
+// workload hands over with its connection: Sent then Checked, each eight
+// bytes big-endian. Call it only while the endpoint is paused.
+func (e *Endpoint) State() []byte {
+	return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(e.sent)), uint64(e.checked))
+}
+
+// SetState sets the offsets from state made by State, for the endpoint
+// that carries on with the migrated connection.
+func (e *Endpoint) SetState(state []byte) error {
+	if len(state) != StateLen {
+		return fmt.Errorf("streamcheck: state of %d bytes, want %d", len(state), StateLen)
+	}
+	e.SetOffsets(int64(binary.BigEndian.Uint64(state)), int64(binary.BigEndian.Uint64(state[8:])))
+	return nil
+}
