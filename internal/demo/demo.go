@@ -127,7 +127,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		return nil, err
 	}
 
-	freeze, state, err := migrate(lan, svc, work, conns, logf)
+	freeze, state, err := migrate(ctx, lan, svc, work, conns, logf)
 	if err != nil {
 		return nil, err
 	}
@@ -170,7 +170,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 // `receive`): the workload's goroutines stop at exact offsets, hand their
 // sockets over with those offsets as application state, and new goroutines
 // on the target carry on from them.
-func migrate(lan *lab.LAN, svc netip.Prefix, work []*streamcheck.Endpoint, conns []*net.TCPConn, logf func(string, ...any)) ([]time.Duration, int64, error) {
+func migrate(ctx context.Context, lan *lab.LAN, svc netip.Prefix, work []*streamcheck.Endpoint, conns []*net.TCPConn, logf func(string, ...any)) ([]time.Duration, int64, error) {
 	src, dst := lan.Host("src"), lan.Host("dst")
 	ca, err := certs.NewCA("tcpmigrate demo CA", time.Hour)
 	if err != nil {
@@ -243,7 +243,7 @@ func migrate(lan *lab.LAN, svc netip.Prefix, work []*streamcheck.Endpoint, conns
 	if err != nil {
 		return nil, 0, err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go srv.Serve(ctx, ln)
 
