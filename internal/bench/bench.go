@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -503,38 +502,11 @@ func peerCounters(ns *lab.NS) (map[string]int64, error) {
 // bridge into file, from before the move until the streams have resumed.
 func (x *run) capture(file string) (stop func(), err error) {
 	filter := fmt.Sprintf("tcp and (port %d or port %d)", streamPort, staticPort)
-	cmd := x.lan.Switch.Command("tcpdump", "-i", "br0", "--immediate-mode", "-U", "-n", "-s", "128", "-w", file, filter)
-	stderr, err := cmd.StderrPipe()
+	c, err := x.lan.StartCapture(filter, 128, file, func(line string) { x.logf("tcpdump: %s", line) })
 	if err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("bench: tcpdump: %w", err)
-	}
-	ready, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			if strings.Contains(sc.Text(), "listening on") {
-				close(ready)
-			}
-			x.logf("tcpdump: %s", sc.Text())
-		}
-	}()
-	select {
-	case <-ready:
-	case <-time.After(10 * time.Second):
-		cmd.Process.Kill()
-		cmd.Wait()
-		return nil, errors.New("bench: tcpdump did not start")
-	}
-	return func() {
-		time.Sleep(100 * time.Millisecond) // the last segments reach the capture
-		cmd.Process.Signal(os.Interrupt)
-		<-done
-		cmd.Wait()
-	}, nil
+	return c.Close, nil
 }
 
 // handOver passes every migrated socket to the source agent, streams

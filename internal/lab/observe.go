@@ -70,6 +70,7 @@ func (n *NS) Resets() (int64, error) {
 type Capture struct {
 	cmd  *exec.Cmd
 	file string
+	done chan struct{} // closed when tcpdump's standard error is drained
 }
 
 // CaptureFlags starts tcpdump on the bridge of the switch namespace,
@@ -80,7 +81,20 @@ func (l *LAN) CaptureFlags(port uint16, v6 bool, file string) (*Capture, error) 
 	if v6 { // libpcap cannot index TCP over IPv6: the flags are at 40+13
 		filter = fmt.Sprintf("ip6 and tcp port %d and ip6[53] & 5 != 0", port)
 	}
-	cmd := l.Switch.Command("tcpdump", "-i", "br0", "--immediate-mode", "-U", "-n", "-w", file, filter)
+	return l.StartCapture(filter, 0, file, nil)
+}
+
+// StartCapture starts tcpdump on the bridge of the switch namespace,
+// writing the segments that filter (pcap-filter(7)) keeps into file, the
+// first snaplen bytes of each (0: tcpdump's default, the whole segment).
+// It returns once tcpdump listens. log, if not nil, receives each line
+// tcpdump writes on its standard error (its start and its final counts).
+func (l *LAN) StartCapture(filter string, snaplen int, file string, log func(string)) (*Capture, error) {
+	args := []string{"-i", "br0", "--immediate-mode", "-U", "-n", "-w", file}
+	if snaplen > 0 {
+		args = append(args, "-s", strconv.Itoa(snaplen))
+	}
+	cmd := l.Switch.Command("tcpdump", append(args, filter)...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		return nil, err
@@ -88,14 +102,20 @@ func (l *LAN) CaptureFlags(port uint16, v6 bool, file string) (*Capture, error) 
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("lab: tcpdump: %w", err)
 	}
-	ready := make(chan struct{})
+	if log == nil {
+		log = func(string) {}
+	}
+	ready, done := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(done)
 		sc := bufio.NewScanner(stderr)
+		started := false
 		for sc.Scan() {
-			if strings.Contains(sc.Text(), "listening on") {
+			if !started && strings.Contains(sc.Text(), "listening on") {
 				close(ready)
-				break
+				started = true
 			}
+			log(sc.Text())
 		}
 		io.Copy(io.Discard, stderr)
 	}()
@@ -106,14 +126,20 @@ func (l *LAN) CaptureFlags(port uint16, v6 bool, file string) (*Capture, error) 
 		cmd.Wait()
 		return nil, fmt.Errorf("lab: tcpdump did not start")
 	}
-	return &Capture{cmd: cmd, file: file}, nil
+	return &Capture{cmd: cmd, file: file, done: done}, nil
+}
+
+// Close ends the capture, leaving its file for the caller.
+func (c *Capture) Close() {
+	time.Sleep(100 * time.Millisecond) // let the last packets reach the capture buffer
+	c.cmd.Process.Signal(os.Interrupt)
+	<-c.done
+	c.cmd.Wait()
 }
 
 // Stop ends the capture and returns the segments it kept, one line each.
 func (c *Capture) Stop() ([]string, error) {
-	time.Sleep(100 * time.Millisecond) // let the last packets reach the capture buffer
-	c.cmd.Process.Signal(os.Interrupt)
-	c.cmd.Wait()
+	c.Close()
 	out, err := exec.Command("tcpdump", "-n", "-r", c.file).CombinedOutput()
 	if err != nil {
 		return nil, fmt.Errorf("lab: tcpdump -r: %w: %s", err, out)
