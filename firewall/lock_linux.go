@@ -94,10 +94,10 @@ func New(cfg Config) (*Lock, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Dial the lasting socket now, so that the first batch (the target's
-	// Lock, inside the freeze) does not wait for a thread to enter the
-	// namespace and the socket's setup. If it fails, the first use tries
-	// again and reports it.
+	// Dial the lasting socket now (some 20 µs: a thread entering the
+	// namespace, the socket and its setup), so that the first batch, the
+	// source's Hold or Lock or the target's prelock, does not wait for it.
+	// If it fails, the first use tries again and reports it.
 	l.socket()
 	return l, nil
 }
