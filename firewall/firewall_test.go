@@ -16,6 +16,16 @@ import (
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
+// connOf returns the conn of a normalized tuple, built the plain way: the
+// reference conn.set is checked against (TestConnSet).
+func connOf(t Tuple) conn {
+	return conn{local: endpointOf(t.Local), remote: endpointOf(t.Remote), v4: t.Local.Addr().Is4()}
+}
+
+func endpointOf(e netip.AddrPort) endpoint {
+	return endpoint{addr: e.Addr().As16(), port: e.Port()}
+}
+
 // TestConstants pins the names and values other processes and other hosts
 // rely on: changing one breaks sweeping, crafted packets or docs.
 func TestConstants(t *testing.T) {

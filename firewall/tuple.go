@@ -39,10 +39,6 @@ type endpoint struct {
 	port uint16
 }
 
-func endpointOf(ap netip.AddrPort) endpoint {
-	return endpoint{addr: ap.Addr().As16(), port: ap.Port()}
-}
-
 func (e endpoint) addrPort(v4 bool) netip.AddrPort {
 	a := netip.AddrFrom16(e.addr)
 	if v4 {
@@ -59,11 +55,6 @@ func (e endpoint) addrPort(v4 bool) netip.AddrPort {
 type conn struct {
 	local, remote endpoint
 	v4            bool
-}
-
-// connOf returns the conn of a normalized tuple.
-func connOf(t Tuple) conn {
-	return conn{local: endpointOf(t.Local), remote: endpointOf(t.Remote), v4: t.Local.Addr().Is4()}
 }
 
 // tuple returns the normalized tuple of c.
