@@ -99,43 +99,44 @@ func cgroupRule(target, self string) string {
 }
 
 // cgroupDir finds the cgroup process pid should be frozen with. It returns
-// "" and the reason when the rule says SIGSTOP instead; an error only for a
+// "" when the rule says SIGSTOP instead (cgroupRule, or no usable cgroup2
+// freezer for it, or another process in the cgroup); an error only for a
 // failure to read what the rule needs.
-func cgroupDir(pid int) (dir, why string, err error) {
+func cgroupDir(pid int) (string, error) {
 	ps := strconv.Itoa(pid)
 	target, err := cgroupPath(ps)
 	if err != nil {
-		return "", "", opErr("read /proc/PID/cgroup", pid, unwrapPath(err))
+		return "", opErr("read /proc/PID/cgroup", pid, unwrapPath(err))
 	}
 	self, err := cgroupPath("self")
 	if err != nil {
-		return "", "", opErr("read /proc/self/cgroup", pid, unwrapPath(err))
+		return "", opErr("read /proc/self/cgroup", pid, unwrapPath(err))
 	}
-	if why := cgroupRule(target, self); why != "" {
-		return "", why, nil
+	if cgroupRule(target, self) != "" {
+		return "", nil
 	}
 	mnt, root, err := v2Mount()
 	if errors.Is(err, fs.ErrNotExist) {
-		return "", "cgroup2 is not mounted", nil
+		return "", nil // cgroup2 is not mounted
 	}
 	if err != nil {
-		return "", "", opErr("read /proc/self/mountinfo", pid, err)
+		return "", opErr("read /proc/self/mountinfo", pid, err)
 	}
 	if !within(target, root) {
-		return "", "cgroup " + target + " is outside the cgroup2 mount", nil
+		return "", nil // the cgroup is outside the cgroup2 mount
 	}
-	dir = filepath.Join(mnt, strings.TrimPrefix(target, root))
+	dir := filepath.Join(mnt, strings.TrimPrefix(target, root))
 	if _, err := os.Stat(filepath.Join(dir, "cgroup.freeze")); err != nil {
-		return "", "no cgroup.freeze in " + dir + " (Linux 5.2+)", nil
+		return "", nil // no cgroup.freeze (Linux 5.2+)
 	}
 	other, err := otherProcess(dir, pid)
 	if err != nil {
-		return "", "", opErr("read cgroup.procs under "+dir, pid, err)
+		return "", opErr("read cgroup.procs under "+dir, pid, err)
 	}
 	if other != 0 {
-		return "", "cgroup " + target + " also holds pid " + strconv.Itoa(other), nil
+		return "", nil // the cgroup also holds another process
 	}
-	return dir, "", nil
+	return dir, nil
 }
 
 // otherProcess returns a process other than pid in cgroup dir or below it,

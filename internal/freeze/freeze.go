@@ -134,7 +134,7 @@ func freeze(pid, pidfd int) (*Frozen, error) {
 	if dead(st.state) {
 		return nil, opErr("freeze", pid, ErrExited)
 	}
-	dir, _, err := cgroupDir(pid)
+	dir, err := cgroupDir(pid)
 	if err != nil {
 		return nil, err
 	}
