@@ -161,23 +161,11 @@ func newPair(t *testing.T, ns *lab.NS, srv, cli netip.Addr) pair {
 	return p
 }
 
+// newNS returns a fresh network namespace whose loopback carries the test
+// addresses.
 func newNS(t *testing.T) *lab.NS {
 	t.Helper()
-	lab.Require(t)
-	ns, err := lab.NewNS("activation")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Close() })
-	for _, a := range [][]string{
-		{"198.18.0.10/32", "dev", "lo"}, {"198.18.0.1/32", "dev", "lo"},
-		{"fd00::10/128", "dev", "lo", "nodad"}, {"fd00::1/128", "dev", "lo", "nodad"},
-	} {
-		if err := ns.IP(append([]string{"addr", "add"}, a...)...); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return ns
+	return lab.NewTestNS(t, "activation", srv4, cli4, srv6, cli6)
 }
 
 // handOver gives the served ends of pairs to Command as files with their

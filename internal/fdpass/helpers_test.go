@@ -40,23 +40,7 @@ var (
 // addresses; no test traffic touches the root namespace.
 func newHost(t *testing.T) *lab.NS {
 	t.Helper()
-	lab.Require(t)
-	ns, err := lab.NewNS("fdpass")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Close() })
-	for _, p := range []string{"198.18.0.10/32", "198.18.0.1/32"} {
-		if err := ns.IP("addr", "add", p, "dev", "lo"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, p := range []string{"fd00::10/128", "fd00::1/128"} {
-		if err := ns.IP("addr", "add", p, "dev", "lo", "nodad"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return ns
+	return lab.NewTestNS(t, "fdpass", srv4, cli4, srv6, cli6)
 }
 
 // pair is an established TCP connection: peer stays in the test as the far

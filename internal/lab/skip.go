@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"net/netip"
 	"os"
 	"testing"
 )
@@ -35,4 +36,31 @@ func NewTestLAN(tb testing.TB, labels ...string) *LAN {
 		}
 	})
 	return l
+}
+
+// NewTestNS builds a lone namespace for a test (NewNS), puts each of lo on
+// its loopback as a host address (/32, /128), and removes it when the test
+// ends.
+func NewTestNS(tb testing.TB, label string, lo ...netip.Addr) *NS {
+	tb.Helper()
+	Require(tb)
+	ns, err := NewNS(label)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		if err := ns.Close(); err != nil {
+			tb.Errorf("lab: remove namespace: %v", err)
+		}
+	})
+	for _, a := range lo {
+		args := []string{"addr", "add", netip.PrefixFrom(a, a.BitLen()).String(), "dev", "lo"}
+		if a.Is6() {
+			args = append(args, "nodad")
+		}
+		if err := ns.IP(args...); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return ns
 }
