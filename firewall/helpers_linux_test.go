@@ -239,6 +239,17 @@ func conntrackPackets(t *testing.T, line string) uint64 {
 	return sum
 }
 
+// conntrackAcct turns on conntrack's packet accounting in ns, which
+// conntrackPackets reads.
+func conntrackAcct(t *testing.T, ns *lab.NS) {
+	t.Helper()
+	if err := ns.Do(func() error {
+		return os.WriteFile("/proc/sys/net/netfilter/nf_conntrack_acct", []byte("1"), 0)
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // dropCounts returns the packets counted by the drop rules of each chain
 // of a lock table, read back from the kernel.
 func dropCounts(t *testing.T, ns *lab.NS, table string) (in, out uint64) {

@@ -87,11 +87,7 @@ func TestLockHoldsFlow(t *testing.T) {
 	}
 }
 `)
-			if err := b.Do(func() error {
-				return os.WriteFile("/proc/sys/net/netfilter/nf_conntrack_acct", []byte("1"), 0)
-			}); err != nil {
-				t.Fatal(err)
-			}
+			conntrackAcct(t, b)
 
 			ca, cb := dialPair(t, a, b, f)
 			hello := pattern(1, 1000)
@@ -301,11 +297,7 @@ func TestBothEndsOnOneHost(t *testing.T) {
 	}
 }
 `)
-	if err := b.Do(func() error {
-		return os.WriteFile("/proc/sys/net/netfilter/nf_conntrack_acct", []byte("1"), 0)
-	}); err != nil {
-		t.Fatal(err)
-	}
+	conntrackAcct(t, b)
 	client, server := dialPair(t, b, b, families[0])
 	hello := pattern(8, 100)
 	if _, err := client.Write(hello); err != nil {
