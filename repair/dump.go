@@ -219,18 +219,8 @@ func capture(fd int, s *Snapshot) error {
 	s.Timestamp = 0
 	if opts&tcpiOptTimestamps != 0 {
 		s.Flags |= FlagTimestamps
-		ts, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP)
-		if err != nil {
+		if err := readTimestamp(fd, s, opts&tcpiOptUsecTS != 0); err != nil {
 			return opErr("getsockopt TCP_TIMESTAMP", err)
-		}
-		s.Timestamp = uint32(ts)
-		if kernelUsecTS() {
-			if s.Timestamp&1 != 0 || opts&tcpiOptUsecTS != 0 {
-				s.Flags |= FlagUsecTS
-			}
-			s.Timestamp &^= 1
-		} else if s.Timestamp&1 != 0 {
-			s.Timestamp++ // never step back: round an odd pre-6.7 value up (REPAIR-NOTES 4.5)
 		}
 	}
 	if err := getWindow(fd, &s.Window); err != nil {
@@ -321,18 +311,8 @@ func captureSynSent(fd int, s *Snapshot) error {
 		return opErr("getsockopt TCP_MAXSEG", err)
 	}
 	s.MSSClamp = uint32(mss)
-	ts, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP)
-	if err != nil {
+	if err := readTimestamp(fd, s, false); err != nil {
 		return opErr("getsockopt TCP_TIMESTAMP", err)
-	}
-	s.Timestamp = uint32(ts)
-	if kernelUsecTS() {
-		if s.Timestamp&1 != 0 {
-			s.Flags |= FlagUsecTS
-		}
-		s.Timestamp &^= 1
-	} else if s.Timestamp&1 != 0 {
-		s.Timestamp++
 	}
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 		return opErr("select send queue", err)
@@ -353,6 +333,28 @@ func captureSynSent(fd int, s *Snapshot) error {
 		return opErr("getsockopt TCP_INFO", err)
 	} else if st != StateSynSent {
 		return opErr("re-read state", ErrUnstable)
+	}
+	return nil
+}
+
+// readTimestamp reads the timestamp clock (TCP_TIMESTAMP) into
+// s.Timestamp, even, with FlagUsecTS set in s.Flags when the clock counts
+// microseconds: bit 0 of the value (Linux 6.7+), or usecOpt (the
+// connection negotiated it, TCPI_OPT_USEC_TS). Before 6.7 an odd value is
+// rounded up, never down (REPAIR-NOTES 4.5).
+func readTimestamp(fd int, s *Snapshot, usecOpt bool) error {
+	ts, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP)
+	if err != nil {
+		return err
+	}
+	s.Timestamp = uint32(ts)
+	if kernelUsecTS() {
+		if s.Timestamp&1 != 0 || usecOpt {
+			s.Flags |= FlagUsecTS
+		}
+		s.Timestamp &^= 1
+	} else if s.Timestamp&1 != 0 {
+		s.Timestamp++ // never step back
 	}
 	return nil
 }

@@ -143,11 +143,7 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 		return fd, opErr("setsockopt TCP_REPAIR_OPTIONS", err)
 	}
 	if s.Flags&FlagTimestamps != 0 {
-		ts := s.Timestamp
-		if s.Flags&FlagUsecTS != 0 && kernelUsecTS() {
-			ts |= 1
-		}
-		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts)); err != nil {
+		if err := writeTimestamp(fd, s); err != nil {
 			return fd, opErr("setsockopt TCP_TIMESTAMP", err)
 		}
 	}
@@ -254,11 +250,7 @@ func restoreSynSent(fd int, s *Snapshot) error {
 	if cerr != nil {
 		return opErr("connect (SYN_SENT)", cerr)
 	}
-	ts := s.Timestamp
-	if s.Flags&FlagUsecTS != 0 && kernelUsecTS() {
-		ts |= 1
-	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts)); err != nil {
+	if err := writeTimestamp(fd, s); err != nil {
 		return opErr("setsockopt TCP_TIMESTAMP", err)
 	}
 	if st, err := readState(fd); err != nil {
@@ -267,6 +259,16 @@ func restoreSynSent(fd int, s *Snapshot) error {
 		return opErr("verify restored socket", ErrRestoreMismatch)
 	}
 	return nil
+}
+
+// writeTimestamp sets the timestamp clock (TCP_TIMESTAMP) to s.Timestamp,
+// with bit 0 set for a microsecond clock on kernels that read it (6.7+).
+func writeTimestamp(fd int, s *Snapshot) error {
+	ts := s.Timestamp
+	if s.Flags&FlagUsecTS != 0 && kernelUsecTS() {
+		ts |= 1
+	}
+	return setInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
 }
 
 // setRepairOptions writes the negotiated options in one TCP_REPAIR_OPTIONS
