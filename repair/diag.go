@@ -47,17 +47,9 @@ func sockDiag(fd int, family uint16, local, remote netip.AddrPort) (diagInfo, er
 	}
 	defer unix.Close(nl)
 
-	var req [unix.NLMSG_HDRLEN + inetDiagReqLen]byte
+	var req diagReq
+	r := req.init(family, unix.NLM_F_REQUEST, ^uint32(0)) // all states
 	ne := binary.NativeEndian
-	ne.PutUint32(req[0:], uint32(len(req)))
-	ne.PutUint16(req[4:], unix.SOCK_DIAG_BY_FAMILY)
-	ne.PutUint16(req[6:], unix.NLM_F_REQUEST)
-	ne.PutUint32(req[8:], 1) // sequence
-	r := req[unix.NLMSG_HDRLEN:]
-	r[0] = uint8(family)
-	r[1] = unix.IPPROTO_TCP
-	r[2] = 1 << (inetDiagInfo - 1)  // the kernel adds the MD5 keys only with the info block
-	ne.PutUint32(r[4:], ^uint32(0)) // all states
 	binary.BigEndian.PutUint16(r[8:], local.Port())
 	binary.BigEndian.PutUint16(r[10:], remote.Port())
 	putDiagAddr(r[12:28], family, local.Addr())
@@ -78,6 +70,28 @@ func sockDiag(fd int, family uint16, local, remote netip.AddrPort) (diagInfo, er
 		return diagInfo{}, e
 	}
 	return parseDiag(buf[:n])
+}
+
+// diagReq is a SOCK_DIAG_BY_FAMILY request: the netlink header and a
+// struct inet_diag_req_v2.
+type diagReq [unix.NLMSG_HDRLEN + inetDiagReqLen]byte
+
+// init fills in the header and the TCP request for family, the netlink
+// flags and the state mask, asking for the info block (the kernel adds the
+// MD5 keys only with it), and returns the inet_diag_req_v2 part for the
+// caller to complete.
+func (req *diagReq) init(family, flags uint16, states uint32) []byte {
+	ne := binary.NativeEndian
+	ne.PutUint32(req[0:], uint32(len(req)))
+	ne.PutUint16(req[4:], unix.SOCK_DIAG_BY_FAMILY)
+	ne.PutUint16(req[6:], flags)
+	ne.PutUint32(req[8:], 1) // sequence
+	r := req[unix.NLMSG_HDRLEN:]
+	r[0] = uint8(family)
+	r[1] = unix.IPPROTO_TCP
+	r[2] = 1 << (inetDiagInfo - 1)
+	ne.PutUint32(r[4:], states)
+	return r
 }
 
 func putDiagAddr(b []byte, family uint16, a netip.Addr) {
@@ -101,12 +115,7 @@ func parseDiag(b []byte) (diagInfo, error) {
 		return diagInfo{}, unix.EBADMSG
 	}
 	if typ == unix.NLMSG_ERROR {
-		if mlen >= unix.NLMSG_HDRLEN+4 {
-			if errno := -int32(ne.Uint32(b[unix.NLMSG_HDRLEN:])); errno > 0 {
-				return diagInfo{}, unix.Errno(errno)
-			}
-		}
-		return diagInfo{}, unix.EBADMSG
+		return diagInfo{}, errorOf(b[:mlen])
 	}
 	if typ != unix.SOCK_DIAG_BY_FAMILY || mlen < unix.NLMSG_HDRLEN+inetDiagMsgLen {
 		return diagInfo{}, unix.EBADMSG

@@ -61,17 +61,9 @@ func dumpDiag(family uint16) (map[uint64]diagInfo, error) {
 		return nil, err
 	}
 	defer unix.Close(nl)
-	var req [unix.NLMSG_HDRLEN + inetDiagReqLen]byte
+	var req diagReq
+	req.init(family, unix.NLM_F_REQUEST|unix.NLM_F_DUMP, ^uint32(0)&^(1<<StateListen|1<<StateTimeWait|1<<StateNewSynRecv|1<<StateSynRecv))
 	ne := binary.NativeEndian
-	ne.PutUint32(req[0:], uint32(len(req)))
-	ne.PutUint16(req[4:], unix.SOCK_DIAG_BY_FAMILY)
-	ne.PutUint16(req[6:], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
-	ne.PutUint32(req[8:], 1)
-	r := req[unix.NLMSG_HDRLEN:]
-	r[0] = uint8(family)
-	r[1] = unix.IPPROTO_TCP
-	r[2] = 1 << (inetDiagInfo - 1)
-	ne.PutUint32(r[4:], ^uint32(0)&^(1<<StateListen|1<<StateTimeWait|1<<StateNewSynRecv|1<<StateSynRecv))
 	if err := unix.Sendto(nl, req[:], 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return nil, err
 	}
