@@ -175,13 +175,7 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := os.NewFile(uintptr(fd), "restored")
-	c, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	restored := c.(*net.TCPConn)
+	restored := restoredConn(t, fd)
 	defer restored.Close()
 
 	// The application reads on at the target, from where it paused.

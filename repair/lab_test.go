@@ -99,6 +99,19 @@ func nftUnlock(t *testing.T, ns *lab.NS) {
 	}
 }
 
+// restoredConn wraps the restored descriptor fd, out of repair mode, in a
+// *net.TCPConn that owns it (fd itself is closed).
+func restoredConn(t *testing.T, fd int) *net.TCPConn {
+	t.Helper()
+	f := os.NewFile(uintptr(fd), "restored")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.(*net.TCPConn)
+}
+
 // rawDial creates a TCP socket of the given family in ns, binds it to local
 // and connects it to remote; IPv4 addresses on an AF_INET6 socket are used
 // IPv4-mapped (a dual-stack socket). It returns the connection.

@@ -133,13 +133,7 @@ func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error) 
 	if err := Resume(fd, &snap); err != nil {
 		t.Fatal(err)
 	}
-	f := os.NewFile(uintptr(fd), "restored")
-	c, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	restored := c.(*net.TCPConn)
+	restored := restoredConn(t, fd)
 	defer restored.Close()
 	rfd := fdOf(t, restored)
 

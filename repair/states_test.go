@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -500,13 +499,7 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 	if err := rs.Resume(fd, &snap); err != nil {
 		t.Fatal(err)
 	}
-	f := os.NewFile(uintptr(fd), "restored")
-	c, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	restored := c.(*net.TCPConn)
+	restored := restoredConn(t, fd)
 	defer restored.Close()
 
 	sc.finish(e, restored)
@@ -647,13 +640,7 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 	if err := rs.Resume(fd, &snap); err != nil {
 		t.Fatal(err)
 	}
-	f := os.NewFile(uintptr(fd), "restored")
-	c, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	restored := c.(*net.TCPConn)
+	restored := restoredConn(t, fd)
 	defer restored.Close()
 	ln.(*net.TCPListener).SetDeadline(time.Now().Add(10 * time.Second))
 	pc, err := ln.Accept()
