@@ -49,15 +49,9 @@ func TestHeldMigrationNoRetransmit(t *testing.T) {
 func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.Duration) {
 	h := newHosts(t, v6)
 	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
-	ln := listen(t, h.peer, peerAP, nil)
 	local := netip.AddrPortFrom(h.svc, 40001)
-	src := rawDial(t, h.src, family, local, peerAP, nil)
+	src, peer := dialPeer(t, h, family, local, peerAP, nil, nil)
 	defer src.Close()
-	pc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer := pc.(*net.TCPConn)
 	defer peer.Close()
 	stopCapture := captureFlags(t, h.lan, peerPort, v6)
 

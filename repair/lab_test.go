@@ -112,6 +112,21 @@ func restoredConn(t *testing.T, fd int) *net.TCPConn {
 	return c.(*net.TCPConn)
 }
 
+// dialPeer connects a rawDial socket from local in h.src (setup runs on
+// it) to a listener at peerAP in h.peer (lnSetup runs on the listener),
+// and returns both ends.
+func dialPeer(t *testing.T, h *hosts, family int, local, peerAP netip.AddrPort, lnSetup, setup func(fd int) error) (src, peer *net.TCPConn) {
+	t.Helper()
+	ln := listen(t, h.peer, peerAP, lnSetup)
+	src = rawDial(t, h.src, family, local, peerAP, setup)
+	pc, err := ln.Accept()
+	if err != nil {
+		src.Close()
+		t.Fatal(err)
+	}
+	return src, pc.(*net.TCPConn)
+}
+
 // rawDial creates a TCP socket of the given family in ns, binds it to local
 // and connects it to remote; IPv4 addresses on an AF_INET6 socket are used
 // IPv4-mapped (a dual-stack socket). It returns the connection.

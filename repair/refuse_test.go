@@ -2,7 +2,6 @@ package repair
 
 import (
 	"errors"
-	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -159,17 +158,11 @@ func setMD5Key(fd int, peer netip.Addr, key string) error {
 func TestRollback(t *testing.T) {
 	h := newHosts(t, false)
 	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
-	ln := listen(t, h.peer, peerAP, nil)
 	local := netip.AddrPortFrom(h.svc, 40002)
-	src := rawDial(t, h.src, unix.AF_INET, local, peerAP, func(fd int) error {
+	src, peer := dialPeer(t, h, unix.AF_INET, local, peerAP, nil, func(fd int) error {
 		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
 	})
 	defer src.Close()
-	pc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer := pc.(*net.TCPConn)
 	defer peer.Close()
 	stop := captureFlags(t, h.lan, peerPort, false)
 

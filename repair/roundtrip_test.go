@@ -42,19 +42,13 @@ func TestRoundTripCrossHost(t *testing.T) {
 func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error) {
 	h := newHosts(t, v6)
 	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
-	ln := listen(t, h.peer, peerAP, func(fd int) error {
-		// A small receive buffer on the peer fills quickly, so the source
-		// keeps never-sent data.
-		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 32<<10)
-	})
 	local := netip.AddrPortFrom(h.svc, 40001)
-	src := rawDial(t, h.src, family, local, peerAP, setup)
+	// A small receive buffer on the peer fills quickly, so the source keeps
+	// never-sent data.
+	src, peer := dialPeer(t, h, family, local, peerAP, func(fd int) error {
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 32<<10)
+	}, setup)
 	defer src.Close()
-	pc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer := pc.(*net.TCPConn)
 	defer peer.Close()
 	stopCapture := captureFlags(t, h.lan, peerPort, v6)
 	before := tcpCounters(t, h.peer)

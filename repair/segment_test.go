@@ -94,14 +94,9 @@ func testInjectThroughLock(t *testing.T, v6 bool, family int) {
 	const mark = 0x746d
 	h := newHosts(t, v6)
 	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
-	ln := listen(t, h.peer, peerAP, nil)
 	local := netip.AddrPortFrom(h.svc, 40001)
-	src := rawDial(t, h.src, family, local, peerAP, nil)
+	src, pc := dialPeer(t, h, family, local, peerAP, nil, nil)
 	defer src.Close()
-	pc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
 	defer pc.Close()
 	// Some data both ways, so that the sequence numbers have moved.
 	if _, err := pc.Write([]byte("hello")); err != nil {
@@ -124,7 +119,7 @@ func testInjectThroughLock(t *testing.T, v6 bool, family int) {
 
 	markLock(t, h.src, local, peerAP, mark)
 	var snap Snapshot
-	err = h.src.Do(func() error {
+	err := h.src.Do(func() error {
 		if err := Dump(fd, &snap); err != nil {
 			return err
 		}
