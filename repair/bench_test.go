@@ -143,6 +143,23 @@ func BenchmarkDump(b *testing.B) {
 	}
 }
 
+// benchDumpTarget dumps the connection fd of ns and opens the namespace to
+// restore it in, with its loopback up.
+func benchDumpTarget(b *testing.B, ns *lab.NS, fd int) (Snapshot, *lab.NS) {
+	b.Helper()
+	var s Snapshot
+	if err := ns.Do(func() error { return Dump(fd, &s) }); err != nil {
+		b.Fatal(err)
+	}
+	dst, err := lab.NewNS("bench-dst")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { dst.Close() })
+	dst.IP("link", "set", "lo", "up")
+	return s, dst
+}
+
 // BenchmarkRestore measures Restore of a dumped connection into a second
 // namespace, followed by the silent close of the result, beside the bare
 // syscall sequence of the same restore and close.
@@ -152,16 +169,7 @@ func BenchmarkRestore(b *testing.B) {
 		queued bool
 	}{{"idle", false}, {"64KiB", true}} {
 		ns, fd := benchConn(b, q.queued)
-		var s Snapshot
-		if err := ns.Do(func() error { return Dump(fd, &s) }); err != nil {
-			b.Fatal(err)
-		}
-		dst, err := lab.NewNS("bench-dst")
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { dst.Close() })
-		dst.IP("link", "set", "lo", "up")
+		s, dst := benchDumpTarget(b, ns, fd)
 		b.Run(q.name+"/Restore+Discard", func(b *testing.B) {
 			dst.Do(func() error {
 				b.ReportAllocs()
@@ -329,16 +337,7 @@ func BenchmarkRestoreHalfClosed(b *testing.B) {
 			unix.Shutdown(fd, unix.SHUT_WR)
 		}
 		benchWaitState(b, fd, st)
-		var s Snapshot
-		if err := ns.Do(func() error { return Dump(fd, &s) }); err != nil {
-			b.Fatal(err)
-		}
-		dst, err := lab.NewNS("bench-dst")
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { dst.Close() })
-		dst.IP("link", "set", "lo", "up")
+		s, dst := benchDumpTarget(b, ns, fd)
 		// The lock keeps the restored socket's ACKs from meeting no socket
 		// and coming back as resets.
 		lock, err := firewall.New(firewall.Config{Instance: "bench", NetNS: dst.Handle()})
