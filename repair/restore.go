@@ -77,11 +77,6 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 			fd = -1
 		}
 	}()
-	if s.Family == unix.AF_INET6 {
-		if err := setInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, b2i(s.Options.Mask&OptV6Only != 0)); err != nil {
-			return fd, opErr("setsockopt IPV6_V6ONLY", err)
-		}
-	}
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 		return fd, opErr("turn repair on", err)
 	}
