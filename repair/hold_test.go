@@ -152,6 +152,7 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 		t.Fatal(err)
 	}
 	defer in.Close()
+	wantNoQueue(t, fd)
 	h.moveService(t)
 	time.Sleep(30*time.Millisecond - time.Since(locked)) // the rest of a 30 ms freeze
 	if err := dstLock.Unlock([]firewall.Tuple{tuple}); err != nil {

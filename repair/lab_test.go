@@ -99,6 +99,20 @@ func nftUnlock(t *testing.T, ns *lab.NS) {
 	}
 }
 
+// wantNoQueue fails the test unless the socket fd, in repair mode, has no
+// queue selected (Restore's promise: a send or a read on it fails instead
+// of touching a queue).
+func wantNoQueue(t *testing.T, fd int) {
+	t.Helper()
+	q, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE)
+	if err != nil {
+		t.Fatal("getsockopt TCP_REPAIR_QUEUE: ", err)
+	}
+	if q != tcpNoQueue {
+		t.Errorf("restored socket has queue %d selected, want none", q)
+	}
+}
+
 // restoredConn wraps the restored descriptor fd, out of repair mode, in a
 // *net.TCPConn that owns it (fd itself is closed).
 func restoredConn(t *testing.T, fd int) *net.TCPConn {

@@ -142,7 +142,8 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 			return fd, opErr("setsockopt TCP_TIMESTAMP", err)
 		}
 	}
-	// R11, R12: receive bytes, then sent-but-unacknowledged bytes.
+	// R11, R12: receive bytes, then sent-but-unacknowledged bytes. R7 left
+	// the send queue selected.
 	if len(s.RecvQueue) > 0 {
 		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
 			return fd, opErr("select receive queue", err)
@@ -150,11 +151,13 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 		if err := writeQueue(fd, s.RecvQueue); err != nil {
 			return fd, opErr("write receive queue", err)
 		}
-		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-			return fd, opErr("select send queue", err)
-		}
 	}
 	if sent := s.SentUnacked(); len(sent) > 0 {
+		if len(s.RecvQueue) > 0 {
+			if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+				return fd, opErr("select send queue", err)
+			}
+		}
 		if err := writeQueue(fd, sent); err != nil {
 			return fd, opErr("write send queue", err)
 		}
@@ -173,8 +176,8 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 		if werr != nil {
 			return fd, opErr("write unsent data", werr)
 		}
-	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		// Turning repair on again left no queue selected.
+	} else if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
 		return fd, opErr("deselect queue", err)
 	}
 	// R14: the window, after the queues (the kernel checks it against

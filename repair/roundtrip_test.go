@@ -122,6 +122,7 @@ func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error) 
 	if err := h.dst.Do(func() (err error) { fd, err = Restore(&snap); return err }); err != nil {
 		t.Fatal(err)
 	}
+	wantNoQueue(t, fd)
 	h.moveService(t)
 	nftUnlock(t, h.dst)
 	if err := Resume(fd, &snap); err != nil {

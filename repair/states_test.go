@@ -493,6 +493,7 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 	if st := tcpStateOf(t, fd); st != snap.State {
 		t.Fatalf("restored socket in %s, want %s", st, snap.State)
 	}
+	wantNoQueue(t, fd)
 	if err := lock.Unlock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
 		t.Fatal(err)
 	}
