@@ -293,14 +293,14 @@ func bareRestore(s *Snapshot) error {
 	if len(s.RecvQueue) > 0 {
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
 		send(fd, s.RecvQueue)
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
 	}
 	if s.Unsent > 0 {
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, -1)
 		send(fd, s.NeverSent())
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1)
+	} else {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
 	}
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
 	w := s.Window
 	setWindow(fd, &w)
 	// As many setsockopt calls as writeLateOptions makes on IPv4 for a
