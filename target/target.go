@@ -791,7 +791,10 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// From here the connections are the target's: a query says committed.
 	m.srv.record(m.id, transport.StateCommitted)
 	// Both cores: leaving repair mode sends each socket's window probe, and
-	// os.NewFile registers each socket with the runtime's poller.
+	// os.NewFile registers each socket with the runtime's poller. Each share
+	// resumes all its sockets first: the Files (a name formatted, fcntl and
+	// epoll_ctl each) and the warnings come after the share's last resume,
+	// so that they lengthen no connection's freeze.
 	resumed := make([]*Delivered, len(live))
 	resumeErrs := make([]error, len(live))
 	// When each connection's freeze ended, for the source's report.
@@ -800,14 +803,20 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		for i := lo; i < hi; i++ {
 			c := live[i]
 			err := m.rs.r.Resume(c.fd, c.snap)
-			if errors.Is(err, repair.ErrResumedLive) {
+			if err == nil || errors.Is(err, repair.ErrResumedLive) {
+				resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
+			}
+			resumeErrs[i] = err
+		}
+		for i := lo; i < hi; i++ {
+			c := live[i]
+			if err := resumeErrs[i]; errors.Is(err, repair.ErrResumedLive) {
 				// Live despite the error (a lost kick or probe, an option
 				// not put back): it is delivered like the others.
 				m.log.Warn("connection resumed with a lost finishing step", "conn", c.report.Index, "err", err)
-				err = nil
+				resumeErrs[i] = nil
 			}
-			if resumeErrs[i] = err; err == nil {
-				resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
+			if resumeErrs[i] == nil {
 				resumed[i] = &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
 					Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index}
 			}
