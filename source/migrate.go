@@ -283,10 +283,14 @@ func (m *migration) run(ctx context.Context) error {
 	// The last record before Commit: from "switched" on, recovery asks the
 	// target (Commit may have been sent). An Update: no fsync, and the
 	// connection list, written before the lock, is not rewritten
-	// (docs/faults.md).
-	m.rec.State, m.rec.Released = StateSwitched.String(), m.cfg.SwitchAddrs
-	if err := m.jr.Update(&m.rec); err != nil {
-		return m.rollbackAll(ctx, err)
+	// (docs/faults.md). After an identity move the "switching" record,
+	// with the same addresses, already says this (recovery treats both
+	// alike): a second write would only lengthen the freeze.
+	if !m.switched {
+		m.rec.State, m.rec.Released = StateSwitched.String(), m.cfg.SwitchAddrs
+		if err := m.jr.Update(&m.rec); err != nil {
+			return m.rollbackAll(ctx, err)
+		}
 	}
 	m.endPhase("switch")
 
