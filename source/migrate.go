@@ -223,6 +223,11 @@ func (m *migration) run(ctx context.Context) error {
 	}
 	defer m.closeLock()
 	defer m.closeHold()
+	// The renewer too (it renews what is locked, nothing yet).
+	if err := m.lock.StartRenewer(0, func(err error) { m.log.Warn("lease renewal failed", "err", err) }); err != nil {
+		return m.rollbackAll(ctx, err)
+	}
+	defer m.lock.StopRenewer()
 
 	// The snapshot streams (and their compressors) are opened before the
 	// lock too; prepare cancels sctx when it returns, which stops them.
@@ -244,10 +249,6 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.lockAll(); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
-	if err := m.lock.StartRenewer(0, func(err error) { m.log.Warn("lease renewal failed", "err", err) }); err != nil {
-		return m.rollbackAll(ctx, err)
-	}
-	defer m.lock.StopRenewer()
 	m.setState(StateLocked)
 	m.endPhase("lock")
 
