@@ -77,7 +77,9 @@ type Config struct {
 	Annotate func(*journal.Record)
 	// Log receives structured logs; nil discards them.
 	Log *slog.Logger
-	// Progress, if set, is called as connections are captured.
+	// Progress, if set, is called as connections are captured: once per
+	// connection, inside the freeze, from the capturing goroutines (so
+	// possibly concurrently). It must return at once.
 	Progress func(done, total int)
 	// Fault, for tests: called at each Step; a non-nil error makes that
 	// step fail as if the operation had failed.
