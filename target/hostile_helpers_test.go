@@ -29,7 +29,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/yamux"
-	"golang.org/x/sys/unix"
 
 	"github.com/tcpmigrate/tcpmigrate/internal/audit"
 	"github.com/tcpmigrate/tcpmigrate/internal/certs"
@@ -412,21 +411,13 @@ func heapPeak(f func()) uint64 {
 	return peak - base
 }
 
-// fakeSnapshot returns a snapshot of an established connection between
-// local and the fake peer that repair's Validate and the target's
-// consistency checks accept.
+// fakeSnapshot returns a snapshot of an established IPv4 connection
+// between local and the fake peer that repair's Validate and the target's
+// consistency checks accept: the policy tests' good snapshot, moved.
 func fakeSnapshot(local netip.AddrPort, remotePort uint16) *repair.Snapshot {
-	return &repair.Snapshot{
-		Local: local, Remote: netip.AddrPortFrom(fake, remotePort),
-		Family: unix.AF_INET, State: repair.StateEstablished,
-		Flags:     repair.FlagWindow | repair.FlagSACK | repair.FlagWScale | repair.FlagTimestamps,
-		SndWScale: 7, RcvWScale: 7, MSSClamp: 1460, Timestamp: 1000,
-		SendSeq: 5000, RecvSeq: 9000,
-		Window:    repair.Window{SndWl1: 9000, SndWnd: 64000, MaxWindow: 64000, RcvWnd: 64000, RcvWup: 9000},
-		RecvQueue: []byte("hello"), SendQueue: []byte("world"), Unsent: 2,
-		Options: repair.Options{SndBuf: 87040, RcvBuf: 131072, TTL: 64, KeepIdle: 7200, KeepIntvl: 75, KeepCnt: 9,
-			RcvLowat: 1, Linger2: 60},
-	}
+	s := target.GoodSnapshot()
+	s.Local, s.Remote = local, netip.AddrPortFrom(fake, remotePort)
+	return s
 }
 
 // The raw speaker: a source written from docs/protocol.md with hand-made
