@@ -181,6 +181,32 @@ func readHandshake(r io.Reader) (Message, error) {
 	return readMessage(r, phaseHandshake, HandshakeMaxFrame, "handshake frame size", nil)
 }
 
+// readPreamble reads the peer's preamble and returns its version range.
+func (s *settings) readPreamble(c io.Reader) (lo, hi uint16, err error) {
+	var pre [preambleSize]byte
+	if _, err := io.ReadFull(c, pre[:]); err != nil {
+		return 0, 0, handshakeErr(err, s.handshakeTimeout, "preamble")
+	}
+	return parsePreamble(pre[:])
+}
+
+// readVerdict reads the peer's verdict on our hello: nil for Accept, a
+// remote *HandshakeError for Reject.
+func (s *settings) readVerdict(c io.Reader) error {
+	m, err := readHandshake(c)
+	if err != nil {
+		return handshakeErr(err, s.handshakeTimeout, "verdict on our hello")
+	}
+	switch m := m.(type) {
+	case *Accept:
+		return nil
+	case *Reject:
+		return &HandshakeError{Remote: true, Code: m.Code, Reason: m.Reason}
+	default:
+		return unexpected(m.Type(), phaseHandshake)
+	}
+}
+
 // clientHandshake runs the dialing side's handshake on conn.
 func clientHandshake(ctx context.Context, conn net.Conn, s *settings, serverName string) (res *handshakeResult, err error) {
 	done := watchDeadline(ctx, conn, s.handshakeTimeout)
@@ -200,11 +226,7 @@ func clientHandshake(ctx context.Context, conn net.Conn, s *settings, serverName
 	if err := writeFrames(c, true, s.hello()); err != nil {
 		return nil, handshakeErr(err, s.handshakeTimeout, "reading of our hello")
 	}
-	var pre [preambleSize]byte
-	if _, err := io.ReadFull(c, pre[:]); err != nil {
-		return nil, handshakeErr(err, s.handshakeTimeout, "preamble")
-	}
-	lo, hi, err := parsePreamble(pre[:])
+	lo, hi, err := s.readPreamble(c)
 	if err != nil {
 		return nil, err
 	}
@@ -221,16 +243,8 @@ func clientHandshake(ctx context.Context, conn net.Conn, s *settings, serverName
 	default:
 		return nil, unexpected(m.Type(), phaseHandshake)
 	}
-	m, err = readHandshake(c)
-	if err != nil {
-		return nil, handshakeErr(err, s.handshakeTimeout, "verdict on our hello")
-	}
-	switch m := m.(type) {
-	case *Reject:
-		return nil, &HandshakeError{Remote: true, Code: m.Code, Reason: m.Reason}
-	case *Accept:
-	default:
-		return nil, unexpected(m.Type(), phaseHandshake)
+	if err := s.readVerdict(c); err != nil {
+		return nil, err
 	}
 	version, codec, rej := s.evaluate(lo, hi, peer)
 	if rej == nil {
@@ -306,11 +320,7 @@ func serverHandshake(ctx context.Context, conn net.Conn, s *settings) (res *hand
 		return nil, fmt.Errorf("%w: first bytes % x", ErrBadMagic, first)
 	}
 
-	var pre [preambleSize]byte
-	if _, err := io.ReadFull(c, pre[:]); err != nil {
-		return nil, handshakeErr(err, s.handshakeTimeout, "preamble")
-	}
-	lo, hi, err := parsePreamble(pre[:])
+	lo, hi, err := s.readPreamble(c)
 	if err != nil {
 		return nil, err
 	}
@@ -336,16 +346,8 @@ func serverHandshake(ctx context.Context, conn net.Conn, s *settings) (res *hand
 	if err := writeFrames(c, true, s.hello(), &Accept{}); err != nil {
 		return nil, handshakeErr(err, s.handshakeTimeout, "reading of our hello")
 	}
-	m, err = readHandshake(c)
-	if err != nil {
-		return nil, handshakeErr(err, s.handshakeTimeout, "verdict on our hello")
-	}
-	switch m := m.(type) {
-	case *Accept:
-	case *Reject:
-		return nil, &HandshakeError{Remote: true, Code: m.Code, Reason: m.Reason}
-	default:
-		return nil, unexpected(m.Type(), phaseHandshake)
+	if err := s.readVerdict(c); err != nil {
+		return nil, err
 	}
 	return &handshakeResult{conn: c, peer: peer, version: version, codec: codec}, nil
 }
