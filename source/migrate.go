@@ -71,10 +71,9 @@ type migration struct {
 	jr     *journal.Journal
 	rec    journal.Record
 	locked time.Time // when the source lock went on
-	// commitSent is when COMMIT went out; freezeEnds, by connection index,
-	// when the target resumed each connection, on this clock (estimated from
-	// COMMITTED: transport.Committed.Freezes).
-	commitSent time.Time
+	// freezeEnds are, by connection index, when the target resumed each
+	// connection, on this clock (estimated from COMMITTED:
+	// transport.Committed.Freezes).
 	freezeEnds []time.Time
 	phase      time.Time // start of the current phase
 
@@ -803,7 +802,7 @@ func (m *migration) commit(ctx context.Context) (*transport.Committed, error) {
 			exclude = append(exclude, c.index)
 		}
 	}
-	m.commitSent = time.Now()
+	sent := time.Now()
 	if err := m.link.Control().Send(ctx, &transport.Commit{Migration: m.id, Exclude: exclude}); err != nil {
 		return nil, err
 	}
@@ -815,7 +814,7 @@ func (m *migration) commit(ctx context.Context) (*transport.Committed, error) {
 	if !ok {
 		return nil, fmt.Errorf("source: unexpected %s after commit", msg.Type())
 	}
-	m.freezeEnds, _ = c.Freezes(m.commitSent, time.Now())
+	m.freezeEnds, _ = c.Freezes(sent, time.Now())
 	return c, nil
 }
 
