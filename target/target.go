@@ -611,9 +611,13 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 	cfg := &m.srv.cfg
 	vs := make([]transport.Verdict, 0, len(batch))
 	var lockList []firewall.Tuple
-	var todo []*conn
-	for _, r := range batch {
-		c := &conn{snap: r.snap, appState: r.state, fd: -1}
+	todo := make([]*conn, 0, len(batch))
+	// One allocation for the batch's bookkeeping, not one per connection:
+	// this runs inside the freeze.
+	slab := make([]conn, len(batch))
+	for i, r := range batch {
+		c := &slab[i]
+		*c = conn{snap: r.snap, appState: r.state, fd: -1}
 		l, rem := r.snap.Tuple()
 		c.tuple = firewall.Tuple{Local: l, Remote: rem}
 		c.report = ConnReport{Index: r.index, Local: r.snap.Local, Remote: r.snap.Remote}
