@@ -248,8 +248,7 @@ func deliver(path string, items []fdpass.Item) error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	// The default limits would refuse an acknowledgement of more than 4,096
-	// connections (receive --deliver dials with them: see
-	// docs/performance.md).
+	// connections (receive --deliver raises them too: docs/performance.md 6.6).
 	conn, err := fdpass.Dial(ctx, path, fdpass.Limits{MaxBatch: fdpass.MaxBatchLimit})
 	if err != nil {
 		return err
