@@ -94,6 +94,15 @@ func portsFlag(c *cli.Context, name string) ([]uint16, error) {
 	return ports, nil
 }
 
+// unixFlag reads a unix:PATH flag (--handoff, --deliver).
+func unixFlag(c *cli.Context, name string) (string, error) {
+	path, ok := strings.CutPrefix(c.String(name), "unix:")
+	if !ok || path == "" {
+		return "", usageError{fmt.Errorf("--%s takes unix:PATH", name)}
+	}
+	return path, nil
+}
+
 // addrFlag reads a service address flag (--claim-addr, --release-addr),
 // which needs --dev; ok is false when the flag is not given.
 func addrFlag(c *cli.Context, name string) (am addrmove.Config, ok bool, err error) {

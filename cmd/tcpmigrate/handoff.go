@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"strings"
 
 	"github.com/urfave/cli/v2"
 
@@ -15,9 +14,9 @@ import (
 // the unix socket, migrates them, then tells it which were committed and
 // hands back the others.
 func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*source.Result, error) {
-	path, ok := strings.CutPrefix(c.String("handoff"), "unix:")
-	if !ok || path == "" {
-		return nil, usageError{errors.New("--handoff takes unix:PATH")}
+	path, err := unixFlag(c, "handoff")
+	if err != nil {
+		return nil, err
 	}
 	ln, err := fdpass.Listen(path, fdpass.Policy{})
 	if err != nil {

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -94,9 +93,9 @@ func runReceive(c *cli.Context) error {
 	if c.Bool("exec") {
 		cfg.Deliver = execDeliver(execArgs)
 	} else {
-		path, ok := strings.CutPrefix(c.String("deliver"), "unix:")
-		if !ok {
-			return usageError{errors.New("--deliver takes unix:PATH")}
+		path, err := unixFlag(c, "deliver")
+		if err != nil {
+			return err
 		}
 		cfg.Deliver = socketDeliver(path, log)
 	}
