@@ -32,7 +32,7 @@ type relay struct {
 func newRelay(t *testing.T) *relay {
 	t.Helper()
 	if _, err := exec.LookPath("socat"); err != nil {
-		skipOrFail(t, "socat is not installed")
+		lab.Skip(t, "socat is not installed")
 	}
 	lan := lab.NewTestLAN(t, "app", "peer")
 	app, peer := lan.Host("app"), lan.Host("peer")

@@ -186,7 +186,7 @@ func newCgroup(t *testing.T) string {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "cgroup.freeze")); err != nil {
 		os.Remove(dir)
-		skipOrFail(t, "no cgroup v2 freezer (Linux 5.2+): "+err.Error())
+		lab.Skip(t, "no cgroup v2 freezer (Linux 5.2+): "+err.Error())
 	}
 	t.Cleanup(func() { removeCgroup(t, dir) })
 	return dir
@@ -234,16 +234,8 @@ func cgroup2Mount(t *testing.T) string {
 			return f[4]
 		}
 	}
-	skipOrFail(t, "cgroup2 is not mounted")
+	lab.Skip(t, "cgroup2 is not mounted")
 	return ""
-}
-
-func skipOrFail(t *testing.T, why string) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatal(why + ", and CI=true forbids skipping")
-	}
-	t.Skip(why)
 }
 
 // moveTo puts process pid into cgroup dir.

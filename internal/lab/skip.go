@@ -12,14 +12,21 @@ import (
 func Require(tb testing.TB) {
 	tb.Helper()
 	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			tb.Fatal("this test needs root (network namespaces, TCP_REPAIR, nftables) and CI=true forbids skipping")
-		}
-		tb.Skip("needs root: network namespaces, TCP_REPAIR and nftables")
+		Skip(tb, "needs root: network namespaces, TCP_REPAIR and nftables")
 	}
 	if err := Sweep(); err != nil {
 		tb.Logf("lab: sweep of stale namespaces: %v", err)
 	}
+}
+
+// Skip skips the test for the reason why, and fails it instead under CI
+// (CI=true), where nothing may skip.
+func Skip(tb testing.TB, why string) {
+	tb.Helper()
+	if os.Getenv("CI") == "true" {
+		tb.Fatal(why + ", and CI=true forbids skipping")
+	}
+	tb.Skip(why)
 }
 
 // NewTestLAN builds a LAN for a test and removes it when the test ends.
