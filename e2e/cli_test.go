@@ -91,18 +91,27 @@ func agent(t *testing.T, ns *lab.NS, args ...string) *exec.Cmd {
 	return cmd
 }
 
+// waitFor polls cond every 10ms until it returns true, or fails after d.
+func waitFor(d time.Duration, cond func() bool) error {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
+}
+
 // waitListening waits until something listens on addr inside ns.
 func waitListening(t *testing.T, ns *lab.NS, port uint16) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
+	if err := waitFor(10*time.Second, func() bool {
 		out, _ := ns.Exec("ss", "-Htln", fmt.Sprintf("sport = :%d", port))
-		if len(bytes.TrimSpace(out)) > 0 {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
+		return len(bytes.TrimSpace(out)) > 0
+	}); err != nil {
+		t.Fatalf("nothing listens on port %d in %s", port, ns.Label)
 	}
-	t.Fatalf("nothing listens on port %d in %s", port, ns.Label)
 }
 
 // TestCLIPidExec moves the connection of an unmodified program (socat,

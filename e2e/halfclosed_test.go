@@ -92,12 +92,8 @@ func stateOf(t *testing.T, c *net.TCPConn) repair.State {
 
 func waitConnState(t *testing.T, what string, c *net.TCPConn, want repair.State) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for st := stateOf(t, c); st != want; st = stateOf(t, c) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s in %s, want %s", what, st, want)
-		}
-		time.Sleep(2 * time.Millisecond)
+	if err := waitFor(10*time.Second, func() bool { return stateOf(t, c) == want }); err != nil {
+		t.Fatalf("%s in %s, want %s", what, stateOf(t, c), want)
 	}
 }
 

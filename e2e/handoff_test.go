@@ -104,14 +104,9 @@ func (w *world) adopt(dl *fdpass.Listener) error {
 
 func waitFile(t *testing.T, path string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		if _, err := os.Stat(path); err == nil {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := waitFor(10*time.Second, func() bool { _, err := os.Stat(path); return err == nil }); err != nil {
+		t.Fatalf("%s never appeared", path)
 	}
-	t.Fatalf("%s never appeared", path)
 }
 
 // handOff pauses the workload and hands its sockets to the source agent

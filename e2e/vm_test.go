@@ -143,17 +143,6 @@ func TestScriptedVMMigration(t *testing.T) {
 	t.Logf("longest stall seen by a peer connection: %s", stall)
 }
 
-func waitFor(d time.Duration, cond func() bool) error {
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("timed out")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return nil
-}
-
 // vmWorkload is the VM's workload on the source: it serves TCPM_N
 // connections on TCPM_ADDR, streaming both ways, and on SIGUSR1 hands them
 // with their offsets to the source agent at TCPM_HANDOFF.
