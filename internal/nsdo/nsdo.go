@@ -13,12 +13,23 @@ import (
 	"github.com/vishvananda/netns"
 )
 
-// Do runs fn with the calling goroutine's OS thread inside the network
-// namespace whose descriptor is fd. A zero fd runs fn where the caller is.
+// Do runs fn on an OS thread inside the network namespace whose
+// descriptor is fd and returns fn's error. A zero fd runs fn where the
+// caller is. Otherwise fn runs on a goroutine of its own, locked to its
+// thread, while the caller waits: if that thread cannot return to its
+// namespace it is left locked and terminates with the goroutine, so neither
+// the caller nor any later goroutine runs in the wrong namespace.
 func Do(fd int, fn func() error) error {
 	if fd == 0 {
 		return fn()
 	}
+	done := make(chan error, 1)
+	go func() { done <- do(fd, fn) }()
+	return <-done
+}
+
+// do switches the calling goroutine's thread into namespace fd around fn.
+func do(fd int, fn func() error) error {
 	runtime.LockOSThread()
 	orig, err := netns.Get()
 	if err != nil {
@@ -33,7 +44,7 @@ func Do(fd int, fn func() error) error {
 	ferr := fn()
 	if err := netns.Set(orig); err != nil {
 		// The thread is stuck in the wrong namespace: leave it locked so
-		// that it dies with this goroutine instead of serving others.
+		// that it dies with this goroutine (Do's, not the caller's).
 		return errors.Join(ferr, fmt.Errorf("nsdo: leave namespace: %w", err))
 	}
 	runtime.UnlockOSThread()

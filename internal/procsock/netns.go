@@ -1,11 +1,10 @@
 package procsock
 
 import (
-	"errors"
-	"runtime"
-
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/nsdo"
 )
 
 // NetNS opens the network namespace of process pid (/proc/PID/ns/net). The
@@ -31,40 +30,7 @@ func InNetNS(pid int, fn func() error) error {
 		return err
 	}
 	defer h.Close()
-	return inNS(pid, h, fn)
-}
-
-func inNS(pid int, h netns.NsHandle, fn func() error) error {
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- opErr("open own network namespace", pid, -1, err)
-			return
-		}
-		defer orig.Close()
-		if orig.Equal(h) {
-			runtime.UnlockOSThread()
-			done <- fn()
-			return
-		}
-		if err := netns.Set(h); err != nil {
-			runtime.UnlockOSThread()
-			done <- opErr("setns into network namespace", pid, -1, err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: it exits with this goroutine.
-			done <- errors.Join(ferr, opErr("setns back from network namespace", pid, -1, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- ferr
-	}()
-	return <-done
+	return nsdo.Do(int(h), fn)
 }
 
 // diagSocket opens a NETLINK_SOCK_DIAG socket in the network namespace of
