@@ -53,17 +53,7 @@ func newLAN(t *testing.T) (a, b *lab.NS) {
 // fails the test as lab.Require does.
 func newTestNS(t testing.TB, label string) *lab.NS {
 	t.Helper()
-	lab.Require(t)
-	ns, err := lab.NewNS(label)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := ns.Close(); err != nil {
-			t.Errorf("lab: remove namespace: %v", err)
-		}
-	})
-	return ns
+	return lab.NewTestNS(t, label)
 }
 
 // newTestLock creates a lock that the test's cleanup closes.

@@ -16,13 +16,7 @@ import (
 // need sockets but no network.
 func solo(t *testing.T) *lab.NS {
 	t.Helper()
-	lab.Require(t)
-	ns, err := lab.NewNS("solo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Close() })
-	return ns
+	return lab.NewTestNS(t, "solo")
 }
 
 // pair connects a client and an accepted server socket over loopback in ns;
