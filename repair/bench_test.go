@@ -183,6 +183,33 @@ func BenchmarkRestore(b *testing.B) {
 				return nil
 			})
 		})
+		// The part of a restore inside the freeze when the socket was made
+		// before it (NewBlank, untimed) and the namespace's defaults are
+		// known: what the target does per connection after the lock.
+		b.Run(q.name+"/RestoreBlank+Discard", func(b *testing.B) {
+			dst.Do(func() error {
+				d, err := ReadDefaults()
+				if err != nil {
+					b.Fatal(err)
+				}
+				r := Restorer{Defaults: d}
+				b.ReportAllocs()
+				for i := 0; i < b.N; i++ {
+					b.StopTimer()
+					blank, err := NewBlank(s.Local)
+					if err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
+					rfd, err := r.RestoreBlank(blank, &s)
+					if err != nil {
+						b.Fatal(err)
+					}
+					unix.Close(rfd)
+				}
+				return nil
+			})
+		})
 		b.Run(q.name+"/bare-syscalls", func(b *testing.B) {
 			dst.Do(func() error {
 				b.ReportAllocs()

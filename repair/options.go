@@ -267,6 +267,12 @@ func writeEarlyOptions(fd int, family uint16, o *Options) (string, error) {
 			return "setsockopt IPV6_V6ONLY", err
 		}
 	}
+	return writeRouteOptions(fd, family, o)
+}
+
+// writeRouteOptions is writeEarlyOptions but IPV6_V6ONLY: the device, the
+// mark, transparent and freebind, each only if the source socket set it.
+func writeRouteOptions(fd int, family uint16, o *Options) (string, error) {
 	if o.Mask&OptBindToDevice != 0 {
 		if err := unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, o.BindToDevice); err != nil {
 			return "setsockopt SO_BINDTODEVICE", err
@@ -302,7 +308,8 @@ func ipLevel(family uint16) (level, transparent, freebind int) {
 // repair mode and locked, after the queues and the window are in place. The
 // buffer sizes go back to the source's (the restore inflated them) and
 // SO_BUF_LOCK to the source's bits, so autotuning stays on where it was.
-func writeLateOptions(fd int, family uint16, o *Options) (string, error) {
+func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, error) {
+	def := d.of(family)
 	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, o.SndBuf/2); err != nil {
 		return "setsockopt SO_SNDBUFFORCE", err
 	}
@@ -334,7 +341,11 @@ func writeLateOptions(fd int, family uint16, o *Options) (string, error) {
 	}
 	for _, i := range intOpts {
 		v := *i.field(o)
-		if d, ok := constDefault(i.name); ok && v == d && !(i.name == unix.SO_PRIORITY && o.TOS != 0) {
+		d, ok := constDefault(i.name)
+		if !ok && def != nil {
+			d, ok = *i.field(def), true
+		}
+		if ok && v == d && !(i.name == unix.SO_PRIORITY && o.TOS != 0) {
 			continue
 		}
 		if err := setInt(fd, i.level, i.name, v); err != nil {
@@ -350,7 +361,7 @@ func writeLateOptions(fd int, family uint16, o *Options) (string, error) {
 		}
 	}
 	for _, p := range optionalOpts {
-		if o.Mask&p.bit == 0 {
+		if o.Mask&p.bit == 0 || def != nil && def.Mask&p.bit != 0 && *p.field(def) == *p.field(o) {
 			continue
 		}
 		if err := setInt(fd, p.level, p.name, int32(*p.field(o))); err != nil {
@@ -402,7 +413,7 @@ func writeLateOptions(fd int, family uint16, o *Options) (string, error) {
 				return "setsockopt IPV6_TCLASS", err
 			}
 		}
-		if o.Mask&OptUnicastHops != 0 {
+		if o.Mask&OptUnicastHops != 0 && !(def != nil && def.Mask&OptUnicastHops != 0 && def.UnicastHops == o.UnicastHops) {
 			if err := setInt(fd, level, unix.IPV6_UNICAST_HOPS, o.UnicastHops); err != nil {
 				return "setsockopt IPV6_UNICAST_HOPS", err
 			}
@@ -413,10 +424,67 @@ func writeLateOptions(fd int, family uint16, o *Options) (string, error) {
 			return "setsockopt IP_RECVERR", err
 		}
 	}
-	if err := setInt(fd, level, mtu, o.MTUDiscover); err != nil {
-		return "setsockopt IP_MTU_DISCOVER", err
+	if def == nil || def.MTUDiscover != o.MTUDiscover {
+		if err := setInt(fd, level, mtu, o.MTUDiscover); err != nil {
+			return "setsockopt IP_MTU_DISCOVER", err
+		}
 	}
 	return "", nil
+}
+
+// Defaults are the options a new TCP socket has in one network namespace,
+// by family: the values a restore need not write there. Most follow the
+// namespace's sysctls (the keepalive times, TCP_LINGER2, IP_TTL,
+// IP_MTU_DISCOVER, the RTO bounds, IPV6_UNICAST_HOPS) and without Defaults
+// a restore writes them all, about eight system calls inside the freeze
+// for an ordinary connection. An option left alone because it equals the
+// default keeps following the sysctl on the new host, as it did on the
+// source unless the application set it to that same value.
+type Defaults struct {
+	v4, v6 *Options
+}
+
+// ReadDefaults reads the options of a new IPv4 and a new IPv6 TCP socket of
+// the calling thread's network namespace. A family this host cannot make a
+// socket of has no defaults (every option of its connections is written).
+func ReadDefaults() (*Defaults, error) {
+	d := &Defaults{}
+	var errs []error
+	for _, family := range []uint16{unix.AF_INET, unix.AF_INET6} {
+		fd, err := unix.Socket(int(family), unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+		if err != nil {
+			if !errors.Is(err, unix.EAFNOSUPPORT) {
+				errs = append(errs, &OpError{Op: "read the defaults: socket", Err: err})
+			}
+			continue
+		}
+		o := new(Options)
+		op, err := readOptions(fd, family, o)
+		unix.Close(fd)
+		if err != nil {
+			errs = append(errs, &OpError{Op: "read the defaults: " + op, Err: err})
+			continue
+		}
+		if family == unix.AF_INET {
+			d.v4 = o
+		} else {
+			d.v6 = o
+		}
+	}
+	return d, errors.Join(errs...)
+}
+
+// of returns the defaults of family, or nil.
+func (d *Defaults) of(family uint16) *Options {
+	switch {
+	case d == nil:
+		return nil
+	case family == unix.AF_INET:
+		return d.v4
+	case family == unix.AF_INET6:
+		return d.v6
+	}
+	return nil
 }
 
 // constDefault returns the value an integer option of intOpts has on a new

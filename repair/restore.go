@@ -2,7 +2,6 @@ package repair
 
 import (
 	"errors"
-	"math"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -30,6 +29,11 @@ type Restorer struct {
 	// 5.2). It must belong to the network namespace the sockets are
 	// restored in and carry the mark that passes the lock there.
 	Injector *Injector
+
+	// Defaults, when set, are the options of a new socket in the
+	// namespace the sockets are restored in (ReadDefaults): Restore
+	// leaves an option alone where the source's value equals it.
+	Defaults *Defaults
 }
 
 // Restore builds a socket for the connection s describes and returns its
@@ -58,17 +62,31 @@ type Restorer struct {
 //
 // On error no descriptor is left open.
 func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
+	return r.restore(nil, s)
+}
+
+// restore is Restore, on b's socket if b (which it uses up) fits s.
+func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	if err := s.Validate(); err != nil {
+		b.Close()
 		return -1, err
 	}
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
 	if s.State.NeedsInjection() && r.Injector == nil {
+		b.Close()
 		return -1, opErr("restore "+s.State.String(), ErrNoInjector)
 	}
-	fd, err = unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
+	if b != nil && !b.fits(s) {
+		b.Close()
+		b = nil
+	}
+	notLocal := false
+	if b != nil {
+		fd, notLocal = b.fd, b.notLocal
+		b.fd = -1
+	} else if fd, err = unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP); err != nil {
 		return -1, opErr("socket", err)
 	}
 	defer func() {
@@ -77,38 +95,15 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 			fd = -1
 		}
 	}()
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
-		return fd, opErr("turn repair on", err)
-	}
-	if op, err := writeEarlyOptions(fd, s.Family, &s.Options); err != nil {
-		return fd, opErr(op, err)
-	}
-	if s.State == StateSynSent {
-		// The SYN's window scale follows from the buffers: the final sizes
-		// go in now, before the connect.
-		if op, err := writeLateOptions(fd, s.Family, &s.Options); err != nil {
+	if b != nil {
+		// Repair mode, IPV6_V6ONLY, the inflated buffers and the bind are
+		// done; what the source set before its bind can follow it here
+		// (fits ruled out the options that cannot).
+		if op, err := writeRouteOptions(fd, s.Family, &s.Options); err != nil {
 			return fd, opErr(op, err)
 		}
-	} else {
-		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2); err != nil {
-			return fd, opErr("setsockopt SO_SNDBUFFORCE", err)
-		}
-		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2); err != nil {
-			return fd, opErr("setsockopt SO_RCVBUFFORCE", err)
-		}
-	}
-	notLocal := false
-	if err := bindRaw(fd, s.Family, s.Local); errors.Is(err, unix.EADDRNOTAVAIL) {
-		level, transparent, _ := ipLevel(s.Family)
-		if err := setInt(fd, level, transparent, 1); err != nil {
-			return fd, opErr("setsockopt IP_TRANSPARENT (local address not on this host)", err)
-		}
-		if err := bindRaw(fd, s.Family, s.Local); err != nil {
-			return fd, opErr("bind (transparent)", err)
-		}
-		notLocal = true
-	} else if err != nil {
-		return fd, opErr("bind", err)
+	} else if notLocal, err = r.newSocket(fd, s); err != nil {
+		return fd, err
 	}
 	if s.State == StateSynSent {
 		return fd, restoreSynSent(fd, s)
@@ -202,7 +197,7 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 		}
 	}
 	// R16: the remaining options, final buffer sizes and SO_BUF_LOCK bits.
-	if op, err := writeLateOptions(fd, s.Family, &s.Options); err != nil {
+	if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults); err != nil {
 		return fd, opErr(op, err)
 	}
 	// A received FIN shuts the read side by itself (and a SHUT_RD before a
@@ -216,6 +211,43 @@ func (r *Restorer) Restore(s *Snapshot) (fd int, err error) {
 		return fd, opErr("verify restored socket", err)
 	}
 	return fd, nil
+}
+
+// newSocket does to a new socket what NewBlank does, with the source's
+// early options: repair mode, the options that must precede bind, the
+// inflated buffers (the final ones for SYN_SENT, whose SYN takes its window
+// scale from them), and the bind. It reports whether the local address
+// was not on this host (the socket was made transparent to bind it).
+func (r *Restorer) newSocket(fd int, s *Snapshot) (notLocal bool, err error) {
+	opErr := func(op string, err error) error {
+		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		return false, opErr("turn repair on", err)
+	}
+	if op, err := writeEarlyOptions(fd, s.Family, &s.Options); err != nil {
+		return false, opErr(op, err)
+	}
+	if s.State == StateSynSent {
+		if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults); err != nil {
+			return false, opErr(op, err)
+		}
+	} else if op, err := inflateBuffers(fd); err != nil {
+		return false, opErr(op, err)
+	}
+	if err := bindRaw(fd, s.Family, s.Local); errors.Is(err, unix.EADDRNOTAVAIL) {
+		level, transparent, _ := ipLevel(s.Family)
+		if err := setInt(fd, level, transparent, 1); err != nil {
+			return false, opErr("setsockopt IP_TRANSPARENT (local address not on this host)", err)
+		}
+		if err := bindRaw(fd, s.Family, s.Local); err != nil {
+			return false, opErr("bind (transparent)", err)
+		}
+		return true, nil
+	} else if err != nil {
+		return false, opErr("bind", err)
+	}
+	return false, nil
 }
 
 // restoreSynSent rebuilds a SYN_SENT connection (REPAIR-NOTES 5.1): the

@@ -27,19 +27,30 @@ func TestRoundTripCrossHost(t *testing.T) {
 		v6     bool
 		family int
 		setup  func(fd int) error
+		ahead  bool // restored on a Blank, with the namespace's Defaults
 	}{
-		{"ipv4", false, unix.AF_INET, setUnusualOptions},
-		{"ipv6", true, unix.AF_INET6, setUnusualOptions},
-		{"ipv4-mapped", false, unix.AF_INET6, setUnusualOptions},
+		{"ipv4", false, unix.AF_INET, setUnusualOptions, false},
+		{"ipv6", true, unix.AF_INET6, setUnusualOptions, false},
+		{"ipv4-mapped", false, unix.AF_INET6, setUnusualOptions, false},
 		// Options left at their defaults, which the restore does not
 		// write again: they must read back the same all the same.
-		{"ipv4-default-options", false, unix.AF_INET, nil},
+		{"ipv4-default-options", false, unix.AF_INET, nil, false},
+		// The socket made before the freeze (a Blank), and the options
+		// equal to the namespace's defaults left alone.
+		// SO_BINDTODEVICE must precede bind: that one is restored on a new
+		// socket (the Blank is closed); the others on the Blank.
+		{"ipv4-blank-device", false, unix.AF_INET, setUnusualOptions, true},
+		{"ipv4-blank", false, unix.AF_INET, setUnusualUnbound, true},
+		{"ipv6-blank", true, unix.AF_INET6, setUnusualUnbound, true},
+		{"ipv4-mapped-blank", false, unix.AF_INET6, setUnusualUnbound, true},
+		{"ipv4-default-options-blank", false, unix.AF_INET, nil, true},
+		{"ipv6-default-options-blank", true, unix.AF_INET6, nil, true},
 	} {
-		t.Run(tc.name, func(t *testing.T) { testRoundTrip(t, tc.v6, tc.family, tc.setup) })
+		t.Run(tc.name, func(t *testing.T) { testRoundTrip(t, tc.v6, tc.family, tc.setup, tc.ahead) })
 	}
 }
 
-func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error) {
+func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error, ahead bool) {
 	h := newHosts(t, v6)
 	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
 	local := netip.AddrPortFrom(h.svc, 40001)
@@ -117,9 +128,29 @@ func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error) 
 	}
 	src.Close()
 
+	var blank *Blank
+	var r Restorer
+	if ahead {
+		// Made before the lock and before the address is on the host, as
+		// the target makes them while the source holds its connections.
+		if err := h.dst.Do(func() (err error) {
+			if r.Defaults, err = ReadDefaults(); err != nil {
+				return err
+			}
+			blank, err = NewBlank(snap.Local)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		// The source's options decide whether the Blank fits.
+		wantFit := snap.Options.Mask&OptBindToDevice == 0
+		if got := blank.fits(&snap); got != wantFit {
+			t.Fatalf("blank fits the snapshot: %v, want %v (options mask %#x)", got, wantFit, snap.Options.Mask)
+		}
+	}
 	nftLock(t, h.dst, local, peerAP, false)
 	var fd int
-	if err := h.dst.Do(func() (err error) { fd, err = Restore(&snap); return err }); err != nil {
+	if err := h.dst.Do(func() (err error) { fd, err = r.RestoreBlank(blank, &snap); return err }); err != nil {
 		t.Fatal(err)
 	}
 	wantNoQueue(t, fd)
@@ -214,7 +245,12 @@ func dupFd(t *testing.T, fd int) int {
 
 // setUnusualOptions gives the source socket non-default values of the
 // options a migration carries, so the test sees them travel.
-func setUnusualOptions(fd int) error {
+// setUnusualUnbound is setUnusualOptions without SO_BINDTODEVICE.
+func setUnusualUnbound(fd int) error { return setUnusual(fd, false) }
+
+func setUnusualOptions(fd int) error { return setUnusual(fd, true) }
+
+func setUnusual(fd int, device bool) error {
 	set := []struct{ level, opt, val int }{
 		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 77},
@@ -245,8 +281,10 @@ func setUnusualOptions(fd int) error {
 	if err := unix.SetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, "reno"); err != nil {
 		return err
 	}
-	if err := unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, "eth0"); err != nil {
-		return err
+	if device {
+		if err := unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, "eth0"); err != nil {
+			return err
+		}
 	}
 	if d, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN); d == unix.AF_INET6 {
 		return unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_TCLASS, 0x28)

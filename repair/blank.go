@@ -1,0 +1,131 @@
+package repair
+
+import (
+	"errors"
+	"math"
+	"net/netip"
+
+	"golang.org/x/sys/unix"
+)
+
+// Blank is a socket made ahead of a restore, before the connection it is
+// for is frozen: the part of Restore that depends only on the local address
+// (socket, repair mode, the inflated buffers, bind). A target that knows
+// the 4-tuples of a migration before the source locks them makes one Blank
+// per connection while it waits, and Restorer.RestoreBlank finishes each
+// inside the freeze with the sequence-dependent steps alone, about half of
+// a restore's system calls (docs/performance.md).
+//
+// A Blank is in repair mode, bound and never connected: closing it is
+// silent, and it takes no part in the host's traffic (a bound socket that
+// neither listens nor connects matches no packet). Being in repair mode it
+// binds with the kernel's forced reuse, as a restore does; a listener bound
+// later to the same port without SO_REUSEADDR conflicts with it, so a
+// target that is about to recreate listeners closes its Blanks first.
+type Blank struct {
+	fd       int
+	family   uint16
+	local    netip.AddrPort
+	notLocal bool // bound with IP_TRANSPARENT: the address is not on this host yet
+}
+
+// NewBlank makes a Blank for connections whose local end is local, in the
+// calling thread's network namespace. An IPv4 address gives an AF_INET
+// socket and any other an AF_INET6 one, so a Blank fits connections of
+// exactly that family (an IPv4-mapped address, for an AF_INET6 socket with
+// IPV6_V6ONLY off, must be given mapped). IPV6_V6ONLY needs no choice: the
+// bind to an IPv6 address that is not mapped turns it on by itself
+// (__inet6_bind), here as on the source. If local is not an address of this
+// host yet, the socket is made transparent to bind it, as Restore does.
+func NewBlank(local netip.AddrPort) (*Blank, error) {
+	b := &Blank{fd: -1, family: unix.AF_INET6, local: local}
+	if local.Addr().Is4() {
+		b.family = unix.AF_INET
+	}
+	fail := func(op string, err error) (*Blank, error) {
+		if b.fd >= 0 {
+			unix.Close(b.fd)
+		}
+		return nil, &OpError{Op: "make a blank socket: " + op, Local: local, Err: err}
+	}
+	if !local.IsValid() || local.Port() == 0 {
+		return nil, &OpError{Op: "make a blank socket", Local: local, Err: errors.New("no local address and port")}
+	}
+	fd, err := unix.Socket(int(b.family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return fail("socket", err)
+	}
+	b.fd = fd
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		return fail("turn repair on", err)
+	}
+	if b.family == unix.AF_INET6 {
+		if err := setInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
+			return fail("setsockopt IPV6_V6ONLY", err)
+		}
+	}
+	if op, err := inflateBuffers(fd); err != nil {
+		return fail(op, err)
+	}
+	if err := bindRaw(fd, b.family, local); errors.Is(err, unix.EADDRNOTAVAIL) {
+		level, transparent, _ := ipLevel(b.family)
+		if err := setInt(fd, level, transparent, 1); err != nil {
+			return fail("setsockopt IP_TRANSPARENT (local address not on this host)", err)
+		}
+		if err := bindRaw(fd, b.family, local); err != nil {
+			return fail("bind (transparent)", err)
+		}
+		b.notLocal = true
+	} else if err != nil {
+		return fail("bind", err)
+	}
+	return b, nil
+}
+
+// Local returns the address the Blank is bound to.
+func (b *Blank) Local() netip.AddrPort { return b.local }
+
+// Close closes the socket of a Blank that was not used. It is silent (the
+// socket is in repair mode and never connected) and safe to call twice.
+func (b *Blank) Close() error {
+	if b == nil || b.fd < 0 {
+		return nil
+	}
+	fd := b.fd
+	b.fd = -1
+	return unix.Close(fd)
+}
+
+// fits reports whether s can be restored on b: same family and local
+// address, a state whose restore starts with a bind (not SYN_SENT, whose
+// buffers must be final before its connect), and no SO_BINDTODEVICE (the
+// bind of a restore takes the device into account). IPV6_V6ONLY follows
+// from the address (NewBlank), and Validate refuses it on a mapped one.
+func (b *Blank) fits(s *Snapshot) bool {
+	return b.fd >= 0 && s.Family == b.family && s.Local == b.local && s.State != StateSynSent &&
+		s.Options.Mask&OptBindToDevice == 0
+}
+
+// inflateBuffers raises both buffers far above any queue, so the queue
+// writes of a restore never meet a full buffer; writeLateOptions puts the
+// source's sizes back.
+func inflateBuffers(fd int) (op string, err error) {
+	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2); err != nil {
+		return "setsockopt SO_SNDBUFFORCE", err
+	}
+	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2); err != nil {
+		return "setsockopt SO_RCVBUFFORCE", err
+	}
+	return "", nil
+}
+
+// RestoreBlank is Restore on a socket made ahead of the freeze: if b fits
+// s (same family and local address, not SYN_SENT, no SO_BINDTODEVICE on
+// the source socket) it restores s on b's socket, with
+// only the steps that need the frozen state; otherwise it closes b and
+// restores s on a new socket, exactly as Restore. Either way b is used up:
+// the caller must not close it or use it again. The result and its
+// contract are Restore's.
+func (r *Restorer) RestoreBlank(b *Blank, s *Snapshot) (fd int, err error) {
+	return r.restore(b, s)
+}
