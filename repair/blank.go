@@ -96,13 +96,13 @@ func (b *Blank) Close() error {
 	return unix.Close(fd)
 }
 
-// fits reports whether s can be restored on b: same family and local
+// Fits reports whether s can be restored on b: same family and local
 // address, a state whose restore starts with a bind (not SYN_SENT, whose
 // buffers must be final before its connect), and no SO_BINDTODEVICE (the
 // bind of a restore takes the device into account). IPV6_V6ONLY follows
 // from the address (NewBlank), and Validate refuses it on a mapped one.
-func (b *Blank) fits(s *Snapshot) bool {
-	return b.fd >= 0 && s.Family == b.family && s.Local == b.local && s.State != StateSynSent &&
+func (b *Blank) Fits(s *Snapshot) bool {
+	return b != nil && b.fd >= 0 && s.Family == b.family && s.Local == b.local && s.State != StateSynSent &&
 		s.Options.Mask&OptBindToDevice == 0
 }
 

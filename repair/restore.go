@@ -78,7 +78,7 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		b.Close()
 		return -1, opErr("restore "+s.State.String(), ErrNoInjector)
 	}
-	if b != nil && !b.fits(s) {
+	if b != nil && !b.Fits(s) {
 		b.Close()
 		b = nil
 	}

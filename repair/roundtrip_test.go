@@ -144,7 +144,7 @@ func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error, 
 		}
 		// The source's options decide whether the Blank fits.
 		wantFit := snap.Options.Mask&OptBindToDevice == 0
-		if got := blank.fits(&snap); got != wantFit {
+		if got := blank.Fits(&snap); got != wantFit {
 			t.Fatalf("blank fits the snapshot: %v, want %v (options mask %#x)", got, wantFit, snap.Options.Mask)
 		}
 	}

@@ -117,6 +117,10 @@ func (m *migration) listen(ctx context.Context, msg *transport.Listeners) error 
 	if m.lsn != nil {
 		return fmt.Errorf("%w: LISTENERS sent twice", ErrListeners)
 	}
+	// A listener bound without SO_REUSEADDR would conflict with Blanks of
+	// its port (repair.Blank): this migration's connections get new
+	// sockets instead.
+	m.blanks.release()
 	cfg := &m.srv.cfg
 	ls := &listenerSet{specs: msg.Listeners, pendingOf: map[uint32]int{}}
 	m.lsn = ls

@@ -15,15 +15,17 @@ type restorer struct {
 	r  repair.Restorer
 }
 
-// restore is repair's Restore with the injector the state needs; it runs
-// in the target's network namespace.
-func (x *restorer) restore(s *repair.Snapshot, mark uint32) (int, error) {
+// restore is repair's RestoreBlank (on b, made before the freeze, or on a
+// new socket if b is nil or does not fit) with the injector the state
+// needs; it runs in the target's network namespace and uses b up.
+func (x *restorer) restore(b *repair.Blank, s *repair.Snapshot, mark uint32) (int, error) {
 	if s.State.NeedsInjection() || s.Flags&repair.FlagHeld != 0 { // a held connection is kicked on resume
 		if err := x.open(mark); err != nil {
+			b.Close()
 			return -1, err
 		}
 	}
-	return x.r.Restore(s)
+	return x.r.RestoreBlank(b, s)
 }
 
 // open opens the injector if it is not open yet. The target calls it before

@@ -131,7 +131,10 @@ type ConnReport struct {
 	Local, Remote netip.AddrPort
 	Verdict       transport.VerdictCode
 	Delivered     bool
-	Err           error
+	// Premade says the connection was restored on a socket made before
+	// the freeze (repair.Blank), not on a new one.
+	Premade bool
+	Err     error
 }
 
 // Report describes one migration as the target saw it.
@@ -297,6 +300,7 @@ type migration struct {
 	announced []transport.Tuple
 	prelocked []bool
 	rs        restorer // restores and resumes the connections, with crafted segments where their state needs them
+	blanks    *blanks  // sockets made before the freeze, by connection index
 	lsn       *listenerSet
 }
 
@@ -367,12 +371,21 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 	if err := nsdo.Do(cfg.NetNS, func() error { return m.rs.open(m.lock.BypassMark()) }); err != nil {
 		m.log.Warn("could not open the raw sockets for crafted segments before the freeze", "err", err)
 	}
+	// What a new socket has there, so that restores write only the options
+	// that differ (repair.Defaults). Not fatal: without, all are written.
+	if err := nsdo.Do(cfg.NetNS, func() (err error) { m.rs.r.Defaults, err = repair.ReadDefaults(); return err }); err != nil {
+		m.log.Warn("could not read the default socket options", "err", err)
+	}
 	if m.link.Version() >= 2 {
 		// The source locks nothing before this: the set-up above is not
 		// part of any freeze.
 		if err := m.link.Control().Send(ctx, &transport.Ready{Migration: m.id}); err != nil {
 			return m.abort(ctx, err, true)
 		}
+		// While the source holds and drains its connections, the sockets
+		// they will be restored on are made, up to the first snapshot.
+		m.blanks = startBlanks(cfg.NetNS, m.announced, m.prelocked)
+		defer m.blanks.release()
 	}
 
 	msgs, recvErr := make(chan transport.Message, 16), make(chan error, 1)
@@ -637,11 +650,16 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 			return nil, err
 		}
 	}
+	// The freeze has begun: no more Blanks are made (their maker would
+	// compete with the restores for the cores).
+	m.blanks.halt()
 	// Both cores: each share restores in the namespace on its own thread.
 	err := parallel(len(todo), func(lo, hi int) error {
 		return nsdo.Do(cfg.NetNS, func() error {
 			for _, c := range todo[lo:hi] {
-				fd, err := m.rs.restore(c.snap, m.lock.BypassMark())
+				b := m.blanks.take(c.report.Index)
+				c.report.Premade = b.Fits(c.snap)
+				fd, err := m.rs.restore(b, c.snap, m.lock.BypassMark())
 				if err != nil {
 					c.report.Verdict, c.report.Err = transport.VerdictFailed, err
 					if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL) {
@@ -803,14 +821,32 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	resumeErrs := make([]error, len(live))
 	// When each connection's freeze ended, for the source's report.
 	resumedUs := make([]uint32, m.count)
+	inj := m.rs.r.Injector
+	kicked := func(c *conn) bool { return c.snap.Flags&repair.FlagHeld != 0 && inj != nil }
 	parallel(len(live), func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			c := live[i]
-			err := m.rs.r.Resume(c.fd, c.snap)
+			var err error
+			if kicked(c) {
+				err = repair.ResumeHeld(c.fd, c.snap) // kicked below
+			} else {
+				err = m.rs.r.Resume(c.fd, c.snap)
+			}
 			if err == nil || errors.Is(err, repair.ErrResumedLive) {
 				resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
 			}
 			resumeErrs[i] = err
+		}
+		// The kicks of the held connections (repair.KickSegment), once the
+		// share's sockets are all live: a kick costs as much as a resume
+		// (our socket answers it, the peer reads the answer), and a socket
+		// out of repair mode answers the peer's own persist probes anyway.
+		for i := lo; i < hi; i++ {
+			if c := live[i]; resumeErrs[i] == nil && kicked(c) {
+				if err := inj.Send(repair.KickSegment(c.snap)); err != nil {
+					m.log.Warn("kick lost: the peer waits for its persist probe", "conn", c.report.Index, "err", err)
+				}
+			}
 		}
 		for i := lo; i < hi; i++ {
 			c := live[i]

@@ -150,6 +150,7 @@ type targetResult struct {
 	State     string `json:"state"`
 	Conns     int    `json:"conns"`
 	Delivered int    `json:"delivered"`
+	Premade   int    `json:"premade"`
 	VmHWM     int64  `json:"vm_hwm"`
 }
 
@@ -230,6 +231,9 @@ func runTarget(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 		for _, c := range rep.Conns {
 			if c.Delivered {
 				out.Delivered++
+			}
+			if c.Premade {
+				out.Premade++
 			}
 		}
 	}

@@ -171,6 +171,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 func (x *run) run(ctx context.Context) error {
 	o := x.o
 	if o.ProfileDir != "" {
+		if err := os.MkdirAll(o.ProfileDir, 0o755); err != nil {
+			return fmt.Errorf("bench: profile directory: %w", err)
+		}
 		f, err := os.Create(filepath.Join(o.ProfileDir, "bench.pprof"))
 		if err != nil {
 			return fmt.Errorf("bench: %w", err)
@@ -449,6 +452,7 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 	}
 	x.sourceFigures(&sres)
 	r.PeakRSS.Target = tres.VmHWM
+	r.Premade = tres.Premade
 	if sres.Error != "" || tres.Error != "" {
 		x.errs.add(fmt.Errorf("bench: migration: source %s (%s), target %s (%s)", sres.State, sres.Error, tres.State, tres.Error))
 	}

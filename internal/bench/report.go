@@ -133,6 +133,9 @@ type Report struct {
 	// Held is how many connections the source held with a zero window
 	// before the lock (0 with --no-hold, or when the hold is unavailable).
 	Held int `json:"held"`
+	// Premade is how many connections the target restored on a socket it
+	// made before the freeze (repair.Blank), while the source held them.
+	Premade int `json:"premade"`
 	// State is the source agent's final state.
 	State string `json:"state"`
 	// QueueBytes is what each static connection had queued each way.
@@ -201,6 +204,9 @@ func (r *Report) Consistent() []string {
 	if r.Peer.Resets != 0 {
 		add("the peer counted %d resets", r.Peer.Resets)
 	}
+	if r.Held > 0 && r.Premade == 0 {
+		add("%d connections held, none restored on a socket made before the freeze", r.Held)
+	}
 	c := r.Components
 	dists := map[string]*Dist{"freeze": r.Freeze, "freeze excluding switch": r.FreezeExclSwitch,
 		"inspect": r.Inspect, "dump": r.Dump, "restore": r.Restore, "floor dump": r.Floor.Dump, "floor restore": r.Floor.Restore,
@@ -246,8 +252,8 @@ func (r *Report) WriteTable(w io.Writer) {
 	if r.StreamConns > 0 {
 		p(", %d streaming (16 KiB every %s)", r.StreamConns, time.Duration(r.StreamIntervalUS*1e3))
 	}
-	p("\n  %d/%d committed (%s), %d held with a zero window, %d handed back; load %.2f before, %.2f after; %s, %d CPUs\n\n",
-		r.Committed, r.Conns, r.State, r.Held, r.HandedBack, r.LoadBefore(), r.Env.LoadAfter[0], r.Env.Kernel, r.Env.CPUs)
+	p("\n  %d/%d committed (%s), %d held with a zero window, %d restored on sockets made before the freeze, %d handed back; load %.2f before, %.2f after; %s, %d CPUs\n\n",
+		r.Committed, r.Conns, r.State, r.Held, r.Premade, r.HandedBack, r.LoadBefore(), r.Env.LoadAfter[0], r.Env.Kernel, r.Env.CPUs)
 	p("  %-34s %10s %10s %10s %10s\n", "µs", "min", "p50", "p99", "max")
 	row := func(name string, d *Dist) {
 		if d == nil {
