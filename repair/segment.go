@@ -73,17 +73,16 @@ const (
 // segment to a local address crosses output, loops back and crosses
 // prerouting and input, like one from the wire.
 //
-// An Injector is safe for concurrent use; its sends are serialized. Send
-// does not allocate.
+// An Injector is safe for concurrent use, and concurrent sends run in
+// parallel (a send's cost is mostly the receiving socket's answer, which
+// the kernel runs inside the sender's system call). Send does not allocate.
 type Injector struct {
 	mark uint32
 
-	mu     sync.Mutex // guards the fields below
-	fd4    int        // AF_INET raw socket
-	fd6    int        // AF_INET6 raw socket, -1 if the namespace has no IPv6
-	err6   error      // why fd6 is -1
-	pkt    [ipv6HeaderLen + tcpHeaderLen]byte
-	sa     unix.RawSockaddrAny
+	mu     sync.RWMutex // Send holds it shared, Close exclusively
+	fd4    int          // AF_INET raw socket
+	fd6    int          // AF_INET6 raw socket, -1 if the namespace has no IPv6
+	err6   error        // why fd6 is -1
 	closed bool
 }
 
@@ -145,27 +144,29 @@ func (in *Injector) Send(seg Segment) error {
 	if !from.IsValid() || !to.IsValid() || from.Is4() != to.Is4() {
 		return opErr("inject segment", ErrSegmentFamily)
 	}
-	in.mu.Lock()
-	defer in.mu.Unlock()
+	in.mu.RLock()
+	defer in.mu.RUnlock()
 	if in.closed {
 		return opErr("inject segment", unix.EBADF)
 	}
+	var pkt [ipv6HeaderLen + tcpHeaderLen]byte
+	var rsa unix.RawSockaddrAny
 	var n int
 	var fd int
 	var salen uint32
 	if from.Is4() {
-		n = buildSegment4(in.pkt[:], from, to, &seg)
+		n = buildSegment4(pkt[:], from, to, &seg)
 		fd = in.fd4
-		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&in.sa))
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&rsa))
 		*sa = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: to.As4()}
 		salen = unix.SizeofSockaddrInet4
 	} else {
 		if in.fd6 < 0 {
 			return opErr("inject segment", in.err6)
 		}
-		n = buildSegment6(in.pkt[:], from, to, &seg)
+		n = buildSegment6(pkt[:], from, to, &seg)
 		fd = in.fd6
-		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(&in.sa))
+		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(&rsa))
 		*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: to.As16()}
 		if z := seg.To.Addr().Zone(); z != "" {
 			if ifi, err := interfaceIndex(z); err == nil {
@@ -175,8 +176,8 @@ func (in *Injector) Send(seg Segment) error {
 		salen = unix.SizeofSockaddrInet6
 	}
 	for {
-		_, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&in.pkt[0])), uintptr(n), 0,
-			uintptr(unsafe.Pointer(&in.sa)), uintptr(salen))
+		_, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&pkt[0])), uintptr(n), 0,
+			uintptr(unsafe.Pointer(&rsa)), uintptr(salen))
 		if e == unix.EINTR {
 			continue
 		}

@@ -1,6 +1,7 @@
 package source
 
 import (
+	"runtime"
 	"sync"
 	"time"
 
@@ -34,6 +35,10 @@ type holder struct {
 func (m *migration) wantHold() bool {
 	return !m.cfg.NoHold && m.link.Peer().Features.Has(repair.FeatHeldRestore)
 }
+
+// minAnnounceShare is the fewest announcements worth a goroutine of their
+// own.
+const minAnnounceShare = 32
 
 // holdAll holds the eligible ESTABLISHED connections, makes each announce
 // its zero window (repair.Announce) and waits until their peers have
@@ -69,13 +74,30 @@ func (m *migration) holdAll() {
 	if inj, err := m.injector(); err != nil {
 		m.log.Warn("zero-window hold: cannot announce it", "err", err)
 	} else {
+		// On every core: the peers' stall starts with the hold batch, and
+		// each announcement costs about 8 µs (a moment in repair mode, and
+		// the send, inside which our socket answers and, on a host with the
+		// peer, the peer reads the answer).
+		var held []*conn
 		for _, c := range m.elig {
 			if c.held {
-				if err := repair.Announce(inj, c.fd, &c.snap); err != nil {
-					m.log.Warn("zero-window hold: cannot announce it", "conn", c.tuple.String(), "err", err)
-				}
+				held = append(held, c)
 			}
 		}
+		shares := max(1, min(runtime.GOMAXPROCS(0), len(held)/minAnnounceShare))
+		var wg sync.WaitGroup
+		for k := range shares {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for _, c := range held[k*len(held)/shares : (k+1)*len(held)/shares] {
+					if err := repair.Announce(inj, c.fd, &c.snap); err != nil {
+						m.log.Warn("zero-window hold: cannot announce it", "conn", c.tuple.String(), "err", err)
+					}
+				}
+			}()
+		}
+		wg.Wait()
 	}
 	limit := m.cfg.HoldDrain
 	if limit == 0 {
