@@ -621,11 +621,11 @@ func (x *run) check(ctx context.Context, peer *child, resetsBefore int64) error 
 			werr.add(fmt.Errorf("bench: stream %s never came back to the workload", wc.id))
 		case wc.ep.Err() != nil:
 			werr.add(fmt.Errorf("bench: stream %s, workload side: %w", wc.id, wc.ep.Err()))
-		case wc.ep.Checked() == 0:
+		case wc.ep.Checked() <= wc.id.base(): // offsets start at the stream's base
 			werr.add(fmt.Errorf("bench: stream %s: the workload received nothing", wc.id))
 		default:
 			verified[wc.id] = true
-			fromPeer += wc.ep.Checked()
+			fromPeer += wc.ep.Checked() - wc.id.base()
 		}
 	}
 	resetsAfter, rerr := x.peer.Resets()

@@ -264,10 +264,10 @@ func finishPeer(cfg *peerConfig, static, streams []*peerConn, expect map[connID]
 		switch {
 		case pc.ep.Err() != nil:
 			fail("stream %s: %v", pc.id, pc.ep.Err())
-		case pc.ep.Checked() == 0:
+		case pc.ep.Checked() <= pc.id.base(): // offsets start at the stream's base
 			fail("stream %s: received nothing", pc.id)
 		default:
-			toPeer.Add(pc.ep.Checked())
+			toPeer.Add(pc.ep.Checked() - pc.id.base())
 			pass(pc.id)
 		}
 	}
