@@ -644,8 +644,10 @@ func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done 
 		}
 		// A chunk holds hundreds of idle snapshots: without a flush the
 		// target would restore nothing until the stream closes. The first
-		// goes at once, to start the target's pipeline.
-		if sent++; sent == 1 || sent%flushEvery == 0 {
+		// goes at once, to start the target's pipeline. The share's last
+		// goes with Close, in the same chunk as the end record: a flush
+		// would only send one more frame.
+		if sent++; (sent == 1 || sent%flushEvery == 0) && i+n < len(m.elig) {
 			if err := w.Flush(); err != nil {
 				w.Abort()
 				return err
