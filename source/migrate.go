@@ -82,8 +82,12 @@ type migration struct {
 	// streaming is set, stream owns them (it closes or aborts each).
 	writers   []*transport.SnapshotWriter
 	streaming bool
-	msgs      chan transport.Message
-	recvErr   chan error
+	// sent receives stream's result; streamsEnded is set once it has
+	// been received (prepare, or waitStreams at the end of run).
+	sent         chan error
+	streamsEnded bool
+	msgs         chan transport.Message
+	recvErr      chan error
 
 	mu sync.Mutex // guards captured, verdict and done of every conn, and res.RawBytes
 
@@ -233,6 +237,7 @@ func (m *migration) run(ctx context.Context) error {
 	sctx, scancel := context.WithCancel(ctx)
 	defer scancel()
 	defer m.abortUnusedStreams()
+	defer m.waitStreams() // before scancel: the streams end by themselves
 	if err := m.openStreams(sctx); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
@@ -488,22 +493,26 @@ func (m *migration) receive(ctx context.Context) {
 
 // prepare captures and streams every eligible connection while collecting
 // the target's verdicts; refused connections are rolled back on the spot.
-func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc) error {
+func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc) (err error) {
 	if err := m.fault(StepCapture); err != nil {
 		return err
 	}
 	sent := make(chan error, 1)
+	captured := make(chan struct{})
 	m.streaming = true // from here stream ends every writer
-	go func() { sent <- m.stream() }()
-	ended := false // stream has returned
+	m.sent = sent
+	go func() { sent <- m.stream(captured) }()
 	defer func() {
-		// Stop the streams and wait for them: a rollback must see every
-		// capture they made, or a socket captured after it would stay in
-		// repair mode.
-		stopStreams()
-		if !ended {
-			<-sent
+		// Wait until the streams capture no more (stopping them first on
+		// failure): a rollback must see every capture they made, or a
+		// socket captured after it would stay in repair mode. Their ends
+		// (end records, FINs) need not be waited for: once the target has
+		// answered PREPARED it has every snapshot, and writing them must
+		// not delay the switch (waitStreams collects them).
+		if err != nil {
+			stopStreams()
 		}
+		<-captured
 	}()
 
 	streamed := false
@@ -513,7 +522,7 @@ func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc)
 	for {
 		select {
 		case err := <-sent:
-			ended = true
+			m.streamsEnded = true
 			if err != nil {
 				return err
 			}
@@ -534,12 +543,9 @@ func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc)
 				}
 			case *transport.Prepared:
 				if !streamed {
-					// The target can be quicker than this loop's select.
-					err := <-sent
-					ended = true
-					if err != nil {
-						return err
-					}
+					// The target can be quicker than this loop's select,
+					// or than the streams' ends.
+					<-captured
 					if err := m.fault(StepVerdicts); err != nil {
 						return err
 					}
@@ -564,14 +570,25 @@ func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc)
 }
 
 // stream captures the connections and writes their snapshots on parallel
-// streams, each connection on stream index%streams.
-func (m *migration) stream() error {
+// streams, each connection on stream index%streams. It closes captured once
+// no stream will capture again, before the streams are closed.
+func (m *migration) stream(captured chan<- struct{}) error {
 	n := len(m.writers)
+	if n == 0 {
+		close(captured)
+		return nil
+	}
 	errs := make(chan error, n)
 	var done atomic.Int64
+	var capturing atomic.Int32
+	capturing.Store(int32(n))
 	for s := 0; s < n; s++ {
 		go func(s int) {
-			errs <- m.streamShare(m.writers[s], s, n, &done)
+			errs <- m.streamShare(m.writers[s], s, n, &done, func() {
+				if capturing.Add(-1) == 0 {
+					close(captured)
+				}
+			})
 		}(s)
 	}
 	var first error
@@ -606,8 +623,32 @@ func (m *migration) abortUnusedStreams() {
 }
 
 // streamShare captures the connections of one share and writes them on w,
-// which it closes (or aborts).
-func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done *atomic.Int64) error {
+// which it closes (or aborts). It calls captured once it will capture no
+// more, before it closes w.
+func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done *atomic.Int64, captured func()) error {
+	err := m.captureShare(w, share, n, done)
+	captured()
+	if err != nil {
+		w.Abort()
+		return err
+	}
+	return w.Close()
+}
+
+// waitStreams waits for the snapshot streams to end, once prepare has
+// returned without waiting for them.
+func (m *migration) waitStreams() {
+	if m.sent == nil || m.streamsEnded {
+		return
+	}
+	m.streamsEnded = true
+	if err := <-m.sent; err != nil {
+		m.log.Warn("a snapshot stream ended with an error after the target prepared", "err", err)
+	}
+}
+
+// captureShare captures the connections of one share and writes them on w.
+func (m *migration) captureShare(w *transport.SnapshotWriter, share, n int, done *atomic.Int64) error {
 	var scratch repair.Snapshot
 	sent := 0
 	for i := share; i < len(m.elig); i += n {
@@ -626,7 +667,6 @@ func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done 
 		scratch = c.snap // the inspected part
 		scratch.RecvQueue, scratch.SendQueue = recvq, sendq
 		if err := repair.Capture(c.fd, &scratch); err != nil {
-			w.Abort()
 			return err
 		}
 		if c.held {
@@ -639,15 +679,15 @@ func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done 
 		c.snap = scratch
 		c.snap.RecvQueue, c.snap.SendQueue = nil, nil
 		if err := w.WriteState(c.index, &scratch, c.AppState); err != nil {
-			w.Abort()
 			return err
 		}
 		// A chunk holds hundreds of idle snapshots: without a flush the
 		// target would restore nothing until the stream closes. The first
-		// goes at once, to start the target's pipeline.
-		if sent++; sent == 1 || sent%flushEvery == 0 {
+		// goes at once, to start the target's pipeline. The share's last
+		// goes with Close, in the same chunk as the end record: a flush
+		// would only send one more frame.
+		if sent++; (sent == 1 || sent%flushEvery == 0) && i+n < len(m.elig) {
 			if err := w.Flush(); err != nil {
-				w.Abort()
 				return err
 			}
 		}
@@ -655,7 +695,7 @@ func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done 
 			p(int(done.Add(1)), len(m.elig))
 		}
 	}
-	return w.Close()
+	return nil
 }
 
 // applyVerdicts rolls back, on the source alone, the connections the target

@@ -57,7 +57,7 @@ type Step string
 const (
 	StepPrepare  Step = "prepare"  // on Prepare, before anything is locked
 	StepRestore  Step = "restore"  // before each batch is locked and restored
-	StepPrepared Step = "prepared" // before Prepared is sent
+	StepPrepared Step = "prepared" // before Prepared (with the last verdicts) is sent
 	StepSwitch   Step = "switch"   // on Switch, before the identity is claimed
 	StepCommit   Step = "commit"   // on Commit, before the sockets are unlocked
 	StepDeliver  Step = "deliver"  // before the sockets are delivered
@@ -479,6 +479,7 @@ func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, re
 
 	var done uint32
 	var ok uint32
+	var last []transport.Verdict // the last batch's verdicts, sent with PREPARED
 	batch := make([]record, 0, 256)
 	for done < m.count {
 		batch = batch[:0]
@@ -534,6 +535,10 @@ func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, re
 			}
 		}
 		done += uint32(len(batch))
+		if done >= m.count {
+			last = vs
+			break
+		}
 		if err := m.link.Control().Send(ctx, &transport.Verdicts{Migration: m.id, Verdicts: vs}); err != nil {
 			return err
 		}
@@ -541,7 +546,13 @@ func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, re
 	if err := m.fault(StepPrepared); err != nil {
 		return err
 	}
-	return m.link.Control().Send(ctx, &transport.Prepared{Migration: m.id, Count: m.count, OK: ok})
+	prepared := &transport.Prepared{Migration: m.id, Count: m.count, OK: ok}
+	if last == nil {
+		return m.link.Control().Send(ctx, prepared)
+	}
+	// The last verdicts with PREPARED, in one write: one frame and one
+	// wake-up of the source, not two.
+	return m.link.Control().Send(ctx, &transport.Verdicts{Migration: m.id, Verdicts: last}, prepared)
 }
 
 // readStreams accepts snapshot streams and forwards their records until
@@ -603,6 +614,12 @@ func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
 					}
 					if got.Add(1) == m.count {
 						close(allIn)
+						// Let prepare restore it first: otherwise this
+						// goroutine goes on to read the stream's end and
+						// close it (a write through yamux), and the
+						// restore of the last record waited behind that
+						// (35-55 µs in the bench, one connection).
+						runtime.Gosched()
 					}
 				}
 			}()

@@ -37,16 +37,21 @@ func newControl(l *Link, st *yamux.Stream) *Control {
 	return &Control{link: l, st: st, br: bufio.NewReaderSize(st, 16<<10)}
 }
 
-// Send sends one control message. It fails with a *LimitError, before
-// sending anything, if the message is larger than the peer's MaxFrame (send
-// large verdict lists in several Verdicts messages), and with ErrUnexpected
-// for a message that does not belong on the control stream (Hello, Accept,
-// Reject).
-func (c *Control) Send(ctx context.Context, m Message) error {
+// Send sends one control message, or several in order: those of one call
+// go in one write to the stream, and so, when they fit in one frame of
+// yamux (the stream's window permitting), in one record and one segment,
+// which the peer reads with one wake-up. It fails with a *LimitError,
+// before sending anything, if a message is larger than the peer's MaxFrame
+// (send large verdict lists in several Verdicts messages), and with
+// ErrUnexpected for a message that does not belong on the control stream
+// (Hello, Accept, Reject).
+func (c *Control) Send(ctx context.Context, m Message, more ...Message) error {
 	const op = "control send"
-	t := m.Type()
-	if int(t) >= len(msgTable) || msgTable[t].phase != phaseControl {
-		return opError(op, unexpected(t, phaseControl))
+	ms := append([]Message{m}, more...)
+	for _, m := range ms {
+		if t := m.Type(); int(t) >= len(msgTable) || msgTable[t].phase != phaseControl {
+			return opError(op, unexpected(t, phaseControl))
+		}
 	}
 	c.sendMu.Lock()
 	defer c.sendMu.Unlock()
@@ -56,13 +61,17 @@ func (c *Control) Send(ctx context.Context, m Message) error {
 	if c.sendErr != nil {
 		return opError(op, fmt.Errorf("%w: %w", ErrBroken, c.sendErr))
 	}
-	b := appendFrame(c.sendBuf[:0], m)
+	b := c.sendBuf[:0]
+	for _, m := range ms {
+		start := len(b)
+		b = appendFrame(b, m)
+		size := uint32(len(b) - start - 4)
+		if err := checkSize("peer's frame size", size, c.link.peer.Limits.MaxFrame); err != nil {
+			return opError(op, fmt.Errorf("%s: %w", m.Type(), err))
+		}
+	}
 	if cap(b) <= 64<<10 {
 		c.sendBuf = b
-	}
-	size := uint32(len(b) - 4)
-	if err := checkSize("peer's frame size", size, c.link.peer.Limits.MaxFrame); err != nil {
-		return opError(op, fmt.Errorf("%s: %w", t, err))
 	}
 	stop := watchStream(ctx, c.st.SetWriteDeadline)
 	n, err := c.st.Write(b)
@@ -70,12 +79,21 @@ func (c *Control) Send(ctx context.Context, m Message) error {
 	if err != nil {
 		err = c.streamErr(ctx, err)
 		if n > 0 {
-			// Part of the frame went out: the peer's reader is out of step.
+			// Part of the frames went out: the peer's reader is out of step.
 			c.sendErr = err
 		}
-		return opError(op, fmt.Errorf("%s: %w", t, err))
+		return opError(op, fmt.Errorf("%s: %w", typesOf(ms), err))
 	}
 	return nil
+}
+
+// typesOf names the types of ms, for an error.
+func typesOf(ms []Message) string {
+	s := ms[0].Type().String()
+	for _, m := range ms[1:] {
+		s += "+" + m.Type().String()
+	}
+	return s
 }
 
 // Close closes the control stream for sending, after the messages already

@@ -210,10 +210,13 @@ func newLink(ctx context.Context, conn net.Conn, s *settings, client bool, serve
 		st := tc.ConnectionState()
 		l.tls = &st
 	}
+	// yamux writes a frame's header and body apart: coalesceConn makes them
+	// one TLS record.
+	yc := &coalesceConn{watchConn: l.conn}
 	if client {
-		l.sess, err = yamux.Client(l.conn, s.yamuxConfig(linkLogger{l}))
+		l.sess, err = yamux.Client(yc, s.yamuxConfig(linkLogger{l}))
 	} else {
-		l.sess, err = yamux.Server(l.conn, s.yamuxConfig(linkLogger{l}))
+		l.sess, err = yamux.Server(yc, s.yamuxConfig(linkLogger{l}))
 	}
 	if err != nil {
 		return nil, err

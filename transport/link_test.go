@@ -109,9 +109,26 @@ func TestControlRoundTrip(t *testing.T) {
 			}
 		}
 		wg.Wait()
-		// Messages that do not belong on the control stream are refused.
+		// All of them in one call: they arrive in order.
+		if err := cl.Control().Send(ctx, control[0], control[1:]...); err != nil {
+			t.Fatal(err)
+		}
+		for _, want := range control {
+			got, err := sv.Control().Recv(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("sent together: got %#v, want %#v", got, want)
+			}
+		}
+		// Messages that do not belong on the control stream are refused,
+		// alone or with others.
 		if err := cl.Control().Send(ctx, &Hello{}); !errors.Is(err, ErrUnexpected) {
 			t.Errorf("sending a Hello: %v, want ErrUnexpected", err)
+		}
+		if err := cl.Control().Send(ctx, control[0], &Hello{}); !errors.Is(err, ErrUnexpected) {
+			t.Errorf("sending a Hello after a control message: %v, want ErrUnexpected", err)
 		}
 	})
 }
@@ -593,6 +610,11 @@ func TestControlFrameLimit(t *testing.T) {
 	}
 	err := cl.Control().Send(context.Background(), &Verdicts{Verdicts: vs})
 	var le *LimitError
+	if !errors.As(err, &le) || le.Max != 1000 {
+		t.Fatalf("got %v, want a *LimitError of the peer's frame size", err)
+	}
+	// With a message that fits before it: nothing is sent either.
+	err = cl.Control().Send(context.Background(), &Verdicts{Verdicts: vs[:1]}, &Verdicts{Verdicts: vs})
 	if !errors.As(err, &le) || le.Max != 1000 {
 		t.Fatalf("got %v, want a *LimitError of the peer's frame size", err)
 	}
