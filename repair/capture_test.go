@@ -216,3 +216,115 @@ func TestCaptureUnstable(t *testing.T) {
 		}
 	})
 }
+
+// TestCaptureLengths compares the queue lengths Capture takes from TCP_INFO
+// (captureLengths) with the three ioctls, in the conditions where they
+// could part: nothing queued, data in flight, data never sent behind a
+// closed window, our FIN never sent, in flight and acknowledged, the peer's FIN, and
+// CLOSE after a reset with data in flight (where only SIOCOUTQ differs,
+// and Capture keeps no send data).
+func TestCaptureLengths(t *testing.T) {
+	ns := solo(t)
+	small := func(fd int) error { return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4096) }
+	// deaf drops the peer's segments to cl (its ACKs, its FIN).
+	deaf := func(t *testing.T, cl int) {
+		peer, local := peerAndLocal(t, cl)
+		nftLock(t, ns, local, peer, true)
+	}
+	for _, c := range []struct {
+		name  string
+		setup func(t *testing.T, cl, sv int) State
+	}{
+		{"idle", func(t *testing.T, cl, sv int) State { return StateEstablished }},
+		{"in flight", func(t *testing.T, cl, sv int) State {
+			deaf(t, cl)
+			unix.Write(cl, make([]byte, 1000))
+			return StateEstablished
+		}},
+		{"never sent", func(t *testing.T, cl, sv int) State {
+			fill(cl)
+			waitInfo(t, cl, "nothing in flight, data never sent", func(ti *tcpInfoHead) bool {
+				return ti.Unacked == 0 && ti.NotsentBytes > 0
+			})
+			return StateEstablished
+		}},
+		{"fin never sent", func(t *testing.T, cl, sv int) State {
+			fill(cl)
+			unix.Shutdown(cl, unix.SHUT_WR)
+			waitInfo(t, cl, "nothing in flight, data and FIN never sent", func(ti *tcpInfoHead) bool {
+				return ti.Unacked == 0 && ti.NotsentBytes > 0
+			})
+			return StateFinWait1
+		}},
+		{"fin in flight", func(t *testing.T, cl, sv int) State {
+			deaf(t, cl)
+			unix.Write(cl, make([]byte, 100))
+			unix.Shutdown(cl, unix.SHUT_WR)
+			return StateFinWait1
+		}},
+		{"fin acknowledged", func(t *testing.T, cl, sv int) State {
+			unix.Shutdown(cl, unix.SHUT_WR)
+			return StateFinWait2
+		}},
+		{"peer fin", func(t *testing.T, cl, sv int) State {
+			unix.Write(sv, []byte("unread"))
+			unix.Shutdown(sv, unix.SHUT_WR)
+			return StateCloseWait
+		}},
+		{"reset", func(t *testing.T, cl, sv int) State {
+			deaf(t, cl)
+			unix.Write(cl, make([]byte, 1000))
+			unix.Write(sv, []byte("unread"))
+			nftUnlock(t, ns)
+			unix.SetsockoptLinger(sv, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+			unix.Close(sv)
+			return StateClose
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cl, sv := pair(t, ns, 0, small, nil)
+			want := c.setup(t, cl, sv)
+			defer func() { ns.Exec("nft", "delete", "table", "inet", "repairtest") }()
+			var ti tcpInfoHead
+			waitInfo(t, cl, "state "+want.String(), func(ti *tcpInfoHead) bool { return State(ti.State) == want })
+			if err := getInfo(cl, &ti); err != nil {
+				t.Fatal(err)
+			}
+			outq, unsq, inq, op, err := captureLengths(cl, State(ti.State), &ti)
+			if err != nil {
+				t.Fatalf("%s: %v", op, err)
+			}
+			ioOut, ioUnsq, ioInq, op, err := queueLengths(cl)
+			if err != nil {
+				t.Fatalf("%s: %v", op, err)
+			}
+			t.Logf("%s: TCP_INFO unacked %d notsent %d; SIOCOUTQ %d SIOCOUTQNSD %d SIOCINQ %d", State(ti.State), ti.Unacked, ti.NotsentBytes, ioOut, ioUnsq, ioInq)
+			if unsq != ioUnsq || inq != ioInq || (outq != ioOut && want != StateClose) {
+				t.Errorf("from TCP_INFO: outq %d unsq %d inq %d; ioctls: %d %d %d", outq, unsq, inq, ioOut, ioUnsq, ioInq)
+			}
+		})
+	}
+}
+
+// fill writes to fd until its send buffer is full.
+func fill(fd int) {
+	unix.SetNonblock(fd, true)
+	buf := make([]byte, 64<<10)
+	for {
+		if _, err := unix.Write(fd, buf); err != nil {
+			return
+		}
+	}
+}
+
+// waitInfo waits until the TCP_INFO of fd satisfies cond.
+func waitInfo(t *testing.T, fd int, what string, cond func(*tcpInfoHead) bool) {
+	t.Helper()
+	lab.WaitFor(t, what, func() (bool, string) {
+		var ti tcpInfoHead
+		if err := getInfo(fd, &ti); err != nil {
+			return false, err.Error()
+		}
+		return cond(&ti), fmt.Sprintf("state %s, unacked %d, notsent %d", State(ti.State), ti.Unacked, ti.NotsentBytes)
+	})
+}

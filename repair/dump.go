@@ -213,7 +213,7 @@ func capture(fd int, s *Snapshot) error {
 		s.SndWScale, s.RcvWScale = first.WScale&0xf, first.WScale>>4
 	}
 
-	outq, unsq, inq, op, err := queueLengths(fd)
+	outq, unsq, inq, op, err := captureLengths(fd, s.State, &first)
 	if err != nil {
 		return opErr(op, err)
 	}
@@ -367,6 +367,37 @@ func readTimestamp(fd int, s *Snapshot, usecOpt bool) error {
 		s.Timestamp++ // never step back
 	}
 	return nil
+}
+
+// captureLengths returns the raw lengths of the send queue (write_seq -
+// snd_una, SIOCOUTQ), of its never-sent part (write_seq - snd_nxt,
+// SIOCOUTQNSD) and of the receive queue (SIOCINQ) of a socket in state st
+// whose TCP_INFO is ti; on error it names the failed operation.
+//
+// The never-sent length is tcpi_notsent_bytes, the same difference as
+// SIOCOUTQNSD outside SYN_SENT (tcp_get_info, tcp_ioctl). With nothing in
+// flight (tcpi_unacked, packets_out, is 0) the retransmission queue is
+// empty, so snd_una = snd_nxt and SIOCOUTQ equals it too; in CLOSE the
+// send queue is dropped whatever its length (queueLengthsFor), and
+// tcp_write_queue_purge may have emptied it while leaving snd_una behind.
+// SIOCOUTQ is read only for data in flight. SIOCINQ (rcv_nxt -
+// copied_seq, less the FIN, up to an urgent mark: tcp_inq) has no
+// counterpart in TCP_INFO.
+func captureLengths(fd int, st State, ti *tcpInfoHead) (outq, unsq, inq int32, op string, err error) {
+	unsq = int32(ti.NotsentBytes)
+	outq = unsq
+	if ti.Unacked != 0 && st != StateClose {
+		if outq, err = ioctlInt(fd, unix.SIOCOUTQ); err != nil {
+			return 0, 0, 0, "ioctl SIOCOUTQ", err
+		}
+	}
+	if inq, err = ioctlInt(fd, unix.SIOCINQ); err != nil {
+		return 0, 0, 0, "ioctl SIOCINQ", err
+	}
+	if outq < 0 || unsq < 0 || inq < 0 || unsq > outq {
+		return 0, 0, 0, "queue lengths", ErrQueueMismatch
+	}
+	return outq, unsq, inq, "", nil
 }
 
 // queueLengths reads SIOCOUTQ, SIOCOUTQNSD and SIOCINQ; on error it names

@@ -9,10 +9,10 @@ import (
 // tcpInfoHead mirrors the first 152 bytes of struct tcp_info
 // (include/uapi/linux/tcp.h), everything up to tcpi_min_rtt, which every
 // kernel since 4.6 fills. Capture reads it whole twice: the first read
-// gives the state and the negotiated options; the second, compared with
-// the first, proves that nothing reached or changed the socket in between
-// (moved). TestTCPInfoLayout pins the offsets
-// against golang.org/x/sys/unix.TCPInfo.
+// gives the state, the negotiated options and the lengths of the send
+// queue (captureLengths); the second, compared with the first, proves that
+// nothing reached or changed the socket in between (moved).
+// TestTCPInfoLayout pins the offsets against golang.org/x/sys/unix.TCPInfo.
 type tcpInfoHead struct {
 	State, CAState, Retransmits, Probes, Backoff, Options uint8
 	WScale                                                uint8 // snd_wscale in the low nibble, rcv_wscale in the high one
