@@ -85,12 +85,12 @@ func BenchmarkDump(b *testing.B) {
 		b.Run(q.name+"/Dump", func(b *testing.B) {
 			ns, fd := benchConn(b, q.queued)
 			var s Snapshot
-			ns.Do(func() error {
+			err := ns.Do(func() error {
 				b.ReportAllocs()
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
 					if err := Dump(fd, &s); err != nil {
-						b.Fatal(err)
+						return err
 					}
 					b.StopTimer()
 					setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
@@ -98,26 +98,35 @@ func BenchmarkDump(b *testing.B) {
 				}
 				return nil
 			})
+			if err != nil {
+				b.Fatal(err)
+			}
 			b.ReportMetric(float64(len(s.RecvQueue)+len(s.SendQueue)), "queued-bytes")
 		})
 		b.Run(q.name+"/Inspect", func(b *testing.B) {
 			ns, fd := benchConn(b, q.queued)
 			var s Snapshot
-			ns.Do(func() error {
+			err := ns.Do(func() error {
 				b.ReportAllocs()
 				for i := 0; i < b.N; i++ {
 					if err := Inspect(fd, &s); err != nil {
-						b.Fatal(err)
+						return err
 					}
 				}
 				return nil
 			})
+			if err != nil {
+				b.Fatal(err)
+			}
 		})
 		b.Run(q.name+"/Capture", func(b *testing.B) {
 			ns, fd := benchConn(b, q.queued)
 			var s Snapshot
-			ns.Do(func() error { return Inspect(fd, &s) })
+			if err := ns.Do(func() error { return Inspect(fd, &s) }); err != nil {
+				b.Fatal(err)
+			}
 			b.ReportAllocs()
+			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				if err := Capture(fd, &s); err != nil {
 					b.Fatal(err)
@@ -171,28 +180,34 @@ func BenchmarkRestore(b *testing.B) {
 		ns, fd := benchConn(b, q.queued)
 		s, dst := benchDumpTarget(b, ns, fd)
 		b.Run(q.name+"/Restore+Discard", func(b *testing.B) {
-			dst.Do(func() error {
+			err := dst.Do(func() error {
 				b.ReportAllocs()
 				for i := 0; i < b.N; i++ {
 					rfd, err := Restore(&s)
 					if err != nil {
-						b.Fatal(err)
+						return err
 					}
 					unix.Close(rfd) // still in repair mode: silent
 				}
 				return nil
 			})
+			if err != nil {
+				b.Fatal(err)
+			}
 		})
 		b.Run(q.name+"/bare-syscalls", func(b *testing.B) {
-			dst.Do(func() error {
+			err := dst.Do(func() error {
 				b.ReportAllocs()
 				for i := 0; i < b.N; i++ {
 					if err := bareRestore(&s); err != nil {
-						b.Fatal(err)
+						return err
 					}
 				}
 				return nil
 			})
+			if err != nil {
+				b.Fatal(err)
+			}
 		})
 	}
 }
@@ -362,17 +377,20 @@ func BenchmarkRestoreHalfClosed(b *testing.B) {
 		}
 		b.Cleanup(func() { rs.Injector.Close() })
 		b.Run(st.String()+"/Restore+Discard", func(b *testing.B) {
-			dst.Do(func() error {
+			err := dst.Do(func() error {
 				b.ReportAllocs()
 				for i := 0; i < b.N; i++ {
 					rfd, err := rs.Restore(&s)
 					if err != nil {
-						b.Fatal(err)
+						return err
 					}
 					unix.Close(rfd)
 				}
 				return nil
 			})
+			if err != nil {
+				b.Fatal(err)
+			}
 		})
 	}
 }
