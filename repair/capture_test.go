@@ -116,10 +116,20 @@ func arrival(t *testing.T, fd int, send func() error) {
 	})
 }
 
-// withRecheckHook runs fn with testHookRecheck set to hook.
+// withRecheckHook runs fn with testHook set to run hook at step
+// "recheck".
 func withRecheckHook(hook func(fd int, s *Snapshot), fn func()) {
-	testHookRecheck = hook
-	defer func() { testHookRecheck = nil }()
+	withHook("recheck", hook, fn)
+}
+
+// withHook runs fn with testHook set to run hook at step.
+func withHook(step string, hook func(fd int, s *Snapshot), fn func()) {
+	testHook = func(at string, fd int, s *Snapshot) {
+		if at == step {
+			hook(fd, s)
+		}
+	}
+	defer func() { testHook = nil }()
 	fn()
 }
 
@@ -327,4 +337,90 @@ func waitInfo(t *testing.T, fd int, what string, cond func(*tcpInfoHead) bool) {
 		}
 		return cond(&ti), fmt.Sprintf("state %s, unacked %d, notsent %d", State(ti.State), ti.Unacked, ti.NotsentBytes)
 	})
+}
+
+// TestCaptureSendQueueMoves acknowledges data in flight, as the peer
+// would, through a lock that does not hold. Before Capture, acknowledging
+// part of a segment leaves the kernel's skb untrimmed, so the send-queue
+// peek returns more bytes than SIOCOUTQ (CRIU #622): ErrQueueMismatch, as
+// nothing moved during the capture. Between SIOCOUTQ and the peek,
+// acknowledging all of it empties the queue under the peek: the socket
+// moved, so the capture starts again and finds the queue empty.
+func TestCaptureSendQueueMoves(t *testing.T) {
+	ns := solo(t)
+	var in *Injector
+	if err := ns.Do(func() (err error) { in, err = NewInjector(0); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	// inFlight leaves 1000 bytes sent and unacknowledged on cl (one skb:
+	// the loopback MSS is larger) and returns what the peer would ACK with.
+	inFlight := func(t *testing.T) (cl int, ack func(t *testing.T, s *Snapshot, n uint32)) {
+		cl, _ = pair(t, ns, 0, nil, nil)
+		peer, local := peerAndLocal(t, cl)
+		nftLock(t, ns, local, peer, true)
+		if _, err := unix.Write(cl, make([]byte, 1000)); err != nil {
+			t.Fatal(err)
+		}
+		waitInfo(t, cl, "1000 bytes in flight", func(ti *tcpInfoHead) bool { return ti.Unacked == 1 })
+		nftUnlock(t, ns)
+		return cl, func(t *testing.T, s *Snapshot, n uint32) {
+			t.Helper()
+			una := s.SendSeq - 1000
+			arrival(t, cl, func() error {
+				return in.Send(Segment{From: peer, To: local, Seq: s.RecvSeq, Ack: una + n, Flags: SegACK, Window: 0xffff})
+			})
+		}
+	}
+	t.Run("hidden bytes", func(t *testing.T) {
+		cl, ack := inFlight(t)
+		var s Snapshot
+		if err := ns.Do(func() error { return Inspect(cl, &s) }); err != nil {
+			t.Fatal(err)
+		}
+		var seqs Snapshot
+		seqs.RecvSeq, seqs.SendSeq = peekSeqs(t, cl)
+		ack(t, &seqs, 10)
+		err := Capture(cl, &s)
+		if !errors.Is(err, ErrQueueMismatch) {
+			t.Fatalf("Capture with a partly acknowledged skb: %v, want ErrQueueMismatch", err)
+		}
+	})
+	t.Run("acknowledged under the peek", func(t *testing.T) {
+		cl, ack := inFlight(t)
+		var s Snapshot
+		if err := ns.Do(func() error { return Inspect(cl, &s) }); err != nil {
+			t.Fatal(err)
+		}
+		calls := 0
+		var err error
+		withHook("peek", func(fd int, s *Snapshot) {
+			if calls++; calls == 1 {
+				ack(t, s, 1000)
+			}
+		}, func() { err = Capture(cl, &s) })
+		if err != nil {
+			t.Fatalf("Capture with the queue acknowledged under the peek: %v", err)
+		}
+		if calls != 1 || len(s.SendQueue) != 0 {
+			t.Errorf("%d peeks of the send queue, %d bytes in it; want one peek (the retry finds it empty) and none", calls, len(s.SendQueue))
+		}
+		if err := Resume(cl, &s); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// peekSeqs reads rcv_nxt and write_seq of fd, briefly in repair mode.
+func peekSeqs(t *testing.T, fd int) (rcvNxt, writeSeq uint32) {
+	t.Helper()
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		t.Fatal(err)
+	}
+	defer setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
+	rcvNxt, writeSeq, op, err := queueSeqs(fd)
+	if err != nil {
+		t.Fatal(op, ": ", err)
+	}
+	return rcvNxt, writeSeq
 }

@@ -170,10 +170,11 @@ func Capture(fd int, s *Snapshot) (err error) {
 	}
 }
 
-// testHookRecheck, when set by a test, runs just before capture's closing
-// TCP_INFO read: a segment the test lets through there has got past the
-// lock between the two reads.
-var testHookRecheck func(fd int, s *Snapshot)
+// testHook, when set by a test, runs at two steps of capture: "peek",
+// before the send queue is peeked, and "recheck", before the closing
+// TCP_INFO read. A segment the test lets through there has got past the
+// lock during the capture.
+var testHook func(step string, fd int, s *Snapshot)
 
 // capture is one attempt of Capture: 12 system calls for an idle
 // ESTABLISHED connection, 15 with data in flight and in both queues
@@ -185,6 +186,18 @@ func capture(fd int, s *Snapshot) error {
 	var first tcpInfoHead
 	if err := getInfo(fd, &first); err != nil {
 		return opErr("getsockopt TCP_INFO", err)
+	}
+	// A peek that does not match its queue's length is hidden bytes (CRIU
+	// #622) only if the socket stood still; a segment that got past the
+	// lock between the ioctl and the peek makes it a retry.
+	peekErr := func(op string, err error) error {
+		var now tcpInfoHead
+		if errors.Is(err, ErrQueueMismatch) && getInfo(fd, &now) == nil {
+			if what := moved(&first, &now); what != "" {
+				return opErr(op+" ("+what+" moved)", ErrUnstable)
+			}
+		}
+		return opErr(op, err)
 	}
 	s.State = State(first.State)
 	if !s.State.Migratable() {
@@ -253,7 +266,7 @@ func capture(fd int, s *Snapshot) error {
 	// SIOCATMARK, before the lock, would hide the bytes behind it.
 	if inq > 0 || s.State != StateClose {
 		if s.RecvQueue, err = peekQueue(fd, s.RecvQueue, int(inq)); err != nil {
-			return opErr("peek receive queue", err)
+			return peekErr("peek receive queue", err)
 		}
 	} else {
 		s.RecvQueue = s.RecvQueue[:0]
@@ -282,8 +295,11 @@ func capture(fd int, s *Snapshot) error {
 		// a FIN skb whose data the peer acknowledged but not the FIN.
 		s.SendQueue = s.SendQueue[:0]
 	default:
+		if h := testHook; h != nil {
+			h("peek", fd, s)
+		}
 		if s.SendQueue, err = peekQueue(fd, s.SendQueue, int(dataOut)); err != nil {
-			return opErr("peek send queue", err)
+			return peekErr("peek send queue", err)
 		}
 	}
 	s.Unsent = uint32(dataUnsent)
@@ -294,8 +310,8 @@ func capture(fd int, s *Snapshot) error {
 	// D14: anything that reached or changed the socket since the first
 	// TCP_INFO shows in a second one (moved); a reader that got round
 	// repair mode shows only in SIOCINQ, and only where there was data.
-	if h := testHookRecheck; h != nil {
-		h(fd, s)
+	if h := testHook; h != nil {
+		h("recheck", fd, s)
 	}
 	var last tcpInfoHead
 	if err := getInfo(fd, &last); err != nil {
