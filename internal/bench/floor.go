@@ -143,11 +143,12 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 // defaults (repair skips the 11 options whose default is a constant).
 
 const (
-	tcpRecvQueue     = 1  // TCP_RECV_QUEUE
-	tcpSendQueue     = 2  // TCP_SEND_QUEUE
-	tcpNoQueue       = 0  // TCP_NO_QUEUE
-	tcpInfoPrefix    = 8  // the bytes of struct tcp_info that repair decodes
-	repairWindowSize = 20 // sizeof(struct tcp_repair_window)
+	tcpRecvQueue     = 1   // TCP_RECV_QUEUE
+	tcpSendQueue     = 2   // TCP_SEND_QUEUE
+	tcpNoQueue       = 0   // TCP_NO_QUEUE
+	tcpInfoPrefix    = 8   // the bytes of struct tcp_info that repair's state reads decode
+	tcpInfoHead      = 152 // the bytes of struct tcp_info that repair.Capture reads
+	repairWindowSize = 20  // sizeof(struct tcp_repair_window)
 	lateOptionCalls  = 12
 )
 
@@ -160,9 +161,10 @@ func rawSet(fd, level, opt int, v int32) {
 	unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
 }
 
-func rawIoctl(fd int, req uint) {
+func rawIoctl(fd int, req uint) int32 {
 	var v int32
 	unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
+	return v
 }
 
 func rawSend(fd int, b []byte) {
@@ -171,32 +173,37 @@ func rawSend(fd int, b []byte) {
 	}
 }
 
-// bareCapture is repair.Capture's sequence on a socket: repair on, state,
-// queue lengths, MSS, timestamp, window, both queues peeked, then the
-// re-read of every counter.
+// bareCapture is repair.Capture's sequence on a socket: repair on,
+// TCP_INFO, the queue lengths TCP_INFO does not give, MSS, timestamp,
+// window, both queues (the send queue peeked only when it holds
+// something), then TCP_INFO again, and SIOCINQ again when the receive
+// queue held data.
 func bareCapture(fd int, buf []byte) {
 	var scratch [64]byte
+	var first, last unix.TCPInfo
 	p := unsafe.Pointer(&scratch[0])
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, p, tcpInfoPrefix)
-	rawIoctl(fd, unix.SIOCOUTQ)
-	rawIoctl(fd, unix.SIOCOUTQNSD)
-	rawIoctl(fd, unix.SIOCINQ)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&first), tcpInfoHead)
+	outq := first.Notsent_bytes
+	if first.Unacked != 0 {
+		outq = uint32(rawIoctl(fd, unix.SIOCOUTQ))
+	}
+	inq := rawIoctl(fd, unix.SIOCINQ)
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG, p, 4)
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, p, 4)
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, p, repairWindowSize)
 	for _, q := range []int32{tcpRecvQueue, tcpSendQueue} {
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, q)
 		rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, p, 4)
-		unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+		if q == tcpRecvQueue || outq > 0 {
+			unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+		}
 	}
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, p, 4)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, p, 4)
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
-	rawIoctl(fd, unix.SIOCOUTQ)
-	rawIoctl(fd, unix.SIOCOUTQNSD)
-	rawIoctl(fd, unix.SIOCINQ)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&last), tcpInfoHead)
+	if inq > 0 {
+		rawIoctl(fd, unix.SIOCINQ)
+	}
 }
 
 // bareRestore is repair.Restore's sequence for s, up to the socket left in
