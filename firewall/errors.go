@@ -21,6 +21,9 @@ var (
 	ErrExists = errors.New("firewall: instance already exists")
 	// ErrClosed means the Lock was closed.
 	ErrClosed = errors.New("firewall: lock is closed")
+	// ErrReleased means the Lock was released (Lock.Release): it holds
+	// nothing and can lock nothing any more; only Close is left.
+	ErrReleased = errors.New("firewall: lock is released")
 	// ErrNotLocked means Renew was asked to renew a tuple this Lock does not
 	// hold. Nothing was renewed.
 	ErrNotLocked = errors.New("firewall: tuple is not locked")

@@ -72,6 +72,9 @@ func (l *Lock) Hold(ts []Tuple) error {
 	if l.closed {
 		return &Error{Op: "hold", Table: l.table, Err: ErrClosed}
 	}
+	if l.released {
+		return &Error{Op: "hold", Table: l.table, Err: ErrReleased}
+	}
 	if !l.canHold {
 		return &Error{Op: "hold", Table: l.table, Err: ErrNoHold}
 	}

@@ -70,13 +70,26 @@ func runChild(spec string) int {
 // drop rules count the packets; conntrack on b never sees them; after the
 // unlock every byte arrives exactly once, in order, without any RST and
 // through a stateful ruleset that drops invalid packets.
+//
+// With release, the flow is let through by Release (every rule removed at
+// once) instead of Unlock; the Lock then refuses to lock again.
 func TestLockHoldsFlow(t *testing.T) {
 	for _, f := range families {
-		t.Run(f.name, func(t *testing.T) {
-			a, b := newLAN(t)
-			// A stateful ruleset of b's own, after conntrack: dropping invalid
-			// packets would break the flow if the lock had confused conntrack.
-			nftScript(t, b, `table inet host {
+		for _, release := range []bool{false, true} {
+			name := f.name
+			if release {
+				name += "/release"
+			}
+			t.Run(name, func(t *testing.T) { testLockHoldsFlow(t, f, release) })
+		}
+	}
+}
+
+func testLockHoldsFlow(t *testing.T, f family, release bool) {
+	a, b := newLAN(t)
+	// A stateful ruleset of b's own, after conntrack: dropping invalid
+	// packets would break the flow if the lock had confused conntrack.
+	nftScript(t, b, `table inet host {
 	chain input {
 		type filter hook input priority filter; policy accept;
 		ct state invalid counter drop
@@ -87,94 +100,106 @@ func TestLockHoldsFlow(t *testing.T) {
 	}
 }
 `)
-			conntrackAcct(t, b)
+	conntrackAcct(t, b)
 
-			ca, cb := dialPair(t, a, b, f)
-			hello := pattern(1, 1000)
-			if _, err := ca.Write(hello); err != nil {
-				t.Fatal(err)
-			}
-			readExactly(t, "b", cb, hello, 5*time.Second)
-			if _, err := cb.Write(hello); err != nil {
-				t.Fatal(err)
-			}
-			readExactly(t, "a", ca, hello, 5*time.Second)
+	ca, cb := dialPair(t, a, b, f)
+	hello := pattern(1, 1000)
+	if _, err := ca.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, "b", cb, hello, 5*time.Second)
+	if _, err := cb.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, "a", ca, hello, 5*time.Second)
 
-			l := newTestLock(t, Config{Instance: "flow", NetNS: b.Handle()})
-			tu := tupleOf(cb)
-			if err := l.Lock([]Tuple{tu}); err != nil {
-				t.Fatal(err)
-			}
-			ct := conntrackEntry(t, b, tu)
-			if ct == "" {
-				t.Fatal("no conntrack entry for the connection on b")
-			}
-			ctBefore := conntrackPackets(t, ct)
-			rstA, rstB := snmp(t, a, "Tcp", "OutRsts"), snmp(t, b, "Tcp", "OutRsts")
-			recvA, recvB := bytesReceived(t, ca), bytesReceived(t, cb)
+	l := newTestLock(t, Config{Instance: "flow", NetNS: b.Handle()})
+	tu := tupleOf(cb)
+	if err := l.Lock([]Tuple{tu}); err != nil {
+		t.Fatal(err)
+	}
+	ct := conntrackEntry(t, b, tu)
+	if ct == "" {
+		t.Fatal("no conntrack entry for the connection on b")
+	}
+	ctBefore := conntrackPackets(t, ct)
+	rstA, rstB := snmp(t, a, "Tcp", "OutRsts"), snmp(t, b, "Tcp", "OutRsts")
+	recvA, recvB := bytesReceived(t, ca), bytesReceived(t, cb)
 
-			toB, toA := pattern(2, 64<<10), pattern(3, 32<<10)
-			if _, err := ca.Write(toB); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := cb.Write(toA); err != nil {
-				t.Fatal(err)
-			}
-			// Two drops per chain: the first transmission and at least one
-			// retransmission on each side.
-			waitFor(t, 10*time.Second, "drops in both chains", func() bool {
-				in, out := dropCounts(t, b, l.Table())
-				return in >= 2 && out >= 2
-			})
-			if got := bytesReceived(t, cb); got != recvB {
-				t.Errorf("b received %d bytes while locked", got-recvB)
-			}
-			if got := bytesReceived(t, ca); got != recvA {
-				t.Errorf("a received %d bytes while locked", got-recvA)
-			}
-			ct = conntrackEntry(t, b, tu)
-			if got := conntrackPackets(t, ct); got != ctBefore {
-				t.Errorf("conntrack on b saw %d packets the lock dropped: %s", got-ctBefore, ct)
-			}
-			in, out := dropCounts(t, b, l.Table())
-			t.Logf("locked: dropped %d inbound, %d outbound packets", in, out)
+	toB, toA := pattern(2, 64<<10), pattern(3, 32<<10)
+	if _, err := ca.Write(toB); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cb.Write(toA); err != nil {
+		t.Fatal(err)
+	}
+	// Two drops per chain: the first transmission and at least one
+	// retransmission on each side.
+	waitFor(t, 10*time.Second, "drops in both chains", func() bool {
+		in, out := dropCounts(t, b, l.Table())
+		return in >= 2 && out >= 2
+	})
+	if got := bytesReceived(t, cb); got != recvB {
+		t.Errorf("b received %d bytes while locked", got-recvB)
+	}
+	if got := bytesReceived(t, ca); got != recvA {
+		t.Errorf("a received %d bytes while locked", got-recvA)
+	}
+	ct = conntrackEntry(t, b, tu)
+	if got := conntrackPackets(t, ct); got != ctBefore {
+		t.Errorf("conntrack on b saw %d packets the lock dropped: %s", got-ctBefore, ct)
+	}
+	in, out := dropCounts(t, b, l.Table())
+	t.Logf("locked: dropped %d inbound, %d outbound packets", in, out)
 
-			start := time.Now()
-			if err := l.Unlock([]Tuple{tu}); err != nil {
-				t.Fatal(err)
-			}
-			readExactly(t, "b", cb, toB, 15*time.Second)
-			readExactly(t, "a", ca, toA, 15*time.Second)
-			t.Logf("flow resumed %v after the unlock", time.Since(start).Round(time.Millisecond))
-			bye := pattern(4, 100)
-			if _, err := ca.Write(bye); err != nil {
-				t.Fatal(err)
-			}
-			readExactly(t, "b", cb, bye, 5*time.Second)
-			if _, err := cb.Write(bye); err != nil {
-				t.Fatal(err)
-			}
-			readExactly(t, "a", ca, bye, 5*time.Second)
+	start := time.Now()
+	if release {
+		if err := l.Release(); err != nil {
+			t.Fatal(err)
+		}
+	} else if err := l.Unlock([]Tuple{tu}); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, "b", cb, toB, 15*time.Second)
+	readExactly(t, "a", ca, toA, 15*time.Second)
+	t.Logf("flow resumed %v after the unlock", time.Since(start).Round(time.Millisecond))
+	bye := pattern(4, 100)
+	if _, err := ca.Write(bye); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, "b", cb, bye, 5*time.Second)
+	if _, err := cb.Write(bye); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, "a", ca, bye, 5*time.Second)
 
-			checkHealthy(t, "a", ca)
-			checkHealthy(t, "b", cb)
-			if d := snmp(t, a, "Tcp", "OutRsts") - rstA; d != 0 {
-				t.Errorf("a sent %d RSTs", d)
-			}
-			if d := snmp(t, b, "Tcp", "OutRsts") - rstB; d != 0 {
-				t.Errorf("b sent %d RSTs", d)
-			}
-			ct = conntrackEntry(t, b, tu)
-			if !strings.Contains(ct, " ESTABLISHED ") || conntrackPackets(t, ct) <= ctBefore {
-				t.Errorf("conntrack entry after the unlock: %s", ct)
-			}
-			if host := nftList(t, b, "table", "inet", "host"); strings.Count(host, "counter packets 0 bytes 0") != 2 {
-				t.Errorf("b's ruleset dropped invalid packets:\n%s", host)
-			}
-			if n := setLen(t, b, l.Table(), setV4) + setLen(t, b, l.Table(), setV6); n != 0 {
-				t.Errorf("%d elements left after the unlock", n)
-			}
-		})
+	checkHealthy(t, "a", ca)
+	checkHealthy(t, "b", cb)
+	if d := snmp(t, a, "Tcp", "OutRsts") - rstA; d != 0 {
+		t.Errorf("a sent %d RSTs", d)
+	}
+	if d := snmp(t, b, "Tcp", "OutRsts") - rstB; d != 0 {
+		t.Errorf("b sent %d RSTs", d)
+	}
+	ct = conntrackEntry(t, b, tu)
+	if !strings.Contains(ct, " ESTABLISHED ") || conntrackPackets(t, ct) <= ctBefore {
+		t.Errorf("conntrack entry after the unlock: %s", ct)
+	}
+	if host := nftList(t, b, "table", "inet", "host"); strings.Count(host, "counter packets 0 bytes 0") != 2 {
+		t.Errorf("b's ruleset dropped invalid packets:\n%s", host)
+	}
+	n := setLen(t, b, l.Table(), setV4) + setLen(t, b, l.Table(), setV6)
+	switch {
+	case !release && n != 0:
+		t.Errorf("%d elements left after the unlock", n)
+	case release && n != 1:
+		// The element stays until Close: only the rules went.
+		t.Errorf("%d elements after the release, want the one", n)
+	}
+	if release {
+		if err := l.Lock([]Tuple{tu}); !errors.Is(err, ErrReleased) {
+			t.Errorf("Lock after Release: %v, want ErrReleased", err)
+		}
 	}
 }
 

@@ -41,6 +41,9 @@ func (l *Lock) Lock(ts []Tuple) error { return unsupported("lock") }
 // Unlock fails with ErrNotSupported outside Linux.
 func (l *Lock) Unlock(ts []Tuple) error { return unsupported("unlock") }
 
+// Release fails with ErrNotSupported outside Linux.
+func (l *Lock) Release() error { return unsupported("release") }
+
 // Renew fails with ErrNotSupported outside Linux.
 func (l *Lock) Renew(ts []Tuple) error { return unsupported("renew") }
 

@@ -202,6 +202,15 @@ func (b *batch) delTable(table string) {
 	b.finishMsg(m)
 }
 
+// flushChain appends the deletion of every rule of chain in table
+// (NFT_MSG_DELRULE naming the chain and no rule: nft_delrule_by_chain).
+func (b *batch) flushChain(table, chain string) {
+	m := b.message(unix.NFT_MSG_DELRULE, 0, chain)
+	b.str(unix.NFTA_RULE_TABLE, table)
+	b.str(unix.NFTA_RULE_CHAIN, chain)
+	b.finishMsg(m)
+}
+
 // errMissingReplies means the kernel answered fewer messages of a batch
 // than it was sent, so whether the batch was applied is unknown.
 var errMissingReplies = errors.New("netlink: replies missing")

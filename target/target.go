@@ -821,7 +821,15 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// migration aborted, takes every connection back.
 	err := m.fault(StepCommit)
 	if err == nil {
-		err = m.lock.Unlock(tuples)
+		if len(msg.Exclude) == 0 && len(failed) == 0 {
+			// Every tuple the lock holds is let go now (the table goes
+			// once delivered): one batch whatever their number, where
+			// Unlock costs some 6.5 ms per 10,000 inside the freeze.
+			err = m.lock.Release()
+		} else {
+			// The others stay dropped until the table goes.
+			err = m.lock.Unlock(tuples)
+		}
 	}
 	if err != nil {
 		m.log.Error("commit failed before any socket was resumed: backing out", "err", err)
