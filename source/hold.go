@@ -1,12 +1,12 @@
 package source
 
 import (
-	"runtime"
 	"sync"
 	"time"
 
 	"github.com/tcpmigrate/tcpmigrate/firewall"
 	"github.com/tcpmigrate/tcpmigrate/internal/nsdo"
+	"github.com/tcpmigrate/tcpmigrate/internal/shares"
 	"github.com/tcpmigrate/tcpmigrate/repair"
 )
 
@@ -84,20 +84,14 @@ func (m *migration) holdAll() {
 				held = append(held, c)
 			}
 		}
-		shares := max(1, min(runtime.GOMAXPROCS(0), len(held)/minAnnounceShare))
-		var wg sync.WaitGroup
-		for k := range shares {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for _, c := range held[k*len(held)/shares : (k+1)*len(held)/shares] {
-					if err := repair.Announce(inj, c.fd, &c.snap); err != nil {
-						m.log.Warn("zero-window hold: cannot announce it", "conn", c.tuple.String(), "err", err)
-					}
+		shares.Run(len(held), minAnnounceShare, func(lo, hi int) error {
+			for _, c := range held[lo:hi] {
+				if err := repair.Announce(inj, c.fd, &c.snap); err != nil {
+					m.log.Warn("zero-window hold: cannot announce it", "conn", c.tuple.String(), "err", err)
 				}
-			}()
-		}
-		wg.Wait()
+			}
+			return nil
+		})
 	}
 	limit := m.cfg.HoldDrain
 	if limit == 0 {

@@ -82,9 +82,9 @@ type migration struct {
 	// streaming is set, stream owns them (it closes or aborts each).
 	writers   []*transport.SnapshotWriter
 	streaming bool
-	// sent receives stream's result; streamsEnded is set once it has
-	// been received (prepare, or waitStreams at the end of run).
-	sent         chan error
+	// streamDone receives stream's result; streamsEnded is set once it
+	// has been received (prepare, or waitStreams at the end of run).
+	streamDone   chan error
 	streamsEnded bool
 	msgs         chan transport.Message
 	recvErr      chan error
@@ -237,7 +237,7 @@ func (m *migration) run(ctx context.Context) error {
 	sctx, scancel := context.WithCancel(ctx)
 	defer scancel()
 	defer m.abortUnusedStreams()
-	defer m.waitStreams() // before scancel: the streams end by themselves
+	defer m.waitStreams(scancel) // before scancel: the streams end by themselves
 	if err := m.openStreams(sctx); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
@@ -371,8 +371,8 @@ func (m *migration) inspect() {
 const tupleBytes = 48
 
 // prepareMsg is the PREPARE of the migration. On a version-2 link it lists
-// the 4-tuples, if they fit in one frame, for the target to lock before
-// the freeze.
+// the 4-tuples, if they fit in one frame, for the target to lock and make
+// sockets for before the freeze.
 func (m *migration) prepareMsg() *transport.Prepare {
 	p := &transport.Prepare{Migration: m.id, Count: uint32(len(m.elig)), Lease: m.cfg.Lease}
 	if m.link.Version() < 2 || (len(m.elig)+1)*tupleBytes > int(m.link.Peer().Limits.MaxFrame) {
@@ -380,7 +380,11 @@ func (m *migration) prepareMsg() *transport.Prepare {
 	}
 	p.Tuples = make([]transport.Tuple, len(m.elig))
 	for i, c := range m.elig {
-		p.Tuples[i] = transport.Tuple{Local: c.tuple.Local, Remote: c.tuple.Remote}
+		// As the socket sees them: IPv4-mapped for an AF_INET6 socket (a
+		// dual-stack server's IPv4 client), so that the target makes its
+		// socket ahead of the freeze in the right family. The target
+		// unmaps them for its lock and its policy.
+		p.Tuples[i] = transport.Tuple{Local: c.snap.Local, Remote: c.snap.Remote}
 	}
 	return p
 }
@@ -500,7 +504,7 @@ func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc)
 	sent := make(chan error, 1)
 	captured := make(chan struct{})
 	m.streaming = true // from here stream ends every writer
-	m.sent = sent
+	m.streamDone = sent
 	go func() { sent <- m.stream(captured) }()
 	defer func() {
 		// Wait until the streams capture no more (stopping them first on
@@ -636,14 +640,23 @@ func (m *migration) streamShare(w *transport.SnapshotWriter, share, n int, done 
 }
 
 // waitStreams waits for the snapshot streams to end, once prepare has
-// returned without waiting for them.
-func (m *migration) waitStreams() {
-	if m.sent == nil || m.streamsEnded {
+// returned without waiting for them, for at most the configured timeout;
+// then it stops them (stop cancels their context) and waits no more.
+func (m *migration) waitStreams(stop context.CancelFunc) {
+	if m.streamDone == nil || m.streamsEnded {
 		return
 	}
 	m.streamsEnded = true
-	if err := <-m.sent; err != nil {
-		m.log.Warn("a snapshot stream ended with an error after the target prepared", "err", err)
+	t := time.NewTimer(m.cfg.Timeout)
+	defer t.Stop()
+	select {
+	case err := <-m.streamDone:
+		if err != nil {
+			m.log.Warn("a snapshot stream ended with an error after the target prepared", "err", err)
+		}
+	case <-t.C:
+		stop()
+		m.log.Warn("snapshot streams still closing after the timeout: stopped", "timeout", m.cfg.Timeout)
 	}
 }
 

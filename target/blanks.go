@@ -1,6 +1,7 @@
 package target
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -31,6 +32,9 @@ var taken = new(repair.Blank)
 // failures only mean fewer Blanks.
 func startBlanks(ns int, want []transport.Tuple, ok []bool) *blanks {
 	b := &blanks{slots: make([]atomic.Pointer[repair.Blank], len(want))}
+	// Copies: the restores change the migration's prelocked flags (a
+	// refused tuple is let go) while this goroutine may still read them.
+	want, ok = slices.Clone(want), slices.Clone(ok)
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
@@ -42,9 +46,10 @@ func startBlanks(ns int, want []transport.Tuple, ok []bool) *blanks {
 				if i >= len(ok) || !ok[i] || b.slots[i].Load() != nil {
 					continue
 				}
-				// The tuples are unmapped: a connection of an AF_INET6
-				// socket with a mapped address finds an AF_INET Blank,
-				// which does not fit it, and gets a new socket.
+				// IPv4-mapped from a version of the source that sends
+				// them so: an AF_INET6 Blank for a dual-stack socket's
+				// IPv4 client (an older source's unmapped tuple gives an
+				// AF_INET one, which does not fit it: a new socket then).
 				bl, err := repair.NewBlank(t.Local)
 				if err != nil {
 					continue

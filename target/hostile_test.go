@@ -361,7 +361,11 @@ var hostileCases = []hostileCase{
 		id := transport.NewMigrationID()
 		allowed := transport.Tuple{Local: netip.AddrPortFrom(hSvc.Addr(), svcPort), Remote: netip.AddrPortFrom(fake, 7001)}
 		other := transport.Tuple{Local: netip.AddrPortFrom(hDst.Addr(), svcPort), Remote: netip.AddrPortFrom(fake, 7002)}
-		if err := l.Control().Send(ctx, &transport.Prepare{Migration: id, Count: 2, Tuples: []transport.Tuple{allowed, other}}); err != nil {
+		// A dual-stack socket's IPv4 client comes IPv4-mapped: the policy
+		// and the lock see it as IPv4.
+		mapped := transport.Tuple{Local: netip.AddrPortFrom(netip.AddrFrom16(hSvc.Addr().As16()), svcPort),
+			Remote: netip.AddrPortFrom(netip.AddrFrom16(fake.As16()), 7003)}
+		if err := l.Control().Send(ctx, &transport.Prepare{Migration: id, Count: 3, Tuples: []transport.Tuple{allowed, other, mapped}}); err != nil {
 			t.Fatal(err)
 		}
 		m, err := l.Control().Recv(ctx)
@@ -379,8 +383,8 @@ var hostileCases = []hostileCase{
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !strings.Contains(string(out), "7001") || strings.Contains(string(out), "7002") {
-			t.Fatalf("the lock holds (want port 7001, not 7002):\n%s", out)
+		if !strings.Contains(string(out), "7001") || strings.Contains(string(out), "7002") || !strings.Contains(string(out), "7003") {
+			t.Fatalf("the lock holds (want ports 7001 and 7003, not 7002):\n%s", out)
 		}
 		if err := l.Control().Send(ctx, &transport.Abort{Migration: id, Code: transport.AbortCanceled}); err != nil {
 			t.Fatal(err)

@@ -21,6 +21,7 @@ import (
 	"github.com/tcpmigrate/tcpmigrate/internal/audit"
 	"github.com/tcpmigrate/tcpmigrate/internal/journal"
 	"github.com/tcpmigrate/tcpmigrate/internal/nsdo"
+	"github.com/tcpmigrate/tcpmigrate/internal/shares"
 	"github.com/tcpmigrate/tcpmigrate/repair"
 	"github.com/tcpmigrate/tcpmigrate/transport"
 )
@@ -675,7 +676,7 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 		return nsdo.Do(cfg.NetNS, func() error {
 			for _, c := range todo[lo:hi] {
 				b := m.blanks.take(c.report.Index)
-				c.report.Premade = b.Fits(c.snap)
+				premade := b.Fits(c.snap)
 				fd, err := m.rs.restore(b, c.snap, m.lock.BypassMark())
 				if err != nil {
 					c.report.Verdict, c.report.Err = transport.VerdictFailed, err
@@ -684,7 +685,7 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 					}
 					continue
 				}
-				c.fd, c.report.Verdict = fd, transport.VerdictOK
+				c.fd, c.report.Verdict, c.report.Premade = fd, transport.VerdictOK, premade
 				// The queues are in the kernel now; keep only what Resume needs.
 				c.snap.RecvQueue, c.snap.SendQueue = nil, nil
 			}
@@ -733,7 +734,7 @@ func (m *migration) prelock() error {
 	seen := map[firewall.Tuple]bool{}
 	m.prelocked = make([]bool, len(m.announced))
 	for i, a := range m.announced {
-		l, r := a.Local, a.Remote
+		l, r := unmap(a.Local), unmap(a.Remote) // IPv4-mapped for an AF_INET6 socket
 		if !l.IsValid() || !r.IsValid() || l.Addr().Is4() != r.Addr().Is4() || l.Port() == 0 || r.Port() == 0 ||
 			!pol.allowedAddr(l.Addr()) || len(pol.AllowPorts) > 0 && !slices.Contains(pol.AllowPorts, l.Port()) {
 			continue
@@ -756,7 +757,13 @@ func (m *migration) prelock() error {
 // snapshot's tuple is what counts).
 func (m *migration) isPrelocked(i uint32, t firewall.Tuple) bool {
 	return int(i) < len(m.prelocked) && m.prelocked[i] &&
-		m.announced[i].Local == t.Local && m.announced[i].Remote == t.Remote
+		unmap(m.announced[i].Local) == t.Local && unmap(m.announced[i].Remote) == t.Remote
+}
+
+// unmap returns ap with an IPv4-mapped address as plain IPv4, the form of
+// the lock's tuples (repair.Snapshot.Tuple).
+func unmap(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
 func (m *migration) claim(ctx context.Context, addrs []netip.Prefix) error {
@@ -786,6 +793,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	}
 	var live []*conn
 	var tuples []firewall.Tuple
+	keep := false // a tuple of the lock must stay dropped after the commit
 	for _, c := range m.conns {
 		if c == nil || c.fd < 0 {
 			continue
@@ -793,6 +801,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		if excluded[c.report.Index] {
 			repair.Discard(c.fd)
 			c.fd = -1
+			keep = true
 			continue
 		}
 		live = append(live, c)
@@ -821,10 +830,12 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// migration aborted, takes every connection back.
 	err := m.fault(StepCommit)
 	if err == nil {
-		if len(msg.Exclude) == 0 && len(failed) == 0 {
-			// Every tuple the lock holds is let go now (the table goes
-			// once delivered): one batch whatever their number, where
-			// Unlock costs some 6.5 ms per 10,000 inside the freeze.
+		if !keep && len(failed) == 0 {
+			// Every tuple the lock still holds is a live connection's
+			// (refused ones were let go when refused; an exclusion the
+			// target had refused itself holds nothing): they are let go
+			// in one batch whatever their number, where Unlock costs
+			// some 6.5 ms per 10,000 inside the freeze.
 			err = m.lock.Release()
 		} else {
 			// The others stay dropped until the table goes.
@@ -846,32 +857,17 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	resumeErrs := make([]error, len(live))
 	// When each connection's freeze ended, for the source's report.
 	resumedUs := make([]uint32, m.count)
-	inj := m.rs.r.Injector
-	kicked := func(c *conn) bool { return c.snap.Flags&repair.FlagHeld != 0 && inj != nil }
 	parallel(len(live), func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			c := live[i]
-			var err error
-			if kicked(c) {
-				err = repair.ResumeHeld(c.fd, c.snap) // kicked below
-			} else {
-				err = m.rs.r.Resume(c.fd, c.snap)
-			}
+			// A held connection is kicked here too (Restorer.Resume): its
+			// peer waits at window 0 until then, so its freeze ends after
+			// the kick, not at the repair-off before it.
+			err := m.rs.r.Resume(c.fd, c.snap)
 			if err == nil || errors.Is(err, repair.ErrResumedLive) {
 				resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
 			}
 			resumeErrs[i] = err
-		}
-		// The kicks of the held connections (repair.KickSegment), once the
-		// share's sockets are all live: a kick costs as much as a resume
-		// (our socket answers it, the peer reads the answer), and a socket
-		// out of repair mode answers the peer's own persist probes anyway.
-		for i := lo; i < hi; i++ {
-			if c := live[i]; resumeErrs[i] == nil && kicked(c) {
-				if err := inj.Send(repair.KickSegment(c.snap)); err != nil {
-					m.log.Warn("kick lost: the peer waits for its persist probe", "conn", c.report.Index, "err", err)
-				}
-			}
 		}
 		for i := lo; i < hi; i++ {
 			c := live[i]
@@ -975,27 +971,5 @@ func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report,
 // parallel: below it, the goroutine costs more than the second core gives.
 const minShare = 16
 
-// parallel splits [0, n) into contiguous shares, one per CPU the runtime
-// uses (fewer when n is small), runs fn on each share concurrently (the
-// first on the calling goroutine) and returns the first error.
-func parallel(n int, fn func(lo, hi int) error) error {
-	shares := min(runtime.GOMAXPROCS(0), (n+minShare-1)/minShare)
-	if shares <= 1 {
-		if n == 0 {
-			return nil
-		}
-		return fn(0, n)
-	}
-	errs := make([]error, shares)
-	var wg sync.WaitGroup
-	for k := 1; k < shares; k++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[k] = fn(k*n/shares, (k+1)*n/shares)
-		}()
-	}
-	errs[0] = fn(0, n/shares)
-	wg.Wait()
-	return errors.Join(errs...)
-}
+// parallel runs fn over [0, n) in shares, one per CPU (internal/shares).
+func parallel(n int, fn func(lo, hi int) error) error { return shares.Run(n, minShare, fn) }

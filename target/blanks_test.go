@@ -1,0 +1,56 @@
+package target
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
+	"github.com/tcpmigrate/tcpmigrate/repair"
+	"github.com/tcpmigrate/tcpmigrate/transport"
+)
+
+// TestBlanksFamily makes Blanks in a namespace of its own from PREPARE
+// tuples and checks which snapshots they fit: an IPv4-mapped tuple (a
+// dual-stack server's IPv4 client) gives a Blank that fits the AF_INET6
+// snapshot of that connection, a plain IPv4 tuple one that fits an
+// AF_INET snapshot and not the mapped one; a tuple prelock left out gets
+// none, and release closes what was not taken.
+func TestBlanksFamily(t *testing.T) {
+	ns := lab.NewTestNS(t, "blanks")
+	v4 := netip.MustParseAddrPort("198.18.0.10:8080")
+	mapped := netip.AddrPortFrom(netip.AddrFrom16(v4.Addr().As16()), v4.Port())
+	peer := netip.MustParseAddrPort("198.18.0.1:40000")
+	peerMapped := netip.AddrPortFrom(netip.AddrFrom16(peer.Addr().As16()), peer.Port())
+	tuples := []transport.Tuple{{Local: mapped, Remote: peerMapped}, {Local: v4, Remote: peer}, {Local: v4, Remote: peer}}
+	b := startBlanks(ns.Handle(), tuples, []bool{true, true, false})
+	deadline := time.Now().Add(5 * time.Second)
+	for b.made.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if n := b.made.Load(); n != 2 {
+		t.Fatalf("%d Blanks made, want 2 (the third tuple was not prelocked)", n)
+	}
+
+	snap4 := goodSnapshot()
+	snap6 := goodSnapshot()
+	snap6.Family, snap6.Local, snap6.Remote = unix.AF_INET6, mapped, peerMapped
+	bm, b4 := b.take(0), b.take(1)
+	if !bm.Fits(snap6) || bm.Fits(snap4) {
+		t.Errorf("the Blank of the mapped tuple fits the AF_INET6 snapshot: %v, the AF_INET one: %v; want true, false", bm.Fits(snap6), bm.Fits(snap4))
+	}
+	if !b4.Fits(snap4) || b4.Fits(snap6) {
+		t.Errorf("the Blank of the IPv4 tuple fits the AF_INET snapshot: %v, the AF_INET6 one: %v; want true, false", b4.Fits(snap4), b4.Fits(snap6))
+	}
+	if b.take(2) != nil || b.take(0) != nil {
+		t.Error("take gave a Blank for a tuple without one, or the same Blank twice")
+	}
+	for _, bl := range []*repair.Blank{bm, b4} {
+		if err := bl.Close(); err != nil {
+			t.Error(err)
+		}
+	}
+	b.release()
+}
