@@ -170,10 +170,11 @@ func Capture(fd int, s *Snapshot) (err error) {
 	}
 }
 
-// testHook, when set by a test, runs at two steps of capture: "peek",
-// before the send queue is peeked, and "recheck", before the closing
-// TCP_INFO read. A segment the test lets through there has got past the
-// lock during the capture.
+// testHook, when set by a test, runs at three steps of capture: "start",
+// at the beginning of each attempt, "peek", before the send queue is
+// peeked, and "recheck", before the closing TCP_INFO read. A segment the
+// test lets through at the last two has got past the lock during the
+// capture.
 var testHook func(step string, fd int, s *Snapshot)
 
 // capture is one attempt of Capture: 12 system calls for an idle
@@ -183,6 +184,9 @@ func capture(fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
+	if h := testHook; h != nil {
+		h("start", fd, s)
+	}
 	var first tcpInfoHead
 	if err := getInfo(fd, &first); err != nil {
 		return opErr("getsockopt TCP_INFO", err)
@@ -190,10 +194,17 @@ func capture(fd int, s *Snapshot) error {
 	// A peek that does not match its queue's length is hidden bytes (CRIU
 	// #622) only if the socket stood still; a segment that got past the
 	// lock between the ioctl and the peek makes it a retry.
+	// The peek has a queue selected: before Capture retries, the
+	// selection goes, or tcp_write_xmit's repair path could mark the send
+	// queue's never-sent data sent without transmitting it while the next
+	// attempt starts.
 	peekErr := func(op string, err error) error {
 		var now tcpInfoHead
 		if errors.Is(err, ErrQueueMismatch) && getInfo(fd, &now) == nil {
 			if what := moved(&first, &now); what != "" {
+				if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+					return opErr("deselect queue", err)
+				}
 				return opErr(op+" ("+what+" moved)", ErrUnstable)
 			}
 		}
