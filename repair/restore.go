@@ -78,14 +78,14 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		b.Close()
 		return -1, opErr("restore "+s.State.String(), ErrNoInjector)
 	}
-	if b != nil && !b.Fits(s) {
+	if !b.Fits(s) { // a nil, zero or used Blank fits nothing
 		b.Close()
 		b = nil
 	}
 	notLocal := false
 	if b != nil {
-		fd, notLocal = b.fd, b.notLocal
-		b.fd = -1
+		fd, _ = b.take()
+		notLocal = b.notLocal
 	} else if fd, err = unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP); err != nil {
 		return -1, opErr("socket", err)
 	}
@@ -235,19 +235,11 @@ func (r *Restorer) newSocket(fd int, s *Snapshot) (notLocal bool, err error) {
 	} else if op, err := inflateBuffers(fd); err != nil {
 		return false, opErr(op, err)
 	}
-	if err := bindRaw(fd, s.Family, s.Local); errors.Is(err, unix.EADDRNOTAVAIL) {
-		level, transparent, _ := ipLevel(s.Family)
-		if err := setInt(fd, level, transparent, 1); err != nil {
-			return false, opErr("setsockopt IP_TRANSPARENT (local address not on this host)", err)
-		}
-		if err := bindRaw(fd, s.Family, s.Local); err != nil {
-			return false, opErr("bind (transparent)", err)
-		}
-		return true, nil
-	} else if err != nil {
-		return false, opErr("bind", err)
+	notLocal, op, err := bindLocal(fd, s.Family, s.Local)
+	if err != nil {
+		return false, opErr(op, err)
 	}
-	return false, nil
+	return notLocal, nil
 }
 
 // restoreSynSent rebuilds a SYN_SENT connection (REPAIR-NOTES 5.1): the
