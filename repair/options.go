@@ -489,8 +489,9 @@ func (d *Defaults) of(family uint16) *Options {
 
 // constDefault returns the value an integer option of intOpts has on a new
 // socket, when that value is a constant rather than a sysctl of the
-// namespace (the keepalive times, TCP_LINGER2 and IP_TTL follow sysctls and
-// are always written).
+// namespace. The keepalive times, TCP_LINGER2 and IP_TTL follow sysctls:
+// writeLateOptions writes them unless the Restorer's Defaults say the
+// source's value is the one a new socket has here.
 func constDefault(name int) (int32, bool) {
 	switch name {
 	case unix.SO_PRIORITY:

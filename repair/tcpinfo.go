@@ -11,7 +11,7 @@ import (
 // kernel since 4.6 fills. Capture reads it whole twice: the first read
 // gives the state, the negotiated options and the lengths of the send
 // queue (captureLengths); the second, compared with the first, proves that
-// nothing reached or changed the socket in between (moved).
+// nothing reached or changed the socket in between (whatMoved).
 // TestTCPInfoLayout pins the offsets against golang.org/x/sys/unix.TCPInfo.
 type tcpInfoHead struct {
 	State, CAState, Retransmits, Probes, Backoff, Options uint8
@@ -50,7 +50,7 @@ func getInfo(fd int, ti *tcpInfoHead) error {
 	return nil
 }
 
-// moved compares the TCP_INFO read at the start of a capture (a) with the
+// whatMoved compares the TCP_INFO read at the start of a capture (a) with the
 // one read at its end (b) and names the first field that differs, or
 // returns "" when they agree: then the counters Capture read in between
 // (rcv_nxt, write_seq, snd_una, snd_nxt, the queue lengths and the queues
@@ -97,7 +97,7 @@ func getInfo(fd int, ti *tcpInfoHead) error {
 // splice and TCP_ZEROCOPY_RECEIVE do not check repair mode. Capture
 // therefore reads SIOCINQ again when the receive queue held data (with an
 // empty queue nothing can be read until a segment arrives).
-func moved(a, b *tcpInfoHead) string {
+func whatMoved(a, b *tcpInfoHead) string {
 	switch {
 	case a.State != b.State:
 		return "state"
