@@ -339,7 +339,7 @@ func bareRestore(s *Snapshot) error {
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue))))
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue))))
-	if err := connectRaw(fd, s.Family, s.Remote); err != nil {
+	if err := connectTo(fd, s.Family, s.Remote); err != nil {
 		return err
 	}
 	setRepairOptions(fd, s)

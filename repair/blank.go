@@ -58,11 +58,11 @@ func NewBlank(local netip.AddrPort) (*Blank, error) {
 		return fail("socket", err)
 	}
 	b.fd, b.open = fd, true
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 		return fail("turn repair on", err)
 	}
 	if b.family == unix.AF_INET6 {
-		if err := setInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
+		if err := setIntRaw(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
 			return fail("setsockopt IPV6_V6ONLY", err)
 		}
 	}
@@ -90,7 +90,7 @@ func bindLocal(fd int, family uint16, local netip.AddrPort) (notLocal bool, op s
 		return false, "", nil
 	}
 	level, transparent, _ := ipLevel(family)
-	if err := setInt(fd, level, transparent, 1); err != nil {
+	if err := setIntRaw(fd, level, transparent, 1); err != nil {
 		return false, "setsockopt IP_TRANSPARENT (local address not on this host)", err
 	}
 	if err := bindRaw(fd, family, local); err != nil {
@@ -136,10 +136,10 @@ func (b *Blank) Fits(s *Snapshot) bool {
 // writes of a restore never meet a full buffer; writeLateOptions puts the
 // source's sizes back.
 func inflateBuffers(fd int) (op string, err error) {
-	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2); err != nil {
+	if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2); err != nil {
 		return "setsockopt SO_SNDBUFFORCE", err
 	}
-	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2); err != nil {
+	if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2); err != nil {
 		return "setsockopt SO_RCVBUFFORCE", err
 	}
 	return "", nil
