@@ -1,7 +1,10 @@
 package repair
 
 import (
+	"errors"
+	"math"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -136,12 +139,16 @@ func BenchmarkDump(b *testing.B) {
 		b.Run(q.name+"/bare-syscalls", func(b *testing.B) {
 			ns, fd := benchConn(b, q.queued)
 			buf := make([]byte, 256<<10)
+			var s Snapshot
+			if err := ns.Do(func() error { return Inspect(fd, &s) }); err != nil {
+				b.Fatal(err)
+			}
 			ns.Do(func() error {
 				b.ReportAllocs()
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
 					bareInspect(fd)
-					bareCapture(fd, buf)
+					bareCapture(fd, &s.Options, &buf)
 					b.StopTimer()
 					setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
 					b.StartTimer()
@@ -245,41 +252,121 @@ func BenchmarkRestore(b *testing.B) {
 }
 
 // The bare sequences below make the same system calls as Inspect, Capture
-// and Restore, in the same order, with no checks, no error wrapping and no
-// struct filling: the floor that the real functions are compared with.
-// bareCapture reads only the values that decide which calls Capture makes
-// (data in flight, a send queue to peek, a receive queue to re-read).
+// and Restore (a zero Restorer, as BenchmarkRestore's Restore+Discard),
+// in the same order, with the same values and by the same route
+// (RawSyscall where repair uses it, Syscall where it does not: sys.go),
+// with no checks, no error wrapping and no struct filling: the floor that
+// the real functions are compared with. They read only the values that
+// decide which calls the real functions make (data in flight, a queue to
+// peek, timestamps), and know an ESTABLISHED IPv4 connection, the one
+// benchConn makes. bareLateOptions mirrors writeLateOptions without
+// Defaults and must follow it.
 
 var scratch [8192]byte
 
-func rawGet(fd, level, opt int, n uint32) {
+// plainGet, rawGet, rawSet and the ioctls below are the bare forms of
+// getsockopt, getsockoptRaw, setIntRaw, ioctlInt and ioctlIntRaw.
+func plainGet(fd, level, opt int, n uint32) {
 	l := n
 	unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)), 0)
 }
 
-func rawSet(fd, level, opt int, v int32) {
-	unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+func rawGet(fd, level, opt int, n uint32) {
+	l := n
+	unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)), 0)
 }
 
-func rawIoctl(fd int, req uint) int32 {
+func rawSet(fd, level, opt int, v int32) {
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+}
+
+func rawSetN(fd, level, opt int, p unsafe.Pointer, n uintptr) {
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), n, 0)
+}
+
+func plainIoctl(fd int, req uint) int32 {
 	var v int32
 	unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
 	return v
 }
 
+func rawIoctl(fd int, req uint) int32 {
+	var v int32
+	unix.RawSyscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
+	return v
+}
+
+// barePeek peeks want+1 bytes of the selected queue into buf, as peekQueue
+// does (through peek: raw up to maxRawPeek).
+func barePeek(fd int, buf *[]byte, want int) {
+	if len(*buf) < want+1 {
+		*buf = make([]byte, want+1) // as peekQueue grows the Snapshot's buffer
+	}
+	call := unix.RawSyscall6
+	if want+1 > maxRawPeek {
+		call = unix.Syscall6
+	}
+	call(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&(*buf)[0])), uintptr(want+1), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+}
+
+// inspectOpts are the getsockopt calls of readOptions for IPv4, in order,
+// with their lengths.
+var inspectOpts = func() (c []struct {
+	level, name int
+	n           uint32
+}) {
+	add := func(level, name int, n uint32) {
+		c = append(c, struct {
+			level, name int
+			n           uint32
+		}{level, name, n})
+	}
+	add(unix.SOL_SOCKET, unix.SO_SNDBUF, 4)
+	add(unix.SOL_SOCKET, unix.SO_RCVBUF, 4)
+	add(unix.SOL_SOCKET, unix.SO_BUF_LOCK, 4)
+	add(unix.SOL_SOCKET, unix.SO_REUSEADDR, 4)
+	for _, o := range boolOpts {
+		add(o.level, o.name, 4)
+	}
+	for _, o := range intOpts {
+		add(o.level, o.name, 4)
+	}
+	for _, o := range uintOpts {
+		add(o.level, o.name, 4)
+	}
+	for _, o := range optionalOpts {
+		add(o.level, o.name, 4)
+	}
+	add(unix.IPPROTO_TCP, unix.TCP_TX_DELAY, 4)
+	add(unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, 4)
+	add(unix.SOL_SOCKET, unix.SO_LINGER, 8)
+	add(unix.SOL_SOCKET, unix.SO_SNDTIMEO, 16)
+	add(unix.SOL_SOCKET, unix.SO_RCVTIMEO, 16)
+	add(unix.SOL_SOCKET, unix.SO_PEEK_OFF, 4)
+	add(unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE, 8)
+	add(unix.SOL_SOCKET, unix.SO_BINDTODEVICE, 16)
+	add(unix.IPPROTO_TCP, unix.TCP_CONGESTION, 16)
+	add(unix.IPPROTO_IP, unix.IP_TOS, 4)
+	add(unix.IPPROTO_IP, unix.IP_RECVERR, 4)
+	add(unix.IPPROTO_IP, unix.IP_TRANSPARENT, 4)
+	add(unix.IPPROTO_IP, unix.IP_FREEBIND, 4)
+	add(unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, 4)
+	return c
+}()
+
 func bareInspect(fd int) {
-	rawGet(fd, unix.SOL_SOCKET, unix.SO_DOMAIN, 4)
-	rawGet(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL, 4)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoPrefix)
+	plainGet(fd, unix.SOL_SOCKET, unix.SO_DOMAIN, 4)
+	plainGet(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL, 4)
+	plainGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoPrefix)
 	l := uint32(128)
-	unix.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))
-	unix.RawSyscall(unix.SYS_GETPEERNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 4)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_ULP, 16)
-	rawGet(fd, unix.IPPROTO_TCP, tcpAOInfo, 64)
-	rawIoctl(fd, unix.SIOCATMARK)
-	rawGet(fd, unix.SOL_SOCKET, unix.SO_BINDTOIFINDEX, 4)
-	rawGet(fd, unix.SOL_SOCKET, unix.SO_COOKIE, 8)
+	unix.Syscall(unix.SYS_GETSOCKNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))
+	unix.Syscall(unix.SYS_GETPEERNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))
+	plainGet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 4)
+	plainGet(fd, unix.IPPROTO_TCP, unix.TCP_ULP, 16)
+	plainGet(fd, unix.IPPROTO_TCP, tcpAOInfo, 64)
+	plainIoctl(fd, unix.SIOCATMARK)
+	plainGet(fd, unix.SOL_SOCKET, unix.SO_COOKIE, 8)
+	plainGet(fd, unix.SOL_SOCKET, unix.SO_BINDTOIFINDEX, 4)
 	// The sock_diag lookup: socket, request, answer, close.
 	s, _ := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
 	var req [unix.NLMSG_HDRLEN + inetDiagReqLen]byte
@@ -289,30 +376,37 @@ func bareInspect(fd int) {
 	unix.Syscall6(unix.SYS_SENDTO, uintptr(s), uintptr(unsafe.Pointer(&req[0])), uintptr(len(req)), 0, uintptr(unsafe.Pointer(&sa)), unix.SizeofSockaddrNetlink)
 	unix.Syscall6(unix.SYS_RECVFROM, uintptr(s), uintptr(unsafe.Pointer(&scratch[0])), uintptr(len(scratch)), 0, 0, 0)
 	unix.Close(s)
-	// The options: as many getsockopt calls as readOptions makes on IPv4.
-	for i := 0; i < 4+len(boolOpts)+len(intOpts)+len(uintOpts)+len(optionalOpts)+11; i++ {
-		rawGet(fd, unix.SOL_SOCKET, unix.SO_PRIORITY, 4)
+	for _, o := range inspectOpts {
+		plainGet(fd, o.level, o.name, o.n)
 	}
 }
 
-func bareCapture(fd int, buf []byte) {
+// bareCapture is Capture for the connection fd, whose inspected options
+// are o; the peeks go into *buf, grown as needed.
+func bareCapture(fd int, o *Options, buf *[]byte) {
 	var first, last tcpInfoHead
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1)
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+	if o.Mask&OptPeekOff != 0 {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, -1)
+	}
 	getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&first), tcpInfoSize)
-	outq := first.NotsentBytes
+	outq := int32(first.NotsentBytes)
 	if first.Unacked != 0 {
-		outq = uint32(rawIoctl(fd, unix.SIOCOUTQ))
+		outq = rawIoctl(fd, unix.SIOCOUTQ)
 	}
 	inq := rawIoctl(fd, unix.SIOCINQ)
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG, 4)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, 4)
+	if first.Options&tcpiOptTimestamps != 0 {
+		rawGet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, 4)
+	}
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, repairWindowSize)
-	for _, q := range []int32{tcpRecvQueue, tcpSendQueue} {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, q)
-		rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, 4)
-		if q == tcpRecvQueue || outq > 0 {
-			unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
-		}
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, 4)
+	barePeek(fd, buf, int(inq))
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, 4)
+	if outq > 0 {
+		barePeek(fd, buf, int(outq))
 	}
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
 	getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&last), tcpInfoSize)
@@ -321,54 +415,167 @@ func bareCapture(fd int, buf []byte) {
 	}
 }
 
+// bareRestore is Restore of s on a new socket, closed at the end.
 func bareRestore(s *Snapshot) error {
 	fd, err := unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
 		return err
 	}
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1)
-	if s.Options.Mark != 0 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(s.Options.Mark))
+	defer unix.Close(fd)
+	o := &s.Options
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+	if o.Mask&OptBindToDevice != 0 {
+		unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, o.BindToDevice)
 	}
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 1<<30)
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 1<<30)
-	if err := bindRaw(fd, s.Family, s.Local); err != nil {
+	if o.Mark != 0 {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(o.Mark))
+	}
+	if o.Mask&OptTransparent != 0 {
+		rawSet(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
+	}
+	if o.Mask&OptFreebind != 0 {
+		rawSet(fd, unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
+	}
+	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2)
+	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2)
+	if err := bindRaw(fd, s.Family, s.Local); errors.Is(err, unix.EADDRNOTAVAIL) {
+		rawSet(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
+		if err := bindRaw(fd, s.Family, s.Local); err != nil {
+			return err
+		}
+	} else if err != nil {
 		return err
 	}
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue))))
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue))))
-	if err := connectRaw(fd, s.Family, s.Remote); err != nil {
+	if err := connectTo(fd, s.Family, s.Remote); err != nil {
 		return err
 	}
-	setRepairOptions(fd, s)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(s.Timestamp))
+	var opts [4]unix.TCPRepairOpt
+	n := 0
+	if s.Flags&FlagSACK != 0 {
+		opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_SACK_PERMITTED}
+		n++
+	}
+	if s.Flags&FlagWScale != 0 {
+		opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_WINDOW, Val: uint32(s.SndWScale) | uint32(s.RcvWScale)<<16}
+		n++
+	}
+	if s.Flags&FlagTimestamps != 0 {
+		opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_TIMESTAMP}
+		n++
+	}
+	opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_MAXSEG, Val: s.MSSClamp}
+	n++
+	rawSetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS, unsafe.Pointer(&opts[0]), uintptr(n)*unsafe.Sizeof(opts[0]))
+	if s.Flags&FlagTimestamps != 0 {
+		ts := s.Timestamp
+		if s.Flags&FlagUsecTS != 0 && kernelUsecTS() {
+			ts |= 1
+		}
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
+	}
 	if len(s.RecvQueue) > 0 {
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
 		send(fd, s.RecvQueue)
 	}
+	if sent := s.SentUnacked(); len(sent) > 0 {
+		if len(s.RecvQueue) > 0 {
+			rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+		}
+		send(fd, sent)
+	}
 	if s.Unsent > 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, -1)
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
 		send(fd, s.NeverSent())
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1)
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
 	} else {
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
 	}
-	w := s.Window
-	setWindow(fd, &w)
-	// As many setsockopt calls as writeLateOptions makes on IPv4 for a
-	// connection whose options are the defaults: not IP_TOS, the on/off
-	// options, SO_PRIORITY, SO_RCVLOWAT, TCP_USER_TIMEOUT and
-	// TCP_NOTSENT_LOWAT (already right on the new socket).
-	for i := 0; i < 4+len(intOpts)-2+3; i++ {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_PRIORITY, 0)
+	if s.Flags&FlagWindow != 0 {
+		w := s.Window
+		rawSetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(&w), repairWindowSize)
 	}
-	rawIoctl(fd, unix.SIOCOUTQ)
-	rawIoctl(fd, unix.SIOCOUTQNSD)
+	bareLateOptions(fd, o)
+	if s.Shutdown&ShutRead != 0 {
+		unix.Shutdown(fd, unix.SHUT_RD)
+	}
+	// verifyRestored for ESTABLISHED: TCP_INFO, SIOCOUTQ with data in
+	// flight, SIOCINQ.
+	var ti tcpInfoHead
+	getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), tcpInfoSize)
+	if ti.Unacked != 0 {
+		rawIoctl(fd, unix.SIOCOUTQ)
+	}
 	rawIoctl(fd, unix.SIOCINQ)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoPrefix)
-	return unix.Close(fd)
+	return nil
+}
+
+// bareLateOptions makes the calls of writeLateOptions with no Defaults on
+// an IPv4 socket.
+func bareLateOptions(fd int, o *Options) {
+	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, o.SndBuf/2)
+	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, o.RcvBuf/2)
+	if o.Mask&OptBufLock != 0 {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, int32(o.BufLock))
+	}
+	if o.TOS != 0 {
+		rawSet(fd, unix.IPPROTO_IP, unix.IP_TOS, int32(o.TOS))
+	}
+	for _, b := range boolOpts {
+		if *b.field(o) {
+			rawSet(fd, b.level, b.name, 1)
+		}
+	}
+	for _, i := range intOpts {
+		v := *i.field(o)
+		if d, ok := constDefault(i.name); ok && v == d && !(i.name == unix.SO_PRIORITY && o.TOS != 0) {
+			continue
+		}
+		rawSet(fd, i.level, i.name, v)
+	}
+	for _, u := range uintOpts[1:] {
+		if v := *u.field(o); v != 0 {
+			rawSet(fd, u.level, u.name, int32(v))
+		}
+	}
+	for _, p := range optionalOpts {
+		if o.Mask&p.bit != 0 {
+			rawSet(fd, p.level, p.name, int32(*p.field(o)))
+		}
+	}
+	if o.Mask&OptTxDelay != 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TX_DELAY, int32(o.TxDelayUs))
+	}
+	if o.WindowClamp != 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, int32(o.WindowClamp))
+	}
+	if o.Mask&OptLinger != 0 {
+		l := linger{1, o.LingerSecs}
+		rawSetN(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&l), 8)
+	}
+	for _, t := range []struct {
+		name int
+		d    time.Duration
+	}{{unix.SO_SNDTIMEO, o.SndTimeo}, {unix.SO_RCVTIMEO, o.RcvTimeo}} {
+		if t.d != 0 {
+			tv := unix.NsecToTimeval(t.d.Nanoseconds())
+			rawSetN(fd, unix.SOL_SOCKET, t.name, unsafe.Pointer(&tv), unsafe.Sizeof(tv))
+		}
+	}
+	if o.Mask&OptMaxPacingRate != 0 {
+		r := o.MaxPacingRate
+		rawSetN(fd, unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE, unsafe.Pointer(&r), 8)
+	}
+	if o.Mask&OptCongestion != 0 && o.Congestion != "" {
+		unix.SetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, o.Congestion)
+	}
+	if o.Mask&OptRecvErr != 0 {
+		rawSet(fd, unix.IPPROTO_IP, unix.IP_RECVERR, 1)
+	}
+	rawSet(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, o.MTUDiscover)
 }
 
 // BenchmarkRestoreHalfClosed measures Restore of half-closed connections,

@@ -392,18 +392,31 @@ func TestCaptureSendQueueMoves(t *testing.T) {
 		if err := ns.Do(func() error { return Inspect(cl, &s) }); err != nil {
 			t.Fatal(err)
 		}
-		calls := 0
+		calls, attempts := 0, 0
 		var err error
-		withHook("peek", func(fd int, s *Snapshot) {
-			if calls++; calls == 1 {
-				ack(t, s, 1000)
+		testHook = func(step string, fd int, s *Snapshot) {
+			switch step {
+			case "start":
+				// The failed attempt must not leave the send queue
+				// selected into the next one.
+				if attempts++; attempts > 1 {
+					if q, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE); err != nil || q != tcpNoQueue {
+						t.Errorf("attempt %d starts with queue %d selected (%v), want none", attempts, q, err)
+					}
+				}
+			case "peek":
+				if calls++; calls == 1 {
+					ack(t, s, 1000)
+				}
 			}
-		}, func() { err = Capture(cl, &s) })
+		}
+		err = Capture(cl, &s)
+		testHook = nil
 		if err != nil {
 			t.Fatalf("Capture with the queue acknowledged under the peek: %v", err)
 		}
-		if calls != 1 || len(s.SendQueue) != 0 {
-			t.Errorf("%d peeks of the send queue, %d bytes in it; want one peek (the retry finds it empty) and none", calls, len(s.SendQueue))
+		if calls != 1 || attempts != 2 || len(s.SendQueue) != 0 {
+			t.Errorf("%d peeks of the send queue in %d attempts, %d bytes in it; want one peek (the retry finds it empty), two attempts and no bytes", calls, attempts, len(s.SendQueue))
 		}
 		if err := Resume(cl, &s); err != nil {
 			t.Fatal(err)

@@ -33,7 +33,7 @@ type diagInfo struct {
 // needs CAP_NET_ADMIN for the MD5 attribute to be reported.
 func sockDiag(fd int, family uint16, local, remote netip.AddrPort) (diagInfo, error) {
 	var cookie uint64
-	if _, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_COOKIE, unsafe.Pointer(&cookie), 8); err != nil {
+	if _, err := getsockopt(fd, unix.SOL_SOCKET, unix.SO_COOKIE, unsafe.Pointer(&cookie), 8); err != nil {
 		return diagInfo{}, err
 	}
 	// A socket bound to a device is found only when the lookup names it.

@@ -4,8 +4,26 @@
 //
 // The package has a handful of verbs, used in this order:
 //
-//	source:  (lock the 4-tuple) → Dump → hold … → Discard (commit) or Abort (roll back)
-//	target:  (lock the 4-tuple) → Restore → hold … → Settle → (unlock) → Resume (commit) or Discard (abort)
+//	source:  Inspect → (lock the 4-tuple) → Capture → …
+//	         → Discard (commit) or Resume (roll back)
+//	target:  ReadDefaults, NewBlank → (lock the 4-tuple) →
+//	         Restorer.RestoreBlank or Restorer.Restore → Restorer.Settle →
+//	         (unlock) → Restorer.Resume (commit) or Discard (abort)
+//
+// Inspect refuses what cannot move and reads the ordinary options; it runs
+// before the lock, and an Inspector runs it for many sockets with one
+// sock_diag dump. Capture is the part inside the freeze; Dump is Inspect
+// then Capture. On the target, what depends only on the local address is
+// done before the lock: ReadDefaults reads the options of a new socket,
+// which a Restorer with Defaults does not write again, and NewBlank makes
+// the socket, bound, that RestoreBlank finishes inside the freeze (Restore
+// makes its own). Resume alone serves either side.
+//
+// The zero-window hold keeps the peers quiet during the freeze: on the
+// source Announce and Drain before the lock and MarkHeld after Capture, on
+// the target ResumeHeld and Kick (Restorer.Resume does both). Listening
+// sockets move with DescribeListener, PortHeld and Listen, and Probe tells
+// what the running kernel offers.
 //
 // Besides ESTABLISHED, the dump takes SYN_SENT and the half-closed states
 // (State.Migratable). Restoring those in which a FIN was received or ours

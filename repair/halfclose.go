@@ -125,11 +125,11 @@ func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
 				return cur, opErr("shutdown(SHUT_WR)", err)
 			}
 		case stepShutdownSent:
-			if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+			if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 				return cur, opErr("select send queue", err)
 			}
 			serr := unix.Shutdown(fd, unix.SHUT_WR)
-			if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+			if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
 				return cur, opErr("deselect queue", err)
 			}
 			if serr != nil {
@@ -331,7 +331,7 @@ func probeSegment(fd int, s *Snapshot) (Segment, error) {
 	if err != nil {
 		return Segment{}, err
 	}
-	outq, err := ioctlInt(fd, unix.SIOCOUTQ)
+	outq, err := ioctlIntRaw(fd, unix.SIOCOUTQ)
 	if err != nil {
 		return Segment{}, err
 	}

@@ -60,7 +60,7 @@ func Drain(fds []int, limit time.Duration) (unsettled int, err error) {
 				continue
 			}
 			var info unix.TCPInfo
-			if _, e := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), uint32(unsafe.Sizeof(info))); e != nil {
+			if _, e := getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), uint32(unsafe.Sizeof(info))); e != nil {
 				s.done, pending = true, pending-1
 				err = errors.Join(err, drainError(fd, "drain: getsockopt TCP_INFO", e))
 				continue

@@ -35,7 +35,7 @@ type diagDumps map[uint16]map[uint64]diagInfo
 // it.
 func (d diagDumps) lookup(fd int, family uint16, s *Snapshot) (diagInfo, error) {
 	var cookie uint64
-	if _, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_COOKIE, unsafe.Pointer(&cookie), 8); err != nil {
+	if _, err := getsockopt(fd, unix.SOL_SOCKET, unix.SO_COOKIE, unsafe.Pointer(&cookie), 8); err != nil {
 		return diagInfo{}, err
 	}
 	m, ok := d[family]

@@ -74,11 +74,11 @@ func DescribeListener(fd int, l *Listener) error {
 	if l.Local, err = sockname(fd, false); err != nil {
 		return fail("getsockname", err)
 	}
-	st, err := readState(fd)
-	if err != nil {
+	var head [tcpInfoPrefix]byte
+	if _, err := getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&head), tcpInfoPrefix); err != nil {
 		return fail("getsockopt TCP_INFO", err)
 	}
-	if st != StateListen {
+	if st := State(head[0]); st != StateListen {
 		return fail("describe listener", fmt.Errorf("%w: state %s, not LISTEN", ErrUnsupported, st))
 	}
 	level, transparent, freebind := ipLevel(l.Family)
@@ -132,7 +132,7 @@ func DescribeListener(fd int, l *Listener) error {
 		return fail("getsockopt SO_BUF_LOCK", err)
 	}
 	var dev [unix.IFNAMSIZ]byte
-	n, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, unsafe.Pointer(&dev[0]), uint32(len(dev)))
+	n, err := getsockopt(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, unsafe.Pointer(&dev[0]), uint32(len(dev)))
 	if err != nil {
 		return fail("getsockopt SO_BINDTODEVICE", err)
 	}

@@ -132,7 +132,7 @@ func readOptions(fd int, family uint16, o *Options) (op string, err error) {
 	o.WindowClamp = uint32(v)
 
 	var l linger
-	if _, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&l), 8); err != nil {
+	if _, err := getsockopt(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&l), 8); err != nil {
 		return "getsockopt SO_LINGER", err
 	}
 	if l.onoff != 0 {
@@ -150,14 +150,14 @@ func readOptions(fd int, family uint16, o *Options) (op string, err error) {
 		o.PeekOff, o.Mask = v, o.Mask|OptPeekOff
 	}
 	var rate uint64
-	if _, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE, unsafe.Pointer(&rate), 8); err != nil {
+	if _, err := getsockopt(fd, unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE, unsafe.Pointer(&rate), 8); err != nil {
 		return "getsockopt SO_MAX_PACING_RATE", err
 	} else if rate != ^uint64(0) {
 		o.MaxPacingRate, o.Mask = rate, o.Mask|OptMaxPacingRate
 	}
 
 	var name [16]byte
-	n, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, unsafe.Pointer(&name), 16)
+	n, err := getsockopt(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, unsafe.Pointer(&name), 16)
 	if err != nil {
 		return "getsockopt SO_BINDTODEVICE", err
 	}
@@ -165,7 +165,7 @@ func readOptions(fd int, family uint16, o *Options) (op string, err error) {
 		o.BindToDevice, o.Mask = string(dev), o.Mask|OptBindToDevice
 	}
 	name = [16]byte{}
-	n, err = getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, unsafe.Pointer(&name), 16)
+	n, err = getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, unsafe.Pointer(&name), 16)
 	if err != nil {
 		return "getsockopt TCP_CONGESTION", err
 	}
@@ -225,7 +225,7 @@ func readIPOpts(fd int, o *Options, level, transparent, freebind, mtu int) (stri
 
 func getTimeout(fd, name int) (time.Duration, error) {
 	var tv unix.Timeval
-	if _, err := getsockoptRaw(fd, unix.SOL_SOCKET, name, unsafe.Pointer(&tv), uint32(unsafe.Sizeof(tv))); err != nil {
+	if _, err := getsockopt(fd, unix.SOL_SOCKET, name, unsafe.Pointer(&tv), uint32(unsafe.Sizeof(tv))); err != nil {
 		return 0, err
 	}
 	return time.Duration(tv.Sec)*time.Second + time.Duration(tv.Usec)*time.Microsecond, nil
@@ -263,7 +263,7 @@ func internCongestion(b []byte) string {
 // and freebind.
 func writeEarlyOptions(fd int, family uint16, o *Options) (string, error) {
 	if family == unix.AF_INET6 {
-		if err := setInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, b2i(o.Mask&OptV6Only != 0)); err != nil {
+		if err := setIntRaw(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, b2i(o.Mask&OptV6Only != 0)); err != nil {
 			return "setsockopt IPV6_V6ONLY", err
 		}
 	}
@@ -279,18 +279,18 @@ func writeRouteOptions(fd int, family uint16, o *Options) (string, error) {
 		}
 	}
 	if o.Mark != 0 {
-		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(o.Mark)); err != nil {
+		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(o.Mark)); err != nil {
 			return "setsockopt SO_MARK", err
 		}
 	}
 	level, tr, fb := ipLevel(family)
 	if o.Mask&OptTransparent != 0 {
-		if err := setInt(fd, level, tr, 1); err != nil {
+		if err := setIntRaw(fd, level, tr, 1); err != nil {
 			return "setsockopt IP_TRANSPARENT", err
 		}
 	}
 	if o.Mask&OptFreebind != 0 {
-		if err := setInt(fd, level, fb, 1); err != nil {
+		if err := setIntRaw(fd, level, fb, 1); err != nil {
 			return "setsockopt IP_FREEBIND", err
 		}
 	}
@@ -310,14 +310,14 @@ func ipLevel(family uint16) (level, transparent, freebind int) {
 // SO_BUF_LOCK to the source's bits, so autotuning stays on where it was.
 func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, error) {
 	def := d.of(family)
-	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, o.SndBuf/2); err != nil {
+	if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, o.SndBuf/2); err != nil {
 		return "setsockopt SO_SNDBUFFORCE", err
 	}
-	if err := setInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, o.RcvBuf/2); err != nil {
+	if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, o.RcvBuf/2); err != nil {
 		return "setsockopt SO_RCVBUFFORCE", err
 	}
 	if o.Mask&OptBufLock != 0 {
-		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, int32(o.BufLock)); err != nil {
+		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, int32(o.BufLock)); err != nil {
 			return "setsockopt SO_BUF_LOCK", err
 		}
 	}
@@ -327,7 +327,7 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 	// for an ordinary connection, inside the freeze (docs/performance.md).
 	// IP_TOS first: setting it also resets SO_PRIORITY, which follows.
 	if o.TOS != 0 {
-		if err := setInt(fd, unix.IPPROTO_IP, unix.IP_TOS, int32(o.TOS)); err != nil {
+		if err := setIntRaw(fd, unix.IPPROTO_IP, unix.IP_TOS, int32(o.TOS)); err != nil {
 			return "setsockopt IP_TOS", err
 		}
 	}
@@ -335,7 +335,7 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 		if !*b.field(o) { // every one is off on a new socket
 			continue
 		}
-		if err := setInt(fd, b.level, b.name, 1); err != nil {
+		if err := setIntRaw(fd, b.level, b.name, 1); err != nil {
 			return "setsockopt " + b.what, err
 		}
 	}
@@ -348,7 +348,7 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 		if ok && v == d && !(i.name == unix.SO_PRIORITY && o.TOS != 0) {
 			continue
 		}
-		if err := setInt(fd, i.level, i.name, v); err != nil {
+		if err := setIntRaw(fd, i.level, i.name, v); err != nil {
 			return "setsockopt " + i.what, err
 		}
 	}
@@ -356,7 +356,7 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 		if *u.field(o) == 0 { // TCP_USER_TIMEOUT and TCP_NOTSENT_LOWAT: 0 on a new socket
 			continue
 		}
-		if err := setInt(fd, u.level, u.name, int32(*u.field(o))); err != nil {
+		if err := setIntRaw(fd, u.level, u.name, int32(*u.field(o))); err != nil {
 			return "setsockopt " + u.what, err
 		}
 	}
@@ -364,17 +364,17 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 		if o.Mask&p.bit == 0 || def != nil && def.Mask&p.bit != 0 && *p.field(def) == *p.field(o) {
 			continue
 		}
-		if err := setInt(fd, p.level, p.name, int32(*p.field(o))); err != nil {
+		if err := setIntRaw(fd, p.level, p.name, int32(*p.field(o))); err != nil {
 			return "setsockopt " + p.what, err
 		}
 	}
 	if o.Mask&OptTxDelay != 0 {
-		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_TX_DELAY, int32(o.TxDelayUs)); err != nil {
+		if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_TX_DELAY, int32(o.TxDelayUs)); err != nil {
 			return "setsockopt TCP_TX_DELAY", err
 		}
 	}
 	if o.WindowClamp != 0 {
-		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, int32(o.WindowClamp)); err != nil {
+		if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, int32(o.WindowClamp)); err != nil {
 			return "setsockopt TCP_WINDOW_CLAMP", err
 		}
 	}
@@ -409,23 +409,23 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 	if family == unix.AF_INET6 {
 		level, recverr, mtu = unix.IPPROTO_IPV6, unix.IPV6_RECVERR, unix.IPV6_MTU_DISCOVER
 		if o.Mask&OptTClass != 0 {
-			if err := setInt(fd, level, unix.IPV6_TCLASS, o.TClass); err != nil {
+			if err := setIntRaw(fd, level, unix.IPV6_TCLASS, o.TClass); err != nil {
 				return "setsockopt IPV6_TCLASS", err
 			}
 		}
 		if o.Mask&OptUnicastHops != 0 && !(def != nil && def.Mask&OptUnicastHops != 0 && def.UnicastHops == o.UnicastHops) {
-			if err := setInt(fd, level, unix.IPV6_UNICAST_HOPS, o.UnicastHops); err != nil {
+			if err := setIntRaw(fd, level, unix.IPV6_UNICAST_HOPS, o.UnicastHops); err != nil {
 				return "setsockopt IPV6_UNICAST_HOPS", err
 			}
 		}
 	}
 	if o.Mask&OptRecvErr != 0 {
-		if err := setInt(fd, level, recverr, 1); err != nil {
+		if err := setIntRaw(fd, level, recverr, 1); err != nil {
 			return "setsockopt IP_RECVERR", err
 		}
 	}
 	if def == nil || def.MTUDiscover != o.MTUDiscover {
-		if err := setInt(fd, level, mtu, o.MTUDiscover); err != nil {
+		if err := setIntRaw(fd, level, mtu, o.MTUDiscover); err != nil {
 			return "setsockopt IP_MTU_DISCOVER", err
 		}
 	}
@@ -489,8 +489,9 @@ func (d *Defaults) of(family uint16) *Options {
 
 // constDefault returns the value an integer option of intOpts has on a new
 // socket, when that value is a constant rather than a sysctl of the
-// namespace (the keepalive times, TCP_LINGER2 and IP_TTL follow sysctls and
-// are always written).
+// namespace. The keepalive times, TCP_LINGER2 and IP_TTL follow sysctls:
+// writeLateOptions writes them unless the Restorer's Defaults say the
+// source's value is the one a new socket has here.
 func constDefault(name int) (int32, bool) {
 	switch name {
 	case unix.SO_PRIORITY:

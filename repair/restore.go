@@ -78,14 +78,14 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		b.Close()
 		return -1, opErr("restore "+s.State.String(), ErrNoInjector)
 	}
-	if b != nil && !b.Fits(s) {
+	if !b.Fits(s) { // a nil, zero or used Blank fits nothing
 		b.Close()
 		b = nil
 	}
 	notLocal := false
 	if b != nil {
-		fd, notLocal = b.fd, b.notLocal
-		b.fd = -1
+		fd, _ = b.take()
+		notLocal = b.notLocal
 	} else if fd, err = unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP); err != nil {
 		return -1, opErr("socket", err)
 	}
@@ -112,20 +112,20 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	// R7: queue start sequence numbers, before connect and before any data.
 	// A FIN that the recipe re-creates later is not counted yet.
 	recvFin, sendFin := finOffsets(s.State)
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
 		return fd, opErr("select receive queue", err)
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-recvFin-uint32(len(s.RecvQueue)))); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-recvFin-uint32(len(s.RecvQueue)))); err != nil {
 		return fd, opErr("setsockopt TCP_QUEUE_SEQ (receive)", err)
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 		return fd, opErr("select send queue", err)
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-sendFin-uint32(len(s.SendQueue)))); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-sendFin-uint32(len(s.SendQueue)))); err != nil {
 		return fd, opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
 	}
 	// R8: with repair on, connect sends nothing and goes straight to ESTABLISHED.
-	if err := connectRaw(fd, s.Family, s.Remote); err != nil {
+	if err := connectTo(fd, s.Family, s.Remote); err != nil {
 		return fd, opErr("connect", err)
 	}
 	// R9, R10: negotiated options, then the timestamp clock.
@@ -140,7 +140,7 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	// R11, R12: receive bytes, then sent-but-unacknowledged bytes. R7 left
 	// the send queue selected.
 	if len(s.RecvQueue) > 0 {
-		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+		if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
 			return fd, opErr("select receive queue", err)
 		}
 		if err := writeQueue(fd, s.RecvQueue); err != nil {
@@ -149,7 +149,7 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	}
 	if sent := s.SentUnacked(); len(sent) > 0 {
 		if len(s.RecvQueue) > 0 {
-			if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+			if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 				return fd, opErr("select send queue", err)
 			}
 		}
@@ -161,18 +161,18 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	// peer window is still 0 and the lock holds, so nothing leaves the host.
 	// The socket is still ESTABLISHED, so it takes data (CRIU issue #2446).
 	if unsent := s.NeverSent(); len(unsent) > 0 {
-		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
+		if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
 			return fd, opErr("leave repair for unsent data", err)
 		}
 		werr := writeQueue(fd, unsent)
-		if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+		if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 			return fd, opErr("re-enter repair after unsent data", err)
 		}
 		if werr != nil {
 			return fd, opErr("write unsent data", werr)
 		}
 		// Turning repair on again left no queue selected.
-	} else if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+	} else if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
 		return fd, opErr("deselect queue", err)
 	}
 	// R14: the window, after the queues (the kernel checks it against
@@ -222,7 +222,7 @@ func (r *Restorer) newSocket(fd int, s *Snapshot) (notLocal bool, err error) {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 		return false, opErr("turn repair on", err)
 	}
 	if op, err := writeEarlyOptions(fd, s.Family, &s.Options); err != nil {
@@ -235,19 +235,11 @@ func (r *Restorer) newSocket(fd int, s *Snapshot) (notLocal bool, err error) {
 	} else if op, err := inflateBuffers(fd); err != nil {
 		return false, opErr(op, err)
 	}
-	if err := bindRaw(fd, s.Family, s.Local); errors.Is(err, unix.EADDRNOTAVAIL) {
-		level, transparent, _ := ipLevel(s.Family)
-		if err := setInt(fd, level, transparent, 1); err != nil {
-			return false, opErr("setsockopt IP_TRANSPARENT (local address not on this host)", err)
-		}
-		if err := bindRaw(fd, s.Family, s.Local); err != nil {
-			return false, opErr("bind (transparent)", err)
-		}
-		return true, nil
-	} else if err != nil {
-		return false, opErr("bind", err)
+	notLocal, op, err := bindLocal(fd, s.Family, s.Local)
+	if err != nil {
+		return false, opErr(op, err)
 	}
-	return false, nil
+	return notLocal, nil
 }
 
 // restoreSynSent rebuilds a SYN_SENT connection (REPAIR-NOTES 5.1): the
@@ -262,19 +254,19 @@ func restoreSynSent(fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 		return opErr("select send queue", err)
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-1)); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-1)); err != nil {
 		return opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
 	}
 	// No need to deselect the send queue: out of repair mode the selection
 	// means nothing, and turning repair on again resets it.
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
 		return opErr("leave repair for the SYN", err)
 	}
-	cerr := connectRaw(fd, s.Family, s.Remote)
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+	cerr := connectTo(fd, s.Family, s.Remote)
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 		return opErr("re-enter repair after the SYN", err)
 	}
 	if cerr != nil {
@@ -298,7 +290,7 @@ func writeTimestamp(fd int, s *Snapshot) error {
 	if s.Flags&FlagUsecTS != 0 && kernelUsecTS() {
 		ts |= 1
 	}
-	return setInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
+	return setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
 }
 
 // setRepairOptions writes the negotiated options in one TCP_REPAIR_OPTIONS
@@ -435,7 +427,7 @@ func resume(fd int, s *Snapshot, mode int32) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
-	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
 		return opErr("turn repair off", err)
 	}
 	return afterRepair(fd, s)
@@ -459,18 +451,18 @@ func (e *resumedLiveError) Unwrap() []error { return []error{ErrResumedLive, e.e
 func afterRepair(fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error { return liveError(s, op, err) }
 	if s.Options.ReuseAddr {
-		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 			return opErr("setsockopt SO_REUSEADDR", err)
 		}
 	}
 	if s.Options.Mask&OptPeekOff != 0 {
-		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, s.Options.PeekOff); err != nil {
+		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, s.Options.PeekOff); err != nil {
 			return opErr("setsockopt SO_PEEK_OFF", err)
 		}
 	}
 	if s.Options.Mask&OptTransparent == 0 {
 		level, transparent, _ := ipLevel(s.Family)
-		if err := setInt(fd, level, transparent, 0); err != nil {
+		if err := setIntRaw(fd, level, transparent, 0); err != nil {
 			return opErr("clear IP_TRANSPARENT", err)
 		}
 	}
@@ -483,7 +475,7 @@ func afterRepair(fd int, s *Snapshot) error {
 // socket is closed (a copy held by another process keeps it alive), and it
 // must stay locked until then.
 func Discard(fd int) error {
-	err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+	err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
 	cerr := unix.Close(fd)
 	if err != nil {
 		return &OpError{Op: "discard: turn repair on", Err: err}

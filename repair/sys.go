@@ -27,16 +27,41 @@ const (
 	tcpInfoPrefix    = 8  // the bytes of struct tcp_info this package decodes
 )
 
-// The raw syscalls below keep their arguments on the caller's stack: each
+// The helpers below keep their arguments on the caller's stack: each
 // pointer is converted to uintptr inside the call expression, so nothing
 // escapes and an idle dump allocates nothing.
 //
-// The option calls, the ioctls and the peek go through RawSyscall: they
-// never wait (the sockets are non-blocking and nobody else holds them), and
-// skipping the scheduler's entersyscall/exitsyscall saves 10-17 % of the
-// CPU of a restore and of a capture, which are a few dozen such calls each
-// (perf, 10,000 connections; docs/performance.md). A call that did wait
-// (TCP_CONGESTION loading a module) would only keep its P busy meanwhile.
+// Two ways into the kernel. The plain helpers (getsockopt, getInt, setInt,
+// ioctlInt, sockname ...) go through unix.Syscall, which tells the Go
+// scheduler that the goroutine may block: if the call takes long, its P
+// goes to another goroutine, and a stop-the-world does not wait for it.
+// The helpers named ...Raw go through unix.RawSyscall, which skips that
+// bookkeeping, which was 10-17 % of the CPU of a restore and of a capture
+// (a few dozen such calls each) in a perf profile at 10,000 connections
+// (docs/repair.md, "Decisions"). The price: for as long as a raw call lasts, its
+// goroutine cannot be preempted and keeps its P. If it sleeps in the
+// kernel, a stop-the-world that begins meanwhile (every garbage collection
+// has two) waits for it with all the other goroutines already stopped:
+// the whole program stalls, not just that P.
+//
+// A socket call sleeps when it needs the socket lock (lock_sock or
+// lock_sock_fast: most option calls, the queue ioctls, the peek, and
+// getsockname and getpeername through inet_getname) while another task
+// owns it, or when a page fault on the user buffer has to find memory. So
+// the raw helpers serve only sockets no other task can hold, with small
+// buffers: the source's sockets from Capture on, whose owner is frozen
+// (Capture, Resume, Discard), and this process's own sockets (NewBlank,
+// Restore, Settle, Restorer.Resume, Discard on the target), for option
+// calls and ioctls on a few bytes of stack, bind, and peeks of at most
+// maxRawPeek bytes. Everything on a socket someone else may still use
+// (Inspect, Announce and Drain, which run before the lock, the listener
+// calls, the sock_diag cookie lookups) takes the plain path, as do larger
+// peeks, connect, send, and the string options SO_BINDTODEVICE and
+// TCP_CONGESTION (unix.SetsockoptString; the latter may load a module).
+
+// maxRawPeek is the largest queue peek made with a raw call: copying more
+// takes long, and the fresh pages of a large buffer fault on first touch.
+const maxRawPeek = 64 << 10
 
 func getsockoptRaw(fd, level, opt int, p unsafe.Pointer, n uint32) (uint32, error) {
 	l := n
@@ -55,19 +80,55 @@ func setsockoptRaw(fd, level, opt int, p unsafe.Pointer, n uint32) error {
 	return nil
 }
 
-func getInt(fd, level, opt int) (int32, error) {
+func getsockopt(fd, level, opt int, p unsafe.Pointer, n uint32) (uint32, error) {
+	l := n
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(unsafe.Pointer(&l)), 0)
+	if e != 0 {
+		return 0, e
+	}
+	return l, nil
+}
+
+func setsockopt(fd, level, opt int, p unsafe.Pointer, n uint32) error {
+	_, _, e := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(n), 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+func getIntRaw(fd, level, opt int) (int32, error) {
 	var v int32
 	_, err := getsockoptRaw(fd, level, opt, unsafe.Pointer(&v), 4)
 	return v, err
 }
 
-func setInt(fd, level, opt int, v int32) error {
+func setIntRaw(fd, level, opt int, v int32) error {
 	return setsockoptRaw(fd, level, opt, unsafe.Pointer(&v), 4)
+}
+
+func getInt(fd, level, opt int) (int32, error) {
+	var v int32
+	_, err := getsockopt(fd, level, opt, unsafe.Pointer(&v), 4)
+	return v, err
+}
+
+func setInt(fd, level, opt int, v int32) error {
+	return setsockopt(fd, level, opt, unsafe.Pointer(&v), 4)
+}
+
+func ioctlIntRaw(fd int, req uint) (int32, error) {
+	var v int32
+	_, _, e := unix.RawSyscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
+	if e != 0 {
+		return 0, e
+	}
+	return v, nil
 }
 
 func ioctlInt(fd int, req uint) (int32, error) {
 	var v int32
-	_, _, e := unix.RawSyscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
+	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
 	if e != 0 {
 		return 0, e
 	}
@@ -83,7 +144,9 @@ func setWindow(fd int, w *Window) error {
 	return setsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(w), repairWindowSize)
 }
 
-// peek copies up to len(buf) bytes of the selected queue without consuming them.
+// peek copies up to len(buf) bytes of the selected queue of fd, a socket
+// no other task holds, without consuming them: with a raw call up to
+// maxRawPeek bytes, through the scheduler above.
 func peek(fd int, buf []byte) (int, error) {
 	var p unsafe.Pointer
 	var one byte
@@ -92,8 +155,12 @@ func peek(fd int, buf []byte) (int, error) {
 	} else {
 		p = unsafe.Pointer(&one)
 	}
+	call := unix.RawSyscall6
+	if len(buf) > maxRawPeek {
+		call = unix.Syscall6
+	}
 	for {
-		n, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(p), uintptr(len(buf)), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+		n, _, e := call(unix.SYS_RECVFROM, uintptr(fd), uintptr(p), uintptr(len(buf)), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
 		if e == unix.EINTR {
 			continue
 		}
@@ -129,7 +196,7 @@ func sockname(fd int, peer bool) (netip.AddrPort, error) {
 	if peer {
 		trap = unix.SYS_GETPEERNAME
 	}
-	_, _, e := unix.RawSyscall(trap, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&l)))
+	_, _, e := unix.Syscall(trap, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&l)))
 	if e != 0 {
 		return netip.AddrPort{}, e
 	}
@@ -150,7 +217,7 @@ func peername(fd int, family uint16) (netip.AddrPort, error) {
 	if family == unix.AF_INET6 {
 		n = unix.SizeofSockaddrInet6
 	}
-	if _, err := getsockoptRaw(fd, unix.SOL_SOCKET, unix.SO_PEERNAME, unsafe.Pointer(&rsa), n); err != nil {
+	if _, err := getsockopt(fd, unix.SOL_SOCKET, unix.SO_PEERNAME, unsafe.Pointer(&rsa), n); err != nil {
 		return netip.AddrPort{}, err
 	}
 	return fromRaw(&rsa)
@@ -203,6 +270,7 @@ func toRaw(family uint16, ap netip.AddrPort, rsa *unix.RawSockaddrAny) (uint32, 
 	return 0, unix.EAFNOSUPPORT
 }
 
+// bindRaw binds fd, a socket of this process's own, to ap with a raw call.
 func bindRaw(fd int, family uint16, ap netip.AddrPort) error {
 	var rsa unix.RawSockaddrAny
 	l, err := toRaw(family, ap, &rsa)
@@ -216,7 +284,8 @@ func bindRaw(fd int, family uint16, ap netip.AddrPort) error {
 	return nil
 }
 
-func connectRaw(fd int, family uint16, ap netip.AddrPort) error {
+// connectTo connects fd to ap; EINPROGRESS is success.
+func connectTo(fd int, family uint16, ap netip.AddrPort) error {
 	var rsa unix.RawSockaddrAny
 	l, err := toRaw(family, ap, &rsa)
 	if err != nil {

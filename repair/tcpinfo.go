@@ -11,7 +11,7 @@ import (
 // kernel since 4.6 fills. Capture reads it whole twice: the first read
 // gives the state, the negotiated options and the lengths of the send
 // queue (captureLengths); the second, compared with the first, proves that
-// nothing reached or changed the socket in between (moved).
+// nothing reached or changed the socket in between (whatMoved).
 // TestTCPInfoLayout pins the offsets against golang.org/x/sys/unix.TCPInfo.
 type tcpInfoHead struct {
 	State, CAState, Retransmits, Probes, Backoff, Options uint8
@@ -50,7 +50,7 @@ func getInfo(fd int, ti *tcpInfoHead) error {
 	return nil
 }
 
-// moved compares the TCP_INFO read at the start of a capture (a) with the
+// whatMoved compares the TCP_INFO read at the start of a capture (a) with the
 // one read at its end (b) and names the first field that differs, or
 // returns "" when they agree: then the counters Capture read in between
 // (rcv_nxt, write_seq, snd_una, snd_nxt, the queue lengths and the queues
@@ -58,11 +58,11 @@ func getInfo(fd int, ti *tcpInfoHead) error {
 //
 // Why these fields are enough, from the kernel's code (Linux 6.x):
 //
-//   - Everything the peer can do reaches the socket through tcp_v4_rcv or
-//     tcp_v6_rcv, which call tcp_segs_in under the socket's spinlock
-//     before processing the segment or adding it to the backlog of a
-//     socket owned by a syscall. A segment that got past the lock after
-//     the first read's snapshot of segs_in therefore changes SegsIn.
+//   - Every segment of the connection reaches the socket through
+//     tcp_v4_rcv or tcp_v6_rcv, which call tcp_segs_in under the socket's
+//     spinlock before processing the segment or adding it to the backlog
+//     of a socket owned by a syscall. A segment that got past the lock
+//     after the first read's snapshot of segs_in therefore changes SegsIn.
 //   - tcp_get_info reads the state before it locks the socket and the
 //     rest under lock_sock_fast; a segment counted before that read but
 //     waiting in the backlog is processed at its unlock, after the first
@@ -74,22 +74,50 @@ func getInfo(fd int, ti *tcpInfoHead) error {
 //     after a transmission that succeeded (the lock's output drop makes
 //     __tcp_transmit_skb fail with EPERM, so tcp_write_xmit stops without
 //     it), or on tcp_write_xmit's repair path, which marks never-sent data
-//     as sent while the send queue is selected (a pacing or TSQ timer can
-//     run it). That path adds to packets_out (Unacked) and, unless all of
-//     the queue moves, lowers NotsentBytes. write_seq moves only by a
-//     send, which in repair mode appends to the selected queue (Unacked
-//     or NotsentBytes of the send queue, BytesReceived of the receive
-//     queue: tcp_send_rcvq) or fails with no queue selected, or by our FIN
-//     (a state change).
-//   - Timers without a segment: retransmissions, probes, keepalives and
-//     delayed ACKs fail in output under the lock and change none of the
-//     counters captured (a retransmission may trim or split skbs of the
-//     retransmission queue, and the peek copes with either); a timeout
-//     that gives up on the connection changes the state.
+//     as sent while the send queue is selected (a pacing, TSQ or loss
+//     probe timer can run it). That path adds to packets_out (Unacked)
+//     and lowers NotsentBytes. write_seq moves only by a send, which in
+//     repair mode appends to the selected queue (Unacked or NotsentBytes
+//     of the send queue, BytesReceived of the receive queue:
+//     tcp_send_rcvq) or fails with no queue selected, or by our FIN (a
+//     state change).
+//   - Timers without a segment can change Unacked, and so cost a spurious
+//     retry. A retransmission (the RTO timer, a loss probe) goes through
+//     __tcp_retransmit_skb, which before transmitting may split the skb
+//     (tcp_fragment), re-count its segments for the current MSS, or merge
+//     the skbs after it into it (tcp_retrans_try_collapse); each adjusts
+//     packets_out (tcp_adjust_pcount) while no byte and no sequence number
+//     moves. The transmission then fails under the lock. Trimming bytes
+//     already acknowledged off the head skb (tcp_trim_head) can only make
+//     the send-queue peek agree with SIOCOUTQ. Probes, keepalives and
+//     delayed ACKs fail in output likewise; a timeout that gives up on the
+//     connection changes the state.
+//   - ICMP errors reach the socket without a segment of the connection and
+//     without counting segs_in: tcp_v4_err and tcp_v6_err handle them
+//     under the socket's spinlock, and the lock, which matches the
+//     connection's TCP segments, lets them in. None of them moves rcv_nxt,
+//     snd_una, snd_nxt, write_seq or a byte of the queues. What they do:
+//     end a SYN_SENT or SYN_RECV connection (tcp_done: the state); on
+//     "fragmentation needed" or "packet too big", at once or at the next
+//     release_sock (TCP_MTU_REDUCED_DEFERRED), lower mss_cache
+//     (tcp_sync_mss; Capture reads mss_clamp, which it leaves alone) and
+//     retransmit (tcp_simple_retransmit: Unacked, as above); on "net" or
+//     "host unreachable" undo one RTO backoff (tcp_ld_RTO_revert), which
+//     may run the retransmission timer at once (a retransmission or a
+//     timeout, as above); redirect the route; set sk_err or sk_err_soft,
+//     which no Snapshot carries, whenever they were set. So an ICMP error
+//     during a capture changes a compared field or nothing the Snapshot
+//     keeps.
 //   - SegsOut and the byte counters of transmissions are deliberately not
-//     compared: a transmission attempt under the lock changes nothing the
-//     snapshot keeps, and counting it would only turn a firing timer into
-//     a retry.
+//     compared: counting a transmission attempt would turn every firing
+//     timer into a retry. Of what the Snapshot keeps, an attempt changes
+//     only the receive window: __tcp_transmit_skb computes the advertised
+//     window (tcp_select_window: rcv_wup set to rcv_nxt, the right edge
+//     not lowered unless net.ipv4.tcp_shrink_window is on) before the
+//     output hook drops the segment. Whether
+//     TCP_REPAIR_WINDOW read it before or after, the peer knows a right
+//     edge no higher than the one captured, and the restored socket only
+//     keeps from shrinking below it.
 //
 // What this cannot see is copied_seq (no field of tcp_info holds it): it
 // moves only when something reads the socket, which the frozen owner
@@ -97,7 +125,7 @@ func getInfo(fd int, ti *tcpInfoHead) error {
 // splice and TCP_ZEROCOPY_RECEIVE do not check repair mode. Capture
 // therefore reads SIOCINQ again when the receive queue held data (with an
 // empty queue nothing can be read until a segment arrives).
-func moved(a, b *tcpInfoHead) string {
+func whatMoved(a, b *tcpInfoHead) string {
 	switch {
 	case a.State != b.State:
 		return "state"

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
@@ -71,7 +72,7 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 			c.inspect = append(c.inspect, time.Since(t))
 			if i%2 == 1 {
 				t := time.Now()
-				bareCapture(fd, buf)
+				bareCapture(fd, &snaps[i].Options, &buf)
 				c.floorDump = append(c.floorDump, time.Since(t))
 			}
 			// Like the source agent, Capture reuses one snapshot's queue
@@ -132,72 +133,105 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 }
 
 // The bare sequences below make the same system calls as repair.Capture and
-// repair.Restore, in the same order, for an established IPv4 connection
-// with timestamps (as repair/bench_test.go does for its own benchmark),
-// with no checks, no error wrapping and no struct filling: the floor that
-// the real functions are compared with. Only the calls that decide whether
-// the sequence can go on (bind, connect) are checked. The number of option
-// calls mirrors repair's option tables (repair/options.go) as of this
-// writing: 12 late setsockopt calls on IPv4 with a kernel that has
-// TCP_RTO_MIN_US and TCP_RTO_MAX_MS, for a connection whose options are the
-// defaults (repair skips the 11 options whose default is a constant).
+// repair.Restore (a zero Restorer, as calibrate uses it: no Defaults, no
+// Blank), in the same order, with the same values and by the same route
+// (RawSyscall where repair uses it, Syscall where it does not: connect,
+// send, TCP_CONGESTION, SO_BINDTODEVICE and peeks over 64 KiB; see
+// repair/sys.go), for an ESTABLISHED IPv4 connection, with no checks, no
+// error wrapping and no struct filling: the floor that the real functions
+// are compared with. Only the calls that decide whether the sequence can go
+// on (bind, connect) are checked, and only the values that decide which
+// calls follow (data in flight, queues to peek, timestamps) are read.
+// bareLateOptions mirrors repair's writeLateOptions (repair/options.go)
+// without Defaults and must follow it; repair/bench_test.go keeps the same
+// sequences for its benchmarks.
 
 const (
-	tcpRecvQueue     = 1   // TCP_RECV_QUEUE
-	tcpSendQueue     = 2   // TCP_SEND_QUEUE
-	tcpNoQueue       = 0   // TCP_NO_QUEUE
-	tcpInfoPrefix    = 8   // the bytes of struct tcp_info that repair's state reads decode
-	tcpInfoHead      = 152 // the bytes of struct tcp_info that repair.Capture reads
-	repairWindowSize = 20  // sizeof(struct tcp_repair_window)
-	lateOptionCalls  = 12
+	tcpRecvQueue      = 1   // TCP_RECV_QUEUE
+	tcpSendQueue      = 2   // TCP_SEND_QUEUE
+	tcpNoQueue        = 0   // TCP_NO_QUEUE
+	tcpInfoHead       = 152 // the bytes of struct tcp_info that repair reads in Capture and verifies a restore with
+	tcpiOptTimestamps = 1   // TCPI_OPT_TIMESTAMPS
+	repairWindowSize  = 20  // sizeof(struct tcp_repair_window)
+	maxRawPeek        = 64 << 10
 )
 
 func rawGet(fd, level, opt int, p unsafe.Pointer, n uint32) {
 	l := n
-	unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(unsafe.Pointer(&l)), 0)
+	unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(unsafe.Pointer(&l)), 0)
 }
 
 func rawSet(fd, level, opt int, v int32) {
-	unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+}
+
+func rawSetN(fd, level, opt int, p unsafe.Pointer, n uintptr) {
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), n, 0)
 }
 
 func rawIoctl(fd int, req uint) int32 {
 	var v int32
-	unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
+	unix.RawSyscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
 	return v
 }
 
-func rawSend(fd int, b []byte) {
+func rawBind(fd int, sa *unix.RawSockaddrInet4) unix.Errno {
+	_, _, e := unix.RawSyscall(unix.SYS_BIND, uintptr(fd), uintptr(unsafe.Pointer(sa)), unix.SizeofSockaddrInet4)
+	return e
+}
+
+// barePeek peeks want+1 bytes of the selected queue into buf, as repair
+// does (raw up to 64 KiB).
+func barePeek(fd int, buf *[]byte, want int) {
+	if len(*buf) < want+1 {
+		*buf = make([]byte, want+1) // as peekQueue grows the Snapshot's buffer
+	}
+	call := unix.RawSyscall6
+	if want+1 > maxRawPeek {
+		call = unix.Syscall6
+	}
+	call(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&(*buf)[0])), uintptr(want+1), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+}
+
+func bareSend(fd int, b []byte) {
 	if len(b) > 0 {
 		unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
 	}
 }
 
-// bareCapture is repair.Capture's sequence on a socket: repair on,
-// TCP_INFO, the queue lengths TCP_INFO does not give, MSS, timestamp,
-// window, both queues (the send queue peeked only when it holds
-// something), then TCP_INFO again, and SIOCINQ again when the receive
-// queue held data.
-func bareCapture(fd int, buf []byte) {
-	var scratch [64]byte
+// bareCapture is repair.Capture's sequence on a socket whose inspected
+// options are o: repair on (and SO_PEEK_OFF cleared if set), TCP_INFO,
+// SIOCOUTQ with data in flight, SIOCINQ, MSS, timestamp (if negotiated),
+// window, the receive queue's sequence and peek, the send queue's sequence
+// and peek (only when it holds something), deselect, TCP_INFO again, and
+// SIOCINQ again when the receive queue held data. The peeks go into *buf,
+// grown as needed.
+func bareCapture(fd int, o *repair.Options, buf *[]byte) {
+	var scratch [repairWindowSize]byte
 	var first, last unix.TCPInfo
 	p := unsafe.Pointer(&scratch[0])
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+	if o.Mask&repair.OptPeekOff != 0 {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, -1)
+	}
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&first), tcpInfoHead)
-	outq := first.Notsent_bytes
+	outq := int32(first.Notsent_bytes)
 	if first.Unacked != 0 {
-		outq = uint32(rawIoctl(fd, unix.SIOCOUTQ))
+		outq = rawIoctl(fd, unix.SIOCOUTQ)
 	}
 	inq := rawIoctl(fd, unix.SIOCINQ)
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG, p, 4)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, p, 4)
+	if first.Options&tcpiOptTimestamps != 0 {
+		rawGet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, p, 4)
+	}
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, p, repairWindowSize)
-	for _, q := range []int32{tcpRecvQueue, tcpSendQueue} {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, q)
-		rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, p, 4)
-		if q == tcpRecvQueue || outq > 0 {
-			unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
-		}
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, p, 4)
+	barePeek(fd, buf, int(inq))
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, p, 4)
+	if outq > 0 {
+		barePeek(fd, buf, int(outq))
 	}
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
 	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&last), tcpInfoHead)
@@ -210,38 +244,50 @@ func bareCapture(fd int, buf []byte) {
 // repair mode, whose descriptor it returns.
 func bareRestore(s *repair.Snapshot) (int, error) {
 	local, remote := s.Tuple()
-	if !local.Addr().Is4() || !remote.Addr().Is4() {
-		return -1, errors.New("bench: the bare restore knows IPv4 only")
+	if s.Family != unix.AF_INET || s.State != repair.StateEstablished {
+		return -1, errors.New("bench: the bare restore knows ESTABLISHED IPv4 connections only")
 	}
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
 		return -1, err
 	}
+	o := &s.Options
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
-	if s.Options.Mark != 0 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(s.Options.Mark))
+	if o.Mask&repair.OptBindToDevice != 0 {
+		unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, o.BindToDevice)
+	}
+	if o.Mark != 0 {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(o.Mark))
+	}
+	if o.Mask&repair.OptTransparent != 0 {
+		rawSet(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
+	}
+	if o.Mask&repair.OptFreebind != 0 {
+		rawSet(fd, unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
 	}
 	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2)
 	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2)
-	la := &unix.SockaddrInet4{Port: int(local.Port()), Addr: local.Addr().As4()}
-	if err := unix.Bind(fd, la); errors.Is(err, unix.EADDRNOTAVAIL) {
+	la := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: local.Addr().As4()}
+	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&la.Port))[:], local.Port())
+	if e := rawBind(fd, &la); e == unix.EADDRNOTAVAIL {
 		rawSet(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
-		err = unix.Bind(fd, la)
-		if err != nil {
+		if e := rawBind(fd, &la); e != 0 {
 			unix.Close(fd)
-			return -1, fmt.Errorf("bench: bare restore: bind: %w", err)
+			return -1, fmt.Errorf("bench: bare restore: bind: %w", e)
 		}
-	} else if err != nil {
+	} else if e != 0 {
 		unix.Close(fd)
-		return -1, fmt.Errorf("bench: bare restore: bind: %w", err)
+		return -1, fmt.Errorf("bench: bare restore: bind: %w", e)
 	}
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue))))
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue))))
-	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: int(remote.Port()), Addr: remote.Addr().As4()}); err != nil && err != unix.EINPROGRESS {
+	ra := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: remote.Addr().As4()}
+	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&ra.Port))[:], remote.Port())
+	if _, _, e := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&ra)), unix.SizeofSockaddrInet4); e != 0 && e != unix.EINPROGRESS {
 		unix.Close(fd)
-		return -1, fmt.Errorf("bench: bare restore: connect: %w", err)
+		return -1, fmt.Errorf("bench: bare restore: connect: %w", e)
 	}
 	var opts [4]unix.TCPRepairOpt
 	n := 0
@@ -259,37 +305,130 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 	}
 	opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_MAXSEG, Val: s.MSSClamp}
 	n++
-	unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS,
-		uintptr(unsafe.Pointer(&opts[0])), uintptr(n)*unsafe.Sizeof(opts[0]), 0)
+	rawSetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS, unsafe.Pointer(&opts[0]), uintptr(n)*unsafe.Sizeof(opts[0]))
 	if s.Flags&repair.FlagTimestamps != 0 {
 		ts := s.Timestamp
 		if s.Flags&repair.FlagUsecTS != 0 {
-			ts |= 1
+			ts |= 1 // repair does so on 6.7+ only; the cost is the same
 		}
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
 	}
 	if len(s.RecvQueue) > 0 {
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-		rawSend(fd, s.RecvQueue)
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+		bareSend(fd, s.RecvQueue)
 	}
-	rawSend(fd, s.SentUnacked())
+	if sent := s.SentUnacked(); len(sent) > 0 {
+		if len(s.RecvQueue) > 0 {
+			rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+		}
+		bareSend(fd, sent)
+	}
 	if s.Unsent > 0 {
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
-		rawSend(fd, s.NeverSent())
+		bareSend(fd, s.NeverSent())
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+	} else {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
 	}
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
-	w := s.Window
-	unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW,
-		uintptr(unsafe.Pointer(&w)), repairWindowSize, 0)
-	for range lateOptionCalls {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_PRIORITY, 0)
+	if s.Flags&repair.FlagWindow != 0 {
+		w := s.Window
+		rawSetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(&w), repairWindowSize)
 	}
-	rawIoctl(fd, unix.SIOCOUTQ)
-	rawIoctl(fd, unix.SIOCOUTQNSD)
+	bareLateOptions(fd, o)
+	if s.Shutdown&repair.ShutRead != 0 {
+		unix.Shutdown(fd, unix.SHUT_RD)
+	}
+	// The check of an ESTABLISHED restore: TCP_INFO, SIOCOUTQ with data in
+	// flight, SIOCINQ.
+	var ti unix.TCPInfo
+	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), tcpInfoHead)
+	if ti.Unacked != 0 {
+		rawIoctl(fd, unix.SIOCOUTQ)
+	}
 	rawIoctl(fd, unix.SIOCINQ)
-	var info [tcpInfoPrefix]byte
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info[0]), tcpInfoPrefix)
 	return fd, nil
+}
+
+// bareLateOptions makes the calls of repair's writeLateOptions with no
+// Defaults on an IPv4 socket: the buffers and their locks, then each
+// option whose value a new socket might not have (the constant defaults
+// skipped, every sysctl-following one written), TCP_CONGESTION through
+// the scheduler.
+func bareLateOptions(fd int, o *repair.Options) {
+	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, o.SndBuf/2)
+	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, o.RcvBuf/2)
+	if o.Mask&repair.OptBufLock != 0 {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, int32(o.BufLock))
+	}
+	if o.TOS != 0 {
+		rawSet(fd, unix.IPPROTO_IP, unix.IP_TOS, int32(o.TOS))
+	}
+	for _, b := range [...]struct {
+		level, name int
+		on          bool
+	}{
+		{unix.SOL_SOCKET, unix.SO_REUSEPORT, o.ReusePort},
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, o.KeepAlive},
+		{unix.SOL_SOCKET, unix.SO_OOBINLINE, o.OOBInline},
+		{unix.SOL_SOCKET, unix.SO_DONTROUTE, o.DontRoute},
+		{unix.IPPROTO_TCP, unix.TCP_NODELAY, o.NoDelay},
+		{unix.IPPROTO_TCP, unix.TCP_CORK, o.Cork},
+	} {
+		if b.on {
+			rawSet(fd, b.level, b.name, 1)
+		}
+	}
+	if o.Priority != 0 || o.TOS != 0 {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_PRIORITY, o.Priority)
+	}
+	if o.RcvLowat != 1 {
+		rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, o.RcvLowat)
+	}
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, o.KeepIdle)
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, o.KeepIntvl)
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT, o.KeepCnt)
+	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_LINGER2, o.Linger2)
+	rawSet(fd, unix.IPPROTO_IP, unix.IP_TTL, o.TTL)
+	if o.UserTimeout != 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int32(o.UserTimeout))
+	}
+	if o.NotSentLowat != 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, int32(o.NotSentLowat))
+	}
+	if o.Mask&repair.OptRTOMin != 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_RTO_MIN_US, int32(o.RTOMinUs))
+	}
+	if o.Mask&repair.OptRTOMax != 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int32(o.RTOMaxMs))
+	}
+	if o.Mask&repair.OptTxDelay != 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TX_DELAY, int32(o.TxDelayUs))
+	}
+	if o.WindowClamp != 0 {
+		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, int32(o.WindowClamp))
+	}
+	if o.Mask&repair.OptLinger != 0 {
+		l := [2]int32{1, o.LingerSecs}
+		rawSetN(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&l), 8)
+	}
+	for _, t := range [...]struct {
+		name int
+		d    time.Duration
+	}{{unix.SO_SNDTIMEO, o.SndTimeo}, {unix.SO_RCVTIMEO, o.RcvTimeo}} {
+		if t.d != 0 {
+			tv := unix.NsecToTimeval(t.d.Nanoseconds())
+			rawSetN(fd, unix.SOL_SOCKET, t.name, unsafe.Pointer(&tv), unsafe.Sizeof(tv))
+		}
+	}
+	if o.Mask&repair.OptMaxPacingRate != 0 {
+		r := o.MaxPacingRate
+		rawSetN(fd, unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE, unsafe.Pointer(&r), 8)
+	}
+	if o.Mask&repair.OptCongestion != 0 && o.Congestion != "" {
+		unix.SetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, o.Congestion)
+	}
+	if o.Mask&repair.OptRecvErr != 0 {
+		rawSet(fd, unix.IPPROTO_IP, unix.IP_RECVERR, 1)
+	}
+	rawSet(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, o.MTUDiscover)
 }
