@@ -91,27 +91,13 @@ func agent(t *testing.T, ns *lab.NS, args ...string) *exec.Cmd {
 	return cmd
 }
 
-// waitFor polls cond every 10ms until it returns true, or fails after d.
-func waitFor(d time.Duration, cond func() bool) error {
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("timed out")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return nil
-}
-
 // waitListening waits until something listens on addr inside ns.
 func waitListening(t *testing.T, ns *lab.NS, port uint16) {
 	t.Helper()
-	if err := waitFor(10*time.Second, func() bool {
-		out, _ := ns.Exec("ss", "-Htln", fmt.Sprintf("sport = :%d", port))
-		return len(bytes.TrimSpace(out)) > 0
-	}); err != nil {
-		t.Fatalf("nothing listens on port %d in %s", port, ns.Label)
-	}
+	lab.WaitFor(t, fmt.Sprintf("a listener on port %d in %s", port, ns.Label), func() (bool, string) {
+		out, err := ns.Exec("ss", "-Htln", fmt.Sprintf("sport = :%d", port))
+		return len(bytes.TrimSpace(out)) > 0, fmt.Sprintf("ss: %v %q", err, out)
+	})
 }
 
 // TestCLIPidExec moves the connection of an unmodified program (socat,

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -76,7 +77,9 @@ func readAll(r *net.TCPConn, dir byte, want int) error {
 	return nil
 }
 
-func stateOf(t *testing.T, c *net.TCPConn) repair.State {
+// stateOf reads the TCP state of the socket c (a *net.TCPConn or an
+// *os.File).
+func stateOf(t *testing.T, c syscall.Conn) repair.State {
 	t.Helper()
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -90,11 +93,12 @@ func stateOf(t *testing.T, c *net.TCPConn) repair.State {
 	return repair.State(info.State)
 }
 
-func waitConnState(t *testing.T, what string, c *net.TCPConn, want repair.State) {
+func waitConnState(t *testing.T, what string, c syscall.Conn, want repair.State) {
 	t.Helper()
-	if err := waitFor(10*time.Second, func() bool { return stateOf(t, c) == want }); err != nil {
-		t.Fatalf("%s in %s, want %s", what, stateOf(t, c), want)
-	}
+	lab.WaitFor(t, fmt.Sprintf("%s in %s", what, want), func() (bool, string) {
+		st := stateOf(t, c)
+		return st == want, st.String()
+	})
 }
 
 // TestHalfClosedMix migrates, through both agents (Go API), a mix of
@@ -446,20 +450,8 @@ func dialSynSent(t *testing.T, src *lab.NS, local netip.Addr, remote netip.AddrP
 		t.Fatal(err)
 	}
 	f := os.NewFile(uintptr(fd), "syn-sent")
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if repair.State(info.State) == repair.StateSynSent {
-			return f
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("dialing socket in %s, want SYN_SENT", repair.State(info.State))
-		}
-		time.Sleep(time.Millisecond)
-	}
+	waitConnState(t, "the dialing socket", f, repair.StateSynSent)
+	return f
 }
 
 // dropRule drops the peer's segments of c towards the service (its ACKs).

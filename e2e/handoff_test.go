@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tcpmigrate/tcpmigrate/internal/fdpass"
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 	"github.com/tcpmigrate/tcpmigrate/internal/streamcheck"
 )
 
@@ -104,9 +106,10 @@ func (w *world) adopt(dl *fdpass.Listener) error {
 
 func waitFile(t *testing.T, path string) {
 	t.Helper()
-	if err := waitFor(10*time.Second, func() bool { _, err := os.Stat(path); return err == nil }); err != nil {
-		t.Fatalf("%s never appeared", path)
-	}
+	lab.WaitFor(t, path+" to appear", func() (bool, string) {
+		_, err := os.Stat(path)
+		return err == nil, fmt.Sprint(err)
+	})
 }
 
 // handOff pauses the workload and hands its sockets to the source agent

@@ -250,9 +250,10 @@ func (s *listenScene) startPeer() {
 			go s.connection(n)
 		}
 	}()
-	if err := waitFor(20*time.Second, func() bool { return s.echoed.Load() >= acceptFirst && s.opened.Load() >= acceptFirst+10 }); err != nil {
-		s.t.Fatalf("before the move: %d echoed, %d opened", s.echoed.Load(), s.opened.Load())
-	}
+	lab.WaitForWithin(s.t, 20*time.Second, fmt.Sprintf("%d connections echoed and %d opened before the move", acceptFirst, acceptFirst+10), func() (bool, string) {
+		echoed, opened := s.echoed.Load(), s.opened.Load()
+		return echoed >= acceptFirst && opened >= acceptFirst+10, fmt.Sprintf("%d echoed, %d opened", echoed, opened)
+	})
 	out, err := s.src.Exec(bin, "list", "--json", "--pid", strconv.Itoa(s.old.Process.Pid))
 	s.t.Logf("list:\n%s", out)
 	if err != nil {
@@ -399,13 +400,15 @@ func testListenerUnderLoad(t *testing.T, service netip.Prefix, bind netip.AddrPo
 	if err := send.Start(); err != nil {
 		t.Fatal(err)
 	}
-	if err := waitFor(20*time.Second, func() bool { _, err := os.Stat(hang); return err == nil }); err != nil {
-		t.Fatal("send never reached the switch")
-	}
+	lab.WaitForWithin(t, 20*time.Second, "send to reach the switch", func() (bool, string) {
+		_, err := os.Stat(hang)
+		return err == nil, fmt.Sprint(err)
+	})
 	retrans := synRetrans(t, s.peer)
-	if err := waitFor(5*time.Second, func() bool { return synRetrans(t, s.peer) > retrans }); err != nil {
-		t.Fatal("no SYN of the peer was dropped while the listener was locked")
-	}
+	lab.WaitForWithin(t, 5*time.Second, "a SYN of the peer dropped while the listener is locked", func() (bool, string) {
+		n := synRetrans(t, s.peer)
+		return n > retrans, fmt.Sprintf("%d SYNs retransmitted since the lock", n-retrans)
+	})
 	os.Remove(hang)
 	err := send.Wait()
 	t.Logf("send:\n%s\n%s", sendOut.String(), sendErr.String())
@@ -517,13 +520,11 @@ func TestCLIListenerRollback(t *testing.T) {
 	// meanwhile complete their handshake (it does not accept them).
 	time.Sleep(1500 * time.Millisecond)
 	s.stopPeer(false)
-	if err := waitFor(10*time.Second, func() bool {
+	lab.WaitFor(t, fmt.Sprintf("the %d reset connections to notice", len(lost)), func() (bool, string) {
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		return len(s.errs) >= len(lost)
-	}); err != nil {
-		t.Errorf("only %d of the %d reset connections noticed", len(s.errs), len(lost))
-	}
+		return len(s.errs) >= len(lost), fmt.Sprintf("%d noticed: %v", len(s.errs), s.errs)
+	})
 	s.mu.Lock()
 	for _, who := range s.order {
 		if !lost[who] {
@@ -648,9 +649,10 @@ func TestCLIListenerAlone(t *testing.T) {
 		t.Fatalf("receive --once: %v", err)
 	}
 	var got map[string]int
-	if err := waitFor(10*time.Second, func() bool { return json.Unmarshal(read(s.report), &got) == nil }); err != nil {
-		t.Fatal("the new instance did not report")
-	}
+	lab.WaitFor(t, "the new instance's report", func() (bool, string) {
+		err := json.Unmarshal(read(s.report), &got)
+		return err == nil, fmt.Sprint(err)
+	})
 	if got["listen6"] != 1 || len(got) != 1 {
 		t.Errorf("the new instance got %v; want one listener", got)
 	}

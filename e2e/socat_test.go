@@ -101,9 +101,10 @@ func (r *socatRun) send(n int64) error {
 func (r *socatRun) delivered() string {
 	t := r.t
 	t.Helper()
-	if err := waitFor(20*time.Second, func() bool { return size(r.srcOut)+size(r.dstOut) >= r.off }); err != nil {
-		t.Fatalf("only %d+%d of %d bytes arrived", size(r.srcOut), size(r.dstOut), r.off)
-	}
+	lab.WaitForWithin(t, 20*time.Second, fmt.Sprintf("the %d bytes sent", r.off), func() (bool, string) {
+		src, dst := size(r.srcOut), size(r.dstOut)
+		return src+dst >= r.off, fmt.Sprintf("%d+%d bytes arrived", src, dst)
+	})
 	want := make([]byte, r.off)
 	streamcheck.Pattern(want, 0, 0)
 	if !bytes.Equal(append(read(r.srcOut), read(r.dstOut)...), want) {
@@ -128,9 +129,10 @@ func (r *socatRun) quiet() {
 
 func waitFileSize(t *testing.T, path string, n int64) {
 	t.Helper()
-	if err := waitFor(20*time.Second, func() bool { return size(path) >= n }); err != nil {
-		t.Fatalf("%s never reached %d bytes (%d)", path, n, size(path))
-	}
+	lab.WaitForWithin(t, 20*time.Second, fmt.Sprintf("%s to reach %d bytes", path, n), func() (bool, string) {
+		got := size(path)
+		return got >= n, fmt.Sprintf("%d bytes", got)
+	})
 	if size(path) > n {
 		t.Fatalf("%s has %d bytes, more than the %d sent", path, size(path), n)
 	}

@@ -127,12 +127,10 @@ func TestScriptedVMMigration(t *testing.T) {
 		t.Fatal("the script did not say which process is the arrival")
 	}
 	syscall.Kill(arrival, syscall.SIGTERM)
-	if err := waitFor(10*time.Second, func() bool {
+	lab.WaitFor(t, "the arrival's report", func() (bool, string) {
 		b, _ := os.ReadFile(arrivalOut)
-		return len(b) > 0 && b[len(b)-1] == '\n'
-	}); err != nil {
-		t.Fatal("the arrival did not report")
-	}
+		return len(b) > 0 && b[len(b)-1] == '\n', fmt.Sprintf("%q", b)
+	})
 	if b, _ := os.ReadFile(arrivalOut); string(b) != "ok\n" {
 		t.Errorf("the VM on the target: %s", b)
 	}

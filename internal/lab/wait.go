@@ -13,7 +13,13 @@ const WaitTimeout = 10 * time.Second
 // test with what and the last description cond gave.
 func WaitFor(tb testing.TB, what string, cond func() (bool, string)) {
 	tb.Helper()
-	deadline := time.Now().Add(WaitTimeout)
+	WaitForWithin(tb, WaitTimeout, what, cond)
+}
+
+// WaitForWithin is WaitFor with a timeout of its own.
+func WaitForWithin(tb testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
+	tb.Helper()
+	deadline := time.Now().Add(timeout)
 	delay := time.Millisecond
 	for {
 		ok, last := cond()
