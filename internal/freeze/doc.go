@@ -41,9 +41,10 @@
 // A process stays frozen if the caller dies before Thaw: the kernel keeps a
 // cgroup frozen and a process stopped until someone thaws it. The caller
 // therefore writes Frozen.Record, plain data, to its journal before it
-// goes on, and "tcpmigrate recover" calls ThawRecord with it. ThawRecord
-// checks the process's start time so that it never sends SIGCONT to a
-// process that reused the pid.
+// goes on, and "tcpmigrate recover" calls ThawRecord with it (KillRecord
+// when the process's connections were committed elsewhere). Both check the
+// process's start time so that they never signal a process that reused the
+// pid.
 //
 // Errors are *Error values naming the operation and the pid, wrapping the
 // kernel's errno or one of the sentinel errors.

@@ -19,7 +19,7 @@ var (
 	// and is no longer this Frozen's to kill.
 	ErrReleased = errors.New("freeze: process already thawed")
 	// ErrPIDReused means a Record's pid now belongs to another process (its
-	// start time differs), so ThawRecord did not signal it.
+	// start time differs), so ThawRecord or KillRecord did not signal it.
 	ErrPIDReused = errors.New("freeze: pid belongs to another process now")
 	// ErrBadRecord means a Record does not describe a freeze (unknown
 	// method, relative or missing cgroup path).

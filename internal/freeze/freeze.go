@@ -233,19 +233,27 @@ func (f *Frozen) Kill() error {
 	case stateThawed:
 		return opErr("kill", f.rec.PID, ErrReleased)
 	}
-	pid := f.rec.PID
-	if err := signal(f.pidfd, unix.SIGKILL); err != nil {
-		return opErr("pidfd_send_signal SIGKILL", pid, err)
-	}
-	if f.rec.Method == MethodCgroup && !f.rec.Inherited {
-		if err := writeFreeze(f.rec.Cgroup, false); err != nil && !errors.Is(err, unix.ENOENT) {
-			return opErr("write 0 to "+f.rec.Cgroup+"/cgroup.freeze", pid, err)
-		}
-	}
-	if err := waitExit(f.pidfd, time.Now().Add(Timeout)); err != nil {
-		return opErr("wait for exit after SIGKILL", pid, err)
+	if err := kill(f.rec, f.pidfd); err != nil {
+		return err
 	}
 	f.release(stateKilled)
+	return nil
+}
+
+// kill sends SIGKILL to the process of pidfd, which rec froze, thaws its
+// cgroup unless the freeze was inherited, and waits until it has exited.
+func kill(rec Record, pidfd int) error {
+	if err := signal(pidfd, unix.SIGKILL); err != nil {
+		return opErr("pidfd_send_signal SIGKILL", rec.PID, err)
+	}
+	if rec.Method == MethodCgroup && !rec.Inherited {
+		if err := writeFreeze(rec.Cgroup, false); err != nil && !errors.Is(err, unix.ENOENT) {
+			return opErr("write 0 to "+rec.Cgroup+"/cgroup.freeze", rec.PID, err)
+		}
+	}
+	if err := waitExit(pidfd, time.Now().Add(Timeout)); err != nil {
+		return opErr("wait for exit after SIGKILL", rec.PID, err)
+	}
 	return nil
 }
 
@@ -288,11 +296,10 @@ func thaw(rec Record, pidfd int) error {
 // thawed whatever became of the process, and a cgroup that no longer
 // exists is not an error; a path outside cgroup2 fails with ErrBadRecord.
 func ThawRecord(rec Record) error {
+	if err := rec.check("thaw record"); err != nil {
+		return err
+	}
 	switch {
-	case rec.PID <= 0,
-		rec.Method != MethodSignal && rec.Method != MethodCgroup,
-		rec.Method == MethodCgroup && (!filepath.IsAbs(rec.Cgroup) || filepath.Clean(rec.Cgroup) != rec.Cgroup):
-		return opErr("thaw record", rec.PID, ErrBadRecord)
 	case rec.Inherited:
 		return nil
 	case rec.Method == MethodCgroup:
@@ -307,23 +314,78 @@ func ThawRecord(rec Record) error {
 		}
 		return thaw(rec, -1)
 	}
-	pidfd, err := unix.PidfdOpen(rec.PID, 0)
-	if err == unix.ESRCH {
-		return nil
-	}
-	if err != nil {
-		return opErr("pidfd_open", rec.PID, err)
+	pidfd, err := rec.open("thaw record")
+	if pidfd < 0 {
+		return err
 	}
 	defer unix.Close(pidfd)
-	st, err := procStat(rec.PID)
-	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
-		return nil
+	return thaw(rec, pidfd)
+}
+
+// KillRecord ends with SIGKILL the process of a Record, as "tcpmigrate
+// recover" does when the process's connections were committed on the
+// target after the agent that froze it died. It does what Kill would do:
+// the cgroup thawed (ThawRecord's checks) unless the freeze was inherited,
+// and a wait, within Timeout, until the process has exited, so that its
+// descriptors are gone when KillRecord returns. A process that has exited
+// is not an error; a pid that now names another process fails with
+// ErrPIDReused and is left alone.
+func KillRecord(rec Record) error {
+	if err := rec.check("kill record"); err != nil {
+		return err
+	}
+	pidfd, err := rec.open("kill record")
+	if pidfd < 0 {
+		return err
+	}
+	defer unix.Close(pidfd)
+	if err := signal(pidfd, unix.SIGKILL); err != nil {
+		return opErr("pidfd_send_signal SIGKILL", rec.PID, err)
+	}
+	if rec.Method == MethodCgroup {
+		if err := ThawRecord(rec); err != nil {
+			return err
+		}
+	}
+	if err := waitExit(pidfd, time.Now().Add(Timeout)); err != nil {
+		return opErr("wait for exit after SIGKILL", rec.PID, err)
+	}
+	return nil
+}
+
+// check fails with ErrBadRecord unless rec describes a freeze: a pid, a
+// method, and for MethodCgroup an absolute, clean path.
+func (rec Record) check(op string) error {
+	if rec.PID <= 0 || rec.Method != MethodSignal && rec.Method != MethodCgroup ||
+		rec.Method == MethodCgroup && (!filepath.IsAbs(rec.Cgroup) || filepath.Clean(rec.Cgroup) != rec.Cgroup) {
+		return opErr(op, rec.PID, ErrBadRecord)
+	}
+	return nil
+}
+
+// open returns a pidfd of rec's process, opened before its start time is
+// compared with rec's, so that it names the process rec froze: -1 and no
+// error when the process has exited, -1 and ErrPIDReused when the pid
+// names another process now.
+func (rec Record) open(op string) (int, error) {
+	pidfd, err := unix.PidfdOpen(rec.PID, 0)
+	if err == unix.ESRCH {
+		return -1, nil
 	}
 	if err != nil {
-		return opErr("read /proc/PID/stat", rec.PID, err)
+		return -1, opErr("pidfd_open", rec.PID, err)
 	}
-	if st.startTime != rec.StartTime {
-		return opErr("thaw record", rec.PID, ErrPIDReused)
+	st, err := procStat(rec.PID)
+	switch {
+	case errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH):
+		err = nil
+	case err != nil:
+		err = opErr("read /proc/PID/stat", rec.PID, err)
+	case st.startTime != rec.StartTime:
+		err = opErr(op, rec.PID, ErrPIDReused)
+	default:
+		return pidfd, nil
 	}
-	return thaw(rec, pidfd)
+	unix.Close(pidfd)
+	return -1, err
 }

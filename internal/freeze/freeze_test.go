@@ -319,45 +319,7 @@ func TestRule(t *testing.T) {
 func TestRecover(t *testing.T) {
 	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {
-			lab.Require(t)
-			var dir string
-			if m.method == freeze.MethodCgroup {
-				dir = newCgroup(t)
-			}
-			p := startSleeper(t)
-			if dir != "" {
-				moveTo(t, dir, p.pid)
-			}
-			exe, err := os.Executable()
-			if err != nil {
-				t.Fatal(err)
-			}
-			agent := exec.Command(exe, itoa(p.pid))
-			agent.Env = append(os.Environ(), helperEnv+"=agent")
-			agent.Stderr = os.Stderr
-			journal, err := agent.Output()
-			if err != nil {
-				t.Fatalf("agent: %v", err)
-			}
-			var rec freeze.Record
-			if err := json.Unmarshal(journal, &rec); err != nil {
-				t.Fatalf("journal %q: %v", journal, err)
-			}
-			if rec.PID != p.pid || rec.Method != m.method || rec.Cgroup != dir ||
-				!strings.Contains(string(journal), `"method":"`+m.method.String()+`"`) {
-				t.Fatalf("journal %s, want pid %d method %v cgroup %q", journal, p.pid, m.method, dir)
-			}
-
-			// The agent is gone; the process is still frozen.
-			held := func() bool {
-				if dir != "" {
-					return frozenEvent(t, dir) == "1"
-				}
-				return allT(threadStates(t, p.pid))
-			}
-			if !held() {
-				t.Fatalf("process not frozen after its agent exited")
-			}
+			p, dir, rec, held := frozenByDeadAgent(t, m.method)
 			if m.method == freeze.MethodSignal {
 				reused := rec
 				reused.StartTime++
@@ -383,6 +345,90 @@ func TestRecover(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRecoverKill is TestRecover for a migration that committed: KillRecord
+// kills the process the dead agent froze, and has waited for its exit when
+// it returns; a record whose pid names another process now (another start
+// time) kills nothing.
+func TestRecoverKill(t *testing.T) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			p, dir, rec, held := frozenByDeadAgent(t, m.method)
+			reused := rec
+			reused.StartTime++
+			if err := freeze.KillRecord(reused); !errors.Is(err, freeze.ErrPIDReused) {
+				t.Errorf("KillRecord with another start time: %v, want ErrPIDReused", err)
+			}
+			if !held() {
+				t.Errorf("KillRecord of a reused pid touched the process")
+			}
+			if err := freeze.KillRecord(rec); err != nil {
+				t.Fatal(err)
+			}
+			// The process has exited when KillRecord returns: a zombie, or
+			// already reaped by the test's goroutine.
+			if b, err := os.ReadFile("/proc/" + itoa(p.pid) + "/stat"); err == nil && !strings.Contains(string(b), ") Z ") {
+				t.Errorf("KillRecord returned with the process alive: %s", b)
+			}
+			if st := p.waitExit(t); !killedBySIGKILL(st) {
+				t.Errorf("process ended with %v, want SIGKILL", st)
+			}
+			if dir != "" {
+				if v := frozenEvent(t, dir); v != "0" {
+					t.Errorf("cgroup left frozen %s after KillRecord", v)
+				}
+			}
+			if err := freeze.KillRecord(rec); err != nil {
+				t.Errorf("second KillRecord: %v", err)
+			}
+		})
+	}
+}
+
+// frozenByDeadAgent freezes a new sleeper (in a cgroup of its own for
+// MethodCgroup, whose directory it returns) from an agent process that
+// exits without thawing it, and returns the record the agent wrote and a
+// check that the sleeper is still held.
+func frozenByDeadAgent(t *testing.T, method freeze.Method) (p *proc, dir string, rec freeze.Record, held func() bool) {
+	t.Helper()
+	lab.Require(t)
+	if method == freeze.MethodCgroup {
+		dir = newCgroup(t)
+	}
+	p = startSleeper(t)
+	if dir != "" {
+		moveTo(t, dir, p.pid)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent := exec.Command(exe, itoa(p.pid))
+	agent.Env = append(os.Environ(), helperEnv+"=agent")
+	agent.Stderr = os.Stderr
+	journal, err := agent.Output()
+	if err != nil {
+		t.Fatalf("agent: %v", err)
+	}
+	if err := json.Unmarshal(journal, &rec); err != nil {
+		t.Fatalf("journal %q: %v", journal, err)
+	}
+	if rec.PID != p.pid || rec.Method != method || rec.Cgroup != dir ||
+		!strings.Contains(string(journal), `"method":"`+method.String()+`"`) {
+		t.Fatalf("journal %s, want pid %d method %v cgroup %q", journal, p.pid, method, dir)
+	}
+	// The agent is gone; the process is still frozen.
+	held = func() bool {
+		if dir != "" {
+			return frozenEvent(t, dir) == "1"
+		}
+		return allT(threadStates(t, p.pid))
+	}
+	if !held() {
+		t.Fatalf("process not frozen after its agent exited")
+	}
+	return p, dir, rec, held
 }
 
 func TestErrors(t *testing.T) {

@@ -6,13 +6,11 @@
 package recovery
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -145,39 +143,17 @@ func finishCommit(o Options, r *journal.Record) (string, error) {
 	if o.DryRun {
 		return "committed at the target: would kill the frozen owner", nil
 	}
-	if r.Freeze != nil && alive(r.PID) {
-		if err := unix.Kill(r.PID, unix.SIGKILL); err != nil {
-			return "committed at the target", fmt.Errorf("recovery: kill %d: %w", r.PID, err)
-		}
-		freeze.ThawRecord(*r.Freeze) // a frozen cgroup must thaw for the kill to land
-		if !awaitGone(r.PID, 5*time.Second) {
-			return "committed at the target: the owner was killed but has not exited; its locks stay", fmt.Errorf("recovery: process %d still alive after SIGKILL", r.PID)
+	if r.Freeze != nil {
+		// KillRecord returns once the owner has exited (or if its pid names
+		// another process now: the owner is gone all the same).
+		if err := freeze.KillRecord(*r.Freeze); err != nil && !errors.Is(err, freeze.ErrPIDReused) {
+			return "committed at the target: the owner could not be killed; its locks stay", fmt.Errorf("recovery: %w", err)
 		}
 	}
 	if err := removeLocks(r); err != nil {
 		return "committed at the target: the owner's copies discarded", err
 	}
 	return "committed at the target: the owner's copies discarded, its locks removed", nil
-}
-
-// awaitGone waits until pid has exited (a zombie has closed its
-// descriptors: it counts as gone).
-func awaitGone(pid int, within time.Duration) bool {
-	deadline := time.Now().Add(within)
-	for {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
-			return true
-		}
-		// The state follows the command name, which ends with the last ')'.
-		if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) && b[i+2] == 'Z' {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // removeLocks removes the record's lock tables (the connection lock and,
