@@ -143,6 +143,10 @@ func finishCommit(o Options, r *journal.Record) (string, error) {
 	if o.DryRun {
 		return "committed at the target: would kill the frozen owner", nil
 	}
+	// The locks' namespace is named through the owner (/proc/PID/ns/net):
+	// it is opened while the owner lives.
+	ns, done := lockNS(r)
+	defer done()
 	if r.Freeze != nil {
 		// KillRecord returns once the owner has exited (or if its pid names
 		// another process now: the owner is gone all the same).
@@ -150,25 +154,33 @@ func finishCommit(o Options, r *journal.Record) (string, error) {
 			return "committed at the target: the owner could not be killed; its locks stay", fmt.Errorf("recovery: %w", err)
 		}
 	}
-	if err := removeLocks(r); err != nil {
+	if err := removeLocks(r, ns); err != nil {
 		return "committed at the target: the owner's copies discarded", err
 	}
 	return "committed at the target: the owner's copies discarded, its locks removed", nil
 }
 
+// lockNS opens the network namespace the record's locks live in and
+// returns its descriptor (0, the agent's own, when the record names none or
+// it cannot be opened: a namespace that is gone took its tables with it)
+// and a function that closes it.
+func lockNS(r *journal.Record) (ns int, done func()) {
+	if r.NetNS == "" {
+		return 0, func() {}
+	}
+	f, err := os.Open(r.NetNS)
+	if err != nil {
+		return 0, func() {}
+	}
+	return int(f.Fd()), func() { f.Close() }
+}
+
 // removeLocks removes the record's lock tables (the connection lock and,
-// if it took listeners, the listener lock) in the namespace they live in.
+// if it took listeners, the listener lock) in the namespace ns (lockNS).
 // Tables already gone are not an error.
-func removeLocks(r *journal.Record) error {
+func removeLocks(r *journal.Record, ns int) error {
 	if r.Lock == "" && r.ListenLock == "" {
 		return nil
-	}
-	ns := 0
-	if r.NetNS != "" {
-		if f, err := os.Open(r.NetNS); err == nil {
-			defer f.Close()
-			ns = int(f.Fd())
-		}
 	}
 	_, err := firewall.Sweep(ns, func(instance string) bool {
 		t := firewall.TableName(instance)
@@ -200,7 +212,9 @@ func rollBack(o Options, r *journal.Record) (string, error) {
 	// Remove this migration's locks first: leaving repair sends a probe
 	// that must reach the peer, and the thawed owner's listeners must get
 	// their SYNs again.
-	errs = append(errs, removeLocks(r))
+	ns, done := lockNS(r)
+	errs = append(errs, removeLocks(r, ns))
+	done()
 	resumed := 0
 	if r.PID > 0 && alive(r.PID) {
 		for _, c := range r.Conns {
