@@ -15,7 +15,7 @@ import (
 func deliveredName(d *target.Delivered) (string, error) {
 	switch {
 	case d.Listener:
-		return activation.ListenerName(d.Local.Addr().Is4(), d.Local)
+		return activation.ListenerName(d.Local)
 	case d.PendingOn.IsValid():
 		return activation.PendingName(d.PendingOn, d.Local, d.Remote)
 	}

@@ -11,15 +11,16 @@ import (
 //
 //	name = ("listen4-" | "listen6-") endpoint
 //
-// with endpoint as in Name. The digit is the socket's family: a
+// with endpoint as in Name. The digit is the socket's family, which the
+// address tells (an IPv6 socket's is IPv6, IPv4-mapped or not): a
 // dual-stack IPv6 listener on [::]:80 is "listen6-.._80", and IPv4
 // connections reach it with IPv4-mapped addresses.
-func ListenerName(family4 bool, local netip.AddrPort) (string, error) {
-	if !local.IsValid() || local.Addr().Is4() != family4 {
-		return "", fmt.Errorf("%w: listener %v: an address of the socket's family is needed", ErrName, local)
+func ListenerName(local netip.AddrPort) (string, error) {
+	if !local.IsValid() {
+		return "", fmt.Errorf("%w: listener %v: no address", ErrName, local)
 	}
 	var b strings.Builder
-	if family4 {
+	if local.Addr().Is4() {
 		b.WriteString("listen4-")
 	} else {
 		b.WriteString("listen6-")

@@ -9,20 +9,22 @@ import (
 func TestListenerAndPendingNames(t *testing.T) {
 	ap := netip.MustParseAddrPort
 	for _, tc := range []struct {
-		v4                      bool
 		listener, local, remote string
 		lname, pname            string
 	}{
-		{true, "198.18.0.10:80", "198.18.0.10:80", "198.18.0.1:5000",
+		{"198.18.0.10:80", "198.18.0.10:80", "198.18.0.1:5000",
 			"listen4-198.18.0.10_80", "pending4-198.18.0.10_80-198.18.0.10_80-198.18.0.1_5000"},
-		{true, "0.0.0.0:80", "198.18.0.10:80", "198.18.0.1:5000",
+		{"0.0.0.0:80", "198.18.0.10:80", "198.18.0.1:5000",
 			"listen4-0.0.0.0_80", "pending4-0.0.0.0_80-198.18.0.10_80-198.18.0.1_5000"},
-		{false, "[::]:443", "[::ffff:198.18.0.10]:443", "[::ffff:198.18.0.1]:5000",
+		{"[::]:443", "[::ffff:198.18.0.10]:443", "[::ffff:198.18.0.1]:5000",
 			"listen6-.._443", "pending6-.._443-..ffff.c612.a_443-..ffff.c612.1_5000"},
-		{false, "[fd00::10]:443", "[fd00::10]:443", "[fd00::1]:5000",
+		// An IPv6 socket bound to an IPv4-mapped address is of family 6.
+		{"[::ffff:198.18.0.10]:443", "[::ffff:198.18.0.10]:443", "[::ffff:198.18.0.1]:5000",
+			"listen6-..ffff.c612.a_443", "pending6-..ffff.c612.a_443-..ffff.c612.a_443-..ffff.c612.1_5000"},
+		{"[fd00::10]:443", "[fd00::10]:443", "[fd00::1]:5000",
 			"listen6-fd00..10_443", "pending6-fd00..10_443-fd00..10_443-fd00..1_5000"},
 	} {
-		ln, err := ListenerName(tc.v4, ap(tc.listener))
+		ln, err := ListenerName(ap(tc.listener))
 		if err != nil || ln != tc.lname || !validName(ln) {
 			t.Errorf("ListenerName(%s) = %q, %v; want %q", tc.listener, ln, err, tc.lname)
 		}
@@ -42,7 +44,7 @@ func TestListenerAndPendingNames(t *testing.T) {
 			t.Errorf("ParsePendingName(%q): %v, want ErrName", bad, err)
 		}
 	}
-	if _, err := ListenerName(true, ap("[fd00::1]:80")); !errors.Is(err, ErrName) {
-		t.Errorf("IPv6 address for an IPv4 listener: %v", err)
+	if _, err := ListenerName(netip.AddrPort{}); !errors.Is(err, ErrName) {
+		t.Errorf("listener without an address: %v", err)
 	}
 }
