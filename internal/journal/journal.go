@@ -132,7 +132,11 @@ func (j *Journal) Write(r *Record) error {
 			return err
 		}
 	}
-	return j.writeRecord(r, true)
+	b, err := j.encode(r)
+	if err != nil {
+		return err
+	}
+	return j.replace(r, j.path(r), b, true)
 }
 
 // Update stores a change of r (its state, the addresses it moved) without
@@ -145,10 +149,9 @@ func (j *Journal) Write(r *Record) error {
 // without stopping for a signal, so a killed agent leaves the old record or
 // the new (only a fault on the source buffer in mid-copy could split it,
 // and the buffer was just written by this process), and it costs
-// microseconds where a new file
-// renamed over the old costs a quarter of a millisecond here (ext4 starts
-// the new file's writeback at the rename). Otherwise the record is
-// replaced through a new file and a rename.
+// microseconds where a new file renamed over the old costs a quarter of a
+// millisecond here (ext4 starts the new file's writeback at the rename).
+// Otherwise the record is replaced through a new file and a rename.
 func (j *Journal) Update(r *Record) error {
 	b, err := j.encode(r)
 	if err != nil {
@@ -176,14 +179,6 @@ func (j *Journal) Update(r *Record) error {
 
 // pageSize bounds the records Update overwrites in place.
 const pageSize = 4096
-
-func (j *Journal) writeRecord(r *Record, sync bool) error {
-	b, err := j.encode(r)
-	if err != nil {
-		return err
-	}
-	return j.replace(r, j.path(r), b, sync)
-}
 
 func (j *Journal) encode(r *Record) ([]byte, error) {
 	r.Updated = time.Now().UTC()
