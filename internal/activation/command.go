@@ -70,7 +70,7 @@ func Command(ctx context.Context, name string, args []string, files []*os.File, 
 		return nil, fmt.Errorf("%w: %d names for %d files", ErrInvalid, len(names), len(files))
 	}
 	for i, n := range names {
-		if !validName(n) {
+		if !ValidName(n) {
 			return nil, fmt.Errorf("%w: name %d (%q) is not 1 to %d bytes of [A-Za-z0-9._-]", ErrInvalid, i, n, MaxNameLen)
 		}
 	}

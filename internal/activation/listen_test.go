@@ -25,11 +25,11 @@ func TestListenerAndPendingNames(t *testing.T) {
 			"listen6-fd00..10_443", "pending6-fd00..10_443-fd00..10_443-fd00..1_5000"},
 	} {
 		ln, err := ListenerName(ap(tc.listener))
-		if err != nil || ln != tc.lname || !validName(ln) {
+		if err != nil || ln != tc.lname || !ValidName(ln) {
 			t.Errorf("ListenerName(%s) = %q, %v; want %q", tc.listener, ln, err, tc.lname)
 		}
 		pn, err := PendingName(ap(tc.listener), ap(tc.local), ap(tc.remote))
-		if err != nil || pn != tc.pname || !validName(pn) {
+		if err != nil || pn != tc.pname || !ValidName(pn) {
 			t.Errorf("PendingName = %q, %v; want %q", pn, err, tc.pname)
 			continue
 		}

@@ -152,9 +152,9 @@ func ParseName(name string) (local, remote netip.AddrPort, err error) {
 	return aps[0], aps[1], nil
 }
 
-// validName reports whether systemd and this package accept name in
+// ValidName reports whether systemd and this package accept name in
 // LISTEN_FDNAMES: 1 to MaxNameLen bytes of [A-Za-z0-9._-].
-func validName(name string) bool {
+func ValidName(name string) bool {
 	if len(name) == 0 || len(name) > MaxNameLen {
 		return false
 	}

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/activation"
 )
 
 // Conn is one end of a handoff connection, from Dial or Listener.Accept.
@@ -471,8 +473,8 @@ func checkItem(it *Item, lim Limits) error {
 	if len(it.State) > lim.MaxState {
 		return fmt.Errorf("%w: socket %d: state blob of %d bytes, the peer accepts at most %d", ErrTooLarge, it.ID, len(it.State), lim.MaxState)
 	}
-	if !validName(it.Name) {
-		return fmt.Errorf("%w: socket %d: name %q is not 0 to %d bytes of [A-Za-z0-9._-]", ErrInvalid, it.ID, it.Name, MaxNameLen)
+	if it.Name != "" && !activation.ValidName(it.Name) {
+		return fmt.Errorf("%w: socket %d: name %q is not 1 to %d bytes of [A-Za-z0-9._-]", ErrInvalid, it.ID, it.Name, activation.MaxNameLen)
 	}
 	return nil
 }

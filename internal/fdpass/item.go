@@ -25,26 +25,10 @@ type Item struct {
 	ID uint64
 	// Name, if not empty, says what the socket is, in the descriptor naming
 	// scheme of LISTEN_FDNAMES (docs/handoff-socket.md): a connection, a
-	// listener, or a connection pending on a listener. At most
-	// MaxNameLen bytes of [A-Za-z0-9._-].
+	// listener, or a connection pending on a listener. A name that
+	// LISTEN_FDNAMES could carry (activation.ValidName: at most
+	// activation.MaxNameLen bytes of [A-Za-z0-9._-]).
 	Name string
-}
-
-// MaxNameLen bounds Item.Name.
-const MaxNameLen = 255
-
-// validName reports whether s may be an Item.Name.
-func validName(s string) bool {
-	if len(s) > MaxNameLen {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
 }
 
 // CloseItems closes the files of items and returns the first error.

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"strings"
 	"unicode"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/activation"
 )
 
 // Wire constants. TestWireConstants pins each of them: changing one changes
@@ -333,7 +335,7 @@ func decodeRecord(r []byte, lim Limits, i int) (Item, error) {
 	// Optional: a name, one length byte and the bytes.
 	if len(r) > 0 && r[0] > 0 {
 		l := int(r[0])
-		if len(r) < 1+l || !validName(string(r[1:1+l])) {
+		if len(r) < 1+l || !activation.ValidName(string(r[1:1+l])) {
 			return it, fmt.Errorf("%w: socket %d: bad name field", ErrMalformed, i)
 		}
 		it.Name = string(r[1 : 1+l])
@@ -455,7 +457,7 @@ func appendBatchFrame(b []byte, k Kind, items []Item, s span, final bool) []byte
 		b = appendAddr(b, it.Remote)
 		b = binary.BigEndian.AppendUint32(b, uint32(len(it.State)))
 		b = append(b, it.State...)
-		if it.Name != "" {
+		if it.Name != "" { // checkItem: 1 to activation.MaxNameLen (255) bytes, one length byte
 			b = append(b, byte(len(it.Name)))
 			b = append(b, it.Name...)
 		}
