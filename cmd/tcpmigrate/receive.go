@@ -201,7 +201,7 @@ func socketDeliver(path string, log *slog.Logger) func(context.Context, []*targe
 
 func deliverItems(ctx context.Context, path string, items []fdpass.Item, log *slog.Logger) error {
 	// The application's acknowledgement names every connection.
-	conn, err := fdpass.Dial(ctx, path, fdpass.Limits{MaxBatch: max(len(items), 4096)})
+	conn, err := fdpass.Dial(ctx, path, fdpass.Limits{MaxBatch: max(len(items), fdpass.DefaultMaxBatch)})
 	if err != nil {
 		return err
 	}
