@@ -122,21 +122,11 @@ func TestHalfClosedMix(t *testing.T) {
 }
 
 func testHalfClosedMix(t *testing.T, v6 bool) {
-	lan := lab.NewTestLAN(t, "peer", "src", "dst")
-	peer, src, dst := lan.Host("peer"), lan.Host("src"), lan.Host("dst")
-	addrs := [4]string{"198.18.0.1/24", "198.18.0.2/24", "198.18.0.3/24", "198.18.0.10/24"}
+	svcP, peerIP := svc, peerAddr.Addr()
 	if v6 {
-		addrs = [4]string{"fd00::1/64", "fd00::2/64", "fd00::3/64", "fd00::10/64"}
+		svcP, peerIP = svc6, peer6.Addr()
 	}
-	for i, ns := range []*lab.NS{peer, src, dst} {
-		if err := ns.AddAddr(netip.MustParsePrefix(addrs[i])); err != nil {
-			t.Fatal(err)
-		}
-	}
-	svcP := netip.MustParsePrefix(addrs[3])
-	if err := src.AddAddr(svcP); err != nil {
-		t.Fatal(err)
-	}
+	lan, peer, src, dst := lanHostsWith(t, svcP)
 	svcAP := netip.AddrPortFrom(svcP.Addr(), svcPort)
 	var ln net.Listener
 	if err := src.Do(func() (err error) { ln, err = net.Listen("tcp", svcAP.String()); return err }); err != nil {
@@ -165,7 +155,7 @@ func testHalfClosedMix(t *testing.T, v6 bool) {
 	}
 	// One more connection, from the workload to a listener on the peer,
 	// whose SYN the peer does not answer yet (its path drops it).
-	peerLnAP := netip.AddrPortFrom(netip.MustParsePrefix(addrs[0]).Addr(), 9000)
+	peerLnAP := netip.AddrPortFrom(peerIP, 9000)
 	var peerLn net.Listener
 	if err := peer.Do(func() (err error) { peerLn, err = net.Listen("tcp", peerLnAP.String()); return err }); err != nil {
 		t.Fatal(err)

@@ -52,17 +52,8 @@ func newWorld(t *testing.T, n int) *world {
 // connections are spread over them in turn.
 func newWorldOn(t *testing.T, n int, ports ...uint16) *world {
 	t.Helper()
-	lan := lab.NewTestLAN(t, "peer", "src", "dst")
-	w := &world{t: t, lan: lan, peer: lan.Host("peer"), src: lan.Host("src"), dst: lan.Host("dst"),
-		work: map[string]*streamcheck.Endpoint{}}
-	for ns, p := range map[*lab.NS]netip.Prefix{w.peer: peerAddr, w.src: srcAddr, w.dst: dstAddr} {
-		if err := ns.AddAddr(p); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := w.src.AddAddr(svc); err != nil {
-		t.Fatal(err)
-	}
+	w := &world{t: t, work: map[string]*streamcheck.Endpoint{}}
+	w.lan, w.peer, w.src, w.dst = lanHostsWith(t, svc)
 	lns := make([]net.Listener, len(ports))
 	for i, port := range ports {
 		if err := w.src.Do(func() (err error) {
@@ -94,7 +85,7 @@ func newWorldOn(t *testing.T, n int, ports ...uint16) *world {
 		w.work[c.LocalAddr().String()] = wk
 		t.Cleanup(func() { c.Close(); s.Close() })
 	}
-	w.watch = startWatch(t, lan, w.peer, false)
+	w.watch = startWatch(t, w.lan, w.peer, false)
 	time.Sleep(200 * time.Millisecond) // let the streams run before the move
 	return w
 }
