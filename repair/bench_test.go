@@ -357,7 +357,7 @@ var inspectOpts = func() (c []struct {
 func bareInspect(fd int) {
 	plainGet(fd, unix.SOL_SOCKET, unix.SO_DOMAIN, 4)
 	plainGet(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL, 4)
-	plainGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoPrefix)
+	plainGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoSize)
 	l := uint32(128)
 	unix.Syscall(unix.SYS_GETSOCKNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))
 	unix.Syscall(unix.SYS_GETPEERNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))

@@ -68,11 +68,11 @@ func inspect(fd int, s *Snapshot, diagOf func(fd int, family uint16, s *Snapshot
 	default:
 		return &UnsupportedError{Reason: ReasonNotTCP, Detail: "protocol " + itoa(int(proto))}
 	}
-	var info [tcpInfoPrefix]byte
-	if _, err := getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
+	var info tcpInfoHead
+	if err := getInfo(fd, &info); err != nil {
 		return &OpError{Op: "getsockopt TCP_INFO", Err: err}
 	}
-	st := State(info[0])
+	st := State(info.State)
 	s.State = st // as inspected; Capture reads it again under the lock
 	if !st.Migratable() {
 		local, _ := sockname(fd, false)
@@ -193,7 +193,7 @@ func capture(fd int, s *Snapshot) error {
 		h("start", fd, s)
 	}
 	var first tcpInfoHead
-	if err := getInfo(fd, &first); err != nil {
+	if err := getInfoRaw(fd, &first); err != nil {
 		return opErr("getsockopt TCP_INFO", err)
 	}
 	// A peek that does not match its queue's length is hidden bytes (CRIU
@@ -205,7 +205,7 @@ func capture(fd int, s *Snapshot) error {
 	// attempt starts.
 	peekErr := func(op string, err error) error {
 		var now tcpInfoHead
-		if errors.Is(err, ErrQueueMismatch) && getInfo(fd, &now) == nil {
+		if errors.Is(err, ErrQueueMismatch) && getInfoRaw(fd, &now) == nil {
 			if what := whatMoved(&first, &now); what != "" {
 				if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
 					return opErr("deselect queue", err)
@@ -330,7 +330,7 @@ func capture(fd int, s *Snapshot) error {
 		h("recheck", fd, s)
 	}
 	var last tcpInfoHead
-	if err := getInfo(fd, &last); err != nil {
+	if err := getInfoRaw(fd, &last); err != nil {
 		return opErr("getsockopt TCP_INFO", err)
 	}
 	if what := whatMoved(&first, &last); what != "" {

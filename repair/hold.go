@@ -3,7 +3,6 @@ package repair
 import (
 	"errors"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -59,17 +58,17 @@ func Drain(fds []int, limit time.Duration) (unsettled int, err error) {
 			if s.done {
 				continue
 			}
-			var info unix.TCPInfo
-			if _, e := getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), uint32(unsafe.Sizeof(info))); e != nil {
+			var info tcpInfoHead
+			if e := getInfo(fd, &info); e != nil {
 				s.done, pending = true, pending-1
 				err = errors.Join(err, drainError(fd, "drain: getsockopt TCP_INFO", e))
 				continue
 			}
 			now := time.Now()
-			quiet := max(drainQuiet, time.Duration(info.Rtt)*time.Microsecond*3/2)
+			quiet := max(drainQuiet, time.Duration(info.RTT)*time.Microsecond*3/2)
 			switch {
-			case first || info.Bytes_received != s.last:
-				s.last, s.changed = info.Bytes_received, now
+			case first || info.BytesReceived != s.last:
+				s.last, s.changed = info.BytesReceived, now
 			case now.Sub(s.changed) >= quiet:
 				s.done, pending = true, pending-1
 				continue

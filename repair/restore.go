@@ -349,7 +349,7 @@ func verifyRestored(fd int, s *Snapshot, want State) error {
 	st := want
 	if want == StateEstablished {
 		var ti tcpInfoHead
-		if err := getInfo(fd, &ti); err != nil {
+		if err := getInfoRaw(fd, &ti); err != nil {
 			return err
 		}
 		st = State(ti.State)
@@ -384,15 +384,6 @@ func verifyRestored(fd int, s *Snapshot, want State) error {
 		return ErrRestoreMismatch
 	}
 	return nil
-}
-
-// readState reads the socket's TCP state from TCP_INFO.
-func readState(fd int) (State, error) {
-	var info [tcpInfoPrefix]byte
-	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
-		return 0, err
-	}
-	return State(info[0]), nil
 }
 
 var offQuiet = func() int32 {
