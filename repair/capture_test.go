@@ -316,6 +316,25 @@ func TestCaptureLengths(t *testing.T) {
 	}
 }
 
+// queueLengths reads SIOCOUTQ, SIOCOUTQNSD and SIOCINQ, the lengths
+// captureLengths reads from TCP_INFO where it can; on error it names the
+// failed operation.
+func queueLengths(fd int) (outq, unsq, inq int32, op string, err error) {
+	if outq, err = ioctlIntRaw(fd, unix.SIOCOUTQ); err != nil {
+		return 0, 0, 0, "ioctl SIOCOUTQ", err
+	}
+	if unsq, err = ioctlIntRaw(fd, unix.SIOCOUTQNSD); err != nil {
+		return 0, 0, 0, "ioctl SIOCOUTQNSD", err
+	}
+	if inq, err = ioctlIntRaw(fd, unix.SIOCINQ); err != nil {
+		return 0, 0, 0, "ioctl SIOCINQ", err
+	}
+	if outq < 0 || unsq < 0 || inq < 0 || unsq > outq {
+		return 0, 0, 0, "queue lengths", ErrQueueMismatch
+	}
+	return outq, unsq, inq, "", nil
+}
+
 // fill writes to fd until its send buffer is full.
 func fill(fd int) {
 	unix.SetNonblock(fd, true)

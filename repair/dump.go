@@ -443,24 +443,6 @@ func captureLengths(fd int, st State, ti *tcpInfoHead) (outq, unsq, inq int32, o
 	return outq, unsq, inq, "", nil
 }
 
-// queueLengths reads SIOCOUTQ, SIOCOUTQNSD and SIOCINQ; on error it names
-// the failed operation.
-func queueLengths(fd int) (outq, unsq, inq int32, op string, err error) {
-	if outq, err = ioctlIntRaw(fd, unix.SIOCOUTQ); err != nil {
-		return 0, 0, 0, "ioctl SIOCOUTQ", err
-	}
-	if unsq, err = ioctlIntRaw(fd, unix.SIOCOUTQNSD); err != nil {
-		return 0, 0, 0, "ioctl SIOCOUTQNSD", err
-	}
-	if inq, err = ioctlIntRaw(fd, unix.SIOCINQ); err != nil {
-		return 0, 0, 0, "ioctl SIOCINQ", err
-	}
-	if outq < 0 || unsq < 0 || inq < 0 || unsq > outq {
-		return 0, 0, 0, "queue lengths", ErrQueueMismatch
-	}
-	return outq, unsq, inq, "", nil
-}
-
 // peekQueue peeks want+1 bytes of the selected queue into buf (grown if
 // needed) and insists on getting exactly want: one more byte proves there
 // is no hidden data (CRIU issue #622).

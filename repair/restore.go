@@ -336,32 +336,29 @@ func writeQueue(fd int, data []byte) error {
 	return nil
 }
 
-// verifyRestored reads the queue lengths back (REPAIR-NOTES 4.7), and
-// checks that the socket is in state want, and leaves no queue selected.
+// verifyRestored reads the queue lengths and the state back (REPAIR-NOTES
+// 4.7) and checks them against s and want, the state the recipe reached.
 //
-// An ESTABLISHED socket is read as Capture reads one (captureLengths): one
-// TCP_INFO gives its state and never-sent length, and SIOCOUTQ is needed
-// only with data in flight, so an idle one costs two calls instead of four.
+// The socket is read as Capture reads one (captureLengths): one TCP_INFO
+// gives its state and never-sent length, and SIOCOUTQ is needed only with
+// data in flight, so an idle one costs two calls instead of the four of
+// the three queue ioctls and a state read. In CLOSE SIOCOUTQ is not read
+// either: a restored socket reaches CLOSE only when the crafted ACK of our
+// FIN makes snd_una equal write_seq (tcp_rcv_state_process, LAST_ACK), so
+// the state says what the length would.
 func verifyRestored(fd int, s *Snapshot, want State) error {
-	var outq, unsq, inq int32
-	var op string
-	var err error
-	st := want
-	if want == StateEstablished {
-		var ti tcpInfoHead
-		if err := getInfoRaw(fd, &ti); err != nil {
-			return err
-		}
-		st = State(ti.State)
-		outq, unsq, inq, op, err = captureLengths(fd, st, &ti)
-	} else {
-		outq, unsq, inq, op, err = queueLengths(fd)
+	var ti tcpInfoHead
+	if err := getInfoRaw(fd, &ti); err != nil {
+		return err
 	}
+	st := State(ti.State)
+	outq, unsq, inq, op, err := captureLengths(fd, st, &ti)
 	if err != nil {
 		return errors.New(op + ": " + err.Error())
 	}
-	// Our FIN, queued and not acknowledged, counts in both ioctls (in
-	// SIOCOUTQNSD only while it is unsent), exactly as at the source.
+	// Our FIN, queued and not acknowledged, counts in both lengths (in
+	// the never-sent one only while it is unsent), exactly as at the
+	// source.
 	wantOut, wantUnsent := uint32(len(s.SendQueue)), s.Unsent
 	switch want {
 	case StateFinWait1, StateClosing, StateLastAck:
@@ -372,15 +369,7 @@ func verifyRestored(fd int, s *Snapshot, want State) error {
 	case StateClose:
 		wantOut = 0
 	}
-	if uint32(outq) != wantOut || uint32(unsq) != wantUnsent || int(inq) != len(s.RecvQueue) {
-		return ErrRestoreMismatch
-	}
-	if want != StateEstablished {
-		if st, err = readState(fd); err != nil {
-			return err
-		}
-	}
-	if st != want {
+	if st != want || uint32(outq) != wantOut || uint32(unsq) != wantUnsent || int(inq) != len(s.RecvQueue) {
 		return ErrRestoreMismatch
 	}
 	return nil
