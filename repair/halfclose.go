@@ -88,24 +88,18 @@ func nextStep(cur, target State, finUnsent bool) (step closeStep, next State, ok
 }
 
 // advance runs the half-close recipe of s.State on a socket rebuilt as
-// ESTABLISHED (or part of the way), step by step, re-reading the state
-// after each step and failing on a mismatch (REPAIR-NOTES 5.2). With
-// inject false it stops before the first crafted segment. It returns the
-// state reached. Before it returns, the saved window is written again
+// ESTABLISHED (or part of the way), in state cur, step by step, re-reading
+// the state after each step and failing on a mismatch (REPAIR-NOTES 5.2).
+// With inject false it stops before the first crafted segment. It returns
+// the state reached. Before it returns, the saved window is written again
 // (with the correction of 5.1 while the peer's FIN is still missing) and
 // read back: the zero window of an unsent FIN, the acknowledgements the
 // socket tried to send and the crafted segments all move it.
-func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
+func (r *Restorer) advance(fd int, s *Snapshot, cur State, inject bool) (State, error) {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
-	cur, err := readState(fd)
-	if err != nil {
-		return 0, opErr("getsockopt TCP_INFO", err)
-	}
-	if cur == s.State {
-		return cur, nil
-	}
+	var err error
 	recvFin, _ := finOffsets(s.State)
 	for cur != s.State {
 		step, next, ok := nextStep(cur, s.State, s.Flags&FlagFINUnsent != 0)
@@ -266,7 +260,14 @@ func (r *Restorer) Settle(fd int, s *Snapshot) error {
 	if !s.State.NeedsInjection() {
 		return nil
 	}
-	_, err := r.advance(fd, s, true)
+	cur, err := readState(fd)
+	if err != nil {
+		return &OpError{Op: "getsockopt TCP_INFO", Local: s.Local, Remote: s.Remote, Err: err}
+	}
+	if cur == s.State {
+		return nil
+	}
+	_, err = r.advance(fd, s, cur, true)
 	return err
 }
 

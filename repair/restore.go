@@ -188,11 +188,12 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	}
 	// R15: the half-close recipe, as far as it can go before the local
 	// address is on this host. The repair-mode connect left the socket
-	// ESTABLISHED, so an ESTABLISHED connection has no recipe, and
-	// verifyRestored reads its state once.
+	// ESTABLISHED (tcp_connect: tcp_finish_connect), so the recipe starts
+	// there without reading it, an ESTABLISHED connection has none, and
+	// verifyRestored reads the state the recipe reached.
 	reached := StateEstablished
 	if s.State != StateEstablished {
-		if reached, err = r.advance(fd, s, !notLocal); err != nil {
+		if reached, err = r.advance(fd, s, StateEstablished, !notLocal); err != nil {
 			return fd, err
 		}
 	}
