@@ -100,7 +100,6 @@ func (r *Restorer) advance(fd int, s *Snapshot, cur State, inject bool) (State, 
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
 	var err error
-	recvFin, _ := finOffsets(s.State)
 	for cur != s.State {
 		step, next, ok := nextStep(cur, s.State, s.Flags&FlagFINUnsent != 0)
 		if !ok {
@@ -108,9 +107,7 @@ func (r *Restorer) advance(fd int, s *Snapshot, cur State, inject bool) (State, 
 		}
 		switch step {
 		case stepShutdownUnsent:
-			w := s.Window
-			w.RcvWup -= recvFin
-			w.RcvWnd += recvFin
+			w := s.windowIn(cur)
 			w.SndWnd = 0 // nothing may go out, the lock's drop notwithstanding
 			if err := setWindow(fd, &w); err != nil {
 				return cur, opErr("setsockopt TCP_REPAIR_WINDOW (zero window for the FIN)", err)
@@ -178,18 +175,26 @@ func (r *Restorer) inject(fd int, seg Segment, want State) (State, error) {
 	}
 }
 
-// rewindow writes the saved window on a socket that advance left in state
-// cur, corrected while the peer's FIN is not re-injected yet, and reads it
-// back. A CLOSE socket has no window to keep.
-func (r *Restorer) rewindow(fd int, s *Snapshot, cur State) error {
-	if cur == StateClose {
-		return nil
-	}
+// windowIn returns the saved window as a socket rebuilt for s in state cur
+// must hold it: while the peer's FIN is not re-injected yet, rcv_nxt is
+// one lower, so rcv_wup is one lower and rcv_wnd one larger, which keeps
+// the right edge (REPAIR-NOTES 5.1).
+func (s *Snapshot) windowIn(cur State) Window {
 	w := s.Window
 	if s.State.peerFin() && !cur.peerFin() {
 		w.RcvWup--
 		w.RcvWnd++
 	}
+	return w
+}
+
+// rewindow writes the saved window on a socket that advance left in state
+// cur (windowIn) and reads it back. A CLOSE socket has no window to keep.
+func (r *Restorer) rewindow(fd int, s *Snapshot, cur State) error {
+	if cur == StateClose {
+		return nil
+	}
+	w := s.windowIn(cur)
 	if err := setWindow(fd, &w); err != nil {
 		return &OpError{Op: "setsockopt TCP_REPAIR_WINDOW (after the half-close)", Local: s.Local, Remote: s.Remote, Err: err}
 	}

@@ -179,9 +179,7 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	// rcv_nxt). Until the peer's FIN is re-injected rcv_nxt is one lower:
 	// the left edge moves down with it and the right edge stays.
 	if s.Flags&FlagWindow != 0 {
-		w := s.Window
-		w.RcvWup -= recvFin
-		w.RcvWnd += recvFin
+		w := s.windowIn(StateEstablished)
 		if err := setWindow(fd, &w); err != nil {
 			return fd, opErr("setsockopt TCP_REPAIR_WINDOW", err)
 		}
