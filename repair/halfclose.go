@@ -1,6 +1,7 @@
 package repair
 
 import (
+	"errors"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -292,36 +293,42 @@ func (r *Restorer) Settle(fd int, s *Snapshot) error {
 //   - held (FlagHeld, ESTABLISHED only) with an Injector: ResumeHeld, then
 //     Kick, so that the held peer learns the open window at once.
 //
-// The probe and the kick are sent after the socket left repair mode, and
-// losing them only slows the connection down: a send that fails returns an
-// error matching ErrResumedLive, as does a failure to put back an option
-// (the socket is live: deliver it or close it, never Discard it). Any
-// other error leaves the socket in repair mode.
+// The probe and the kick are sent as soon as the socket is out of repair
+// mode, before the options that leaving repair cleared are put back: the
+// peer waits for the segment, while the options matter only to the
+// application, which does not have the socket yet. Losing the segment
+// only slows the connection down: a send that fails returns an error
+// matching ErrResumedLive, as does a failure to put back an option (the
+// socket is live: deliver it or close it, never Discard it). Any other
+// error leaves the socket in repair mode.
 func (r *Restorer) Resume(fd int, s *Snapshot) error {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	mode := int32(unix.TCP_REPAIR_OFF)
+	var seg Segment
+	var what string
+	switch {
+	case r.Injector == nil:
+		return resume(fd, s, mode)
+	case s.Flags&FlagHeld != 0:
+		// ResumeHeld, then the kick.
+		seg, mode = KickSegment(s), repairOffQuiet()
+		what = "kick (the peer waits for its persist probe)"
+	case s.State == StateEstablished, s.State == StateSynSent, s.State == StateClose:
+		return resume(fd, s, mode)
+	default:
+		var err error
+		if seg, err = probeSegment(fd, s); err != nil {
+			return &OpError{Op: "read sequence numbers for the probe", Local: s.Local, Remote: s.Remote, Err: err}
+		}
+		what = "send the window probe (the connection waits for its timers)"
 	}
-	if s.Flags&FlagHeld != 0 && r.Injector != nil {
-		return r.resumeHeld(fd, s)
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
+		return &OpError{Op: "turn repair off", Local: s.Local, Remote: s.Remote, Err: err}
 	}
-	switch s.State {
-	case StateEstablished, StateSynSent, StateClose:
-		return resume(fd, s, unix.TCP_REPAIR_OFF)
+	var err error
+	if serr := r.Injector.Send(seg); serr != nil {
+		err = liveError(s, what, serr)
 	}
-	if r.Injector == nil {
-		return resume(fd, s, unix.TCP_REPAIR_OFF)
-	}
-	probe, err := probeSegment(fd, s)
-	if err != nil {
-		return opErr("read sequence numbers for the probe", err)
-	}
-	if err := resume(fd, s, unix.TCP_REPAIR_OFF); err != nil {
-		return err
-	}
-	if err := r.Injector.Send(probe); err != nil {
-		return liveError(s, "send the window probe (the connection waits for its timers)", err)
-	}
-	return nil
+	return errors.Join(err, afterRepair(fd, s))
 }
 
 // probeSegment builds the ACK the kernel's repair-off window probe would

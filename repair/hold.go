@@ -145,19 +145,6 @@ func Kick(in *Injector, snaps ...*Snapshot) error {
 	return err
 }
 
-// resumeHeld is Restorer.Resume for a held connection: ResumeHeld, then the
-// kick. A kick that cannot be sent is not fatal (ErrResumedLive): the peer
-// learns the open window at its next persist probe.
-func (r *Restorer) resumeHeld(fd int, s *Snapshot) error {
-	if err := ResumeHeld(fd, s); err != nil {
-		return err
-	}
-	if err := r.Injector.Send(KickSegment(s)); err != nil {
-		return liveError(s, "kick (the peer waits for its persist probe)", err)
-	}
-	return nil
-}
-
 // Announce makes the socket on fd, just held and not yet locked, send an
 // ACK at once, which the hold rewrites to advertise window 0. Drain's
 // forced ACKs go out only when one is due (data came in unacknowledged):
