@@ -267,14 +267,9 @@ func capture(fd int, s *Snapshot) error {
 		return opErr("getsockopt TCP_REPAIR_WINDOW", err)
 	}
 
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
-		return opErr("select receive queue", err)
+	if s.RecvSeq, op, err = queueSeq(fd, tcpRecvQueue); err != nil {
+		return opErr(op, err)
 	}
-	rseq, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
-	if err != nil {
-		return opErr("getsockopt TCP_QUEUE_SEQ (receive)", err)
-	}
-	s.RecvSeq = uint32(rseq)
 	// In CLOSE an empty peek would consume the pending error (ECONNRESET)
 	// of a reset connection; the length alone says the queue is empty.
 	// Elsewhere the empty peek stays: SIOCINQ counts only up to an urgent
@@ -287,14 +282,9 @@ func capture(fd int, s *Snapshot) error {
 	} else {
 		s.RecvQueue = s.RecvQueue[:0]
 	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-		return opErr("select send queue", err)
+	if s.SendSeq, op, err = queueSeq(fd, tcpSendQueue); err != nil {
+		return opErr(op, err)
 	}
-	sseq, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
-	if err != nil {
-		return opErr("getsockopt TCP_QUEUE_SEQ (send)", err)
-	}
-	s.SendSeq = uint32(sseq)
 	// A queued FIN takes a sequence number but no byte; a CLOSE socket's
 	// send data is dropped (REPAIR-NOTES 3.4).
 	dataOut, dataUnsent := queueLengthsFor(s.State, outq, unsq)
@@ -367,14 +357,10 @@ func captureSynSent(fd int, s *Snapshot) error {
 	if err := readTimestamp(fd, s, false); err != nil {
 		return opErr("getsockopt TCP_TIMESTAMP", err)
 	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-		return opErr("select send queue", err)
+	var op string
+	if s.SendSeq, op, err = queueSeq(fd, tcpSendQueue); err != nil {
+		return opErr(op, err)
 	}
-	sseq, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
-	if err != nil {
-		return opErr("getsockopt TCP_QUEUE_SEQ (send)", err)
-	}
-	s.SendSeq = uint32(sseq)
 	if s.SendQueue, err = peekQueue(fd, s.SendQueue, 0); err != nil {
 		return opErr("peek send queue (data in the SYN?)", err)
 	}
@@ -388,6 +374,28 @@ func captureSynSent(fd int, s *Snapshot) error {
 		return opErr("re-read state", ErrUnstable)
 	}
 	return nil
+}
+
+// queueSeq selects queue (tcpRecvQueue or tcpSendQueue) of fd, in repair
+// mode, and reads its TCP_QUEUE_SEQ: rcv_nxt or write_seq. The queue stays
+// selected for the peek that follows; on error queueSeq names the failed
+// operation.
+func queueSeq(fd int, queue int32) (seq uint32, op string, err error) {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, queue); err != nil {
+		return 0, "select " + queueName(queue) + " queue", err
+	}
+	v, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return 0, "getsockopt TCP_QUEUE_SEQ (" + queueName(queue) + ")", err
+	}
+	return uint32(v), "", nil
+}
+
+func queueName(queue int32) string {
+	if queue == tcpSendQueue {
+		return "send"
+	}
+	return "receive"
 }
 
 // readTimestamp reads the timestamp clock (TCP_TIMESTAMP) into

@@ -112,17 +112,11 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	// R7: queue start sequence numbers, before connect and before any data.
 	// A FIN that the recipe re-creates later is not counted yet.
 	recvFin, sendFin := finOffsets(s.State)
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
-		return fd, opErr("select receive queue", err)
+	if op, err := setQueueSeq(fd, tcpRecvQueue, s.RecvSeq-recvFin-uint32(len(s.RecvQueue))); err != nil {
+		return fd, opErr(op, err)
 	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-recvFin-uint32(len(s.RecvQueue)))); err != nil {
-		return fd, opErr("setsockopt TCP_QUEUE_SEQ (receive)", err)
-	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-		return fd, opErr("select send queue", err)
-	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-sendFin-uint32(len(s.SendQueue)))); err != nil {
-		return fd, opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
+	if op, err := setQueueSeq(fd, tcpSendQueue, s.SendSeq-sendFin-uint32(len(s.SendQueue))); err != nil {
+		return fd, opErr(op, err)
 	}
 	// R8: with repair on, connect sends nothing and goes straight to ESTABLISHED.
 	if err := connectTo(fd, s.Family, s.Remote); err != nil {
@@ -253,11 +247,8 @@ func restoreSynSent(fd int, s *Snapshot) error {
 	opErr := func(op string, err error) error {
 		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
 	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-		return opErr("select send queue", err)
-	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-1)); err != nil {
-		return opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
+	if op, err := setQueueSeq(fd, tcpSendQueue, s.SendSeq-1); err != nil {
+		return opErr(op, err)
 	}
 	// No need to deselect the send queue: out of repair mode the selection
 	// means nothing, and turning repair on again resets it.
@@ -280,6 +271,20 @@ func restoreSynSent(fd int, s *Snapshot) error {
 		return opErr("verify restored socket", ErrRestoreMismatch)
 	}
 	return nil
+}
+
+// setQueueSeq selects queue (tcpRecvQueue or tcpSendQueue) of fd, a new
+// socket in repair mode, and sets its TCP_QUEUE_SEQ, where the queue
+// starts. The queue stays selected; on error setQueueSeq names the failed
+// operation.
+func setQueueSeq(fd int, queue int32, seq uint32) (op string, err error) {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, queue); err != nil {
+		return "select " + queueName(queue) + " queue", err
+	}
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(seq)); err != nil {
+		return "setsockopt TCP_QUEUE_SEQ (" + queueName(queue) + ")", err
+	}
+	return "", nil
 }
 
 // writeTimestamp sets the timestamp clock (TCP_TIMESTAMP) to s.Timestamp,
