@@ -97,42 +97,39 @@ func nextStep(cur, target State, finUnsent bool) (step closeStep, next State, ok
 // read back: the zero window of an unsent FIN, the acknowledgements the
 // socket tried to send and the crafted segments all move it.
 func (r *Restorer) advance(fd int, s *Snapshot, cur State, inject bool) (State, error) {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
 	var err error
 	for cur != s.State {
 		step, next, ok := nextStep(cur, s.State, s.Flags&FlagFINUnsent != 0)
 		if !ok {
-			return cur, opErr("restore "+s.State.String()+" from "+cur.String(), ErrRestoreMismatch)
+			return cur, s.opErr("restore "+s.State.String()+" from "+cur.String(), ErrRestoreMismatch)
 		}
 		switch step {
 		case stepShutdownUnsent:
 			w := s.windowIn(cur)
 			w.SndWnd = 0 // nothing may go out, the lock's drop notwithstanding
 			if err := setWindow(fd, &w); err != nil {
-				return cur, opErr("setsockopt TCP_REPAIR_WINDOW (zero window for the FIN)", err)
+				return cur, s.opErr("setsockopt TCP_REPAIR_WINDOW (zero window for the FIN)", err)
 			}
 			if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
-				return cur, opErr("shutdown(SHUT_WR)", err)
+				return cur, s.opErr("shutdown(SHUT_WR)", err)
 			}
 		case stepShutdownSent:
 			if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-				return cur, opErr("select send queue", err)
+				return cur, s.opErr("select send queue", err)
 			}
 			serr := unix.Shutdown(fd, unix.SHUT_WR)
 			if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-				return cur, opErr("deselect queue", err)
+				return cur, s.opErr("deselect queue", err)
 			}
 			if serr != nil {
-				return cur, opErr("shutdown(SHUT_WR)", serr)
+				return cur, s.opErr("shutdown(SHUT_WR)", serr)
 			}
 		case stepPeerFin, stepAckOurFin:
 			if !inject {
 				return cur, r.rewindow(fd, s, cur)
 			}
 			if r.Injector == nil {
-				return cur, opErr("restore "+s.State.String(), ErrNoInjector)
+				return cur, s.opErr("restore "+s.State.String(), ErrNoInjector)
 			}
 			if cur, err = r.inject(fd, craft(s, step), next); err != nil {
 				return cur, err
@@ -140,11 +137,11 @@ func (r *Restorer) advance(fd int, s *Snapshot, cur State, inject bool) (State, 
 		}
 		if step == stepShutdownUnsent || step == stepShutdownSent {
 			if cur, err = readState(fd); err != nil {
-				return cur, opErr("getsockopt TCP_INFO", err)
+				return cur, s.opErr("getsockopt TCP_INFO", err)
 			}
 		}
 		if cur != next {
-			return cur, opErr("restore "+s.State.String()+": "+stepName(step)+" left the socket in "+cur.String()+", not "+next.String(), ErrRestoreMismatch)
+			return cur, s.opErr("restore "+s.State.String()+": "+stepName(step)+" left the socket in "+cur.String()+", not "+next.String(), ErrRestoreMismatch)
 		}
 	}
 	return cur, r.rewindow(fd, s, cur)
@@ -197,14 +194,14 @@ func (r *Restorer) rewindow(fd int, s *Snapshot, cur State) error {
 	}
 	w := s.windowIn(cur)
 	if err := setWindow(fd, &w); err != nil {
-		return &OpError{Op: "setsockopt TCP_REPAIR_WINDOW (after the half-close)", Local: s.Local, Remote: s.Remote, Err: err}
+		return s.opErr("setsockopt TCP_REPAIR_WINDOW (after the half-close)", err)
 	}
 	var got Window
 	if err := getWindow(fd, &got); err != nil {
-		return &OpError{Op: "getsockopt TCP_REPAIR_WINDOW", Local: s.Local, Remote: s.Remote, Err: err}
+		return s.opErr("getsockopt TCP_REPAIR_WINDOW", err)
 	}
 	if got != w {
-		return &OpError{Op: "verify window after the half-close", Local: s.Local, Remote: s.Remote, Err: ErrRestoreMismatch}
+		return s.opErr("verify window after the half-close", ErrRestoreMismatch)
 	}
 	return nil
 }
@@ -268,7 +265,7 @@ func (r *Restorer) Settle(fd int, s *Snapshot) error {
 	}
 	cur, err := readState(fd)
 	if err != nil {
-		return &OpError{Op: "getsockopt TCP_INFO", Local: s.Local, Remote: s.Remote, Err: err}
+		return s.opErr("getsockopt TCP_INFO", err)
 	}
 	if cur == s.State {
 		return nil
@@ -317,12 +314,12 @@ func (r *Restorer) Resume(fd int, s *Snapshot) error {
 	default:
 		var err error
 		if seg, err = probeSegment(fd, s); err != nil {
-			return &OpError{Op: "read sequence numbers for the probe", Local: s.Local, Remote: s.Remote, Err: err}
+			return s.opErr("read sequence numbers for the probe", err)
 		}
 		what = "send the window probe (the connection waits for its timers)"
 	}
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
-		return &OpError{Op: "turn repair off", Local: s.Local, Remote: s.Remote, Err: err}
+		return s.opErr("turn repair off", err)
 	}
 	var err error
 	if serr := r.Injector.Send(seg); serr != nil {
