@@ -239,7 +239,7 @@ func TestCaptureLengths(t *testing.T) {
 	// deaf drops the peer's segments to cl (its ACKs, its FIN).
 	deaf := func(t *testing.T, cl int) {
 		peer, local := peerAndLocal(t, cl)
-		nftLock(t, ns, local, peer, true)
+		nftLock(t, ns, local, peer, true, false)
 	}
 	for _, c := range []struct {
 		name  string
@@ -377,7 +377,7 @@ func TestCaptureSendQueueMoves(t *testing.T) {
 	inFlight := func(t *testing.T) (cl int, ack func(t *testing.T, s *Snapshot, n uint32)) {
 		cl, _ = pair(t, ns, 0, nil, nil)
 		peer, local := peerAndLocal(t, cl)
-		nftLock(t, ns, local, peer, true)
+		nftLock(t, ns, local, peer, true, false)
 		if _, err := unix.Write(cl, make([]byte, 1000)); err != nil {
 			t.Fatal(err)
 		}

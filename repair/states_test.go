@@ -83,31 +83,7 @@ func (e *stateEnv) srcSentAll() {
 // directions (a test-only table; the target uses the real lock).
 func (e *stateEnv) lockSrc(in, out bool) {
 	e.t.Helper()
-	nftLockDirs(e.t, e.h.src, e.local, e.peerAP, in, out)
-}
-
-func nftLockDirs(t *testing.T, ns *lab.NS, local, remote netip.AddrPort, in, out bool) {
-	t.Helper()
-	ipk := "ip"
-	if local.Addr().Unmap().Is6() {
-		ipk = "ip6"
-	}
-	l, r := unmap(local), unmap(remote)
-	script := "table inet repairtest {\n"
-	if in {
-		script += fmt.Sprintf(" chain pre { type filter hook prerouting priority -300;\n  %s saddr %s tcp sport %d %s daddr %s tcp dport %d drop\n }\n",
-			ipk, r.Addr(), r.Port(), ipk, l.Addr(), l.Port())
-	}
-	if out {
-		script += fmt.Sprintf(" chain out { type filter hook output priority -300;\n  %s saddr %s tcp sport %d %s daddr %s tcp dport %d drop\n }\n",
-			ipk, l.Addr(), l.Port(), ipk, r.Addr(), r.Port())
-	}
-	script += "}\n"
-	cmd := ns.Command("nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(script)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("nft lock in %s: %v: %s", ns.Label, err, b)
-	}
+	nftLock(e.t, e.h.src, e.local, e.peerAP, in, out)
 }
 
 // stateCase drives a connection into a state (prepare, which ends with
@@ -570,7 +546,7 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 	before := tcpCounters(t, h.peer)
 	stopCapture := captureFlags(t, h.lan, peerPort, v6)
 
-	nftLockDirs(t, h.src, local, peerAP, true, true)
+	nftLock(t, h.src, local, peerAP, true, true)
 	var srcFd int
 	if err := h.src.Do(func() (err error) {
 		if srcFd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0); err != nil {
