@@ -115,40 +115,19 @@ var stateCases = []stateCase{
 		name: "fin-wait1", state: StateFinWait1, ourFin: true,
 		// Data and FIN written under the lock: the peer has neither.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.srcHas()
-			e.lockSrc(true, true)
-			e.srcWrite(sendBytes)
-			e.srcShutdown()
-			waitTCPState(e.t, e.srcFd, StateFinWait1)
+			e.srcReceived()
+			e.srcClosesLocked(StateFinWait1)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerReadsAllThenEOF()
-			e.peerWrite(moreBytes)
-			e.peerShutdown()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, e.peerFd, StateClose) // LAST_ACK acknowledged
-		},
+		finish: peerReadsThenFinishes,
 	},
 	{
 		name: "fin-wait1-fin-delivered", state: StateFinWait1,
 		// Data and FIN reached the peer; its acknowledgements did not.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.srcHas()
-			e.lockSrc(true, false)
-			e.srcWrite(initialWindowBytes) // all of it leaves without an ACK
-			e.srcShutdown()
-			e.srcSentAll()
-			e.lockSrc(false, true) // and now the way out, without a gap
+			e.srcReceived()
+			e.srcClosesUnacknowledged(StateFinWait1)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerReadsAllThenEOF()
-			e.peerWrite(moreBytes)
-			e.peerShutdown()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, e.peerFd, StateClose)
-		},
+		finish: peerReadsThenFinishes,
 	},
 	{
 		name: "fin-wait2", state: StateFinWait2,
@@ -158,24 +137,17 @@ var stateCases = []stateCase{
 			e.srcShutdown()
 			e.peerReadsAllThenEOF()
 			waitTCPState(e.t, e.srcFd, StateFinWait2)
-			e.peerWrite(recvBytes)
-			e.srcHas()
+			e.srcReceived()
 			e.lockSrc(true, true)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerWrite(moreBytes)
-			e.peerShutdown()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, e.peerFd, StateClose)
-		},
+		finish: peerFinishes,
 	},
 	{
 		name: "closing", state: StateClosing, ourFin: true,
 		// Simultaneous close: the peer's data and FIN arrive, ours are
 		// dropped on the way out.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.srcHas()
+			e.srcReceived()
 			e.lockSrc(false, true)
 			e.srcWrite(sendBytes)
 			e.srcShutdown()
@@ -193,10 +165,7 @@ var stateCases = []stateCase{
 		name: "close-wait", state: StateCloseWait,
 		// The peer closed; our data reached it but its ACKs did not.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.peerShutdown()
-			e.srcHas()
-			waitTCPState(e.t, e.srcFd, StateCloseWait)
+			e.peerCloses()
 			e.lockSrc(true, false)
 			e.srcWrite(sendBytes)
 			e.lockSrc(false, true) // and now the way out, without a gap
@@ -219,50 +188,25 @@ var stateCases = []stateCase{
 		name: "last-ack", state: StateLastAck, ourFin: true,
 		// The peer closed; our data and FIN were written under the lock.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.peerShutdown()
-			e.srcHas()
-			waitTCPState(e.t, e.srcFd, StateCloseWait)
-			e.lockSrc(true, true)
-			e.srcWrite(sendBytes)
-			e.srcShutdown()
-			waitTCPState(e.t, e.srcFd, StateLastAck)
+			e.peerCloses()
+			e.srcClosesLocked(StateLastAck)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerReadsAllThenEOF()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, fdOf(e.t, c), StateClose)
-		},
+		finish: bothReadAll,
 	},
 	{
 		name: "last-ack-fin-delivered", state: StateLastAck,
 		// The peer closed; our data and FIN reached it, its ACKs did not.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.peerShutdown()
-			e.srcHas()
-			waitTCPState(e.t, e.srcFd, StateCloseWait)
-			e.lockSrc(true, false)
-			e.srcWrite(initialWindowBytes) // all of it leaves without an ACK
-			e.srcShutdown()
-			e.srcSentAll()
-			waitTCPState(e.t, e.srcFd, StateLastAck)
-			e.lockSrc(false, true) // and now the way out, without a gap
+			e.peerCloses()
+			e.srcClosesUnacknowledged(StateLastAck)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerReadsAllThenEOF()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, fdOf(e.t, c), StateClose)
-		},
+		finish: bothReadAll,
 	},
 	{
 		name: "close", state: StateClose,
 		// Both FINs exchanged and acknowledged, received bytes unread.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.peerShutdown()
-			e.srcHas()
-			waitTCPState(e.t, e.srcFd, StateCloseWait)
+			e.peerCloses()
 			e.srcShutdown()
 			waitTCPState(e.t, e.srcFd, StateClose)
 			e.peerReadsAllThenEOF()
@@ -275,8 +219,7 @@ var stateCases = []stateCase{
 		// The peer reset the connection with bytes unread at the source:
 		// they come back readable, then end-of-file (not ECONNRESET).
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.srcHas()
+			e.srcReceived()
 			if err := e.peer.SetLinger(0); err != nil {
 				e.t.Fatal(err)
 			}
@@ -286,6 +229,72 @@ var stateCases = []stateCase{
 		},
 		finish: func(e *stateEnv, c *net.TCPConn) { e.targetClosed(c) },
 	},
+}
+
+// srcReceived has the peer write recvBytes, left unread in the source's
+// receive queue.
+func (e *stateEnv) srcReceived() {
+	e.t.Helper()
+	e.peerWrite(recvBytes)
+	e.srcHas()
+}
+
+// peerCloses is srcReceived with the peer's FIN after the bytes: the
+// source ends in CLOSE_WAIT.
+func (e *stateEnv) peerCloses() {
+	e.t.Helper()
+	e.peerWrite(recvBytes)
+	e.peerShutdown()
+	e.srcHas()
+	waitTCPState(e.t, e.srcFd, StateCloseWait)
+}
+
+// srcClosesLocked locks the source both ways, then writes sendBytes and
+// shuts its side down, which takes it to state want: the peer gets
+// neither the bytes nor the FIN.
+func (e *stateEnv) srcClosesLocked(want State) {
+	e.t.Helper()
+	e.lockSrc(true, true)
+	e.srcWrite(sendBytes)
+	e.srcShutdown()
+	waitTCPState(e.t, e.srcFd, want)
+}
+
+// srcClosesUnacknowledged is srcClosesLocked with the bytes and the FIN
+// delivered and the peer's acknowledgements dropped: only the way in is
+// locked until they have left, then the way out too, without a gap.
+func (e *stateEnv) srcClosesUnacknowledged(want State) {
+	e.t.Helper()
+	e.lockSrc(true, false)
+	e.srcWrite(initialWindowBytes) // all of it leaves without an ACK
+	e.srcShutdown()
+	e.srcSentAll()
+	waitTCPState(e.t, e.srcFd, want)
+	e.lockSrc(false, true)
+}
+
+// peerFinishes has the peer write moreBytes and close; the moved socket
+// reads everything then end-of-file, and acknowledges the peer's FIN.
+func peerFinishes(e *stateEnv, c *net.TCPConn) {
+	e.peerWrite(moreBytes)
+	e.peerShutdown()
+	e.targetReadsAllThenEOF(c)
+	waitTCPState(e.t, e.peerFd, StateClose) // LAST_ACK acknowledged
+}
+
+// peerReadsThenFinishes is peerFinishes after the peer has read every byte
+// and our FIN.
+func peerReadsThenFinishes(e *stateEnv, c *net.TCPConn) {
+	e.peerReadsAllThenEOF()
+	peerFinishes(e, c)
+}
+
+// bothReadAll: both ends read every byte and end-of-file, and the moved
+// socket's LAST_ACK is acknowledged.
+func bothReadAll(e *stateEnv, c *net.TCPConn) {
+	e.peerReadsAllThenEOF()
+	e.targetReadsAllThenEOF(c)
+	waitTCPState(e.t, fdOf(e.t, c), StateClose)
 }
 
 // peerReadsAllThenEOF checks every byte the source wrote, then end-of-file.
