@@ -493,20 +493,12 @@ func BenchmarkRestoreHalfClosed(b *testing.B) {
 		s, dst := benchDumpTarget(b, ns, fd)
 		// The lock keeps the restored socket's ACKs from meeting no socket
 		// and coming back as resets.
-		lock, err := firewall.New(firewall.Config{Instance: "bench", NetNS: dst.Handle()})
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { lock.Close() })
+		lock := newLock(b, dst, "bench", false)
 		l, r := s.Tuple()
 		if err := lock.Lock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
 			b.Fatal(err)
 		}
-		var rs Restorer
-		if err := dst.Do(func() (err error) { rs.Injector, err = NewInjector(lock.BypassMark()); return err }); err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { rs.Injector.Close() })
+		rs := Restorer{Injector: newInjector(b, dst, lock.BypassMark())}
 		b.Run(st.String()+"/Restore+Discard", func(b *testing.B) {
 			err := dst.Do(func() error {
 				b.ReportAllocs()

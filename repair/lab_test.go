@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tcpmigrate/tcpmigrate/firewall"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
@@ -287,6 +288,69 @@ func writeStream(w io.Writer, dir byte, off, n int64) error {
 		}
 	}
 	return nil
+}
+
+// newLock makes a firewall lock (holding, with hold) in ns that the test's
+// cleanup closes.
+func newLock(t testing.TB, ns *lab.NS, instance string, hold bool) *firewall.Lock {
+	t.Helper()
+	l, err := firewall.New(firewall.Config{Instance: instance, NetNS: ns.Handle(), Hold: hold})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	if hold && !l.CanHold() {
+		t.Fatal("the kernel refused the hold rule")
+	}
+	return l
+}
+
+// newInjector opens an Injector with mark in ns that the test's cleanup
+// closes.
+func newInjector(t testing.TB, ns *lab.NS, mark uint32) *Injector {
+	t.Helper()
+	var in *Injector
+	if err := ns.Do(func() (err error) { in, err = NewInjector(mark); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { in.Close() })
+	return in
+}
+
+// inspected runs Inspect on fd in ns and returns the snapshot it began.
+func inspected(t *testing.T, ns *lab.NS, fd int) *Snapshot {
+	t.Helper()
+	s := new(Snapshot)
+	if err := ns.Do(func() error { return Inspect(fd, s) }); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// wantPeerNoReset fails the test if the peer's counters of resets, sent
+// or received, or of failed connection attempts moved since before.
+func wantPeerNoReset(t *testing.T, h *hosts, before map[string]int64) {
+	t.Helper()
+	after := tcpCounters(t, h.peer)
+	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
+		if after[k] != before[k] {
+			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
+		}
+	}
+}
+
+// wantNoChallengeACK fails the test if the target answered a segment with
+// a challenge ACK: one it thought out of order (such as an ACK of a FIN it
+// does not believe sent), which it dropped.
+func wantNoChallengeACK(t *testing.T, h *hosts) {
+	t.Helper()
+	m, err := h.dst.TCPExtCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := m["TCPChallengeACK"]; n != 0 {
+		t.Errorf("the target sent %d challenge ACKs: it refused the peer's segments", n)
+	}
 }
 
 // tcpCounters reads the Tcp counters of /proc/net/snmp in ns.

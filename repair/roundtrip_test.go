@@ -197,12 +197,7 @@ func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error, 
 	if segs := stopCapture(); len(segs) != 0 {
 		t.Errorf("capture saw RST or FIN segments:\n%v", segs)
 	}
-	after := tcpCounters(t, h.peer)
-	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
-		if after[k] != before[k] {
-			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
-		}
-	}
+	wantPeerNoReset(t, h, before)
 }
 
 // writeStreamN writes up to n bytes of the pattern and returns how many the

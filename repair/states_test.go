@@ -13,7 +13,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tcpmigrate/tcpmigrate/firewall"
-	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
 // stateEnv is one connection between the peer and the source host, driven
@@ -443,21 +442,12 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 	e.src.Close()
 
 	// The target: the real lock, an injector with its bypass mark.
-	lock, err := firewall.New(firewall.Config{Instance: "states", NetNS: h.dst.Handle()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Close()
+	lock := newLock(t, h.dst, "states", false)
 	l, r := snap.Tuple()
 	if err := lock.Lock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
 		t.Fatal(err)
 	}
-	var inj *Injector
-	if err := h.dst.Do(func() (err error) { inj, err = NewInjector(lock.BypassMark()); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer inj.Close()
-	rs := Restorer{Injector: inj}
+	rs := Restorer{Injector: newInjector(t, h.dst, lock.BypassMark())}
 	early := !v6 // restore before the address is on the target
 	if !early {
 		h.moveService(t)
@@ -508,28 +498,9 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 	if sc.ourFin && !sawFin {
 		t.Errorf("our FIN never reached the peer after the lock; capture:\n%s", strings.Join(segs, "\n"))
 	}
-	after := tcpCounters(t, h.peer)
-	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
-		if after[k] != before[k] {
-			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
-		}
-	}
-	// A segment the target thinks out of order (an ACK of a FIN it does
-	// not believe sent) is answered with a challenge ACK and dropped.
-	if n := tcpExt(t, h.dst)["TCPChallengeACK"]; n != 0 {
-		t.Errorf("the target sent %d challenge ACKs: it refused the peer's segments", n)
-	}
+	wantPeerNoReset(t, h, before)
+	wantNoChallengeACK(t, h)
 	nftUnlock(t, h.src)
-}
-
-// tcpExt reads the TcpExt counters of /proc/net/netstat in ns.
-func tcpExt(t *testing.T, ns *lab.NS) map[string]int64 {
-	t.Helper()
-	m, err := ns.TCPExtCounters()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return m
 }
 
 // TestSynSent moves a connection whose SYN the peer never saw (the source
@@ -604,11 +575,7 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 		t.Fatal(err)
 	}
 
-	lock, err := firewall.New(firewall.Config{Instance: "synsent", NetNS: h.dst.Handle()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Close()
+	lock := newLock(t, h.dst, "synsent", false)
 	l, r := snap.Tuple()
 	if err := lock.Lock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
 		t.Fatal(err)
@@ -693,16 +660,7 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 			t.Errorf("capture saw a reset: %s", s)
 		}
 	}
-	after := tcpCounters(t, h.peer)
-	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
-		if after[k] != before[k] {
-			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
-		}
-	}
-	// A segment the target thinks out of order (an ACK of a FIN it does
-	// not believe sent) is answered with a challenge ACK and dropped.
-	if n := tcpExt(t, h.dst)["TCPChallengeACK"]; n != 0 {
-		t.Errorf("the target sent %d challenge ACKs: it refused the peer's segments", n)
-	}
+	wantPeerNoReset(t, h, before)
+	wantNoChallengeACK(t, h)
 	nftUnlock(t, h.src)
 }
