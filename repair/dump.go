@@ -471,11 +471,9 @@ func peekQueue(fd int, buf []byte, want int) ([]byte, error) {
 	return buf[:want], nil
 }
 
-var usecTS = sync.OnceValue(func() bool { return kernelAtLeast(6, 7) })
-
 // kernelUsecTS reports whether TCP_TIMESTAMP carries the microsecond flag in
 // bit 0 (Linux 6.7+). There is no runtime probe for it (REPAIR-NOTES 8.1).
-func kernelUsecTS() bool { return usecTS() }
+var kernelUsecTS = sync.OnceValue(func() bool { return kernelAtLeast(6, 7) })
 
 func kernelAtLeast(major, minor int) bool {
 	var u unix.Utsname

@@ -2,6 +2,7 @@ package repair
 
 import (
 	"errors"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -370,16 +371,15 @@ func verifyRestored(fd int, s *Snapshot, want State) error {
 	return nil
 }
 
-var offQuiet = func() int32 {
-	// TCP_REPAIR_OFF_NO_WP (4.18+) leaves repair without a useless window
-	// probe; older kernels take only the plain value.
+// repairOffQuiet is the TCP_REPAIR value that leaves repair mode without
+// a window probe: TCP_REPAIR_OFF_NO_WP (4.18+); older kernels take only
+// the plain value.
+var repairOffQuiet = sync.OnceValue(func() int32 {
 	if kernelAtLeast(4, 18) {
 		return unix.TCP_REPAIR_OFF_NO_WP
 	}
 	return unix.TCP_REPAIR_OFF
-}()
-
-func repairOffQuiet() int32 { return offQuiet }
+})
 
 // Resume takes the socket out of repair mode and puts back what repair mode
 // changed: SO_REUSEADDR (cleared by repair-off), SO_PEEK_OFF, and the
