@@ -1,10 +1,7 @@
 package repair
 
 import (
-	"errors"
-	"math"
 	"testing"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -258,9 +255,13 @@ func BenchmarkRestore(b *testing.B) {
 // with no checks, no error wrapping and no struct filling: the floor that
 // the real functions are compared with. They read only the values that
 // decide which calls the real functions make (data in flight, a queue to
-// peek, timestamps), and know an ESTABLISHED IPv4 connection, the one
-// benchConn makes. bareLateOptions mirrors writeLateOptions without
-// Defaults and must follow it.
+// peek, timestamps), and know an ESTABLISHED connection, the one benchConn
+// makes. Where repair's own helper does nothing but make the calls (the
+// option writers, inflateBuffers, bindLocal, setQueueSeq,
+// setRepairOptions, writeTimestamp, setWindow), bareRestore calls it, so
+// that the two sequences cannot drift apart; what it leaves out is
+// Validate, the Blank, the OpError wrapping and verifyRestored's
+// comparisons.
 
 var scratch [8192]byte
 
@@ -278,10 +279,6 @@ func rawGet(fd, level, opt int, n uint32) {
 
 func rawSet(fd, level, opt int, v int32) {
 	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
-}
-
-func rawSetN(fd, level, opt int, p unsafe.Pointer, n uintptr) {
-	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), n, 0)
 }
 
 func plainIoctl(fd int, req uint) int32 {
@@ -357,7 +354,7 @@ var inspectOpts = func() (c []struct {
 func bareInspect(fd int) {
 	plainGet(fd, unix.SOL_SOCKET, unix.SO_DOMAIN, 4)
 	plainGet(fd, unix.SOL_SOCKET, unix.SO_PROTOCOL, 4)
-	plainGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoPrefix)
+	plainGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, tcpInfoSize)
 	l := uint32(128)
 	unix.Syscall(unix.SYS_GETSOCKNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))
 	unix.Syscall(unix.SYS_GETPEERNAME, uintptr(fd), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)))
@@ -424,58 +421,19 @@ func bareRestore(s *Snapshot) error {
 	defer unix.Close(fd)
 	o := &s.Options
 	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
-	if o.Mask&OptBindToDevice != 0 {
-		unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, o.BindToDevice)
-	}
-	if o.Mark != 0 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(o.Mark))
-	}
-	if o.Mask&OptTransparent != 0 {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
-	}
-	if o.Mask&OptFreebind != 0 {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
-	}
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2)
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2)
-	if err := bindRaw(fd, s.Family, s.Local); errors.Is(err, unix.EADDRNOTAVAIL) {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
-		if err := bindRaw(fd, s.Family, s.Local); err != nil {
-			return err
-		}
-	} else if err != nil {
+	writeEarlyOptions(fd, s.Family, o)
+	inflateBuffers(fd)
+	if _, _, err := bindLocal(fd, s.Family, s.Local); err != nil {
 		return err
 	}
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue))))
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue))))
+	setQueueSeq(fd, tcpRecvQueue, s.RecvSeq-uint32(len(s.RecvQueue)))
+	setQueueSeq(fd, tcpSendQueue, s.SendSeq-uint32(len(s.SendQueue)))
 	if err := connectTo(fd, s.Family, s.Remote); err != nil {
 		return err
 	}
-	var opts [4]unix.TCPRepairOpt
-	n := 0
-	if s.Flags&FlagSACK != 0 {
-		opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_SACK_PERMITTED}
-		n++
-	}
-	if s.Flags&FlagWScale != 0 {
-		opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_WINDOW, Val: uint32(s.SndWScale) | uint32(s.RcvWScale)<<16}
-		n++
-	}
+	setRepairOptions(fd, s)
 	if s.Flags&FlagTimestamps != 0 {
-		opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_TIMESTAMP}
-		n++
-	}
-	opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_MAXSEG, Val: s.MSSClamp}
-	n++
-	rawSetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS, unsafe.Pointer(&opts[0]), uintptr(n)*unsafe.Sizeof(opts[0]))
-	if s.Flags&FlagTimestamps != 0 {
-		ts := s.Timestamp
-		if s.Flags&FlagUsecTS != 0 && kernelUsecTS() {
-			ts |= 1
-		}
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
+		writeTimestamp(fd, s)
 	}
 	if len(s.RecvQueue) > 0 {
 		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
@@ -496,14 +454,13 @@ func bareRestore(s *Snapshot) error {
 	}
 	if s.Flags&FlagWindow != 0 {
 		w := s.Window
-		rawSetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(&w), repairWindowSize)
+		setWindow(fd, &w)
 	}
-	bareLateOptions(fd, o)
+	writeLateOptions(fd, s.Family, o, nil)
 	if s.Shutdown&ShutRead != 0 {
 		unix.Shutdown(fd, unix.SHUT_RD)
 	}
-	// verifyRestored for ESTABLISHED: TCP_INFO, SIOCOUTQ with data in
-	// flight, SIOCINQ.
+	// verifyRestored: TCP_INFO, SIOCOUTQ with data in flight, SIOCINQ.
 	var ti tcpInfoHead
 	getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), tcpInfoSize)
 	if ti.Unacked != 0 {
@@ -511,71 +468,6 @@ func bareRestore(s *Snapshot) error {
 	}
 	rawIoctl(fd, unix.SIOCINQ)
 	return nil
-}
-
-// bareLateOptions makes the calls of writeLateOptions with no Defaults on
-// an IPv4 socket.
-func bareLateOptions(fd int, o *Options) {
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, o.SndBuf/2)
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, o.RcvBuf/2)
-	if o.Mask&OptBufLock != 0 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, int32(o.BufLock))
-	}
-	if o.TOS != 0 {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_TOS, int32(o.TOS))
-	}
-	for _, b := range boolOpts {
-		if *b.field(o) {
-			rawSet(fd, b.level, b.name, 1)
-		}
-	}
-	for _, i := range intOpts {
-		v := *i.field(o)
-		if d, ok := constDefault(i.name); ok && v == d && !(i.name == unix.SO_PRIORITY && o.TOS != 0) {
-			continue
-		}
-		rawSet(fd, i.level, i.name, v)
-	}
-	for _, u := range uintOpts[1:] {
-		if v := *u.field(o); v != 0 {
-			rawSet(fd, u.level, u.name, int32(v))
-		}
-	}
-	for _, p := range optionalOpts {
-		if o.Mask&p.bit != 0 {
-			rawSet(fd, p.level, p.name, int32(*p.field(o)))
-		}
-	}
-	if o.Mask&OptTxDelay != 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TX_DELAY, int32(o.TxDelayUs))
-	}
-	if o.WindowClamp != 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, int32(o.WindowClamp))
-	}
-	if o.Mask&OptLinger != 0 {
-		l := linger{1, o.LingerSecs}
-		rawSetN(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&l), 8)
-	}
-	for _, t := range []struct {
-		name int
-		d    time.Duration
-	}{{unix.SO_SNDTIMEO, o.SndTimeo}, {unix.SO_RCVTIMEO, o.RcvTimeo}} {
-		if t.d != 0 {
-			tv := unix.NsecToTimeval(t.d.Nanoseconds())
-			rawSetN(fd, unix.SOL_SOCKET, t.name, unsafe.Pointer(&tv), unsafe.Sizeof(tv))
-		}
-	}
-	if o.Mask&OptMaxPacingRate != 0 {
-		r := o.MaxPacingRate
-		rawSetN(fd, unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE, unsafe.Pointer(&r), 8)
-	}
-	if o.Mask&OptCongestion != 0 && o.Congestion != "" {
-		unix.SetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, o.Congestion)
-	}
-	if o.Mask&OptRecvErr != 0 {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_RECVERR, 1)
-	}
-	rawSet(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, o.MTUDiscover)
 }
 
 // BenchmarkRestoreHalfClosed measures Restore of half-closed connections,
@@ -601,20 +493,12 @@ func BenchmarkRestoreHalfClosed(b *testing.B) {
 		s, dst := benchDumpTarget(b, ns, fd)
 		// The lock keeps the restored socket's ACKs from meeting no socket
 		// and coming back as resets.
-		lock, err := firewall.New(firewall.Config{Instance: "bench", NetNS: dst.Handle()})
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { lock.Close() })
+		lock := newLock(b, dst, "bench", false)
 		l, r := s.Tuple()
 		if err := lock.Lock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
 			b.Fatal(err)
 		}
-		var rs Restorer
-		if err := dst.Do(func() (err error) { rs.Injector, err = NewInjector(lock.BypassMark()); return err }); err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { rs.Injector.Close() })
+		rs := Restorer{Injector: newInjector(b, dst, lock.BypassMark())}
 		b.Run(st.String()+"/Restore+Discard", func(b *testing.B) {
 			err := dst.Do(func() error {
 				b.ReportAllocs()

@@ -142,11 +142,7 @@ func withHook(step string, hook func(fd int, s *Snapshot), fn func()) {
 // the socket out of repair mode and working.
 func TestCaptureUnstable(t *testing.T) {
 	ns := solo(t)
-	var in *Injector
-	if err := ns.Do(func() (err error) { in, err = NewInjector(0); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
+	in := newInjector(t, ns, 0)
 	for _, c := range []struct {
 		name  string
 		leak  leak
@@ -174,41 +170,35 @@ func TestCaptureUnstable(t *testing.T) {
 	} {
 		t.Run(c.name+"/once", func(t *testing.T) {
 			cl, sv := pair(t, ns, 0, nil, nil)
-			var s Snapshot
-			if err := ns.Do(func() error { return Inspect(cl, &s) }); err != nil {
-				t.Fatal(err)
-			}
+			s := inspected(t, ns, cl)
 			calls := 0
 			var err error
 			withRecheckHook(func(fd int, s *Snapshot) {
 				if calls++; calls == 1 {
 					c.leak(t, in, cl, sv, s)
 				}
-			}, func() { err = Capture(cl, &s) })
+			}, func() { err = Capture(cl, s) })
 			if err != nil {
 				t.Fatalf("Capture after one leak: %v", err)
 			}
 			if calls != 2 {
 				t.Errorf("%d attempts, want 2", calls)
 			}
-			c.check(t, &s, cl)
-			if err := Resume(cl, &s); err != nil {
+			c.check(t, s, cl)
+			if err := Resume(cl, s); err != nil {
 				t.Fatal(err)
 			}
 		})
 	}
 	t.Run("data/always", func(t *testing.T) {
 		cl, sv := pair(t, ns, 0, nil, nil)
-		var s Snapshot
-		if err := ns.Do(func() error { return Inspect(cl, &s) }); err != nil {
-			t.Fatal(err)
-		}
+		s := inspected(t, ns, cl)
 		calls := 0
 		var err error
 		withRecheckHook(func(fd int, s *Snapshot) {
 			calls++
 			leakData(t, in, cl, sv, s)
-		}, func() { err = Capture(cl, &s) })
+		}, func() { err = Capture(cl, s) })
 		var oe *OpError
 		if !errors.Is(err, ErrUnstable) || !errors.As(err, &oe) {
 			t.Fatalf("Capture with a leak on every attempt: %v, want ErrUnstable", err)
@@ -239,7 +229,7 @@ func TestCaptureLengths(t *testing.T) {
 	// deaf drops the peer's segments to cl (its ACKs, its FIN).
 	deaf := func(t *testing.T, cl int) {
 		peer, local := peerAndLocal(t, cl)
-		nftLock(t, ns, local, peer, true)
+		nftLock(t, ns, local, peer, true, false)
 	}
 	for _, c := range []struct {
 		name  string
@@ -316,6 +306,25 @@ func TestCaptureLengths(t *testing.T) {
 	}
 }
 
+// queueLengths reads SIOCOUTQ, SIOCOUTQNSD and SIOCINQ, the lengths
+// captureLengths reads from TCP_INFO where it can; on error it names the
+// failed operation.
+func queueLengths(fd int) (outq, unsq, inq int32, op string, err error) {
+	if outq, err = ioctlIntRaw(fd, unix.SIOCOUTQ); err != nil {
+		return 0, 0, 0, "ioctl SIOCOUTQ", err
+	}
+	if unsq, err = ioctlIntRaw(fd, unix.SIOCOUTQNSD); err != nil {
+		return 0, 0, 0, "ioctl SIOCOUTQNSD", err
+	}
+	if inq, err = ioctlIntRaw(fd, unix.SIOCINQ); err != nil {
+		return 0, 0, 0, "ioctl SIOCINQ", err
+	}
+	if outq < 0 || unsq < 0 || inq < 0 || unsq > outq {
+		return 0, 0, 0, "queue lengths", ErrQueueMismatch
+	}
+	return outq, unsq, inq, "", nil
+}
+
 // fill writes to fd until its send buffer is full.
 func fill(fd int) {
 	unix.SetNonblock(fd, true)
@@ -348,17 +357,13 @@ func waitInfo(t *testing.T, fd int, what string, cond func(*tcpInfoHead) bool) {
 // moved, so the capture starts again and finds the queue empty.
 func TestCaptureSendQueueMoves(t *testing.T) {
 	ns := solo(t)
-	var in *Injector
-	if err := ns.Do(func() (err error) { in, err = NewInjector(0); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
+	in := newInjector(t, ns, 0)
 	// inFlight leaves 1000 bytes sent and unacknowledged on cl (one skb:
 	// the loopback MSS is larger) and returns what the peer would ACK with.
 	inFlight := func(t *testing.T) (cl int, ack func(t *testing.T, s *Snapshot, n uint32)) {
 		cl, _ = pair(t, ns, 0, nil, nil)
 		peer, local := peerAndLocal(t, cl)
-		nftLock(t, ns, local, peer, true)
+		nftLock(t, ns, local, peer, true, false)
 		if _, err := unix.Write(cl, make([]byte, 1000)); err != nil {
 			t.Fatal(err)
 		}
@@ -374,24 +379,18 @@ func TestCaptureSendQueueMoves(t *testing.T) {
 	}
 	t.Run("hidden bytes", func(t *testing.T) {
 		cl, ack := inFlight(t)
-		var s Snapshot
-		if err := ns.Do(func() error { return Inspect(cl, &s) }); err != nil {
-			t.Fatal(err)
-		}
+		s := inspected(t, ns, cl)
 		var seqs Snapshot
 		seqs.RecvSeq, seqs.SendSeq = peekSeqs(t, cl)
 		ack(t, &seqs, 10)
-		err := Capture(cl, &s)
+		err := Capture(cl, s)
 		if !errors.Is(err, ErrQueueMismatch) {
 			t.Fatalf("Capture with a partly acknowledged skb: %v, want ErrQueueMismatch", err)
 		}
 	})
 	t.Run("acknowledged under the peek", func(t *testing.T) {
 		cl, ack := inFlight(t)
-		var s Snapshot
-		if err := ns.Do(func() error { return Inspect(cl, &s) }); err != nil {
-			t.Fatal(err)
-		}
+		s := inspected(t, ns, cl)
 		calls, attempts := 0, 0
 		var err error
 		testHook = func(step string, fd int, s *Snapshot) {
@@ -410,7 +409,7 @@ func TestCaptureSendQueueMoves(t *testing.T) {
 				}
 			}
 		}
-		err = Capture(cl, &s)
+		err = Capture(cl, s)
 		testHook = nil
 		if err != nil {
 			t.Fatalf("Capture with the queue acknowledged under the peek: %v", err)
@@ -418,7 +417,7 @@ func TestCaptureSendQueueMoves(t *testing.T) {
 		if calls != 1 || attempts != 2 || len(s.SendQueue) != 0 {
 			t.Errorf("%d peeks of the send queue in %d attempts, %d bytes in it; want one peek (the retry finds it empty), two attempts and no bytes", calls, attempts, len(s.SendQueue))
 		}
-		if err := Resume(cl, &s); err != nil {
+		if err := Resume(cl, s); err != nil {
 			t.Fatal(err)
 		}
 	})

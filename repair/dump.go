@@ -68,11 +68,11 @@ func inspect(fd int, s *Snapshot, diagOf func(fd int, family uint16, s *Snapshot
 	default:
 		return &UnsupportedError{Reason: ReasonNotTCP, Detail: "protocol " + itoa(int(proto))}
 	}
-	var info [tcpInfoPrefix]byte
-	if _, err := getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
+	var info tcpInfoHead
+	if err := getInfo(fd, &info); err != nil {
 		return &OpError{Op: "getsockopt TCP_INFO", Err: err}
 	}
-	st := State(info[0])
+	st := State(info.State)
 	s.State = st // as inspected; Capture reads it again under the lock
 	if !st.Migratable() {
 		local, _ := sockname(fd, false)
@@ -91,17 +91,14 @@ func inspect(fd int, s *Snapshot, diagOf func(fd int, family uint16, s *Snapshot
 	refuse := func(r Reason, detail string) error {
 		return &UnsupportedError{Local: s.Local, Remote: s.Remote, Reason: r, Detail: detail}
 	}
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
 	if v, err := getInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR); err != nil {
-		return opErr("getsockopt TCP_REPAIR", err)
+		return s.opErr("getsockopt TCP_REPAIR", err)
 	} else if v != 0 {
 		return refuse(ReasonRepairOn, "")
 	}
 	var name [16]byte
 	if n, err := getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_ULP, unsafe.Pointer(&name), 16); err != nil {
-		return opErr("getsockopt TCP_ULP", err)
+		return s.opErr("getsockopt TCP_ULP", err)
 	} else if ulp := cstring(name[:n]); len(ulp) > 0 {
 		return refuse(ReasonULP, string(ulp))
 	}
@@ -109,10 +106,10 @@ func inspect(fd int, s *Snapshot, diagOf func(fd int, family uint16, s *Snapshot
 	if _, err := getsockopt(fd, unix.IPPROTO_TCP, tcpAOInfo, unsafe.Pointer(&ao), uint32(len(ao))); err == nil {
 		return refuse(ReasonAO, "")
 	} else if !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENOPROTOOPT) {
-		return opErr("getsockopt TCP_AO_INFO", err)
+		return s.opErr("getsockopt TCP_AO_INFO", err)
 	}
 	if v, err := ioctlInt(fd, unix.SIOCATMARK); err != nil {
-		return opErr("ioctl SIOCATMARK", err)
+		return s.opErr("ioctl SIOCATMARK", err)
 	} else if v != 0 {
 		return refuse(ReasonUrgent, "")
 	}
@@ -124,7 +121,7 @@ func inspect(fd int, s *Snapshot, diagOf func(fd int, family uint16, s *Snapshot
 	} else {
 		diag, err := diagOf(fd, s.Family, s)
 		if err != nil {
-			return opErr("sock_diag lookup (is the socket in this network namespace?)", err)
+			return s.opErr("sock_diag lookup (is the socket in this network namespace?)", err)
 		}
 		if diag.md5 {
 			return refuse(ReasonMD5, "")
@@ -132,7 +129,7 @@ func inspect(fd int, s *Snapshot, diagOf func(fd int, family uint16, s *Snapshot
 		s.Shutdown = diag.shutdown
 	}
 	if op, err := readOptions(fd, s.Family, &s.Options); err != nil {
-		return opErr(op, err)
+		return s.opErr(op, err)
 	}
 	return nil
 }
@@ -151,11 +148,8 @@ func inspect(fd int, s *Snapshot, diagOf func(fd int, family uint16, s *Snapshot
 // included (docs/repair.md, "What Capture reads"); SO_PEEK_OFF set by the
 // owner costs one more.
 func Capture(fd int, s *Snapshot) (err error) {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
-		return opErr("turn repair on", err)
+		return s.opErr("turn repair on", err)
 	}
 	defer func() {
 		if err != nil {
@@ -164,7 +158,7 @@ func Capture(fd int, s *Snapshot) (err error) {
 	}()
 	if s.Options.Mask&OptPeekOff != 0 {
 		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, -1); err != nil {
-			return opErr("clear SO_PEEK_OFF", err)
+			return s.opErr("clear SO_PEEK_OFF", err)
 		}
 	}
 	for attempt := 1; ; attempt++ {
@@ -186,15 +180,12 @@ var testHook func(step string, fd int, s *Snapshot)
 // 13 system calls for an idle ESTABLISHED connection, 15 of 16 with data in
 // flight and in both queues.
 func capture(fd int, s *Snapshot) error {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
 	if h := testHook; h != nil {
 		h("start", fd, s)
 	}
 	var first tcpInfoHead
-	if err := getInfo(fd, &first); err != nil {
-		return opErr("getsockopt TCP_INFO", err)
+	if err := getInfoRaw(fd, &first); err != nil {
+		return s.opErr("getsockopt TCP_INFO", err)
 	}
 	// A peek that does not match its queue's length is hidden bytes (CRIU
 	// #622) only if the socket stood still; a segment that got past the
@@ -205,15 +196,15 @@ func capture(fd int, s *Snapshot) error {
 	// attempt starts.
 	peekErr := func(op string, err error) error {
 		var now tcpInfoHead
-		if errors.Is(err, ErrQueueMismatch) && getInfo(fd, &now) == nil {
+		if errors.Is(err, ErrQueueMismatch) && getInfoRaw(fd, &now) == nil {
 			if what := whatMoved(&first, &now); what != "" {
 				if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-					return opErr("deselect queue", err)
+					return s.opErr("deselect queue", err)
 				}
-				return opErr(op+" ("+what+" moved)", ErrUnstable)
+				return s.opErr(op+" ("+what+" moved)", ErrUnstable)
 			}
 		}
-		return opErr(op, err)
+		return s.opErr(op, err)
 	}
 	s.State = State(first.State)
 	if !s.State.Migratable() {
@@ -246,35 +237,30 @@ func capture(fd int, s *Snapshot) error {
 
 	outq, unsq, inq, op, err := captureLengths(fd, s.State, &first)
 	if err != nil {
-		return opErr(op, err)
+		return s.opErr(op, err)
 	}
 	mss, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG)
 	if err != nil {
-		return opErr("getsockopt TCP_MAXSEG", err)
+		return s.opErr("getsockopt TCP_MAXSEG", err)
 	}
 	s.MSSClamp = uint32(mss)
 	s.Timestamp = 0
 	if opts&tcpiOptTimestamps != 0 {
 		s.Flags |= FlagTimestamps
 		if err := readTimestamp(fd, s, opts&tcpiOptUsecTS != 0); err != nil {
-			return opErr("getsockopt TCP_TIMESTAMP", err)
+			return s.opErr("getsockopt TCP_TIMESTAMP", err)
 		}
 	}
 	if err := getWindow(fd, &s.Window); err != nil {
 		if errors.Is(err, unix.ENOPROTOOPT) {
-			return opErr("getsockopt TCP_REPAIR_WINDOW", ErrNoRepairWindow)
+			return s.opErr("getsockopt TCP_REPAIR_WINDOW", ErrNoRepairWindow)
 		}
-		return opErr("getsockopt TCP_REPAIR_WINDOW", err)
+		return s.opErr("getsockopt TCP_REPAIR_WINDOW", err)
 	}
 
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
-		return opErr("select receive queue", err)
+	if s.RecvSeq, op, err = queueSeq(fd, tcpRecvQueue); err != nil {
+		return s.opErr(op, err)
 	}
-	rseq, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
-	if err != nil {
-		return opErr("getsockopt TCP_QUEUE_SEQ (receive)", err)
-	}
-	s.RecvSeq = uint32(rseq)
 	// In CLOSE an empty peek would consume the pending error (ECONNRESET)
 	// of a reset connection; the length alone says the queue is empty.
 	// Elsewhere the empty peek stays: SIOCINQ counts only up to an urgent
@@ -287,14 +273,9 @@ func capture(fd int, s *Snapshot) error {
 	} else {
 		s.RecvQueue = s.RecvQueue[:0]
 	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-		return opErr("select send queue", err)
+	if s.SendSeq, op, err = queueSeq(fd, tcpSendQueue); err != nil {
+		return s.opErr(op, err)
 	}
-	sseq, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
-	if err != nil {
-		return opErr("getsockopt TCP_QUEUE_SEQ (send)", err)
-	}
-	s.SendSeq = uint32(sseq)
 	// A queued FIN takes a sequence number but no byte; a CLOSE socket's
 	// send data is dropped (REPAIR-NOTES 3.4).
 	dataOut, dataUnsent := queueLengthsFor(s.State, outq, unsq)
@@ -320,7 +301,7 @@ func capture(fd int, s *Snapshot) error {
 	}
 	s.Unsent = uint32(dataUnsent)
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-		return opErr("deselect queue", err)
+		return s.opErr("deselect queue", err)
 	}
 
 	// D14: anything that reached or changed the socket since the first
@@ -330,17 +311,17 @@ func capture(fd int, s *Snapshot) error {
 		h("recheck", fd, s)
 	}
 	var last tcpInfoHead
-	if err := getInfo(fd, &last); err != nil {
-		return opErr("getsockopt TCP_INFO", err)
+	if err := getInfoRaw(fd, &last); err != nil {
+		return s.opErr("getsockopt TCP_INFO", err)
 	}
 	if what := whatMoved(&first, &last); what != "" {
-		return opErr("re-read TCP_INFO ("+what+" moved)", ErrUnstable)
+		return s.opErr("re-read TCP_INFO ("+what+" moved)", ErrUnstable)
 	}
 	if inq > 0 {
 		if inq2, err := ioctlIntRaw(fd, unix.SIOCINQ); err != nil {
-			return opErr("ioctl SIOCINQ", err)
+			return s.opErr("ioctl SIOCINQ", err)
 		} else if inq2 != inq {
-			return opErr("re-read SIOCINQ", ErrUnstable)
+			return s.opErr("re-read SIOCINQ", ErrUnstable)
 		}
 	}
 	return nil
@@ -353,41 +334,56 @@ func capture(fd int, s *Snapshot) error {
 // send queue holding data (a Fast Open SYN) fails the peek rather than
 // lose it.
 func captureSynSent(fd int, s *Snapshot) error {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
 	s.Flags, s.SndWScale, s.RcvWScale, s.Timestamp = 0, 0, 0, 0
 	s.Window, s.RecvSeq, s.Unsent = Window{}, 0, 0
 	s.RecvQueue = s.RecvQueue[:0]
 	mss, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG)
 	if err != nil {
-		return opErr("getsockopt TCP_MAXSEG", err)
+		return s.opErr("getsockopt TCP_MAXSEG", err)
 	}
 	s.MSSClamp = uint32(mss)
 	if err := readTimestamp(fd, s, false); err != nil {
-		return opErr("getsockopt TCP_TIMESTAMP", err)
+		return s.opErr("getsockopt TCP_TIMESTAMP", err)
 	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-		return opErr("select send queue", err)
+	var op string
+	if s.SendSeq, op, err = queueSeq(fd, tcpSendQueue); err != nil {
+		return s.opErr(op, err)
 	}
-	sseq, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
-	if err != nil {
-		return opErr("getsockopt TCP_QUEUE_SEQ (send)", err)
-	}
-	s.SendSeq = uint32(sseq)
 	if s.SendQueue, err = peekQueue(fd, s.SendQueue, 0); err != nil {
-		return opErr("peek send queue (data in the SYN?)", err)
+		return s.opErr("peek send queue (data in the SYN?)", err)
 	}
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-		return opErr("deselect queue", err)
+		return s.opErr("deselect queue", err)
 	}
 	// D14: a SYN-ACK that got past the lock would have moved the state.
 	if st, err := readState(fd); err != nil {
-		return opErr("getsockopt TCP_INFO", err)
+		return s.opErr("getsockopt TCP_INFO", err)
 	} else if st != StateSynSent {
-		return opErr("re-read state", ErrUnstable)
+		return s.opErr("re-read state", ErrUnstable)
 	}
 	return nil
+}
+
+// queueSeq selects queue (tcpRecvQueue or tcpSendQueue) of fd, in repair
+// mode, and reads its TCP_QUEUE_SEQ: rcv_nxt or write_seq. The queue stays
+// selected for the peek that follows; on error queueSeq names the failed
+// operation.
+func queueSeq(fd int, queue int32) (seq uint32, op string, err error) {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, queue); err != nil {
+		return 0, "select " + queueName(queue) + " queue", err
+	}
+	v, err := getIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return 0, "getsockopt TCP_QUEUE_SEQ (" + queueName(queue) + ")", err
+	}
+	return uint32(v), "", nil
+}
+
+func queueName(queue int32) string {
+	if queue == tcpSendQueue {
+		return "send"
+	}
+	return "receive"
 }
 
 // readTimestamp reads the timestamp clock (TCP_TIMESTAMP) into
@@ -443,24 +439,6 @@ func captureLengths(fd int, st State, ti *tcpInfoHead) (outq, unsq, inq int32, o
 	return outq, unsq, inq, "", nil
 }
 
-// queueLengths reads SIOCOUTQ, SIOCOUTQNSD and SIOCINQ; on error it names
-// the failed operation.
-func queueLengths(fd int) (outq, unsq, inq int32, op string, err error) {
-	if outq, err = ioctlIntRaw(fd, unix.SIOCOUTQ); err != nil {
-		return 0, 0, 0, "ioctl SIOCOUTQ", err
-	}
-	if unsq, err = ioctlIntRaw(fd, unix.SIOCOUTQNSD); err != nil {
-		return 0, 0, 0, "ioctl SIOCOUTQNSD", err
-	}
-	if inq, err = ioctlIntRaw(fd, unix.SIOCINQ); err != nil {
-		return 0, 0, 0, "ioctl SIOCINQ", err
-	}
-	if outq < 0 || unsq < 0 || inq < 0 || unsq > outq {
-		return 0, 0, 0, "queue lengths", ErrQueueMismatch
-	}
-	return outq, unsq, inq, "", nil
-}
-
 // peekQueue peeks want+1 bytes of the selected queue into buf (grown if
 // needed) and insists on getting exactly want: one more byte proves there
 // is no hidden data (CRIU issue #622).
@@ -493,11 +471,9 @@ func peekQueue(fd int, buf []byte, want int) ([]byte, error) {
 	return buf[:want], nil
 }
 
-var usecTS = sync.OnceValue(func() bool { return kernelAtLeast(6, 7) })
-
 // kernelUsecTS reports whether TCP_TIMESTAMP carries the microsecond flag in
 // bit 0 (Linux 6.7+). There is no runtime probe for it (REPAIR-NOTES 8.1).
-func kernelUsecTS() bool { return usecTS() }
+var kernelUsecTS = sync.OnceValue(func() bool { return kernelAtLeast(6, 7) })
 
 func kernelAtLeast(major, minor int) bool {
 	var u unix.Utsname

@@ -117,6 +117,11 @@ func (e *OpError) Error() string {
 // Unwrap returns the underlying error.
 func (e *OpError) Unwrap() error { return e.Err }
 
+// opErr is the *OpError of the step op of the connection of s.
+func (s *Snapshot) opErr(op string, err error) error {
+	return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+}
+
 func connString(l, r netip.AddrPort) string {
 	return l.String() + "->" + r.String()
 }

@@ -1,6 +1,7 @@
 package repair
 
 import (
+	"errors"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -88,59 +89,47 @@ func nextStep(cur, target State, finUnsent bool) (step closeStep, next State, ok
 }
 
 // advance runs the half-close recipe of s.State on a socket rebuilt as
-// ESTABLISHED (or part of the way), step by step, re-reading the state
-// after each step and failing on a mismatch (REPAIR-NOTES 5.2). With
-// inject false it stops before the first crafted segment. It returns the
-// state reached. Before it returns, the saved window is written again
+// ESTABLISHED (or part of the way), in state cur, step by step, re-reading
+// the state after each step and failing on a mismatch (REPAIR-NOTES 5.2).
+// With inject false it stops before the first crafted segment. It returns
+// the state reached. Before it returns, the saved window is written again
 // (with the correction of 5.1 while the peer's FIN is still missing) and
 // read back: the zero window of an unsent FIN, the acknowledgements the
 // socket tried to send and the crafted segments all move it.
-func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
-	cur, err := readState(fd)
-	if err != nil {
-		return 0, opErr("getsockopt TCP_INFO", err)
-	}
-	if cur == s.State {
-		return cur, nil
-	}
-	recvFin, _ := finOffsets(s.State)
+func (r *Restorer) advance(fd int, s *Snapshot, cur State, inject bool) (State, error) {
+	var err error
 	for cur != s.State {
 		step, next, ok := nextStep(cur, s.State, s.Flags&FlagFINUnsent != 0)
 		if !ok {
-			return cur, opErr("restore "+s.State.String()+" from "+cur.String(), ErrRestoreMismatch)
+			return cur, s.opErr("restore "+s.State.String()+" from "+cur.String(), ErrRestoreMismatch)
 		}
 		switch step {
 		case stepShutdownUnsent:
-			w := s.Window
-			w.RcvWup -= recvFin
-			w.RcvWnd += recvFin
+			w := s.windowIn(cur)
 			w.SndWnd = 0 // nothing may go out, the lock's drop notwithstanding
 			if err := setWindow(fd, &w); err != nil {
-				return cur, opErr("setsockopt TCP_REPAIR_WINDOW (zero window for the FIN)", err)
+				return cur, s.opErr("setsockopt TCP_REPAIR_WINDOW (zero window for the FIN)", err)
 			}
 			if err := unix.Shutdown(fd, unix.SHUT_WR); err != nil {
-				return cur, opErr("shutdown(SHUT_WR)", err)
+				return cur, s.opErr("shutdown(SHUT_WR)", err)
 			}
 		case stepShutdownSent:
 			if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-				return cur, opErr("select send queue", err)
+				return cur, s.opErr("select send queue", err)
 			}
 			serr := unix.Shutdown(fd, unix.SHUT_WR)
 			if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-				return cur, opErr("deselect queue", err)
+				return cur, s.opErr("deselect queue", err)
 			}
 			if serr != nil {
-				return cur, opErr("shutdown(SHUT_WR)", serr)
+				return cur, s.opErr("shutdown(SHUT_WR)", serr)
 			}
 		case stepPeerFin, stepAckOurFin:
 			if !inject {
 				return cur, r.rewindow(fd, s, cur)
 			}
 			if r.Injector == nil {
-				return cur, opErr("restore "+s.State.String(), ErrNoInjector)
+				return cur, s.opErr("restore "+s.State.String(), ErrNoInjector)
 			}
 			if cur, err = r.inject(fd, craft(s, step), next); err != nil {
 				return cur, err
@@ -148,11 +137,11 @@ func (r *Restorer) advance(fd int, s *Snapshot, inject bool) (State, error) {
 		}
 		if step == stepShutdownUnsent || step == stepShutdownSent {
 			if cur, err = readState(fd); err != nil {
-				return cur, opErr("getsockopt TCP_INFO", err)
+				return cur, s.opErr("getsockopt TCP_INFO", err)
 			}
 		}
 		if cur != next {
-			return cur, opErr("restore "+s.State.String()+": "+stepName(step)+" left the socket in "+cur.String()+", not "+next.String(), ErrRestoreMismatch)
+			return cur, s.opErr("restore "+s.State.String()+": "+stepName(step)+" left the socket in "+cur.String()+", not "+next.String(), ErrRestoreMismatch)
 		}
 	}
 	return cur, r.rewindow(fd, s, cur)
@@ -184,27 +173,35 @@ func (r *Restorer) inject(fd int, seg Segment, want State) (State, error) {
 	}
 }
 
-// rewindow writes the saved window on a socket that advance left in state
-// cur, corrected while the peer's FIN is not re-injected yet, and reads it
-// back. A CLOSE socket has no window to keep.
-func (r *Restorer) rewindow(fd int, s *Snapshot, cur State) error {
-	if cur == StateClose {
-		return nil
-	}
+// windowIn returns the saved window as a socket rebuilt for s in state cur
+// must hold it: while the peer's FIN is not re-injected yet, rcv_nxt is
+// one lower, so rcv_wup is one lower and rcv_wnd one larger, which keeps
+// the right edge (REPAIR-NOTES 5.1).
+func (s *Snapshot) windowIn(cur State) Window {
 	w := s.Window
 	if s.State.peerFin() && !cur.peerFin() {
 		w.RcvWup--
 		w.RcvWnd++
 	}
+	return w
+}
+
+// rewindow writes the saved window on a socket that advance left in state
+// cur (windowIn) and reads it back. A CLOSE socket has no window to keep.
+func (r *Restorer) rewindow(fd int, s *Snapshot, cur State) error {
+	if cur == StateClose {
+		return nil
+	}
+	w := s.windowIn(cur)
 	if err := setWindow(fd, &w); err != nil {
-		return &OpError{Op: "setsockopt TCP_REPAIR_WINDOW (after the half-close)", Local: s.Local, Remote: s.Remote, Err: err}
+		return s.opErr("setsockopt TCP_REPAIR_WINDOW (after the half-close)", err)
 	}
 	var got Window
 	if err := getWindow(fd, &got); err != nil {
-		return &OpError{Op: "getsockopt TCP_REPAIR_WINDOW", Local: s.Local, Remote: s.Remote, Err: err}
+		return s.opErr("getsockopt TCP_REPAIR_WINDOW", err)
 	}
 	if got != w {
-		return &OpError{Op: "verify window after the half-close", Local: s.Local, Remote: s.Remote, Err: ErrRestoreMismatch}
+		return s.opErr("verify window after the half-close", ErrRestoreMismatch)
 	}
 	return nil
 }
@@ -266,7 +263,14 @@ func (r *Restorer) Settle(fd int, s *Snapshot) error {
 	if !s.State.NeedsInjection() {
 		return nil
 	}
-	_, err := r.advance(fd, s, true)
+	cur, err := readState(fd)
+	if err != nil {
+		return s.opErr("getsockopt TCP_INFO", err)
+	}
+	if cur == s.State {
+		return nil
+	}
+	_, err = r.advance(fd, s, cur, true)
 	return err
 }
 
@@ -286,36 +290,42 @@ func (r *Restorer) Settle(fd int, s *Snapshot) error {
 //   - held (FlagHeld, ESTABLISHED only) with an Injector: ResumeHeld, then
 //     Kick, so that the held peer learns the open window at once.
 //
-// The probe and the kick are sent after the socket left repair mode, and
-// losing them only slows the connection down: a send that fails returns an
-// error matching ErrResumedLive, as does a failure to put back an option
-// (the socket is live: deliver it or close it, never Discard it). Any
-// other error leaves the socket in repair mode.
+// The probe and the kick are sent as soon as the socket is out of repair
+// mode, before the options that leaving repair cleared are put back: the
+// peer waits for the segment, while the options matter only to the
+// application, which does not have the socket yet. Losing the segment
+// only slows the connection down: a send that fails returns an error
+// matching ErrResumedLive, as does a failure to put back an option (the
+// socket is live: deliver it or close it, never Discard it). Any other
+// error leaves the socket in repair mode.
 func (r *Restorer) Resume(fd int, s *Snapshot) error {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
+	mode := int32(unix.TCP_REPAIR_OFF)
+	var seg Segment
+	var what string
+	switch {
+	case r.Injector == nil:
+		return resume(fd, s, mode)
+	case s.Flags&FlagHeld != 0:
+		// ResumeHeld, then the kick.
+		seg, mode = KickSegment(s), repairOffQuiet()
+		what = "kick (the peer waits for its persist probe)"
+	case s.State == StateEstablished, s.State == StateSynSent, s.State == StateClose:
+		return resume(fd, s, mode)
+	default:
+		var err error
+		if seg, err = probeSegment(fd, s); err != nil {
+			return s.opErr("read sequence numbers for the probe", err)
+		}
+		what = "send the window probe (the connection waits for its timers)"
 	}
-	if s.Flags&FlagHeld != 0 && r.Injector != nil {
-		return r.resumeHeld(fd, s)
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
+		return s.opErr("turn repair off", err)
 	}
-	switch s.State {
-	case StateEstablished, StateSynSent, StateClose:
-		return resume(fd, s, unix.TCP_REPAIR_OFF)
+	var err error
+	if serr := r.Injector.Send(seg); serr != nil {
+		err = liveError(s, what, serr)
 	}
-	if r.Injector == nil {
-		return resume(fd, s, unix.TCP_REPAIR_OFF)
-	}
-	probe, err := probeSegment(fd, s)
-	if err != nil {
-		return opErr("read sequence numbers for the probe", err)
-	}
-	if err := resume(fd, s, unix.TCP_REPAIR_OFF); err != nil {
-		return err
-	}
-	if err := r.Injector.Send(probe); err != nil {
-		return liveError(s, "send the window probe (the connection waits for its timers)", err)
-	}
-	return nil
+	return errors.Join(err, afterRepair(fd, s))
 }
 
 // probeSegment builds the ACK the kernel's repair-off window probe would

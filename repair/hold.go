@@ -3,7 +3,6 @@ package repair
 import (
 	"errors"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -59,17 +58,17 @@ func Drain(fds []int, limit time.Duration) (unsettled int, err error) {
 			if s.done {
 				continue
 			}
-			var info unix.TCPInfo
-			if _, e := getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), uint32(unsafe.Sizeof(info))); e != nil {
+			var info tcpInfoHead
+			if e := getInfo(fd, &info); e != nil {
 				s.done, pending = true, pending-1
 				err = errors.Join(err, drainError(fd, "drain: getsockopt TCP_INFO", e))
 				continue
 			}
 			now := time.Now()
-			quiet := max(drainQuiet, time.Duration(info.Rtt)*time.Microsecond*3/2)
+			quiet := max(drainQuiet, time.Duration(info.RTT)*time.Microsecond*3/2)
 			switch {
-			case first || info.Bytes_received != s.last:
-				s.last, s.changed = info.Bytes_received, now
+			case first || info.BytesReceived != s.last:
+				s.last, s.changed = info.BytesReceived, now
 			case now.Sub(s.changed) >= quiet:
 				s.done, pending = true, pending-1
 				continue
@@ -144,19 +143,6 @@ func Kick(in *Injector, snaps ...*Snapshot) error {
 		err = errors.Join(err, in.Send(KickSegment(s)))
 	}
 	return err
-}
-
-// resumeHeld is Restorer.Resume for a held connection: ResumeHeld, then the
-// kick. A kick that cannot be sent is not fatal (ErrResumedLive): the peer
-// learns the open window at its next persist probe.
-func (r *Restorer) resumeHeld(fd int, s *Snapshot) error {
-	if err := ResumeHeld(fd, s); err != nil {
-		return err
-	}
-	if err := r.Injector.Send(KickSegment(s)); err != nil {
-		return liveError(s, "kick (the peer waits for its persist probe)", err)
-	}
-	return nil
 }
 
 // Announce makes the socket on fd, just held and not yet locked, send an

@@ -83,7 +83,7 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 	before := tcpCounters(t, h.peer)
 
 	tuple := firewall.Tuple{Local: unmap(local), Remote: peerAP}
-	srcLock := newLock(t, h.src, "src", hold)
+	srcLock := newLock(t, h.src, "holdtest-src", hold)
 	srcFd := fdOf(t, src)
 	if hold {
 		if err := srcLock.Hold([]firewall.Tuple{tuple}); err != nil {
@@ -135,23 +135,15 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 	}
 	src.Close()
 
-	dstLock := newLock(t, h.dst, "dst", false)
+	dstLock := newLock(t, h.dst, "holdtest-dst", false)
 	if err := dstLock.Lock([]firewall.Tuple{tuple}); err != nil {
 		t.Fatal(err)
 	}
 	var fd int
-	var in *Injector
-	err = h.dst.Do(func() (err error) {
-		if fd, err = Restore(&snap); err != nil {
-			return err
-		}
-		in, err = NewInjector(dstLock.BypassMark())
-		return err
-	})
-	if err != nil {
+	if err := h.dst.Do(func() (err error) { fd, err = Restore(&snap); return err }); err != nil {
 		t.Fatal(err)
 	}
-	defer in.Close()
+	in := newInjector(t, h.dst, dstLock.BypassMark())
 	wantNoQueue(t, fd)
 	h.moveService(t)
 	time.Sleep(30*time.Millisecond - time.Since(locked)) // the rest of a 30 ms freeze
@@ -253,20 +245,6 @@ func readUntilPaused(c *net.TCPConn, d time.Duration) (int64, error) {
 			return off, err
 		}
 	}
-}
-
-// newLock makes a firewall lock in ns that the test's cleanup closes.
-func newLock(t *testing.T, ns *lab.NS, name string, hold bool) *firewall.Lock {
-	t.Helper()
-	l, err := firewall.New(firewall.Config{Instance: "holdtest-" + name, NetNS: ns.Handle(), Hold: hold})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	if hold && !l.CanHold() {
-		t.Fatal("the kernel refused the hold rule")
-	}
-	return l
 }
 
 // timeoutsOf reports the peer namespace's TCPTimeouts and TCPLossProbes.

@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tcpmigrate/tcpmigrate/firewall"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
@@ -68,27 +69,48 @@ func (h *hosts) moveService(t *testing.T) {
 }
 
 // nftLock drops the connection's packets on a host with a test-only table
-// (the firewall package is tested on its own). Prerouting and output at
-// priority -300 see packets before conntrack and before the route lookup,
-// so the lock works before the address is local.
-func nftLock(t *testing.T, ns *lab.NS, local, remote netip.AddrPort, inputOnly bool) {
+// (the firewall package is tested on its own): those from the peer (in),
+// those to it (out), or both. A second call adds to the table. Prerouting
+// and output at priority -300 see packets before conntrack and before the
+// route lookup, so the lock works before the address is local.
+func nftLock(t *testing.T, ns *lab.NS, local, remote netip.AddrPort, in, out bool) {
 	t.Helper()
+	nftScript(t, ns, lockTable("repairtest", local, remote, in, out, ""))
+}
+
+// lockTable is the nft script of table name dropping, and counting, the
+// packets of the connection between local and remote in the directions
+// chosen; accept, if not empty, is a rule placed before the drop.
+func lockTable(name string, local, remote netip.AddrPort, in, out bool, accept string) string {
 	ipk := "ip"
 	if local.Addr().Unmap().Is6() {
 		ipk = "ip6"
 	}
-	l, r := netip.AddrPortFrom(local.Addr().Unmap(), local.Port()), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
-	in := fmt.Sprintf("%s saddr %s tcp sport %d %s daddr %s tcp dport %d counter drop", ipk, r.Addr(), r.Port(), ipk, l.Addr(), l.Port())
-	out := fmt.Sprintf("%s saddr %s tcp sport %d %s daddr %s tcp dport %d counter drop", ipk, l.Addr(), l.Port(), ipk, r.Addr(), r.Port())
-	script := "table inet repairtest {\n chain pre { type filter hook prerouting priority -300;\n  " + in + "\n }\n"
-	if !inputOnly {
-		script += " chain out { type filter hook output priority -300;\n  " + out + "\n }\n"
+	l, r := unmap(local), unmap(remote)
+	rule := func(from, to netip.AddrPort) string {
+		s := fmt.Sprintf("%s saddr %s tcp sport %d %s daddr %s tcp dport %d counter drop", ipk, from.Addr(), from.Port(), ipk, to.Addr(), to.Port())
+		if accept != "" {
+			s = accept + "\n  " + s
+		}
+		return s
 	}
-	script += "}\n"
+	script := "table inet " + name + " {\n"
+	if in {
+		script += " chain pre { type filter hook prerouting priority -300;\n  " + rule(r, l) + "\n }\n"
+	}
+	if out {
+		script += " chain out { type filter hook output priority -300;\n  " + rule(l, r) + "\n }\n"
+	}
+	return script + "}\n"
+}
+
+// nftScript runs nft -f with script in ns.
+func nftScript(t *testing.T, ns *lab.NS, script string) {
+	t.Helper()
 	cmd := ns.Command("nft", "-f", "-")
 	cmd.Stdin = strings.NewReader(script)
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("nft lock in %s: %v: %s", ns.Label, err, out)
+		t.Fatalf("nft in %s: %v: %s\n%s", ns.Label, err, out, script)
 	}
 }
 
@@ -266,6 +288,69 @@ func writeStream(w io.Writer, dir byte, off, n int64) error {
 		}
 	}
 	return nil
+}
+
+// newLock makes a firewall lock (holding, with hold) in ns that the test's
+// cleanup closes.
+func newLock(t testing.TB, ns *lab.NS, instance string, hold bool) *firewall.Lock {
+	t.Helper()
+	l, err := firewall.New(firewall.Config{Instance: instance, NetNS: ns.Handle(), Hold: hold})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	if hold && !l.CanHold() {
+		t.Fatal("the kernel refused the hold rule")
+	}
+	return l
+}
+
+// newInjector opens an Injector with mark in ns that the test's cleanup
+// closes.
+func newInjector(t testing.TB, ns *lab.NS, mark uint32) *Injector {
+	t.Helper()
+	var in *Injector
+	if err := ns.Do(func() (err error) { in, err = NewInjector(mark); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { in.Close() })
+	return in
+}
+
+// inspected runs Inspect on fd in ns and returns the snapshot it began.
+func inspected(t *testing.T, ns *lab.NS, fd int) *Snapshot {
+	t.Helper()
+	s := new(Snapshot)
+	if err := ns.Do(func() error { return Inspect(fd, s) }); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// wantPeerNoReset fails the test if the peer's counters of resets, sent
+// or received, or of failed connection attempts moved since before.
+func wantPeerNoReset(t *testing.T, h *hosts, before map[string]int64) {
+	t.Helper()
+	after := tcpCounters(t, h.peer)
+	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
+		if after[k] != before[k] {
+			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
+		}
+	}
+}
+
+// wantNoChallengeACK fails the test if the target answered a segment with
+// a challenge ACK: one it thought out of order (such as an ACK of a FIN it
+// does not believe sent), which it dropped.
+func wantNoChallengeACK(t *testing.T, h *hosts) {
+	t.Helper()
+	m, err := h.dst.TCPExtCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := m["TCPChallengeACK"]; n != 0 {
+		t.Errorf("the target sent %d challenge ACKs: it refused the peer's segments", n)
+	}
 }
 
 // tcpCounters reads the Tcp counters of /proc/net/snmp in ns.

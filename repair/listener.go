@@ -74,11 +74,11 @@ func DescribeListener(fd int, l *Listener) error {
 	if l.Local, err = sockname(fd, false); err != nil {
 		return fail("getsockname", err)
 	}
-	var head [tcpInfoPrefix]byte
-	if _, err := getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&head), tcpInfoPrefix); err != nil {
+	var ti tcpInfoHead
+	if err := getInfo(fd, &ti); err != nil {
 		return fail("getsockopt TCP_INFO", err)
 	}
-	if st := State(head[0]); st != StateListen {
+	if st := State(ti.State); st != StateListen {
 		return fail("describe listener", fmt.Errorf("%w: state %s, not LISTEN", ErrUnsupported, st))
 	}
 	level, transparent, freebind := ipLevel(l.Family)

@@ -352,8 +352,10 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 			return "setsockopt " + i.what, err
 		}
 	}
-	for _, u := range uintOpts[1:] { // SO_MARK went in early
-		if *u.field(o) == 0 { // TCP_USER_TIMEOUT and TCP_NOTSENT_LOWAT: 0 on a new socket
+	for _, u := range uintOpts {
+		// SO_MARK went in before the bind (writeRouteOptions); the others
+		// are 0 on a new socket.
+		if u.level == unix.SOL_SOCKET && u.name == unix.SO_MARK || *u.field(o) == 0 {
 			continue
 		}
 		if err := setIntRaw(fd, u.level, u.name, int32(*u.field(o))); err != nil {

@@ -168,7 +168,7 @@ func TestRollback(t *testing.T) {
 		n, _ := unix.IoctlGetInt(fd, unix.SIOCINQ)
 		return n == 1000
 	})
-	nftLock(t, h.src, local, peerAP, false)
+	nftLock(t, h.src, local, peerAP, true, true)
 	var s Snapshot
 	if err := h.src.Do(func() error { return Dump(fd, &s) }); err != nil {
 		t.Fatal(err)

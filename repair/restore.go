@@ -2,6 +2,7 @@ package repair
 
 import (
 	"errors"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -71,12 +72,9 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		b.Close()
 		return -1, err
 	}
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
 	if s.State.NeedsInjection() && r.Injector == nil {
 		b.Close()
-		return -1, opErr("restore "+s.State.String(), ErrNoInjector)
+		return -1, s.opErr("restore "+s.State.String(), ErrNoInjector)
 	}
 	if !b.Fits(s) { // a nil, zero or used Blank fits nothing
 		b.Close()
@@ -87,7 +85,7 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		fd, _ = b.take()
 		notLocal = b.notLocal
 	} else if fd, err = unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP); err != nil {
-		return -1, opErr("socket", err)
+		return -1, s.opErr("socket", err)
 	}
 	defer func() {
 		if err != nil {
@@ -100,7 +98,7 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		// done; what the source set before its bind can follow it here
 		// (fits ruled out the options that cannot).
 		if op, err := writeRouteOptions(fd, s.Family, &s.Options); err != nil {
-			return fd, opErr(op, err)
+			return fd, s.opErr(op, err)
 		}
 	} else if notLocal, err = r.newSocket(fd, s); err != nil {
 		return fd, err
@@ -112,49 +110,43 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	// R7: queue start sequence numbers, before connect and before any data.
 	// A FIN that the recipe re-creates later is not counted yet.
 	recvFin, sendFin := finOffsets(s.State)
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
-		return fd, opErr("select receive queue", err)
+	if op, err := setQueueSeq(fd, tcpRecvQueue, s.RecvSeq-recvFin-uint32(len(s.RecvQueue))); err != nil {
+		return fd, s.opErr(op, err)
 	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-recvFin-uint32(len(s.RecvQueue)))); err != nil {
-		return fd, opErr("setsockopt TCP_QUEUE_SEQ (receive)", err)
-	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-		return fd, opErr("select send queue", err)
-	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-sendFin-uint32(len(s.SendQueue)))); err != nil {
-		return fd, opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
+	if op, err := setQueueSeq(fd, tcpSendQueue, s.SendSeq-sendFin-uint32(len(s.SendQueue))); err != nil {
+		return fd, s.opErr(op, err)
 	}
 	// R8: with repair on, connect sends nothing and goes straight to ESTABLISHED.
 	if err := connectTo(fd, s.Family, s.Remote); err != nil {
-		return fd, opErr("connect", err)
+		return fd, s.opErr("connect", err)
 	}
 	// R9, R10: negotiated options, then the timestamp clock.
 	if err := setRepairOptions(fd, s); err != nil {
-		return fd, opErr("setsockopt TCP_REPAIR_OPTIONS", err)
+		return fd, s.opErr("setsockopt TCP_REPAIR_OPTIONS", err)
 	}
 	if s.Flags&FlagTimestamps != 0 {
 		if err := writeTimestamp(fd, s); err != nil {
-			return fd, opErr("setsockopt TCP_TIMESTAMP", err)
+			return fd, s.opErr("setsockopt TCP_TIMESTAMP", err)
 		}
 	}
 	// R11, R12: receive bytes, then sent-but-unacknowledged bytes. R7 left
 	// the send queue selected.
 	if len(s.RecvQueue) > 0 {
 		if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
-			return fd, opErr("select receive queue", err)
+			return fd, s.opErr("select receive queue", err)
 		}
 		if err := writeQueue(fd, s.RecvQueue); err != nil {
-			return fd, opErr("write receive queue", err)
+			return fd, s.opErr("write receive queue", err)
 		}
 	}
 	if sent := s.SentUnacked(); len(sent) > 0 {
 		if len(s.RecvQueue) > 0 {
 			if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-				return fd, opErr("select send queue", err)
+				return fd, s.opErr("select send queue", err)
 			}
 		}
 		if err := writeQueue(fd, sent); err != nil {
-			return fd, opErr("write send queue", err)
+			return fd, s.opErr("write send queue", err)
 		}
 	}
 	// R13: never-sent bytes go in with repair off, so they stay unsent. The
@@ -162,53 +154,52 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 	// The socket is still ESTABLISHED, so it takes data (CRIU issue #2446).
 	if unsent := s.NeverSent(); len(unsent) > 0 {
 		if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
-			return fd, opErr("leave repair for unsent data", err)
+			return fd, s.opErr("leave repair for unsent data", err)
 		}
 		werr := writeQueue(fd, unsent)
 		if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
-			return fd, opErr("re-enter repair after unsent data", err)
+			return fd, s.opErr("re-enter repair after unsent data", err)
 		}
 		if werr != nil {
-			return fd, opErr("write unsent data", werr)
+			return fd, s.opErr("write unsent data", werr)
 		}
 		// Turning repair on again left no queue selected.
 	} else if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-		return fd, opErr("deselect queue", err)
+		return fd, s.opErr("deselect queue", err)
 	}
 	// R14: the window, after the queues (the kernel checks it against
 	// rcv_nxt). Until the peer's FIN is re-injected rcv_nxt is one lower:
 	// the left edge moves down with it and the right edge stays.
 	if s.Flags&FlagWindow != 0 {
-		w := s.Window
-		w.RcvWup -= recvFin
-		w.RcvWnd += recvFin
+		w := s.windowIn(StateEstablished)
 		if err := setWindow(fd, &w); err != nil {
-			return fd, opErr("setsockopt TCP_REPAIR_WINDOW", err)
+			return fd, s.opErr("setsockopt TCP_REPAIR_WINDOW", err)
 		}
 	}
 	// R15: the half-close recipe, as far as it can go before the local
 	// address is on this host. The repair-mode connect left the socket
-	// ESTABLISHED, so an ESTABLISHED connection has no recipe, and
-	// verifyRestored reads its state once.
+	// ESTABLISHED (tcp_connect: tcp_finish_connect), so the recipe starts
+	// there without reading it, an ESTABLISHED connection has none, and
+	// verifyRestored reads the state the recipe reached.
 	reached := StateEstablished
 	if s.State != StateEstablished {
-		if reached, err = r.advance(fd, s, !notLocal); err != nil {
+		if reached, err = r.advance(fd, s, StateEstablished, !notLocal); err != nil {
 			return fd, err
 		}
 	}
 	// R16: the remaining options, final buffer sizes and SO_BUF_LOCK bits.
 	if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults); err != nil {
-		return fd, opErr(op, err)
+		return fd, s.opErr(op, err)
 	}
 	// A received FIN shuts the read side by itself (and a SHUT_RD before a
 	// re-injected FIN would make data in FIN_WAIT states reset the peer).
 	if s.Shutdown&ShutRead != 0 && !s.State.peerFin() {
 		if err := unix.Shutdown(fd, unix.SHUT_RD); err != nil {
-			return fd, opErr("shutdown(SHUT_RD)", err)
+			return fd, s.opErr("shutdown(SHUT_RD)", err)
 		}
 	}
 	if err := verifyRestored(fd, s, reached); err != nil {
-		return fd, opErr("verify restored socket", err)
+		return fd, s.opErr("verify restored socket", err)
 	}
 	return fd, nil
 }
@@ -219,25 +210,22 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 // scale from them), and the bind. It reports whether the local address
 // was not on this host (the socket was made transparent to bind it).
 func (r *Restorer) newSocket(fd int, s *Snapshot) (notLocal bool, err error) {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
-		return false, opErr("turn repair on", err)
+		return false, s.opErr("turn repair on", err)
 	}
 	if op, err := writeEarlyOptions(fd, s.Family, &s.Options); err != nil {
-		return false, opErr(op, err)
+		return false, s.opErr(op, err)
 	}
 	if s.State == StateSynSent {
 		if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults); err != nil {
-			return false, opErr(op, err)
+			return false, s.opErr(op, err)
 		}
 	} else if op, err := inflateBuffers(fd); err != nil {
-		return false, opErr(op, err)
+		return false, s.opErr(op, err)
 	}
 	notLocal, op, err := bindLocal(fd, s.Family, s.Local)
 	if err != nil {
-		return false, opErr(op, err)
+		return false, s.opErr(op, err)
 	}
 	return notLocal, nil
 }
@@ -251,36 +239,44 @@ func (r *Restorer) newSocket(fd int, s *Snapshot) (notLocal bool, err error) {
 // continues the clock a peer may have seen. The handshake completes after
 // the unlock, at the SYN's retransmission.
 func restoreSynSent(fd int, s *Snapshot) error {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
-		return opErr("select send queue", err)
-	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-1)); err != nil {
-		return opErr("setsockopt TCP_QUEUE_SEQ (send)", err)
+	if op, err := setQueueSeq(fd, tcpSendQueue, s.SendSeq-1); err != nil {
+		return s.opErr(op, err)
 	}
 	// No need to deselect the send queue: out of repair mode the selection
 	// means nothing, and turning repair on again resets it.
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
-		return opErr("leave repair for the SYN", err)
+		return s.opErr("leave repair for the SYN", err)
 	}
 	cerr := connectTo(fd, s.Family, s.Remote)
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
-		return opErr("re-enter repair after the SYN", err)
+		return s.opErr("re-enter repair after the SYN", err)
 	}
 	if cerr != nil {
-		return opErr("connect (SYN_SENT)", cerr)
+		return s.opErr("connect (SYN_SENT)", cerr)
 	}
 	if err := writeTimestamp(fd, s); err != nil {
-		return opErr("setsockopt TCP_TIMESTAMP", err)
+		return s.opErr("setsockopt TCP_TIMESTAMP", err)
 	}
 	if st, err := readState(fd); err != nil {
-		return opErr("getsockopt TCP_INFO", err)
+		return s.opErr("getsockopt TCP_INFO", err)
 	} else if st != StateSynSent {
-		return opErr("verify restored socket", ErrRestoreMismatch)
+		return s.opErr("verify restored socket", ErrRestoreMismatch)
 	}
 	return nil
+}
+
+// setQueueSeq selects queue (tcpRecvQueue or tcpSendQueue) of fd, a new
+// socket in repair mode, and sets its TCP_QUEUE_SEQ, where the queue
+// starts. The queue stays selected; on error setQueueSeq names the failed
+// operation.
+func setQueueSeq(fd int, queue int32, seq uint32) (op string, err error) {
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, queue); err != nil {
+		return "select " + queueName(queue) + " queue", err
+	}
+	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(seq)); err != nil {
+		return "setsockopt TCP_QUEUE_SEQ (" + queueName(queue) + ")", err
+	}
+	return "", nil
 }
 
 // writeTimestamp sets the timestamp clock (TCP_TIMESTAMP) to s.Timestamp,
@@ -336,32 +332,29 @@ func writeQueue(fd int, data []byte) error {
 	return nil
 }
 
-// verifyRestored reads the queue lengths back (REPAIR-NOTES 4.7), and
-// checks that the socket is in state want, and leaves no queue selected.
+// verifyRestored reads the queue lengths and the state back (REPAIR-NOTES
+// 4.7) and checks them against s and want, the state the recipe reached.
 //
-// An ESTABLISHED socket is read as Capture reads one (captureLengths): one
-// TCP_INFO gives its state and never-sent length, and SIOCOUTQ is needed
-// only with data in flight, so an idle one costs two calls instead of four.
+// The socket is read as Capture reads one (captureLengths): one TCP_INFO
+// gives its state and never-sent length, and SIOCOUTQ is needed only with
+// data in flight, so an idle one costs two calls instead of the four of
+// the three queue ioctls and a state read. In CLOSE SIOCOUTQ is not read
+// either: a restored socket reaches CLOSE only when the crafted ACK of our
+// FIN makes snd_una equal write_seq (tcp_rcv_state_process, LAST_ACK), so
+// the state says what the length would.
 func verifyRestored(fd int, s *Snapshot, want State) error {
-	var outq, unsq, inq int32
-	var op string
-	var err error
-	st := want
-	if want == StateEstablished {
-		var ti tcpInfoHead
-		if err := getInfo(fd, &ti); err != nil {
-			return err
-		}
-		st = State(ti.State)
-		outq, unsq, inq, op, err = captureLengths(fd, st, &ti)
-	} else {
-		outq, unsq, inq, op, err = queueLengths(fd)
+	var ti tcpInfoHead
+	if err := getInfoRaw(fd, &ti); err != nil {
+		return err
 	}
+	st := State(ti.State)
+	outq, unsq, inq, op, err := captureLengths(fd, st, &ti)
 	if err != nil {
 		return errors.New(op + ": " + err.Error())
 	}
-	// Our FIN, queued and not acknowledged, counts in both ioctls (in
-	// SIOCOUTQNSD only while it is unsent), exactly as at the source.
+	// Our FIN, queued and not acknowledged, counts in both lengths (in
+	// the never-sent one only while it is unsent), exactly as at the
+	// source.
 	wantOut, wantUnsent := uint32(len(s.SendQueue)), s.Unsent
 	switch want {
 	case StateFinWait1, StateClosing, StateLastAck:
@@ -372,39 +365,21 @@ func verifyRestored(fd int, s *Snapshot, want State) error {
 	case StateClose:
 		wantOut = 0
 	}
-	if uint32(outq) != wantOut || uint32(unsq) != wantUnsent || int(inq) != len(s.RecvQueue) {
-		return ErrRestoreMismatch
-	}
-	if want != StateEstablished {
-		if st, err = readState(fd); err != nil {
-			return err
-		}
-	}
-	if st != want {
+	if st != want || uint32(outq) != wantOut || uint32(unsq) != wantUnsent || int(inq) != len(s.RecvQueue) {
 		return ErrRestoreMismatch
 	}
 	return nil
 }
 
-// readState reads the socket's TCP state from TCP_INFO.
-func readState(fd int) (State, error) {
-	var info [tcpInfoPrefix]byte
-	if _, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&info), tcpInfoPrefix); err != nil {
-		return 0, err
-	}
-	return State(info[0]), nil
-}
-
-var offQuiet = func() int32 {
-	// TCP_REPAIR_OFF_NO_WP (4.18+) leaves repair without a useless window
-	// probe; older kernels take only the plain value.
+// repairOffQuiet is the TCP_REPAIR value that leaves repair mode without
+// a window probe: TCP_REPAIR_OFF_NO_WP (4.18+); older kernels take only
+// the plain value.
+var repairOffQuiet = sync.OnceValue(func() int32 {
 	if kernelAtLeast(4, 18) {
 		return unix.TCP_REPAIR_OFF_NO_WP
 	}
 	return unix.TCP_REPAIR_OFF
-}()
-
-func repairOffQuiet() int32 { return offQuiet }
+})
 
 // Resume takes the socket out of repair mode and puts back what repair mode
 // changed: SO_REUSEADDR (cleared by repair-off), SO_PEEK_OFF, and the
@@ -424,11 +399,8 @@ func Resume(fd int, s *Snapshot) error {
 }
 
 func resume(fd int, s *Snapshot, mode int32) error {
-	opErr := func(op string, err error) error {
-		return &OpError{Op: op, Local: s.Local, Remote: s.Remote, Err: err}
-	}
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
-		return opErr("turn repair off", err)
+		return s.opErr("turn repair off", err)
 	}
 	return afterRepair(fd, s)
 }
@@ -436,7 +408,7 @@ func resume(fd int, s *Snapshot, mode int32) error {
 // liveError is the error of a step that failed after the socket left
 // repair mode: it matches ErrResumedLive and err.
 func liveError(s *Snapshot, op string, err error) error {
-	return &OpError{Op: op + " after leaving repair mode", Local: s.Local, Remote: s.Remote, Err: &resumedLiveError{err}}
+	return s.opErr(op+" after leaving repair mode", &resumedLiveError{err})
 }
 
 // resumedLiveError wraps the error of a step after repair mode was left.
@@ -449,21 +421,20 @@ func (e *resumedLiveError) Unwrap() []error { return []error{ErrResumedLive, e.e
 // afterRepair puts back what repair mode changed on a socket out of it.
 // Its errors match ErrResumedLive.
 func afterRepair(fd int, s *Snapshot) error {
-	opErr := func(op string, err error) error { return liveError(s, op, err) }
 	if s.Options.ReuseAddr {
 		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-			return opErr("setsockopt SO_REUSEADDR", err)
+			return liveError(s, "setsockopt SO_REUSEADDR", err)
 		}
 	}
 	if s.Options.Mask&OptPeekOff != 0 {
 		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, s.Options.PeekOff); err != nil {
-			return opErr("setsockopt SO_PEEK_OFF", err)
+			return liveError(s, "setsockopt SO_PEEK_OFF", err)
 		}
 	}
 	if s.Options.Mask&OptTransparent == 0 {
 		level, transparent, _ := ipLevel(s.Family)
 		if err := setIntRaw(fd, level, transparent, 0); err != nil {
-			return opErr("clear IP_TRANSPARENT", err)
+			return liveError(s, "clear IP_TRANSPARENT", err)
 		}
 	}
 	return nil

@@ -150,30 +150,21 @@ func (in *Injector) Send(seg Segment) error {
 		return opErr("inject segment", unix.EBADF)
 	}
 	var pkt [ipv6HeaderLen + tcpHeaderLen]byte
-	var rsa unix.RawSockaddrAny
+	family, fd := uint16(unix.AF_INET), in.fd4
 	var n int
-	var fd int
-	var salen uint32
 	if from.Is4() {
 		n = buildSegment4(pkt[:], from, to, &seg)
-		fd = in.fd4
-		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&rsa))
-		*sa = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: to.As4()}
-		salen = unix.SizeofSockaddrInet4
 	} else {
 		if in.fd6 < 0 {
 			return opErr("inject segment", in.err6)
 		}
+		family, fd = unix.AF_INET6, in.fd6
 		n = buildSegment6(pkt[:], from, to, &seg)
-		fd = in.fd6
-		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(&rsa))
-		*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: to.As16()}
-		if z := seg.To.Addr().Zone(); z != "" {
-			if ifi, err := interfaceIndex(z); err == nil {
-				sa.Scope_id = ifi
-			}
-		}
-		salen = unix.SizeofSockaddrInet6
+	}
+	var rsa unix.RawSockaddrAny
+	salen, err := toRaw(family, netip.AddrPortFrom(to, 0), &rsa)
+	if err != nil {
+		return opErr("inject segment", err)
 	}
 	for {
 		_, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&pkt[0])), uintptr(n), 0,
@@ -224,13 +215,7 @@ func buildSegment4(b []byte, from, to netip.Addr, seg *Segment) int {
 	copy(ip[16:20], d[:])
 	binary.BigEndian.PutUint16(ip[10:], ^uint16(fold(sum(0, ip))))
 
-	tcp := b[ipv4HeaderLen:n]
-	putTCP(tcp, seg)
-	// Pseudo-header: source, destination, zero, protocol, TCP length.
-	c := sum(0, s[:])
-	c = sum(c, d[:])
-	c += unix.IPPROTO_TCP + tcpHeaderLen
-	binary.BigEndian.PutUint16(tcp[16:], ^uint16(fold(sum(c, tcp))))
+	putTCP(b[ipv4HeaderLen:n], seg, s[:], d[:])
 	return n
 }
 
@@ -246,19 +231,16 @@ func buildSegment6(b []byte, from, to netip.Addr, seg *Segment) int {
 	copy(ip[8:24], s[:])
 	copy(ip[24:40], d[:])
 
-	tcp := b[ipv6HeaderLen:n]
-	putTCP(tcp, seg)
-	// Pseudo-header: source, destination, upper-layer length (32 bits),
-	// three zero bytes, next header.
-	c := sum(0, s[:])
-	c = sum(c, d[:])
-	c += tcpHeaderLen + unix.IPPROTO_TCP
-	binary.BigEndian.PutUint16(tcp[16:], ^uint16(fold(sum(c, tcp))))
+	putTCP(b[ipv6HeaderLen:n], seg, s[:], d[:])
 	return n
 }
 
-// putTCP writes the 20-byte TCP header of seg into b with a zero checksum.
-func putTCP(b []byte, seg *Segment) {
+// putTCP writes the 20-byte TCP header of seg into b, with its checksum
+// over the pseudo-header of the source and destination addresses src and
+// dst. Both families' pseudo-headers add up to the addresses, the protocol
+// and the TCP length (IPv4: zero, protocol, 16-bit length; IPv6, RFC 8200
+// 8.1: 32-bit length, three zero bytes, next header).
+func putTCP(b []byte, seg *Segment, src, dst []byte) {
 	binary.BigEndian.PutUint16(b[0:], seg.From.Port())
 	binary.BigEndian.PutUint16(b[2:], seg.To.Port())
 	binary.BigEndian.PutUint32(b[4:], seg.Seq)
@@ -266,8 +248,10 @@ func putTCP(b []byte, seg *Segment) {
 	b[12] = (tcpHeaderLen / 4) << 4
 	b[13] = byte(seg.Flags)
 	binary.BigEndian.PutUint16(b[14:], seg.Window)
-	b[16], b[17] = 0, 0 // checksum
+	b[16], b[17] = 0, 0 // checksum, below
 	b[18], b[19] = 0, 0 // urgent pointer
+	c := sum(sum(0, src), dst) + unix.IPPROTO_TCP + tcpHeaderLen
+	binary.BigEndian.PutUint16(b[16:], ^uint16(fold(sum(c, b))))
 }
 
 // sum adds b to the one's-complement accumulator c as 16-bit big-endian

@@ -149,7 +149,7 @@ func testInjectThroughLock(t *testing.T, v6 bool, family int) {
 		t.Fatal(err)
 	}
 	waitFor(t, "the lock to drop the unmarked FIN", 5*time.Second, func() bool { return lockDrops(t, h.src) == 1 })
-	if st := tcpState(t, fd); st != StateEstablished {
+	if st := tcpStateOf(t, fd); st != StateEstablished {
 		t.Fatalf("after a FIN the lock dropped: state %s, want ESTABLISHED", st)
 	}
 	allocs := testing.AllocsPerRun(100, func() {
@@ -166,7 +166,7 @@ func testInjectThroughLock(t *testing.T, v6 bool, family int) {
 	if err := marked.Send(fin); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the socket to take the injected FIN", 5*time.Second, func() bool { return tcpState(t, fd) == StateCloseWait })
+	waitFor(t, "the socket to take the injected FIN", 5*time.Second, func() bool { return tcpStateOf(t, fd) == StateCloseWait })
 	src.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if n, err := src.Read(make([]byte, 1)); err != io.EOF {
 		t.Fatalf("read after the injected FIN: %d bytes, %v; want EOF", n, err)
@@ -188,25 +188,10 @@ func testInjectThroughLock(t *testing.T, v6 bool, family int) {
 }
 
 // markLock drops the connection's packets on a host, except those carrying
-// mark, with a test-only table whose inbound drop rule counts.
+// mark, with a test-only table whose drop rules count.
 func markLock(t *testing.T, ns *lab.NS, local, remote netip.AddrPort, mark uint32) {
 	t.Helper()
-	ipk := "ip"
-	if local.Addr().Unmap().Is6() {
-		ipk = "ip6"
-	}
-	l, r := unmap(local), unmap(remote)
-	in := fmt.Sprintf("%s saddr %s tcp sport %d %s daddr %s tcp dport %d counter drop", ipk, r.Addr(), r.Port(), ipk, l.Addr(), l.Port())
-	out := fmt.Sprintf("%s saddr %s tcp sport %d %s daddr %s tcp dport %d counter drop", ipk, l.Addr(), l.Port(), ipk, r.Addr(), r.Port())
-	acc := fmt.Sprintf("meta mark %#x accept", mark)
-	script := "table inet segtest {\n" +
-		" chain pre { type filter hook prerouting priority -300;\n  " + acc + "\n  " + in + "\n }\n" +
-		" chain out { type filter hook output priority -300;\n  " + acc + "\n  " + out + "\n }\n}\n"
-	cmd := ns.Command("nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(script)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("nft lock in %s: %v: %s", ns.Label, err, out)
-	}
+	nftScript(t, ns, lockTable("segtest", local, remote, true, true, fmt.Sprintf("meta mark %#x accept", mark)))
 }
 
 var packetsRE = regexp.MustCompile(`packets (\d+)`)
@@ -224,13 +209,4 @@ func lockDrops(t *testing.T, ns *lab.NS) int {
 	}
 	n, _ := strconv.Atoi(string(m[1]))
 	return n
-}
-
-func tcpState(t *testing.T, fd int) State {
-	t.Helper()
-	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return State(info.State)
 }

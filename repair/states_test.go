@@ -13,7 +13,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tcpmigrate/tcpmigrate/firewall"
-	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
 // stateEnv is one connection between the peer and the source host, driven
@@ -83,31 +82,7 @@ func (e *stateEnv) srcSentAll() {
 // directions (a test-only table; the target uses the real lock).
 func (e *stateEnv) lockSrc(in, out bool) {
 	e.t.Helper()
-	nftLockDirs(e.t, e.h.src, e.local, e.peerAP, in, out)
-}
-
-func nftLockDirs(t *testing.T, ns *lab.NS, local, remote netip.AddrPort, in, out bool) {
-	t.Helper()
-	ipk := "ip"
-	if local.Addr().Unmap().Is6() {
-		ipk = "ip6"
-	}
-	l, r := unmap(local), unmap(remote)
-	script := "table inet repairtest {\n"
-	if in {
-		script += fmt.Sprintf(" chain pre { type filter hook prerouting priority -300;\n  %s saddr %s tcp sport %d %s daddr %s tcp dport %d drop\n }\n",
-			ipk, r.Addr(), r.Port(), ipk, l.Addr(), l.Port())
-	}
-	if out {
-		script += fmt.Sprintf(" chain out { type filter hook output priority -300;\n  %s saddr %s tcp sport %d %s daddr %s tcp dport %d drop\n }\n",
-			ipk, l.Addr(), l.Port(), ipk, r.Addr(), r.Port())
-	}
-	script += "}\n"
-	cmd := ns.Command("nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(script)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("nft lock in %s: %v: %s", ns.Label, err, b)
-	}
+	nftLock(e.t, e.h.src, e.local, e.peerAP, in, out)
 }
 
 // stateCase drives a connection into a state (prepare, which ends with
@@ -139,40 +114,19 @@ var stateCases = []stateCase{
 		name: "fin-wait1", state: StateFinWait1, ourFin: true,
 		// Data and FIN written under the lock: the peer has neither.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.srcHas()
-			e.lockSrc(true, true)
-			e.srcWrite(sendBytes)
-			e.srcShutdown()
-			waitTCPState(e.t, e.srcFd, StateFinWait1)
+			e.srcReceived()
+			e.srcClosesLocked(StateFinWait1)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerReadsAllThenEOF()
-			e.peerWrite(moreBytes)
-			e.peerShutdown()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, e.peerFd, StateClose) // LAST_ACK acknowledged
-		},
+		finish: peerReadsThenFinishes,
 	},
 	{
 		name: "fin-wait1-fin-delivered", state: StateFinWait1,
 		// Data and FIN reached the peer; its acknowledgements did not.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.srcHas()
-			e.lockSrc(true, false)
-			e.srcWrite(initialWindowBytes) // all of it leaves without an ACK
-			e.srcShutdown()
-			e.srcSentAll()
-			e.lockSrc(false, true) // and now the way out, without a gap
+			e.srcReceived()
+			e.srcClosesUnacknowledged(StateFinWait1)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerReadsAllThenEOF()
-			e.peerWrite(moreBytes)
-			e.peerShutdown()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, e.peerFd, StateClose)
-		},
+		finish: peerReadsThenFinishes,
 	},
 	{
 		name: "fin-wait2", state: StateFinWait2,
@@ -182,24 +136,17 @@ var stateCases = []stateCase{
 			e.srcShutdown()
 			e.peerReadsAllThenEOF()
 			waitTCPState(e.t, e.srcFd, StateFinWait2)
-			e.peerWrite(recvBytes)
-			e.srcHas()
+			e.srcReceived()
 			e.lockSrc(true, true)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerWrite(moreBytes)
-			e.peerShutdown()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, e.peerFd, StateClose)
-		},
+		finish: peerFinishes,
 	},
 	{
 		name: "closing", state: StateClosing, ourFin: true,
 		// Simultaneous close: the peer's data and FIN arrive, ours are
 		// dropped on the way out.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.srcHas()
+			e.srcReceived()
 			e.lockSrc(false, true)
 			e.srcWrite(sendBytes)
 			e.srcShutdown()
@@ -217,10 +164,7 @@ var stateCases = []stateCase{
 		name: "close-wait", state: StateCloseWait,
 		// The peer closed; our data reached it but its ACKs did not.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.peerShutdown()
-			e.srcHas()
-			waitTCPState(e.t, e.srcFd, StateCloseWait)
+			e.peerCloses()
 			e.lockSrc(true, false)
 			e.srcWrite(sendBytes)
 			e.lockSrc(false, true) // and now the way out, without a gap
@@ -243,50 +187,25 @@ var stateCases = []stateCase{
 		name: "last-ack", state: StateLastAck, ourFin: true,
 		// The peer closed; our data and FIN were written under the lock.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.peerShutdown()
-			e.srcHas()
-			waitTCPState(e.t, e.srcFd, StateCloseWait)
-			e.lockSrc(true, true)
-			e.srcWrite(sendBytes)
-			e.srcShutdown()
-			waitTCPState(e.t, e.srcFd, StateLastAck)
+			e.peerCloses()
+			e.srcClosesLocked(StateLastAck)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerReadsAllThenEOF()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, fdOf(e.t, c), StateClose)
-		},
+		finish: bothReadAll,
 	},
 	{
 		name: "last-ack-fin-delivered", state: StateLastAck,
 		// The peer closed; our data and FIN reached it, its ACKs did not.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.peerShutdown()
-			e.srcHas()
-			waitTCPState(e.t, e.srcFd, StateCloseWait)
-			e.lockSrc(true, false)
-			e.srcWrite(initialWindowBytes) // all of it leaves without an ACK
-			e.srcShutdown()
-			e.srcSentAll()
-			waitTCPState(e.t, e.srcFd, StateLastAck)
-			e.lockSrc(false, true) // and now the way out, without a gap
+			e.peerCloses()
+			e.srcClosesUnacknowledged(StateLastAck)
 		},
-		finish: func(e *stateEnv, c *net.TCPConn) {
-			e.peerReadsAllThenEOF()
-			e.targetReadsAllThenEOF(c)
-			waitTCPState(e.t, fdOf(e.t, c), StateClose)
-		},
+		finish: bothReadAll,
 	},
 	{
 		name: "close", state: StateClose,
 		// Both FINs exchanged and acknowledged, received bytes unread.
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.peerShutdown()
-			e.srcHas()
-			waitTCPState(e.t, e.srcFd, StateCloseWait)
+			e.peerCloses()
 			e.srcShutdown()
 			waitTCPState(e.t, e.srcFd, StateClose)
 			e.peerReadsAllThenEOF()
@@ -299,8 +218,7 @@ var stateCases = []stateCase{
 		// The peer reset the connection with bytes unread at the source:
 		// they come back readable, then end-of-file (not ECONNRESET).
 		prepare: func(e *stateEnv) {
-			e.peerWrite(recvBytes)
-			e.srcHas()
+			e.srcReceived()
 			if err := e.peer.SetLinger(0); err != nil {
 				e.t.Fatal(err)
 			}
@@ -310,6 +228,72 @@ var stateCases = []stateCase{
 		},
 		finish: func(e *stateEnv, c *net.TCPConn) { e.targetClosed(c) },
 	},
+}
+
+// srcReceived has the peer write recvBytes, left unread in the source's
+// receive queue.
+func (e *stateEnv) srcReceived() {
+	e.t.Helper()
+	e.peerWrite(recvBytes)
+	e.srcHas()
+}
+
+// peerCloses is srcReceived with the peer's FIN after the bytes: the
+// source ends in CLOSE_WAIT.
+func (e *stateEnv) peerCloses() {
+	e.t.Helper()
+	e.peerWrite(recvBytes)
+	e.peerShutdown()
+	e.srcHas()
+	waitTCPState(e.t, e.srcFd, StateCloseWait)
+}
+
+// srcClosesLocked locks the source both ways, then writes sendBytes and
+// shuts its side down, which takes it to state want: the peer gets
+// neither the bytes nor the FIN.
+func (e *stateEnv) srcClosesLocked(want State) {
+	e.t.Helper()
+	e.lockSrc(true, true)
+	e.srcWrite(sendBytes)
+	e.srcShutdown()
+	waitTCPState(e.t, e.srcFd, want)
+}
+
+// srcClosesUnacknowledged is srcClosesLocked with the bytes and the FIN
+// delivered and the peer's acknowledgements dropped: only the way in is
+// locked until they have left, then the way out too, without a gap.
+func (e *stateEnv) srcClosesUnacknowledged(want State) {
+	e.t.Helper()
+	e.lockSrc(true, false)
+	e.srcWrite(initialWindowBytes) // all of it leaves without an ACK
+	e.srcShutdown()
+	e.srcSentAll()
+	waitTCPState(e.t, e.srcFd, want)
+	e.lockSrc(false, true)
+}
+
+// peerFinishes has the peer write moreBytes and close; the moved socket
+// reads everything then end-of-file, and acknowledges the peer's FIN.
+func peerFinishes(e *stateEnv, c *net.TCPConn) {
+	e.peerWrite(moreBytes)
+	e.peerShutdown()
+	e.targetReadsAllThenEOF(c)
+	waitTCPState(e.t, e.peerFd, StateClose) // LAST_ACK acknowledged
+}
+
+// peerReadsThenFinishes is peerFinishes after the peer has read every byte
+// and our FIN.
+func peerReadsThenFinishes(e *stateEnv, c *net.TCPConn) {
+	e.peerReadsAllThenEOF()
+	peerFinishes(e, c)
+}
+
+// bothReadAll: both ends read every byte and end-of-file, and the moved
+// socket's LAST_ACK is acknowledged.
+func bothReadAll(e *stateEnv, c *net.TCPConn) {
+	e.peerReadsAllThenEOF()
+	e.targetReadsAllThenEOF(c)
+	waitTCPState(e.t, fdOf(e.t, c), StateClose)
 }
 
 // peerReadsAllThenEOF checks every byte the source wrote, then end-of-file.
@@ -458,21 +442,12 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 	e.src.Close()
 
 	// The target: the real lock, an injector with its bypass mark.
-	lock, err := firewall.New(firewall.Config{Instance: "states", NetNS: h.dst.Handle()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Close()
+	lock := newLock(t, h.dst, "states", false)
 	l, r := snap.Tuple()
 	if err := lock.Lock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
 		t.Fatal(err)
 	}
-	var inj *Injector
-	if err := h.dst.Do(func() (err error) { inj, err = NewInjector(lock.BypassMark()); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer inj.Close()
-	rs := Restorer{Injector: inj}
+	rs := Restorer{Injector: newInjector(t, h.dst, lock.BypassMark())}
 	early := !v6 // restore before the address is on the target
 	if !early {
 		h.moveService(t)
@@ -523,28 +498,9 @@ func testState(t *testing.T, v6 bool, family int, sc stateCase) {
 	if sc.ourFin && !sawFin {
 		t.Errorf("our FIN never reached the peer after the lock; capture:\n%s", strings.Join(segs, "\n"))
 	}
-	after := tcpCounters(t, h.peer)
-	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
-		if after[k] != before[k] {
-			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
-		}
-	}
-	// A segment the target thinks out of order (an ACK of a FIN it does
-	// not believe sent) is answered with a challenge ACK and dropped.
-	if n := tcpExt(t, h.dst)["TCPChallengeACK"]; n != 0 {
-		t.Errorf("the target sent %d challenge ACKs: it refused the peer's segments", n)
-	}
+	wantPeerNoReset(t, h, before)
+	wantNoChallengeACK(t, h)
 	nftUnlock(t, h.src)
-}
-
-// tcpExt reads the TcpExt counters of /proc/net/netstat in ns.
-func tcpExt(t *testing.T, ns *lab.NS) map[string]int64 {
-	t.Helper()
-	m, err := ns.TCPExtCounters()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return m
 }
 
 // TestSynSent moves a connection whose SYN the peer never saw (the source
@@ -570,7 +526,7 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 	before := tcpCounters(t, h.peer)
 	stopCapture := captureFlags(t, h.lan, peerPort, v6)
 
-	nftLockDirs(t, h.src, local, peerAP, true, true)
+	nftLock(t, h.src, local, peerAP, true, true)
 	var srcFd int
 	if err := h.src.Do(func() (err error) {
 		if srcFd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0); err != nil {
@@ -619,11 +575,7 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 		t.Fatal(err)
 	}
 
-	lock, err := firewall.New(firewall.Config{Instance: "synsent", NetNS: h.dst.Handle()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Close()
+	lock := newLock(t, h.dst, "synsent", false)
 	l, r := snap.Tuple()
 	if err := lock.Lock([]firewall.Tuple{{Local: l, Remote: r}}); err != nil {
 		t.Fatal(err)
@@ -708,16 +660,7 @@ func testSynSent(t *testing.T, v6 bool, family int) {
 			t.Errorf("capture saw a reset: %s", s)
 		}
 	}
-	after := tcpCounters(t, h.peer)
-	for _, k := range []string{"EstabResets", "OutRsts", "AttemptFails"} {
-		if after[k] != before[k] {
-			t.Errorf("peer counter %s moved: %d -> %d", k, before[k], after[k])
-		}
-	}
-	// A segment the target thinks out of order (an ACK of a FIN it does
-	// not believe sent) is answered with a challenge ACK and dropped.
-	if n := tcpExt(t, h.dst)["TCPChallengeACK"]; n != 0 {
-		t.Errorf("the target sent %d challenge ACKs: it refused the peer's segments", n)
-	}
+	wantPeerNoReset(t, h, before)
+	wantNoChallengeACK(t, h)
 	nftUnlock(t, h.src)
 }

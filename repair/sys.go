@@ -24,7 +24,6 @@ const (
 	tcpiOptUsecTS     = 64 // TCPI_OPT_USEC_TS
 
 	repairWindowSize = 20 // sizeof(struct tcp_repair_window)
-	tcpInfoPrefix    = 8  // the bytes of struct tcp_info this package decodes
 )
 
 // The helpers below keep their arguments on the caller's stack: each

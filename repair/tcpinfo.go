@@ -8,10 +8,13 @@ import (
 
 // tcpInfoHead mirrors the first 152 bytes of struct tcp_info
 // (include/uapi/linux/tcp.h), everything up to tcpi_min_rtt, which every
-// kernel since 4.6 fills. Capture reads it whole twice: the first read
-// gives the state, the negotiated options and the lengths of the send
-// queue (captureLengths); the second, compared with the first, proves that
-// nothing reached or changed the socket in between (whatMoved).
+// kernel since 4.6 fills; every read of TCP_INFO in this package fills
+// one (do_tcp_getsockopt fills the whole struct with tcp_get_info whatever
+// the length asked for, so a read of the state alone costs the same).
+// Capture reads it twice: the first read gives the state, the negotiated
+// options and the lengths of the send queue (captureLengths); the second,
+// compared with the first, proves that nothing reached or changed the
+// socket in between (whatMoved).
 // TestTCPInfoLayout pins the offsets against golang.org/x/sys/unix.TCPInfo.
 type tcpInfoHead struct {
 	State, CAState, Retransmits, Probes, Backoff, Options uint8
@@ -37,10 +40,20 @@ type tcpInfoHead struct {
 
 const tcpInfoSize = uint32(unsafe.Sizeof(tcpInfoHead{}))
 
-// getInfo reads TCP_INFO into ti. A kernel that fills less than tcpInfoHead
-// (before 4.6) is older than TCP_REPAIR_WINDOW too, and is refused as such.
+// getInfoRaw reads TCP_INFO into ti with a raw call, on a socket no other
+// task holds (sys.go); getInfo reads it through the scheduler. They are the
+// package's only readers of TCP_INFO. A kernel that fills less than
+// tcpInfoHead (before 4.6) is older than TCP_REPAIR_WINDOW too, and is
+// refused as such.
+func getInfoRaw(fd int, ti *tcpInfoHead) error {
+	return infoRead(getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(ti), tcpInfoSize))
+}
+
 func getInfo(fd int, ti *tcpInfoHead) error {
-	n, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(ti), tcpInfoSize)
+	return infoRead(getsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(ti), tcpInfoSize))
+}
+
+func infoRead(n uint32, err error) error {
 	if err != nil {
 		return err
 	}
@@ -48,6 +61,13 @@ func getInfo(fd int, ti *tcpInfoHead) error {
 		return ErrNoRepairWindow
 	}
 	return nil
+}
+
+// readState reads the TCP state of a socket no other task holds.
+func readState(fd int) (State, error) {
+	var ti tcpInfoHead
+	err := getInfoRaw(fd, &ti)
+	return State(ti.State), err
 }
 
 // whatMoved compares the TCP_INFO read at the start of a capture (a) with the

@@ -1,15 +1,9 @@
 package repair
 
 import (
-	"encoding/binary"
 	"fmt"
 	"reflect"
-	"unsafe"
 )
-
-func ptr(b *byte) unsafe.Pointer { return unsafe.Pointer(b) }
-
-func nativeU32(b []byte) uint32 { return binary.NativeEndian.Uint32(b) }
 
 // diffFields lists the fields of two structs of the same type that differ,
 // with byte slices shown by length only.
