@@ -787,25 +787,24 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// has lost only repair-mode copies, which is what "preparing" already
 	// says (recordedState). The write would only lengthen the freeze.
 	var jerr error
-	excluded := map[uint32]bool{}
-	for _, i := range msg.Exclude {
-		excluded[i] = true
-	}
-	var live []*conn
-	var tuples []firewall.Tuple
+	// The connections the source rolled back are discarded; their tuples
+	// stay dropped until the table goes. (An index it names that the
+	// target refused, or names twice, holds no socket.)
 	keep := false // a tuple of the lock must stay dropped after the commit
+	for _, i := range msg.Exclude {
+		if i < m.count {
+			if c := m.conns[i]; c != nil && c.fd >= 0 {
+				repair.Discard(c.fd)
+				c.fd = -1
+				keep = true
+			}
+		}
+	}
+	live := make([]*conn, 0, len(m.conns))
 	for _, c := range m.conns {
-		if c == nil || c.fd < 0 {
-			continue
+		if c != nil && c.fd >= 0 {
+			live = append(live, c)
 		}
-		if excluded[c.report.Index] {
-			repair.Discard(c.fd)
-			c.fd = -1
-			keep = true
-			continue
-		}
-		live = append(live, c)
-		tuples = append(tuples, c.tuple)
 	}
 	var failed []transport.Verdict
 	fail := func(c *conn, err error) {
@@ -814,16 +813,15 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	}
 	// A half-closed connection restored before its address was local
 	// still needs its crafted segments; the address is local now (the
-	// switch is done) and the lock still holds.
-	for i, c := range live {
+	// switch is done) and the lock still holds. One that fails is
+	// discarded (and unlocked with the others).
+	for _, c := range live {
 		if err := m.rs.r.Settle(c.fd, c.snap); err != nil {
 			repair.Discard(c.fd)
 			c.fd = -1
 			fail(c, err)
-			live[i] = nil
 		}
 	}
-	live = slices.DeleteFunc(live, func(c *conn) bool { return c == nil })
 	// Nothing is live here yet: if the sockets cannot be unlocked, the
 	// target backs out as if aborted (its copies are in repair mode, so
 	// discarding them is silent) and says so; the source, finding the
@@ -839,9 +837,14 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			err = m.lock.Release()
 		} else {
 			// The others stay dropped until the table goes.
+			tuples := make([]firewall.Tuple, len(live))
+			for i, c := range live {
+				tuples[i] = c.tuple
+			}
 			err = m.lock.Unlock(tuples)
 		}
 	}
+	live = slices.DeleteFunc(live, func(c *conn) bool { return c.fd < 0 })
 	if err != nil {
 		m.log.Error("commit failed before any socket was resumed: backing out", "err", err)
 		return m.abort(ctx, fmt.Errorf("target: commit: %w", err), true)
