@@ -814,7 +814,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// A half-closed connection restored before its address was local
 	// still needs its crafted segments; the address is local now (the
 	// switch is done) and the lock still holds. One that fails is
-	// discarded (and unlocked with the others).
+	// discarded, and unlocked with the others.
 	for _, c := range live {
 		if err := m.rs.r.Settle(c.fd, c.snap); err != nil {
 			repair.Discard(c.fd)
@@ -828,15 +828,15 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// migration aborted, takes every connection back.
 	err := m.fault(StepCommit)
 	if err == nil {
-		if !keep && len(failed) == 0 {
-			// Every tuple the lock still holds is a live connection's
-			// (refused ones were let go when refused; an exclusion the
-			// target had refused itself holds nothing): they are let go
-			// in one batch whatever their number, where Unlock costs
-			// some 6.5 ms per 10,000 inside the freeze.
+		if !keep {
+			// Every tuple the lock still holds is one of these
+			// connections' (refused ones were let go when refused, failed
+			// restores too; an exclusion the target had refused itself
+			// holds nothing): they are let go in one batch whatever their
+			// number, where Unlock costs some 6.5 ms per 10,000 inside
+			// the freeze.
 			err = m.lock.Release()
 		} else {
-			// The others stay dropped until the table goes.
 			tuples := make([]firewall.Tuple, len(live))
 			for i, c := range live {
 				tuples[i] = c.tuple
