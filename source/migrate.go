@@ -79,11 +79,11 @@ type migration struct {
 
 	switched bool
 	// writers are the snapshot streams, opened before the lock; once
-	// streaming is set, stream owns them (it closes or aborts each).
-	writers   []*transport.SnapshotWriter
-	streaming bool
-	// streamDone receives stream's result; streamsEnded is set once it
-	// has been received (prepare, or waitStreams at the end of run).
+	// streamDone is set, stream owns them (it closes or aborts each).
+	writers []*transport.SnapshotWriter
+	// streamDone receives stream's result, from the moment prepare starts
+	// it; streamsEnded is set once it has been received (prepare, or
+	// waitStreams at the end of run).
 	streamDone   chan error
 	streamsEnded bool
 	msgs         chan transport.Message
@@ -503,8 +503,7 @@ func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc)
 	}
 	sent := make(chan error, 1)
 	captured := make(chan struct{})
-	m.streaming = true // from here stream ends every writer
-	m.streamDone = sent
+	m.streamDone = sent // from here stream ends every writer
 	go func() { sent <- m.stream(captured) }()
 	defer func() {
 		// Wait until the streams capture no more (stopping them first on
@@ -618,8 +617,8 @@ func (m *migration) openStreams(ctx context.Context) error {
 
 // abortUnusedStreams ends the streams that stream never took over.
 func (m *migration) abortUnusedStreams() {
-	if m.streaming {
-		return
+	if m.streamDone != nil {
+		return // stream took them over
 	}
 	for _, w := range m.writers {
 		w.Abort()
