@@ -21,10 +21,10 @@ import (
 // (Config.HoldDrain).
 const DefaultHoldDrain = 200 * time.Millisecond
 
-// holder is the source's part of the hold for one migration.
+// holder is the source's part of the hold for one migration. The hold is
+// used when the lock can hold (Lock.CanHold): newLock asks for it only when
+// wantHold, and the kernel may still refuse it.
 type holder struct {
-	on bool // the hold is used: wanted, the target restores held connections, the lock can hold
-
 	mu  sync.Mutex       // guards inj
 	inj *repair.Injector // for Announce and the kicks of rolled-back connections, opened on first use
 }
@@ -47,7 +47,7 @@ const minAnnounceShare = 32
 // "hold", before the freeze. A failure to hold is not fatal: the
 // connections are then locked as without the hold.
 func (m *migration) holdAll() {
-	if !m.hold.on {
+	if !m.lock.CanHold() {
 		return
 	}
 	var tuples []firewall.Tuple

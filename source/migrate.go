@@ -462,7 +462,6 @@ func (m *migration) newLock() error {
 		return err
 	}
 	m.lock = lock
-	m.hold.on = lock.CanHold()
 	return nil
 }
 
