@@ -50,25 +50,27 @@ func (m *migration) holdAll() {
 	if !m.lock.CanHold() {
 		return
 	}
+	var held []*conn
 	var tuples []firewall.Tuple
 	var fds []int
 	for _, c := range m.elig {
 		if !c.done && c.snap.State == repair.StateEstablished {
+			held = append(held, c)
 			tuples = append(tuples, c.tuple)
 			fds = append(fds, c.fd)
 		}
 	}
-	if len(tuples) == 0 {
+	if len(held) == 0 {
 		return
 	}
 	if err := m.lock.Hold(tuples); err != nil {
 		m.log.Warn("zero-window hold failed: locking without it", "err", err)
 		return
 	}
-	for _, c := range m.elig {
-		c.held = !c.done && c.snap.State == repair.StateEstablished
+	for _, c := range held {
+		c.held = true
 	}
-	m.res.Held = len(tuples)
+	m.res.Held = len(held)
 	// Every held socket sends one ACK now (with window 0), so that idle
 	// peers learn of the hold too.
 	if inj, err := m.injector(); err != nil {
@@ -78,12 +80,6 @@ func (m *migration) holdAll() {
 		// each announcement costs about 8 µs (a moment in repair mode, and
 		// the send, inside which our socket answers and, on a host with the
 		// peer, the peer reads the answer).
-		var held []*conn
-		for _, c := range m.elig {
-			if c.held {
-				held = append(held, c)
-			}
-		}
 		shares.Run(len(held), minAnnounceShare, func(lo, hi int) error {
 			for _, c := range held[lo:hi] {
 				if err := repair.Announce(inj, c.fd, &c.snap); err != nil {
