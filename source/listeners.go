@@ -290,7 +290,7 @@ func (m *migration) settleListeners() {
 		// A committed connection is the target's, or was lost there
 		// (Committed.Failed, outcome Failed): finish closed its socket, and
 		// its descriptor number may be another socket's by now.
-		if c.pendingOn == nil || c.res.Outcome == Committed || c.committed || errors.Is(c.res.Err, ErrInDoubt) {
+		if c.pendingOn == nil || c.committed || errors.Is(c.res.Err, ErrInDoubt) {
 			continue
 		}
 		unix.SetsockoptLinger(c.fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
