@@ -673,9 +673,9 @@ func (m *migration) captureShare(w *transport.SnapshotWriter, share, n int, done
 			// it in repair mode for good.
 			continue
 		}
-		scratch.RecvQueue, scratch.SendQueue = scratch.RecvQueue[:0], scratch.SendQueue[:0]
-		recvq, sendq := scratch.RecvQueue, scratch.SendQueue
-		scratch = c.snap // the inspected part
+		// The inspected part, with the queue buffers of the last capture.
+		recvq, sendq := scratch.RecvQueue[:0], scratch.SendQueue[:0]
+		scratch = c.snap
 		scratch.RecvQueue, scratch.SendQueue = recvq, sendq
 		if err := repair.Capture(c.fd, &scratch); err != nil {
 			return err
