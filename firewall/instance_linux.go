@@ -17,17 +17,17 @@ type instance struct {
 }
 
 // claim validates cfg, duplicates its namespace descriptor, binds the owner
-// socket of its table in that namespace, then runs create, which builds the
-// table. If anything fails, what was taken is released and the error,
-// wrapped in an *Error of op, is ErrExists if the instance is held or its
-// table exists.
-func claim(op string, cfg Config, create func(in *instance) error) (*instance, error) {
+// socket of its table in that namespace, then runs create, which keeps the
+// instance and builds the table. If anything fails, what was taken is
+// released and the error, wrapped in an *Error of op, is ErrExists if the
+// instance is held or its table exists.
+func claim(op string, cfg Config, create func(in *instance) error) error {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
-		return nil, &Error{Op: op, Err: err}
+		return &Error{Op: op, Err: err}
 	}
 	in := &instance{cfg: cfg, table: TableName(cfg.Instance)}
-	fail := func(err error) (*instance, error) { return nil, &Error{Op: op, Table: in.table, Err: err} }
+	fail := func(err error) error { return &Error{Op: op, Table: in.table, Err: err} }
 	in.nsfd, err = dupNetNS(cfg.NetNS)
 	if err != nil {
 		return fail(err)
@@ -48,7 +48,7 @@ func claim(op string, cfg Config, create func(in *instance) error) (*instance, e
 		}
 		return fail(err)
 	}
-	return in, nil
+	return nil
 }
 
 // release closes the owner socket, which frees the instance's name, and the

@@ -55,7 +55,7 @@ type ListenLock struct {
 // fails with ErrExists like New.
 func NewListenLock(cfg Config) (*ListenLock, error) {
 	l := &ListenLock{}
-	_, err := claim("new listen lock", cfg, func(in *instance) error {
+	err := claim("new listen lock", cfg, func(in *instance) error {
 		l.instance = in
 		return l.create()
 	})

@@ -81,7 +81,7 @@ type undo struct {
 // from dead ones.
 func New(cfg Config) (*Lock, error) {
 	l := &Lock{}
-	_, err := claim("new", cfg, func(in *instance) error {
+	err := claim("new", cfg, func(in *instance) error {
 		l.instance = in
 		err := l.create(in.cfg.Hold)
 		if err != nil && in.cfg.Hold && !errors.Is(err, unix.EEXIST) {
