@@ -66,7 +66,7 @@ func NewListenLock(cfg Config) (*ListenLock, error) {
 }
 
 func (l *ListenLock) sets() (tbl *nftables.Table, v4, v6, p4, p6 *nftables.Set) {
-	tbl = &nftables.Table{Name: l.table, Family: nftables.TableFamilyINet}
+	tbl = l.nftTable()
 	mk := func(name string, id uint32, key nftables.SetDatatype, concat bool) *nftables.Set {
 		return &nftables.Set{Table: tbl, Name: name, ID: id, KeyType: key, HasTimeout: true, Timeout: l.cfg.Lease, Concatenation: concat}
 	}
@@ -74,26 +74,15 @@ func (l *ListenLock) sets() (tbl *nftables.Table, v4, v6, p4, p6 *nftables.Set) 
 		mk(setPort4, 3, nftables.TypeInetService, false), mk(setPort6, 4, nftables.TypeInetService, false)
 }
 
+// create builds the table: the four sets and the prerouting chain.
 func (l *ListenLock) create() error {
-	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
-	if err != nil {
-		return err
-	}
 	tbl, v4, v6, p4, p6 := l.sets()
-	c.CreateTable(tbl)
-	for _, s := range []*nftables.Set{v4, v6, p4, p6} {
-		if err := c.AddSet(s, nil); err != nil {
-			return err
-		}
+	sets := []*nftables.Set{v4, v6, p4, p6}
+	in := chainSpec{name: chainIn, hook: nftables.ChainHookPrerouting}
+	for _, s := range sets {
+		in.rules = append(in.rules, synDropRule(s))
 	}
-	accept := nftables.ChainPolicyAccept
-	chain := c.AddChain(&nftables.Chain{Name: chainIn, Table: tbl, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept})
-	c.AddRule(&nftables.Rule{Table: tbl, Chain: chain, Exprs: bypassRule(l.cfg.BypassMark)})
-	for _, s := range []*nftables.Set{v4, v6, p4, p6} {
-		c.AddRule(&nftables.Rule{Table: tbl, Chain: chain, Exprs: synDropRule(s)})
-	}
-	return c.Flush()
+	return l.createTable(tbl, sets, []chainSpec{in})
 }
 
 // synDropRule is "meta nfproto F meta l4proto tcp
@@ -299,7 +288,7 @@ func (l *ListenLock) Close() error {
 	}
 	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
 	if err == nil {
-		c.DelTable(&nftables.Table{Name: l.table, Family: nftables.TableFamilyINet})
+		c.DelTable(l.nftTable())
 		err = c.Flush()
 	}
 	if err != nil && !errors.Is(err, unix.ENOENT) {
