@@ -367,14 +367,21 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 	if err := m.prelock(); err != nil {
 		return m.abort(ctx, err, true)
 	}
-	// The raw sockets for crafted segments, before the freeze. Not fatal:
-	// restore tries again when a connection needs them.
-	if err := nsdo.Do(cfg.NetNS, func() error { return m.rs.open(m.lock.BypassMark()) }); err != nil {
+	// In the namespace once, before the freeze: the raw sockets for crafted
+	// segments (not fatal: restore tries again when a connection needs
+	// them), and what a new socket has there, so that restores write only
+	// the options that differ (repair.Defaults; not fatal: without, all are
+	// written).
+	var injErr, defErr error
+	err = nsdo.Do(cfg.NetNS, func() error {
+		injErr = m.rs.open(m.lock.BypassMark())
+		m.rs.r.Defaults, defErr = repair.ReadDefaults()
+		return nil
+	})
+	if err := errors.Join(err, injErr); err != nil {
 		m.log.Warn("could not open the raw sockets for crafted segments before the freeze", "err", err)
 	}
-	// What a new socket has there, so that restores write only the options
-	// that differ (repair.Defaults). Not fatal: without, all are written.
-	if err := nsdo.Do(cfg.NetNS, func() (err error) { m.rs.r.Defaults, err = repair.ReadDefaults(); return err }); err != nil {
+	if err := errors.Join(err, defErr); err != nil {
 		m.log.Warn("could not read the default socket options", "err", err)
 	}
 	if m.link.Version() >= 2 {
