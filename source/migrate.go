@@ -123,9 +123,7 @@ func Migrate(ctx context.Context, cfg Config, conns []Conn) (*Result, error) {
 		m.conns = append(m.conns, &conn{Conn: c, fd: rawFD(c.File)})
 		m.res.Conns = append(m.res.Conns, ConnResult{Index: uint32(i)})
 	}
-	for i, c := range m.conns {
-		c.res = &m.res.Conns[i]
-	}
+	m.linkResults()
 	err := m.run(ctx)
 	m.settleListeners()
 	for _, c := range m.conns {
@@ -138,6 +136,14 @@ func Migrate(ctx context.Context, cfg Config, conns []Conn) (*Result, error) {
 		m.res.WireBytes = m.wire.n.Load()
 	}
 	return &m.res, err
+}
+
+// linkResults points each connection at its result, m.res.Conns[i] for
+// m.conns[i]; appending to m.res.Conns may have moved them.
+func (m *migration) linkResults() {
+	for i, c := range m.conns {
+		c.res = &m.res.Conns[i]
+	}
 }
 
 func (m *migration) fault(s Step) error {
