@@ -919,8 +919,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		}
 		delivered = nil
 		m.closeListeners()
-	}
-	if len(delivered) > 0 || m.lsn != nil {
+	} else if len(delivered) > 0 || m.lsn != nil {
 		for i, err := range m.deliver(ctx, delivered) {
 			fail(m.conns[i], err)
 		}
