@@ -63,6 +63,9 @@ func (m *migration) holdAll() {
 	if len(held) == 0 {
 		return
 	}
+	// The injector first (a switch into the namespace and its raw
+	// sockets): a peer that is sending stalls from the hold batch on.
+	inj, injErr := m.injector()
 	if err := m.lock.Hold(tuples); err != nil {
 		m.log.Warn("zero-window hold failed: locking without it", "err", err)
 		return
@@ -73,13 +76,12 @@ func (m *migration) holdAll() {
 	m.res.Held = len(held)
 	// Every held socket sends one ACK now (with window 0), so that idle
 	// peers learn of the hold too.
-	if inj, err := m.injector(); err != nil {
-		m.log.Warn("zero-window hold: cannot announce it", "err", err)
+	if injErr != nil {
+		m.log.Warn("zero-window hold: cannot announce it", "err", injErr)
 	} else {
-		// On every core: the peers' stall starts with the hold batch, and
-		// each announcement costs about 8 µs (a moment in repair mode, and
-		// the send, inside which our socket answers and, on a host with the
-		// peer, the peer reads the answer).
+		// On every core: each announcement costs about 8 µs (a moment in
+		// repair mode, and the send, inside which our socket answers and,
+		// on a host with the peer, the peer reads the answer).
 		shares.Run(len(held), minAnnounceShare, func(lo, hi int) error {
 			for _, c := range held[lo:hi] {
 				if err := repair.Announce(inj, c.fd, &c.snap); err != nil {
