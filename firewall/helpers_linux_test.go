@@ -366,6 +366,14 @@ func pattern(seed byte, n int) []byte {
 	return b
 }
 
+// write writes p to c, failing the test if it cannot.
+func write(t *testing.T, c net.Conn, p []byte) {
+	t.Helper()
+	if _, err := c.Write(p); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // readExactly reads len(want) bytes from c within timeout and fails unless
 // they are want.
 func readExactly(t *testing.T, name string, c *net.TCPConn, want []byte, timeout time.Duration) {

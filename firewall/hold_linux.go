@@ -22,18 +22,12 @@ type holdUndo struct {
 	deadline time.Time
 }
 
-// addHoldSets adds the hold sets h4 and h6 to the batch of c.
-func addHoldSets(c *nftables.Conn, table *nftables.Table, lease time.Duration) ([]*nftables.Set, error) {
-	h4 := &nftables.Set{Table: table, Name: holdV4, ID: 3, KeyType: keyType4,
-		HasTimeout: true, Timeout: lease, Concatenation: true}
-	h6 := &nftables.Set{Table: table, Name: holdV6, ID: 4, KeyType: keyType6,
-		HasTimeout: true, Timeout: lease, Concatenation: true}
-	for _, s := range []*nftables.Set{h4, h6} {
-		if err := c.AddSet(s, nil); err != nil {
-			return nil, err
-		}
+// holdSets returns the hold sets h4 and h6 of table.
+func holdSets(table *nftables.Table, lease time.Duration) []*nftables.Set {
+	return []*nftables.Set{
+		{Table: table, Name: holdV4, ID: 3, KeyType: keyType4, HasTimeout: true, Timeout: lease, Concatenation: true},
+		{Table: table, Name: holdV6, ID: 4, KeyType: keyType6, HasTimeout: true, Timeout: lease, Concatenation: true},
 	}
-	return []*nftables.Set{h4, h6}, nil
 }
 
 // holdRule is "meta nfproto F meta l4proto tcp

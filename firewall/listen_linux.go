@@ -35,7 +35,9 @@ var (
 //
 // A listener bound to the unspecified address locks its port on every
 // address; an IPv6 one ([::]:P) in both families, as a dual-stack socket
-// receives both. An IPv4-mapped address locks plain IPv4.
+// receives both. An IPv4-mapped address locks plain IPv4. Endpoints may
+// thus share an element ([::]:P and 0.0.0.0:P): Unlock keeps what an
+// endpoint still locked needs.
 //
 // Locked endpoints carry the lease of Config.Lease, renewed by
 // StartRenewer, so the lock of a crashed agent lapses by itself; Close
@@ -55,7 +57,7 @@ type ListenLock struct {
 // fails with ErrExists like New.
 func NewListenLock(cfg Config) (*ListenLock, error) {
 	l := &ListenLock{}
-	_, err := claim("new listen lock", cfg, func(in *instance) error {
+	err := claim("new listen lock", cfg, func(in *instance) error {
 		l.instance = in
 		return l.create()
 	})
@@ -66,7 +68,7 @@ func NewListenLock(cfg Config) (*ListenLock, error) {
 }
 
 func (l *ListenLock) sets() (tbl *nftables.Table, v4, v6, p4, p6 *nftables.Set) {
-	tbl = &nftables.Table{Name: l.table, Family: nftables.TableFamilyINet}
+	tbl = l.nftTable()
 	mk := func(name string, id uint32, key nftables.SetDatatype, concat bool) *nftables.Set {
 		return &nftables.Set{Table: tbl, Name: name, ID: id, KeyType: key, HasTimeout: true, Timeout: l.cfg.Lease, Concatenation: concat}
 	}
@@ -74,26 +76,15 @@ func (l *ListenLock) sets() (tbl *nftables.Table, v4, v6, p4, p6 *nftables.Set) 
 		mk(setPort4, 3, nftables.TypeInetService, false), mk(setPort6, 4, nftables.TypeInetService, false)
 }
 
+// create builds the table: the four sets and the prerouting chain.
 func (l *ListenLock) create() error {
-	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
-	if err != nil {
-		return err
-	}
 	tbl, v4, v6, p4, p6 := l.sets()
-	c.CreateTable(tbl)
-	for _, s := range []*nftables.Set{v4, v6, p4, p6} {
-		if err := c.AddSet(s, nil); err != nil {
-			return err
-		}
+	sets := []*nftables.Set{v4, v6, p4, p6}
+	in := chainSpec{name: chainIn, hook: nftables.ChainHookPrerouting}
+	for _, s := range sets {
+		in.rules = append(in.rules, synDropRule(s))
 	}
-	accept := nftables.ChainPolicyAccept
-	chain := c.AddChain(&nftables.Chain{Name: chainIn, Table: tbl, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept})
-	c.AddRule(&nftables.Rule{Table: tbl, Chain: chain, Exprs: bypassRule(l.cfg.BypassMark)})
-	for _, s := range []*nftables.Set{v4, v6, p4, p6} {
-		c.AddRule(&nftables.Rule{Table: tbl, Chain: chain, Exprs: synDropRule(s)})
-	}
-	return c.Flush()
+	return l.createTable(tbl, sets, []chainSpec{in})
 }
 
 // synDropRule is "meta nfproto F meta l4proto tcp
@@ -129,27 +120,61 @@ func synDropRule(s *nftables.Set) []expr.Any {
 	)
 }
 
-// listenElems returns the set and key of each element that locks ep.
-func (l *ListenLock) listenElems(ep netip.AddrPort) (map[string][][]byte, error) {
+// listenKey is one element of a listener lock: its set and its key.
+type listenKey struct {
+	set string
+	key string // the element's bytes
+}
+
+// listenKeys returns the elements that lock ep.
+func listenKeys(ep netip.AddrPort) ([]listenKey, error) {
 	a := ep.Addr().Unmap().WithZone("")
 	if !a.IsValid() || ep.Port() == 0 {
 		return nil, ErrInvalidTuple
 	}
-	port := binaryutil.BigEndian.PutUint16(ep.Port())
-	padded := append(slices.Clone(port), 0, 0) // concatenated keys pad each part to 4 bytes
-	out := map[string][][]byte{}
+	port := string(binaryutil.BigEndian.PutUint16(ep.Port()))
+	const pad = "\x00\x00" // concatenated keys pad each part to 4 bytes
 	switch {
 	case a.IsUnspecified() && a.Is6():
-		out[setPort6] = append(out[setPort6], port)
-		out[setPort4] = append(out[setPort4], port)
+		return []listenKey{{setPort6, port}, {setPort4, port}}, nil
 	case a.IsUnspecified():
-		out[setPort4] = append(out[setPort4], port)
+		return []listenKey{{setPort4, port}}, nil
 	case a.Is4():
 		b := a.As4()
-		out[setListen4] = append(out[setListen4], append(b[:], padded...))
+		return []listenKey{{setListen4, string(b[:]) + port + pad}}, nil
 	default:
 		b := a.As16()
-		out[setListen6] = append(out[setListen6], append(b[:], padded...))
+		return []listenKey{{setListen6, string(b[:]) + port + pad}}, nil
+	}
+}
+
+// keysOf returns the elements that lock eps, each once, less those that
+// lock an endpoint of except: endpoints overlap (an IPv6 wildcard locks
+// the port in both families), and a batch must neither delete an element
+// twice nor one that another endpoint still needs.
+func keysOf(eps, except []netip.AddrPort) ([]listenKey, error) {
+	skip := map[listenKey]bool{}
+	for _, ep := range except {
+		ks, err := listenKeys(ep)
+		if err != nil {
+			return nil, err
+		}
+		for _, k := range ks {
+			skip[k] = true
+		}
+	}
+	var out []listenKey
+	for _, ep := range eps {
+		ks, err := listenKeys(ep)
+		if err != nil {
+			return nil, err
+		}
+		for _, k := range ks {
+			if !skip[k] {
+				skip[k] = true
+				out = append(out, k)
+			}
+		}
 	}
 	return out, nil
 }
@@ -160,9 +185,12 @@ const (
 	delElems = false
 )
 
-// change applies steps (addElems, delElems) to the elements of eps, in
-// order, in one batch.
-func (l *ListenLock) change(op string, eps []netip.AddrPort, steps ...bool) error {
+// change applies steps (addElems, delElems) to the elements keys, in order,
+// in one batch.
+func (l *ListenLock) change(op string, keys []listenKey, steps ...bool) error {
+	if len(keys) == 0 {
+		return nil
+	}
 	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
 	if err != nil {
 		return &Error{Op: op, Table: l.table, Err: err}
@@ -170,16 +198,8 @@ func (l *ListenLock) change(op string, eps []netip.AddrPort, steps ...bool) erro
 	_, v4, v6, p4, p6 := l.sets()
 	byName := map[string]*nftables.Set{setListen4: v4, setListen6: v6, setPort4: p4, setPort6: p6}
 	elems := map[string][]nftables.SetElement{}
-	for _, ep := range eps {
-		keys, err := l.listenElems(ep)
-		if err != nil {
-			return &Error{Op: op, Table: l.table, Err: err}
-		}
-		for set, ks := range keys {
-			for _, k := range ks {
-				elems[set] = append(elems[set], nftables.SetElement{Key: k, Timeout: l.cfg.Lease})
-			}
-		}
+	for _, k := range keys {
+		elems[k.set] = append(elems[k.set], nftables.SetElement{Key: []byte(k.key), Timeout: l.cfg.Lease})
 	}
 	for _, add := range steps {
 		for set, es := range elems {
@@ -215,7 +235,12 @@ func (l *ListenLock) Lock(eps []netip.AddrPort) error {
 	if len(fresh) == 0 {
 		return nil
 	}
-	if err := l.change("lock listeners", fresh, addElems); err != nil {
+	// An element another endpoint locked already is added again: a no-op.
+	keys, err := keysOf(fresh, nil)
+	if err != nil {
+		return &Error{Op: "lock listeners", Table: l.table, Err: err}
+	}
+	if err := l.change("lock listeners", keys, addElems); err != nil {
 		return err
 	}
 	l.held = append(l.held, fresh...)
@@ -237,12 +262,14 @@ func (l *ListenLock) Unlock(eps []netip.AddrPort) error {
 			l.held = slices.Delete(l.held, i, i+1)
 		}
 	}
-	if len(gone) == 0 {
-		return nil
+	// The elements the endpoints still locked need stay. An element may
+	// have lapsed already: add then delete makes the batch valid either
+	// way.
+	keys, err := keysOf(gone, l.held)
+	if err != nil {
+		return &Error{Op: "unlock listeners", Table: l.table, Err: err}
 	}
-	// An element may have lapsed already: add then delete makes the batch
-	// valid either way.
-	return l.change("unlock listeners", gone, addElems, delElems)
+	return l.change("unlock listeners", keys, addElems, delElems)
 }
 
 // Held returns the locked endpoints.
@@ -256,11 +283,15 @@ func (l *ListenLock) Held() []netip.AddrPort {
 func (l *ListenLock) renewAll() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closed || len(l.held) == 0 {
+	if l.closed {
 		return nil
 	}
 	// Add (in case it lapsed), delete, add: one batch, a fresh lease.
-	return l.change("renew listeners", l.held, addElems, delElems, addElems)
+	keys, err := keysOf(l.held, nil)
+	if err != nil {
+		return &Error{Op: "renew listeners", Table: l.table, Err: err}
+	}
+	return l.change("renew listeners", keys, addElems, delElems, addElems)
 }
 
 // StartRenewer renews every locked endpoint each third of the lease until
@@ -299,7 +330,7 @@ func (l *ListenLock) Close() error {
 	}
 	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
 	if err == nil {
-		c.DelTable(&nftables.Table{Name: l.table, Family: nftables.TableFamilyINet})
+		c.DelTable(l.nftTable())
 		err = c.Flush()
 	}
 	if err != nil && !errors.Is(err, unix.ENOENT) {

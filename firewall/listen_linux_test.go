@@ -138,3 +138,40 @@ func echo(t *testing.T, c net.Conn, msg string) {
 		t.Errorf("echo %q: got %q, %v", msg, buf, err)
 	}
 }
+
+// TestListenLockOverlap locks a wildcard IPv6 listener and a wildcard IPv4
+// one on the same port (the pair a server with an IPV6_V6ONLY socket
+// beside an IPv4 one has), whose elements overlap: the IPv6 one locks the
+// port in both families. Renewing both must work, and unlocking one must
+// keep what the other still needs.
+func TestListenLockOverlap(t *testing.T) {
+	ns := newTestNS(t, "lsn-overlap")
+	var l *ListenLock
+	if err := ns.Do(func() error {
+		var err error
+		l, err = NewListenLock(Config{Instance: "lsn-overlap", Lease: 2 * time.Second})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	v6, v4 := netip.MustParseAddrPort("[::]:8080"), netip.MustParseAddrPort("0.0.0.0:8080")
+	if err := l.Lock([]netip.AddrPort{v6, v4}); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.renewAll(); err != nil {
+		t.Fatalf("renew of overlapping endpoints: %v", err)
+	}
+	if err := l.Unlock([]netip.AddrPort{v6}); err != nil {
+		t.Fatal(err)
+	}
+	if p4, p6 := setLen(t, ns, l.Table(), setPort4), setLen(t, ns, l.Table(), setPort6); p4 != 1 || p6 != 0 {
+		t.Errorf("after unlocking %v: %d IPv4 and %d IPv6 port elements, want 1 and 0 (%v still locked)", v6, p4, p6, v4)
+	}
+	if err := l.Unlock([]netip.AddrPort{v4}); err != nil {
+		t.Fatal(err)
+	}
+	if p4 := setLen(t, ns, l.Table(), setPort4); p4 != 0 {
+		t.Errorf("after unlocking both: %d IPv4 port elements", p4)
+	}
+}

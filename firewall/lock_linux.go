@@ -81,7 +81,7 @@ type undo struct {
 // from dead ones.
 func New(cfg Config) (*Lock, error) {
 	l := &Lock{}
-	_, err := claim("new", cfg, func(in *instance) error {
+	err := claim("new", cfg, func(in *instance) error {
 		l.instance = in
 		err := l.create(in.cfg.Hold)
 		if err != nil && in.cfg.Hold && !errors.Is(err, unix.EEXIST) {
@@ -108,58 +108,29 @@ var (
 	keyType6 = nftables.MustConcatSetType(nftables.TypeIP6Addr, nftables.TypeInetService, nftables.TypeIP6Addr, nftables.TypeInetService)
 )
 
-// create sends the batch that builds the table, through google/nftables,
-// with the hold's sets and rule if hold is set. The table is created with
-// NLM_F_EXCL so that an existing one is never adopted or changed.
+// create builds the table, with the hold's sets and rule if hold is set.
 func (l *Lock) create(hold bool) error {
-	c, err := nftables.New(nftables.WithNetNSFd(l.nsfd))
-	if err != nil {
-		return err
-	}
-	table := &nftables.Table{Name: l.table, Family: nftables.TableFamilyINet}
-	c.CreateTable(table)
-	// Set IDs only link the rules to the sets within this batch; fixing them
-	// keeps google/nftables from touching its unsynchronised global counter.
-	v4 := &nftables.Set{Table: table, Name: setV4, ID: 1, KeyType: keyType4,
+	tbl := l.nftTable()
+	v4 := &nftables.Set{Table: tbl, Name: setV4, ID: 1, KeyType: keyType4,
 		HasTimeout: true, Timeout: l.cfg.Lease, Concatenation: true}
-	v6 := &nftables.Set{Table: table, Name: setV6, ID: 2, KeyType: keyType6,
+	v6 := &nftables.Set{Table: tbl, Name: setV6, ID: 2, KeyType: keyType6,
 		HasTimeout: true, Timeout: l.cfg.Lease, Concatenation: true}
-	for _, s := range []*nftables.Set{v4, v6} {
-		if err := c.AddSet(s, nil); err != nil {
-			return err
+	sets := []*nftables.Set{v4, v6}
+	in := chainSpec{name: chainIn, hook: nftables.ChainHookPrerouting}
+	out := chainSpec{name: chainOut, hook: nftables.ChainHookOutput}
+	for _, s := range sets {
+		// First the rule for the packets a chain mostly sees: those to
+		// the local end on input, those from it on output.
+		in.rules = append(in.rules, dropRule(s, toLocal), dropRule(s, fromLocal))
+		out.rules = append(out.rules, dropRule(s, fromLocal), dropRule(s, toLocal))
+	}
+	if hold {
+		for _, s := range holdSets(tbl, l.cfg.Lease) {
+			sets = append(sets, s)
+			out.rules = append(out.rules, holdRule(s))
 		}
 	}
-	accept := nftables.ChainPolicyAccept
-	for _, ch := range []struct {
-		name string
-		hook *nftables.ChainHook
-		// local says which end of the packets the chain sees first is
-		// the local one; the rule for it comes first.
-		local order
-	}{
-		{chainIn, nftables.ChainHookPrerouting, toLocal},
-		{chainOut, nftables.ChainHookOutput, fromLocal},
-	} {
-		chain := c.AddChain(&nftables.Chain{Name: ch.name, Table: table, Type: nftables.ChainTypeFilter,
-			Hooknum: ch.hook, Priority: nftables.ChainPriorityRef(Priority), Policy: &accept})
-		rules := [][]expr.Any{bypassRule(l.cfg.BypassMark)}
-		for _, s := range []*nftables.Set{v4, v6} {
-			rules = append(rules, dropRule(s, ch.local), dropRule(s, !ch.local))
-		}
-		if hold && ch.local == fromLocal {
-			hs, err := addHoldSets(c, table, l.cfg.Lease)
-			if err != nil {
-				return err
-			}
-			for _, s := range hs {
-				rules = append(rules, holdRule(s))
-			}
-		}
-		for _, exprs := range rules {
-			c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
-		}
-	}
-	return c.Flush()
+	return l.createTable(tbl, sets, []chainSpec{in, out})
 }
 
 // bypassRule is "meta mark == mark accept".

@@ -104,13 +104,9 @@ func testLockHoldsFlow(t *testing.T, f family, release bool) {
 
 	ca, cb := dialPair(t, a, b, f)
 	hello := pattern(1, 1000)
-	if _, err := ca.Write(hello); err != nil {
-		t.Fatal(err)
-	}
+	write(t, ca, hello)
 	readExactly(t, "b", cb, hello, 5*time.Second)
-	if _, err := cb.Write(hello); err != nil {
-		t.Fatal(err)
-	}
+	write(t, cb, hello)
 	readExactly(t, "a", ca, hello, 5*time.Second)
 
 	l := newTestLock(t, Config{Instance: "flow", NetNS: b.Handle()})
@@ -127,12 +123,8 @@ func testLockHoldsFlow(t *testing.T, f family, release bool) {
 	recvA, recvB := bytesReceived(t, ca), bytesReceived(t, cb)
 
 	toB, toA := pattern(2, 64<<10), pattern(3, 32<<10)
-	if _, err := ca.Write(toB); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := cb.Write(toA); err != nil {
-		t.Fatal(err)
-	}
+	write(t, ca, toB)
+	write(t, cb, toA)
 	// Two drops per chain: the first transmission and at least one
 	// retransmission on each side.
 	waitFor(t, 10*time.Second, "drops in both chains", func() bool {
@@ -164,13 +156,9 @@ func testLockHoldsFlow(t *testing.T, f family, release bool) {
 	readExactly(t, "a", ca, toA, 15*time.Second)
 	t.Logf("flow resumed %v after the unlock", time.Since(start).Round(time.Millisecond))
 	bye := pattern(4, 100)
-	if _, err := ca.Write(bye); err != nil {
-		t.Fatal(err)
-	}
+	write(t, ca, bye)
 	readExactly(t, "b", cb, bye, 5*time.Second)
-	if _, err := cb.Write(bye); err != nil {
-		t.Fatal(err)
-	}
+	write(t, cb, bye)
 	readExactly(t, "a", ca, bye, 5*time.Second)
 
 	checkHealthy(t, "a", ca)
@@ -267,12 +255,8 @@ func TestBypassMark(t *testing.T) {
 			in0, out0 := dropCounts(t, b, l.Table())
 			recvServer, recvClient := bytesReceived(t, server), bytesReceived(t, client)
 			fromClient, fromServer := pattern(5, 4000), pattern(6, 3000)
-			if _, err := client.Write(fromClient); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := server.Write(fromServer); err != nil {
-				t.Fatal(err)
-			}
+			write(t, client, fromClient)
+			write(t, server, fromServer)
 			if tc.passes {
 				// The marked client's data arrives through both chains; the
 				// unmarked server's replies are dropped.
@@ -325,9 +309,7 @@ func TestBothEndsOnOneHost(t *testing.T) {
 	conntrackAcct(t, b)
 	client, server := dialPair(t, b, b, families[0])
 	hello := pattern(8, 100)
-	if _, err := client.Write(hello); err != nil {
-		t.Fatal(err)
-	}
+	write(t, client, hello)
 	readExactly(t, "server", server, hello, 5*time.Second)
 
 	l := newTestLock(t, Config{Instance: "both", NetNS: b.Handle()})
@@ -349,12 +331,8 @@ func TestBothEndsOnOneHost(t *testing.T) {
 	rst := snmp(t, b, "Tcp", "OutRsts")
 	recvC, recvS := bytesReceived(t, client), bytesReceived(t, server)
 	toS, toC := pattern(9, 20000), pattern(10, 10000)
-	if _, err := client.Write(toS); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := server.Write(toC); err != nil {
-		t.Fatal(err)
-	}
+	write(t, client, toS)
+	write(t, server, toC)
 	waitFor(t, 10*time.Second, "drops of both ends' packets", func() bool {
 		_, out := dropCounts(t, b, l.Table())
 		return out >= 2
@@ -753,9 +731,7 @@ func TestKilledAgent(t *testing.T) {
 	rstA, rstB := snmp(t, a, "Tcp", "OutRsts"), snmp(t, b, "Tcp", "OutRsts")
 	recvB := bytesReceived(t, cb)
 	data := pattern(7, 20000)
-	if _, err := ca.Write(data); err != nil {
-		t.Fatal(err)
-	}
+	write(t, ca, data)
 	waitFor(t, 10*time.Second, "the child's lock to drop packets", func() bool {
 		in, _ := dropCounts(t, b, TableName("dead"))
 		return in >= 1

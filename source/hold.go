@@ -21,10 +21,10 @@ import (
 // (Config.HoldDrain).
 const DefaultHoldDrain = 200 * time.Millisecond
 
-// holder is the source's part of the hold for one migration.
+// holder is the source's part of the hold for one migration. The hold is
+// used when the lock can hold (Lock.CanHold): newLock asks for it only when
+// wantHold, and the kernel may still refuse it.
 type holder struct {
-	on bool // the hold is used: wanted, the target restores held connections, the lock can hold
-
 	mu  sync.Mutex       // guards inj
 	inj *repair.Injector // for Announce and the kicks of rolled-back connections, opened on first use
 }
@@ -47,43 +47,41 @@ const minAnnounceShare = 32
 // "hold", before the freeze. A failure to hold is not fatal: the
 // connections are then locked as without the hold.
 func (m *migration) holdAll() {
-	if !m.hold.on {
+	if !m.lock.CanHold() {
 		return
 	}
+	var held []*conn
 	var tuples []firewall.Tuple
 	var fds []int
 	for _, c := range m.elig {
 		if !c.done && c.snap.State == repair.StateEstablished {
+			held = append(held, c)
 			tuples = append(tuples, c.tuple)
 			fds = append(fds, c.fd)
 		}
 	}
-	if len(tuples) == 0 {
+	if len(held) == 0 {
 		return
 	}
+	// The injector first (a switch into the namespace and its raw
+	// sockets): a peer that is sending stalls from the hold batch on.
+	inj, injErr := m.injector()
 	if err := m.lock.Hold(tuples); err != nil {
 		m.log.Warn("zero-window hold failed: locking without it", "err", err)
 		return
 	}
-	for _, c := range m.elig {
-		c.held = !c.done && c.snap.State == repair.StateEstablished
+	for _, c := range held {
+		c.held = true
 	}
-	m.res.Held = len(tuples)
+	m.res.Held = len(held)
 	// Every held socket sends one ACK now (with window 0), so that idle
 	// peers learn of the hold too.
-	if inj, err := m.injector(); err != nil {
-		m.log.Warn("zero-window hold: cannot announce it", "err", err)
+	if injErr != nil {
+		m.log.Warn("zero-window hold: cannot announce it", "err", injErr)
 	} else {
-		// On every core: the peers' stall starts with the hold batch, and
-		// each announcement costs about 8 µs (a moment in repair mode, and
-		// the send, inside which our socket answers and, on a host with the
-		// peer, the peer reads the answer).
-		var held []*conn
-		for _, c := range m.elig {
-			if c.held {
-				held = append(held, c)
-			}
-		}
+		// On every core: each announcement costs about 8 µs (a moment in
+		// repair mode, and the send, inside which our socket answers and,
+		// on a host with the peer, the peer reads the answer).
 		shares.Run(len(held), minAnnounceShare, func(lo, hi int) error {
 			for _, c := range held[lo:hi] {
 				if err := repair.Announce(inj, c.fd, &c.snap); err != nil {

@@ -152,6 +152,9 @@ func (m *migration) awaitHandshakes(ctx context.Context, eps []netip.AddrPort) e
 // acceptPending accepts every connection waiting on l; poll first, as the
 // descriptor may be blocking (its mode is the owner's).
 func (m *migration) acceptPending(l *listener) error {
+	// Each connection taken adds a result, which may move the others: every
+	// connection is pointed at its result again once, on the way out.
+	defer m.linkResults()
 	for {
 		pfd := []unix.PollFd{{Fd: int32(l.fd), Events: unix.POLLIN}}
 		n, err := unix.Poll(pfd, 0)
@@ -175,10 +178,6 @@ func (m *migration) acceptPending(l *listener) error {
 		l.pending = append(l.pending, c)
 		m.conns = append(m.conns, c)
 		m.res.Conns = append(m.res.Conns, ConnResult{Index: uint32(len(m.res.Conns)), PendingOn: l.desc.Local})
-		// The slice may have moved: point every connection at its result again.
-		for i, c := range m.conns {
-			c.res = &m.res.Conns[i]
-		}
 		m.log.Info("pending connection taken", "listener", l.desc.Local.String(), "fd", fd)
 	}
 }
@@ -290,7 +289,7 @@ func (m *migration) settleListeners() {
 		// A committed connection is the target's, or was lost there
 		// (Committed.Failed, outcome Failed): finish closed its socket, and
 		// its descriptor number may be another socket's by now.
-		if c.pendingOn == nil || c.res.Outcome == Committed || c.committed || errors.Is(c.res.Err, ErrInDoubt) {
+		if c.pendingOn == nil || c.committed || errors.Is(c.res.Err, ErrInDoubt) {
 			continue
 		}
 		unix.SetsockoptLinger(c.fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})

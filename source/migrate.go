@@ -79,11 +79,11 @@ type migration struct {
 
 	switched bool
 	// writers are the snapshot streams, opened before the lock; once
-	// streaming is set, stream owns them (it closes or aborts each).
-	writers   []*transport.SnapshotWriter
-	streaming bool
-	// streamDone receives stream's result; streamsEnded is set once it
-	// has been received (prepare, or waitStreams at the end of run).
+	// streamDone is set, stream owns them (it closes or aborts each).
+	writers []*transport.SnapshotWriter
+	// streamDone receives stream's result, from the moment prepare starts
+	// it; streamsEnded is set once it has been received (prepare, or
+	// waitStreams at the end of run).
 	streamDone   chan error
 	streamsEnded bool
 	msgs         chan transport.Message
@@ -123,9 +123,7 @@ func Migrate(ctx context.Context, cfg Config, conns []Conn) (*Result, error) {
 		m.conns = append(m.conns, &conn{Conn: c, fd: rawFD(c.File)})
 		m.res.Conns = append(m.res.Conns, ConnResult{Index: uint32(i)})
 	}
-	for i, c := range m.conns {
-		c.res = &m.res.Conns[i]
-	}
+	m.linkResults()
 	err := m.run(ctx)
 	m.settleListeners()
 	for _, c := range m.conns {
@@ -138,6 +136,14 @@ func Migrate(ctx context.Context, cfg Config, conns []Conn) (*Result, error) {
 		m.res.WireBytes = m.wire.n.Load()
 	}
 	return &m.res, err
+}
+
+// linkResults points each connection at its result, m.res.Conns[i] for
+// m.conns[i]; appending to m.res.Conns may have moved them.
+func (m *migration) linkResults() {
+	for i, c := range m.conns {
+		c.res = &m.res.Conns[i]
+	}
 }
 
 func (m *migration) fault(s Step) error {
@@ -462,7 +468,6 @@ func (m *migration) newLock() error {
 		return err
 	}
 	m.lock = lock
-	m.hold.on = lock.CanHold()
 	return nil
 }
 
@@ -503,8 +508,7 @@ func (m *migration) prepare(ctx context.Context, stopStreams context.CancelFunc)
 	}
 	sent := make(chan error, 1)
 	captured := make(chan struct{})
-	m.streaming = true // from here stream ends every writer
-	m.streamDone = sent
+	m.streamDone = sent // from here stream ends every writer
 	go func() { sent <- m.stream(captured) }()
 	defer func() {
 		// Wait until the streams capture no more (stopping them first on
@@ -618,8 +622,8 @@ func (m *migration) openStreams(ctx context.Context) error {
 
 // abortUnusedStreams ends the streams that stream never took over.
 func (m *migration) abortUnusedStreams() {
-	if m.streaming {
-		return
+	if m.streamDone != nil {
+		return // stream took them over
 	}
 	for _, w := range m.writers {
 		w.Abort()
@@ -675,9 +679,9 @@ func (m *migration) captureShare(w *transport.SnapshotWriter, share, n int, done
 			// it in repair mode for good.
 			continue
 		}
-		scratch.RecvQueue, scratch.SendQueue = scratch.RecvQueue[:0], scratch.SendQueue[:0]
-		recvq, sendq := scratch.RecvQueue, scratch.SendQueue
-		scratch = c.snap // the inspected part
+		// The inspected part, with the queue buffers of the last capture.
+		recvq, sendq := scratch.RecvQueue[:0], scratch.SendQueue[:0]
+		scratch = c.snap
 		scratch.RecvQueue, scratch.SendQueue = recvq, sendq
 		if err := repair.Capture(c.fd, &scratch); err != nil {
 			return err

@@ -96,7 +96,7 @@ func (b *blanks) release() {
 	b.halt()
 	b.wg.Wait()
 	for i := range b.slots {
-		if bl := b.slots[i].Swap(taken); bl != nil && bl != taken {
+		if bl := b.take(uint32(i)); bl != nil {
 			bl.Close()
 		}
 	}

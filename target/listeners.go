@@ -151,7 +151,7 @@ func (m *migration) listen(ctx context.Context, msg *transport.Listeners) error 
 	if err := lock.Lock(eps); err != nil {
 		return err
 	}
-	nsdo.Do(cfg.NetNS, func() error {
+	err = nsdo.Do(cfg.NetNS, func() error {
 		// First, before any listener of the set exists: a listener with
 		// SO_REUSEPORT on a port a local socket holds would join a local
 		// service's reuseport group and take a share of its connections.
@@ -185,6 +185,11 @@ func (m *migration) listen(ctx context.Context, msg *transport.Listeners) error 
 		}
 		return nil
 	})
+	if err != nil {
+		// The namespace could not be entered (then no verdict has a
+		// code) or left: the abort closes what was made, and the lock.
+		return err
+	}
 	// A listener that could not be recreated (most often EADDRINUSE: a
 	// local service owns the port) is not the target's: its endpoint is
 	// let go at once, so that a source cannot black-hole a local service's

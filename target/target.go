@@ -367,14 +367,21 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 	if err := m.prelock(); err != nil {
 		return m.abort(ctx, err, true)
 	}
-	// The raw sockets for crafted segments, before the freeze. Not fatal:
-	// restore tries again when a connection needs them.
-	if err := nsdo.Do(cfg.NetNS, func() error { return m.rs.open(m.lock.BypassMark()) }); err != nil {
+	// In the namespace once, before the freeze: the raw sockets for crafted
+	// segments (not fatal: restore tries again when a connection needs
+	// them), and what a new socket has there, so that restores write only
+	// the options that differ (repair.Defaults; not fatal: without, all are
+	// written).
+	var injErr, defErr error
+	err = nsdo.Do(cfg.NetNS, func() error {
+		injErr = m.rs.open(m.lock.BypassMark())
+		m.rs.r.Defaults, defErr = repair.ReadDefaults()
+		return nil
+	})
+	if err := errors.Join(err, injErr); err != nil {
 		m.log.Warn("could not open the raw sockets for crafted segments before the freeze", "err", err)
 	}
-	// What a new socket has there, so that restores write only the options
-	// that differ (repair.Defaults). Not fatal: without, all are written.
-	if err := nsdo.Do(cfg.NetNS, func() (err error) { m.rs.r.Defaults, err = repair.ReadDefaults(); return err }); err != nil {
+	if err := errors.Join(err, defErr); err != nil {
 		m.log.Warn("could not read the default socket options", "err", err)
 	}
 	if m.link.Version() >= 2 {
@@ -787,25 +794,24 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// has lost only repair-mode copies, which is what "preparing" already
 	// says (recordedState). The write would only lengthen the freeze.
 	var jerr error
-	excluded := map[uint32]bool{}
-	for _, i := range msg.Exclude {
-		excluded[i] = true
-	}
-	var live []*conn
-	var tuples []firewall.Tuple
+	// The connections the source rolled back are discarded; their tuples
+	// stay dropped until the table goes. (An index it names that the
+	// target refused, or names twice, holds no socket.)
 	keep := false // a tuple of the lock must stay dropped after the commit
+	for _, i := range msg.Exclude {
+		if i < m.count {
+			if c := m.conns[i]; c != nil && c.fd >= 0 {
+				repair.Discard(c.fd)
+				c.fd = -1
+				keep = true
+			}
+		}
+	}
+	live := make([]*conn, 0, len(m.conns))
 	for _, c := range m.conns {
-		if c == nil || c.fd < 0 {
-			continue
+		if c != nil && c.fd >= 0 {
+			live = append(live, c)
 		}
-		if excluded[c.report.Index] {
-			repair.Discard(c.fd)
-			c.fd = -1
-			keep = true
-			continue
-		}
-		live = append(live, c)
-		tuples = append(tuples, c.tuple)
 	}
 	var failed []transport.Verdict
 	fail := func(c *conn, err error) {
@@ -814,34 +820,38 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	}
 	// A half-closed connection restored before its address was local
 	// still needs its crafted segments; the address is local now (the
-	// switch is done) and the lock still holds.
-	for i, c := range live {
+	// switch is done) and the lock still holds. One that fails is
+	// discarded, and unlocked with the others.
+	for _, c := range live {
 		if err := m.rs.r.Settle(c.fd, c.snap); err != nil {
 			repair.Discard(c.fd)
 			c.fd = -1
 			fail(c, err)
-			live[i] = nil
 		}
 	}
-	live = slices.DeleteFunc(live, func(c *conn) bool { return c == nil })
 	// Nothing is live here yet: if the sockets cannot be unlocked, the
 	// target backs out as if aborted (its copies are in repair mode, so
 	// discarding them is silent) and says so; the source, finding the
 	// migration aborted, takes every connection back.
 	err := m.fault(StepCommit)
 	if err == nil {
-		if !keep && len(failed) == 0 {
-			// Every tuple the lock still holds is a live connection's
-			// (refused ones were let go when refused; an exclusion the
-			// target had refused itself holds nothing): they are let go
-			// in one batch whatever their number, where Unlock costs
-			// some 6.5 ms per 10,000 inside the freeze.
+		if !keep {
+			// Every tuple the lock still holds is one of these
+			// connections' (refused ones were let go when refused, failed
+			// restores too; an exclusion the target had refused itself
+			// holds nothing): they are let go in one batch whatever their
+			// number, where Unlock costs some 6.5 ms per 10,000 inside
+			// the freeze.
 			err = m.lock.Release()
 		} else {
-			// The others stay dropped until the table goes.
+			tuples := make([]firewall.Tuple, len(live))
+			for i, c := range live {
+				tuples[i] = c.tuple
+			}
 			err = m.lock.Unlock(tuples)
 		}
 	}
+	live = slices.DeleteFunc(live, func(c *conn) bool { return c.fd < 0 })
 	if err != nil {
 		m.log.Error("commit failed before any socket was resumed: backing out", "err", err)
 		return m.abort(ctx, fmt.Errorf("target: commit: %w", err), true)
@@ -909,8 +919,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		}
 		delivered = nil
 		m.closeListeners()
-	}
-	if len(delivered) > 0 || m.lsn != nil {
+	} else if len(delivered) > 0 || m.lsn != nil {
 		for i, err := range m.deliver(ctx, delivered) {
 			fail(m.conns[i], err)
 		}

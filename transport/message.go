@@ -250,8 +250,8 @@ var commitTable = newTable("commit",
 	uint32sField(2, "exclude", func(m *Commit) *[]uint32 { return &m.Exclude }),
 )
 
-// Committed says that the target has committed and durably recorded the
-// outcome (target → source). Failed lists the connections that could not be
+// Committed says that the target has committed and recorded the outcome in
+// its journal, where it outlives the agent (target → source). Failed lists the connections that could not be
 // delivered after commit; every other committed connection was delivered.
 type Committed struct {
 	// Migration is the migration's ID.
