@@ -399,10 +399,19 @@ func Resume(fd int, s *Snapshot) error {
 }
 
 func resume(fd int, s *Snapshot, mode int32) error {
+	if err := repairOff(fd, s, mode); err != nil {
+		return err
+	}
+	return Finish(fd, s)
+}
+
+// repairOff turns repair mode off with mode (TCP_REPAIR_OFF or
+// TCP_REPAIR_OFF_NO_WP).
+func repairOff(fd int, s *Snapshot, mode int32) error {
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
 		return s.opErr("turn repair off", err)
 	}
-	return afterRepair(fd, s)
+	return nil
 }
 
 // liveError is the error of a step that failed after the socket left
@@ -418,9 +427,12 @@ func (e *resumedLiveError) Error() string { return e.err.Error() + " (the socket
 
 func (e *resumedLiveError) Unwrap() []error { return []error{ErrResumedLive, e.err} }
 
-// afterRepair puts back what repair mode changed on a socket out of it.
-// Its errors match ErrResumedLive.
-func afterRepair(fd int, s *Snapshot) error {
+// Finish puts back, on a socket just out of repair mode (Restorer.Wake),
+// what repair mode changed: SO_REUSEADDR and SO_PEEK_OFF as the snapshot
+// has them, and IP_TRANSPARENT (IPV6_TRANSPARENT) cleared if the restore
+// set it only to bind before the address was local. Its errors match
+// ErrResumedLive: the socket is live whatever happens here.
+func Finish(fd int, s *Snapshot) error {
 	if s.Options.ReuseAddr {
 		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 			return liveError(s, "setsockopt SO_REUSEADDR", err)
