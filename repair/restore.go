@@ -81,9 +81,13 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		b = nil
 	}
 	notLocal := false
+	var preset *presetValues // the options b already has
 	if b != nil {
 		fd, _ = b.take()
 		notLocal = b.notLocal
+		if b.presetOK {
+			preset = &b.preset
+		}
 	} else if fd, err = unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP); err != nil {
 		return -1, s.opErr("socket", err)
 	}
@@ -188,7 +192,7 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		}
 	}
 	// R16: the remaining options, final buffer sizes and SO_BUF_LOCK bits.
-	if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults); err != nil {
+	if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults, preset); err != nil {
 		return fd, s.opErr(op, err)
 	}
 	// A received FIN shuts the read side by itself (and a SHUT_RD before a
@@ -217,7 +221,7 @@ func (r *Restorer) newSocket(fd int, s *Snapshot) (notLocal bool, err error) {
 		return false, s.opErr(op, err)
 	}
 	if s.State == StateSynSent {
-		if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults); err != nil {
+		if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults, nil); err != nil {
 			return false, s.opErr(op, err)
 		}
 	} else if op, err := inflateBuffers(fd); err != nil {

@@ -373,8 +373,13 @@ func (m *migration) inspect() {
 	}
 }
 
-// tupleBytes bounds the encoded size of one 4-tuple in PREPARE.
-const tupleBytes = 48
+// tupleBytes bounds the encoded size of one 4-tuple in PREPARE (two IPv6
+// address-ports and a preset index, 50 bytes with their headers), and
+// presetBytes that of one option preset (at most eight small integers).
+const (
+	tupleBytes  = 56
+	presetBytes = 96
+)
 
 // prepareMsg is the PREPARE of the migration. On a version-2 link it lists
 // the 4-tuples, if they fit in one frame, for the target to lock and make
@@ -385,12 +390,27 @@ func (m *migration) prepareMsg() *transport.Prepare {
 		return p
 	}
 	p.Tuples = make([]transport.Tuple, len(m.elig))
+	presets := map[repair.Options]uint32{}
 	for i, c := range m.elig {
 		// As the socket sees them: IPv4-mapped for an AF_INET6 socket (a
 		// dual-stack server's IPv4 client), so that the target makes its
 		// socket ahead of the freeze in the right family. The target
 		// unmaps them for its lock and its policy.
 		p.Tuples[i] = transport.Tuple{Local: c.snap.Local, Remote: c.snap.Remote}
+		// The options the target may set on that socket ahead of the
+		// freeze too, as inspected (the snapshot carries the same): a
+		// workload's connections mostly share one set, sent once.
+		o := repair.PresetOf(&c.snap.Options)
+		n, ok := presets[o]
+		if !ok && len(p.Presets) < transport.MaxPresets &&
+			(len(m.elig)+1)*tupleBytes+(len(p.Presets)+1)*presetBytes <= int(m.link.Peer().Limits.MaxFrame) {
+			p.Presets = append(p.Presets, o)
+			n, ok = uint32(len(p.Presets)), true
+			presets[o] = n
+		}
+		if ok {
+			p.Tuples[i].Preset = n
+		}
 	}
 	return p
 }

@@ -263,7 +263,8 @@ func (s *Server) serveLink(ctx context.Context, link *transport.Link) (*Report, 
 		return &Report{Migration: msg.Migration, Query: true}, err
 	case *transport.Prepare:
 		m := &migration{srv: s, link: link, id: msg.Migration, count: msg.Count, lease: msg.Lease, announced: msg.Tuples,
-			log: s.log.With("migration", msg.Migration.String())}
+			presets: msg.Presets,
+			log:     s.log.With("migration", msg.Migration.String())}
 		return m.run(ctx)
 	default:
 		err := fmt.Errorf("target: unexpected first message %s", msg.Type())
@@ -300,6 +301,9 @@ type migration struct {
 	// freeze (prelock). Only the goroutine running the migration touches
 	// them.
 	announced []transport.Tuple
+	// presets are PREPARE's option sets, which announced[i].Preset picks
+	// (1-based) for connection i's Blank.
+	presets   []repair.Options
 	prelocked []bool
 	rs        restorer // restores and resumes the connections, with crafted segments where their state needs them
 	blanks    *blanks  // sockets made before the freeze, by connection index
@@ -393,7 +397,7 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 		}
 		// While the source holds and drains its connections, the sockets
 		// they will be restored on are made, up to the first snapshot.
-		m.blanks = startBlanks(cfg.NetNS, m.announced, m.prelocked)
+		m.blanks = startBlanks(cfg.NetNS, &m.rs.r, m.announced, m.presets, m.prelocked)
 		defer m.blanks.release()
 	}
 
