@@ -202,35 +202,14 @@ func BenchmarkRestore(b *testing.B) {
 		// The part of a restore inside the freeze when the socket was made
 		// before it (NewBlank, untimed) and the namespace's defaults are
 		// known: what the target does per connection after the lock.
-		b.Run(q.name+"/RestoreBlank+Discard", func(b *testing.B) {
-			// Errors are returned, not b.Fatal'd: Fatal inside Do would
-			// end the goroutine Do waits for, and the run would hang.
-			err := dst.Do(func() error {
-				d, err := ReadDefaults()
-				if err != nil {
-					return err
-				}
-				r := Restorer{Defaults: d}
-				b.ReportAllocs()
-				for i := 0; i < b.N; i++ {
-					b.StopTimer()
-					blank, err := NewBlank(s.Local)
-					if err != nil {
-						return err
-					}
-					b.StartTimer()
-					rfd, err := r.RestoreBlank(blank, &s)
-					if err != nil {
-						return err
-					}
-					unix.Close(rfd)
-				}
-				return nil
-			})
-			if err != nil {
-				b.Fatal(err)
-			}
-		})
+		b.Run(q.name+"/RestoreBlank+Discard", func(b *testing.B) { benchRestoreBlank(b, dst, &s, false) })
+		// A Go program's connection (TCP_NODELAY, keepalive every 15 s),
+		// on a Blank made bare and on one preset with its options before
+		// the freeze (Restorer.Preset, untimed).
+		gs := s
+		gs.Options.NoDelay, gs.Options.KeepAlive, gs.Options.KeepIdle, gs.Options.KeepIntvl = true, true, 15, 15
+		b.Run(q.name+"/go-options/RestoreBlank+Discard", func(b *testing.B) { benchRestoreBlank(b, dst, &gs, false) })
+		b.Run(q.name+"/go-options/RestoreBlank-preset+Discard", func(b *testing.B) { benchRestoreBlank(b, dst, &gs, true) })
 		b.Run(q.name+"/bare-syscalls", func(b *testing.B) {
 			err := dst.Do(func() error {
 				b.ReportAllocs()
@@ -245,6 +224,43 @@ func BenchmarkRestore(b *testing.B) {
 				b.Fatal(err)
 			}
 		})
+	}
+}
+
+// benchRestoreBlank times RestoreBlank of s on a Blank made (and, with
+// preset, preset with s's options) outside the timer, in dst.
+func benchRestoreBlank(b *testing.B, dst *lab.NS, s *Snapshot, preset bool) {
+	// Errors are returned, not b.Fatal'd: Fatal inside Do would end the
+	// goroutine Do waits for, and the run would hang.
+	err := dst.Do(func() error {
+		d, err := ReadDefaults()
+		if err != nil {
+			return err
+		}
+		r := Restorer{Defaults: d}
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			b.StopTimer()
+			blank, err := NewBlank(s.Local)
+			if err != nil {
+				return err
+			}
+			if preset {
+				if err := r.Preset(blank, &s.Options); err != nil {
+					return err
+				}
+			}
+			b.StartTimer()
+			rfd, err := r.RestoreBlank(blank, s)
+			if err != nil {
+				return err
+			}
+			unix.Close(rfd)
+		}
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
 	}
 }
 
@@ -456,7 +472,7 @@ func bareRestore(s *Snapshot) error {
 		w := s.Window
 		setWindow(fd, &w)
 	}
-	writeLateOptions(fd, s.Family, o, nil)
+	writeLateOptions(fd, s.Family, o, nil, nil)
 	if s.Shutdown&ShutRead != 0 {
 		unix.Shutdown(fd, unix.SHUT_RD)
 	}

@@ -30,7 +30,9 @@ type Blank struct {
 	open     bool // fd is the Blank's own: false in the zero Blank, and once used or closed
 	family   uint16
 	local    netip.AddrPort
-	notLocal bool // bound with IP_TRANSPARENT: the address is not on this host yet
+	notLocal bool         // bound with IP_TRANSPARENT: the address is not on this host yet
+	preset   presetValues // the values of presetOpts on the socket, if presetOK
+	presetOK bool         // Restorer.Preset ran
 }
 
 // NewBlank makes a Blank for connections whose local end is local, in the

@@ -298,19 +298,38 @@ func (r *Restorer) Settle(fd int, s *Snapshot) error {
 // matching ErrResumedLive, as does a failure to put back an option (the
 // socket is live: deliver it or close it, never Discard it). Any other
 // error leaves the socket in repair mode.
+//
+// Resume is Wake followed by Finish. A caller that resumes many
+// connections at once can instead Wake them all and then Finish them all,
+// so that no connection's freeze waits for another's options.
 func (r *Restorer) Resume(fd int, s *Snapshot) error {
+	err := r.Wake(fd, s)
+	if err != nil && !errors.Is(err, ErrResumedLive) {
+		return err // still in repair mode
+	}
+	return errors.Join(err, Finish(fd, s))
+}
+
+// Wake is the part of Resume that ends the connection's freeze: it turns
+// repair off and sends the kick or the probe that Resume's table gives
+// for the connection's state. What leaving repair mode cleared is not put
+// back: call Finish next (the socket works without it, and the
+// application does not have it yet). An error matching ErrResumedLive
+// means the socket is live (the segment was lost); any other leaves it in
+// repair mode.
+func (r *Restorer) Wake(fd int, s *Snapshot) error {
 	mode := int32(unix.TCP_REPAIR_OFF)
 	var seg Segment
 	var what string
 	switch {
 	case r.Injector == nil:
-		return resume(fd, s, mode)
+		return repairOff(fd, s, mode)
 	case s.Flags&FlagHeld != 0:
 		// ResumeHeld, then the kick.
 		seg, mode = KickSegment(s), repairOffQuiet()
 		what = "kick (the peer waits for its persist probe)"
 	case s.State == StateEstablished, s.State == StateSynSent, s.State == StateClose:
-		return resume(fd, s, mode)
+		return repairOff(fd, s, mode)
 	default:
 		var err error
 		if seg, err = probeSegment(fd, s); err != nil {
@@ -318,14 +337,13 @@ func (r *Restorer) Resume(fd int, s *Snapshot) error {
 		}
 		what = "send the window probe (the connection waits for its timers)"
 	}
-	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
-		return s.opErr("turn repair off", err)
+	if err := repairOff(fd, s, mode); err != nil {
+		return err
 	}
-	var err error
-	if serr := r.Injector.Send(seg); serr != nil {
-		err = liveError(s, what, serr)
+	if err := r.Injector.Send(seg); err != nil {
+		return liveError(s, what, err)
 	}
-	return errors.Join(err, afterRepair(fd, s))
+	return nil
 }
 
 // probeSegment builds the ACK the kernel's repair-off window probe would

@@ -2,6 +2,7 @@ package repair
 
 import (
 	"encoding/binary"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -13,39 +14,39 @@ import (
 // the namespace's TCP connections once per address family, on first use,
 // and finds each socket in the dump by its cookie; a socket the dump does
 // not hold (opened after it) is looked up on its own. The zero value is
-// ready to use; use one Inspector for one batch, in the sockets' network
-// namespace, from one goroutine.
+// ready to use; use one Inspector for one batch, from goroutines that are
+// all in the sockets' network namespace: it is safe for concurrent use
+// (the first to need a family's dump takes it while the others wait).
 type Inspector struct {
-	dumps diagDumps
+	mu    sync.Mutex // guards dumps
+	dumps map[uint16]map[uint64]diagInfo
 }
 
 // Inspect is the package's Inspect, answered from the dumps.
 func (in *Inspector) Inspect(fd int, s *Snapshot) error {
-	if in.dumps == nil {
-		in.dumps = diagDumps{}
-	}
-	return inspect(fd, s, in.dumps.lookup)
+	return inspect(fd, s, in.lookup)
 }
 
-// diagDumps holds one sock_diag dump per family, taken on first use, by
-// socket cookie.
-type diagDumps map[uint16]map[uint64]diagInfo
-
-// lookup is sockDiag answered from the family's dump when the socket is in
-// it.
-func (d diagDumps) lookup(fd int, family uint16, s *Snapshot) (diagInfo, error) {
+// lookup is sockDiag answered from the family's dump, taken on first use,
+// when the socket is in it. A dump, once taken, is only read.
+func (in *Inspector) lookup(fd int, family uint16, s *Snapshot) (diagInfo, error) {
 	var cookie uint64
 	if _, err := getsockopt(fd, unix.SOL_SOCKET, unix.SO_COOKIE, unsafe.Pointer(&cookie), 8); err != nil {
 		return diagInfo{}, err
 	}
-	m, ok := d[family]
+	in.mu.Lock()
+	if in.dumps == nil {
+		in.dumps = map[uint16]map[uint64]diagInfo{}
+	}
+	m, ok := in.dumps[family]
 	if !ok {
 		var err error
 		if m, err = dumpDiag(family); err != nil {
 			m = nil // fall back to one lookup per socket
 		}
-		d[family] = m
+		in.dumps[family] = m
 	}
+	in.mu.Unlock()
 	if info, ok := m[cookie]; ok {
 		return info, nil
 	}

@@ -308,8 +308,24 @@ func ipLevel(family uint16) (level, transparent, freebind int) {
 // repair mode and locked, after the queues and the window are in place. The
 // buffer sizes go back to the source's (the restore inflated them) and
 // SO_BUF_LOCK to the source's bits, so autotuning stays on where it was.
-func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, error) {
+func writeLateOptions(fd int, family uint16, o *Options, d *Defaults, preset *presetValues) (string, error) {
 	def := d.of(family)
+	// On a preset Blank (Restorer.Preset) an option of presetOpts is
+	// written only if the snapshot's value differs from the one the socket
+	// was given before the freeze, whatever a new socket would have.
+	written := func(level, name int, v int32) (done bool, err error) {
+		if preset == nil {
+			return false, nil
+		}
+		i, ok := presetIndex(level, name)
+		if !ok {
+			return false, nil
+		}
+		if v == preset[i] {
+			return true, nil
+		}
+		return true, setIntRaw(fd, level, name, v)
+	}
 	if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, o.SndBuf/2); err != nil {
 		return "setsockopt SO_SNDBUFFORCE", err
 	}
@@ -332,6 +348,11 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 		}
 	}
 	for _, b := range boolOpts {
+		if done, err := written(b.level, b.name, b2i(*b.field(o))); err != nil {
+			return "setsockopt " + b.what, err
+		} else if done {
+			continue
+		}
 		if !*b.field(o) { // every one is off on a new socket
 			continue
 		}
@@ -341,6 +362,11 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 	}
 	for _, i := range intOpts {
 		v := *i.field(o)
+		if done, err := written(i.level, i.name, v); err != nil {
+			return "setsockopt " + i.what, err
+		} else if done {
+			continue
+		}
 		d, ok := constDefault(i.name)
 		if !ok && def != nil {
 			d, ok = *i.field(def), true
@@ -353,6 +379,11 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults) (string, e
 		}
 	}
 	for _, u := range uintOpts {
+		if done, err := written(u.level, u.name, int32(*u.field(o))); err != nil {
+			return "setsockopt " + u.what, err
+		} else if done {
+			continue
+		}
 		// SO_MARK went in before the bind (writeRouteOptions); the others
 		// are 0 on a new socket.
 		if u.level == unix.SOL_SOCKET && u.name == unix.SO_MARK || *u.field(o) == 0 {

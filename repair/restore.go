@@ -81,9 +81,13 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		b = nil
 	}
 	notLocal := false
+	var preset *presetValues // the options b already has
 	if b != nil {
 		fd, _ = b.take()
 		notLocal = b.notLocal
+		if b.presetOK {
+			preset = &b.preset
+		}
 	} else if fd, err = unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP); err != nil {
 		return -1, s.opErr("socket", err)
 	}
@@ -188,7 +192,7 @@ func (r *Restorer) restore(b *Blank, s *Snapshot) (fd int, err error) {
 		}
 	}
 	// R16: the remaining options, final buffer sizes and SO_BUF_LOCK bits.
-	if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults); err != nil {
+	if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults, preset); err != nil {
 		return fd, s.opErr(op, err)
 	}
 	// A received FIN shuts the read side by itself (and a SHUT_RD before a
@@ -217,7 +221,7 @@ func (r *Restorer) newSocket(fd int, s *Snapshot) (notLocal bool, err error) {
 		return false, s.opErr(op, err)
 	}
 	if s.State == StateSynSent {
-		if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults); err != nil {
+		if op, err := writeLateOptions(fd, s.Family, &s.Options, r.Defaults, nil); err != nil {
 			return false, s.opErr(op, err)
 		}
 	} else if op, err := inflateBuffers(fd); err != nil {
@@ -399,10 +403,19 @@ func Resume(fd int, s *Snapshot) error {
 }
 
 func resume(fd int, s *Snapshot, mode int32) error {
+	if err := repairOff(fd, s, mode); err != nil {
+		return err
+	}
+	return Finish(fd, s)
+}
+
+// repairOff turns repair mode off with mode (TCP_REPAIR_OFF or
+// TCP_REPAIR_OFF_NO_WP).
+func repairOff(fd int, s *Snapshot, mode int32) error {
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, mode); err != nil {
 		return s.opErr("turn repair off", err)
 	}
-	return afterRepair(fd, s)
+	return nil
 }
 
 // liveError is the error of a step that failed after the socket left
@@ -418,9 +431,12 @@ func (e *resumedLiveError) Error() string { return e.err.Error() + " (the socket
 
 func (e *resumedLiveError) Unwrap() []error { return []error{ErrResumedLive, e.err} }
 
-// afterRepair puts back what repair mode changed on a socket out of it.
-// Its errors match ErrResumedLive.
-func afterRepair(fd int, s *Snapshot) error {
+// Finish puts back, on a socket just out of repair mode (Restorer.Wake),
+// what repair mode changed: SO_REUSEADDR and SO_PEEK_OFF as the snapshot
+// has them, and IP_TRANSPARENT (IPV6_TRANSPARENT) cleared if the restore
+// set it only to bind before the address was local. Its errors match
+// ErrResumedLive: the socket is live whatever happens here.
+func Finish(fd int, s *Snapshot) error {
 	if s.Options.ReuseAddr {
 		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 			return liveError(s, "setsockopt SO_REUSEADDR", err)

@@ -28,29 +28,54 @@ func TestRoundTripCrossHost(t *testing.T) {
 		family int
 		setup  func(fd int) error
 		ahead  bool // restored on a Blank, with the namespace's Defaults
+		preset int  // the Blank preset (Restorer.Preset): presetSame or presetWrong
 	}{
-		{"ipv4", false, unix.AF_INET, setUnusualOptions, false},
-		{"ipv6", true, unix.AF_INET6, setUnusualOptions, false},
-		{"ipv4-mapped", false, unix.AF_INET6, setUnusualOptions, false},
+		{"ipv4", false, unix.AF_INET, setUnusualOptions, false, 0},
+		{"ipv6", true, unix.AF_INET6, setUnusualOptions, false, 0},
+		{"ipv4-mapped", false, unix.AF_INET6, setUnusualOptions, false, 0},
 		// Options left at their defaults, which the restore does not
 		// write again: they must read back the same all the same.
-		{"ipv4-default-options", false, unix.AF_INET, nil, false},
+		{"ipv4-default-options", false, unix.AF_INET, nil, false, 0},
 		// The socket made before the freeze (a Blank), and the options
 		// equal to the namespace's defaults left alone.
 		// SO_BINDTODEVICE must precede bind: that one is restored on a new
 		// socket (the Blank is closed); the others on the Blank.
-		{"ipv4-blank-device", false, unix.AF_INET, setUnusualOptions, true},
-		{"ipv4-blank", false, unix.AF_INET, setUnusualUnbound, true},
-		{"ipv6-blank", true, unix.AF_INET6, setUnusualUnbound, true},
-		{"ipv4-mapped-blank", false, unix.AF_INET6, setUnusualUnbound, true},
-		{"ipv4-default-options-blank", false, unix.AF_INET, nil, true},
-		{"ipv6-default-options-blank", true, unix.AF_INET6, nil, true},
+		{"ipv4-blank-device", false, unix.AF_INET, setUnusualOptions, true, 0},
+		{"ipv4-blank", false, unix.AF_INET, setUnusualUnbound, true, 0},
+		{"ipv6-blank", true, unix.AF_INET6, setUnusualUnbound, true, 0},
+		{"ipv4-mapped-blank", false, unix.AF_INET6, setUnusualUnbound, true, 0},
+		{"ipv4-default-options-blank", false, unix.AF_INET, nil, true, 0},
+		{"ipv6-default-options-blank", true, unix.AF_INET6, nil, true, 0},
+		// A Blank preset with the source's options (the restore writes
+		// none of them again), and one preset with other values for every
+		// option Preset sets (the restore must put the snapshot's back,
+		// defaults included).
+		{"ipv4-blank-preset", false, unix.AF_INET, setUnusualUnbound, true, presetSame},
+		{"ipv6-blank-preset-wrong", true, unix.AF_INET6, setUnusualUnbound, true, presetWrong},
+		{"ipv4-default-options-blank-preset", false, unix.AF_INET, nil, true, presetSame},
+		{"ipv4-default-options-blank-preset-wrong", false, unix.AF_INET, nil, true, presetWrong},
 	} {
-		t.Run(tc.name, func(t *testing.T) { testRoundTrip(t, tc.v6, tc.family, tc.setup, tc.ahead) })
+		t.Run(tc.name, func(t *testing.T) { testRoundTrip(t, tc.v6, tc.family, tc.setup, tc.ahead, tc.preset) })
 	}
 }
 
-func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error, ahead bool) {
+// How testRoundTrip presets its Blank.
+const (
+	presetSame  = 1 // with the snapshot's options
+	presetWrong = 2 // with other values for each option Preset sets
+)
+
+// otherPreset returns o's preset part (PresetOf) with every member
+// changed: the booleans flipped, the numbers moved to other valid values.
+func otherPreset(o *Options) Options {
+	p := PresetOf(o)
+	p.NoDelay, p.KeepAlive, p.OOBInline = !p.NoDelay, !p.KeepAlive, !p.OOBInline
+	p.KeepIdle, p.KeepIntvl, p.KeepCnt = p.KeepIdle%100+7, p.KeepIntvl%100+3, p.KeepCnt%100+2
+	p.UserTimeout, p.NotSentLowat = p.UserTimeout+1500, p.NotSentLowat+16384
+	return p
+}
+
+func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error, ahead bool, preset int) {
 	h := newHosts(t, v6)
 	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
 	local := netip.AddrPortFrom(h.svc, 40001)
@@ -137,7 +162,16 @@ func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error, 
 			if r.Defaults, err = ReadDefaults(); err != nil {
 				return err
 			}
-			blank, err = NewBlank(snap.Local)
+			if blank, err = NewBlank(snap.Local); err != nil {
+				return err
+			}
+			switch preset {
+			case presetSame:
+				err = r.Preset(blank, &snap.Options)
+			case presetWrong:
+				p := otherPreset(&snap.Options)
+				err = r.Preset(blank, &p)
+			}
 			return err
 		}); err != nil {
 			t.Fatal(err)

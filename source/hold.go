@@ -1,6 +1,7 @@
 package source
 
 import (
+	"iter"
 	"sync"
 	"time"
 
@@ -37,7 +38,7 @@ func (m *migration) wantHold() bool {
 }
 
 // minAnnounceShare is the fewest announcements worth a goroutine of their
-// own.
+// own, and how many a goroutine takes at a time.
 const minAnnounceShare = 32
 
 // holdAll holds the eligible ESTABLISHED connections, makes each announce
@@ -79,13 +80,16 @@ func (m *migration) holdAll() {
 	if injErr != nil {
 		m.log.Warn("zero-window hold: cannot announce it", "err", injErr)
 	} else {
-		// On every core: each announcement costs about 8 µs (a moment in
-		// repair mode, and the send, inside which our socket answers and,
-		// on a host with the peer, the peer reads the answer).
-		shares.Run(len(held), minAnnounceShare, func(lo, hi int) error {
-			for _, c := range held[lo:hi] {
-				if err := repair.Announce(inj, c.fd, &c.snap); err != nil {
-					m.log.Warn("zero-window hold: cannot announce it", "conn", c.tuple.String(), "err", err)
+		// On every core, in chunks handed to whichever is free: each
+		// announcement costs about 8 µs (a moment in repair mode, and the
+		// send, inside which our socket answers and, on a host with the
+		// peer, the peer reads the answer).
+		shares.Chunks(len(held), minAnnounceShare, minAnnounceShare, func(chunks iter.Seq2[int, int]) error {
+			for lo, hi := range chunks {
+				for _, c := range held[lo:hi] {
+					if err := repair.Announce(inj, c.fd, &c.snap); err != nil {
+						m.log.Warn("zero-window hold: cannot announce it", "conn", c.tuple.String(), "err", err)
+					}
 				}
 			}
 			return nil

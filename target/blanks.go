@@ -28,9 +28,11 @@ type blanks struct {
 var taken = new(repair.Blank)
 
 // startBlanks makes a Blank for each tuple of want whose ok[i] is set (the
-// tuples prelock locked), in the network namespace ns. It returns at once;
-// failures only mean fewer Blanks.
-func startBlanks(ns int, want []transport.Tuple, ok []bool) *blanks {
+// tuples prelock locked), in the network namespace ns, and gives it the
+// options of presets that the tuple names (r.Preset: the restore then
+// writes only those that differ from its snapshot's). It returns at once;
+// failures only mean fewer Blanks, or Blanks without options.
+func startBlanks(ns int, r *repair.Restorer, want []transport.Tuple, presets []repair.Options, ok []bool) *blanks {
 	b := &blanks{slots: make([]atomic.Pointer[repair.Blank], len(want))}
 	// Copies: the restores change the migration's prelocked flags (a
 	// refused tuple is let go) while this goroutine may still read them.
@@ -53,6 +55,12 @@ func startBlanks(ns int, want []transport.Tuple, ok []bool) *blanks {
 				bl, err := repair.NewBlank(t.Local)
 				if err != nil {
 					continue
+				}
+				// PREPARE's validation bounds t.Preset by len(presets).
+				if p := t.Preset; p > 0 && int(p) <= len(presets) {
+					if r.Preset(bl, &presets[p-1]) != nil {
+						continue // closed: a new socket at the restore
+					}
 				}
 				if !b.slots[i].CompareAndSwap(nil, bl) {
 					bl.Close()

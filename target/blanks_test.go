@@ -17,15 +17,18 @@ import (
 // dual-stack server's IPv4 client) gives a Blank that fits the AF_INET6
 // snapshot of that connection, a plain IPv4 tuple one that fits an
 // AF_INET snapshot and not the mapped one; a tuple prelock left out gets
-// none, and release closes what was not taken.
+// none, and release closes what was not taken. The tuple that names one
+// of PREPARE's option presets gets its Blank preset with it.
 func TestBlanksFamily(t *testing.T) {
 	ns := lab.NewTestNS(t, "blanks")
 	v4 := netip.MustParseAddrPort("198.18.0.10:8080")
 	mapped := netip.AddrPortFrom(netip.AddrFrom16(v4.Addr().As16()), v4.Port())
 	peer := netip.MustParseAddrPort("198.18.0.1:40000")
 	peerMapped := netip.AddrPortFrom(netip.AddrFrom16(peer.Addr().As16()), peer.Port())
-	tuples := []transport.Tuple{{Local: mapped, Remote: peerMapped}, {Local: v4, Remote: peer}, {Local: v4, Remote: peer}}
-	b := startBlanks(ns.Handle(), tuples, []bool{true, true, false})
+	tuples := []transport.Tuple{{Local: mapped, Remote: peerMapped}, {Local: v4, Remote: peer, Preset: 1}, {Local: v4, Remote: peer}}
+	presets := []repair.Options{{NoDelay: true, KeepAlive: true, KeepIdle: 15, KeepIntvl: 15, KeepCnt: 9}}
+	var r repair.Restorer
+	b := startBlanks(ns.Handle(), &r, tuples, presets, []bool{true, true, false})
 	deadline := time.Now().Add(5 * time.Second)
 	for b.made.Load() < 2 && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
@@ -43,6 +46,12 @@ func TestBlanksFamily(t *testing.T) {
 	}
 	if !b4.Fits(snap4) || b4.Fits(snap6) {
 		t.Errorf("the Blank of the IPv4 tuple fits the AF_INET snapshot: %v, the AF_INET6 one: %v; want true, false", b4.Fits(snap4), b4.Fits(snap6))
+	}
+	if p, ok := b4.Preset(); !ok || p != presets[0] {
+		t.Errorf("the Blank of the tuple naming preset 1 has options %+v (preset %v), want %+v", p, ok, presets[0])
+	}
+	if _, ok := bm.Preset(); ok {
+		t.Error("the Blank of a tuple naming no preset was preset")
 	}
 	if b.take(2) != nil || b.take(0) != nil {
 		t.Error("take gave a Blank for a tuple without one, or the same Blank twice")

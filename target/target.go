@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -262,7 +263,8 @@ func (s *Server) serveLink(ctx context.Context, link *transport.Link) (*Report, 
 		return &Report{Migration: msg.Migration, Query: true}, err
 	case *transport.Prepare:
 		m := &migration{srv: s, link: link, id: msg.Migration, count: msg.Count, lease: msg.Lease, announced: msg.Tuples,
-			log: s.log.With("migration", msg.Migration.String())}
+			presets: msg.Presets,
+			log:     s.log.With("migration", msg.Migration.String())}
 		return m.run(ctx)
 	default:
 		err := fmt.Errorf("target: unexpected first message %s", msg.Type())
@@ -299,6 +301,9 @@ type migration struct {
 	// freeze (prelock). Only the goroutine running the migration touches
 	// them.
 	announced []transport.Tuple
+	// presets are PREPARE's option sets, which announced[i].Preset picks
+	// (1-based) for connection i's Blank.
+	presets   []repair.Options
 	prelocked []bool
 	rs        restorer // restores and resumes the connections, with crafted segments where their state needs them
 	blanks    *blanks  // sockets made before the freeze, by connection index
@@ -392,7 +397,7 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 		}
 		// While the source holds and drains its connections, the sockets
 		// they will be restored on are made, up to the first snapshot.
-		m.blanks = startBlanks(cfg.NetNS, m.announced, m.prelocked)
+		m.blanks = startBlanks(cfg.NetNS, &m.rs.r, m.announced, m.presets, m.prelocked)
 		defer m.blanks.release()
 	}
 
@@ -678,23 +683,13 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 	// The freeze has begun: no more Blanks are made (their maker would
 	// compete with the restores for the cores).
 	m.blanks.halt()
-	// Both cores: each share restores in the namespace on its own thread.
-	err := parallel(len(todo), func(lo, hi int) error {
+	// Both cores, each restoring in the namespace on its own thread, in
+	// chunks handed to whichever is free: the next batch waits for the
+	// slower of the two.
+	err := shares.Chunks(len(todo), minShare, chunk, func(chunks iter.Seq2[int, int]) error {
 		return nsdo.Do(cfg.NetNS, func() error {
-			for _, c := range todo[lo:hi] {
-				b := m.blanks.take(c.report.Index)
-				premade := b.Fits(c.snap)
-				fd, err := m.rs.restore(b, c.snap, m.lock.BypassMark())
-				if err != nil {
-					c.report.Verdict, c.report.Err = transport.VerdictFailed, err
-					if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL) {
-						c.report.Verdict = transport.VerdictConflict
-					}
-					continue
-				}
-				c.fd, c.report.Verdict, c.report.Premade = fd, transport.VerdictOK, premade
-				// The queues are in the kernel now; keep only what Resume needs.
-				c.snap.RecvQueue, c.snap.SendQueue = nil, nil
+			for lo, hi := range chunks {
+				m.restoreChunk(todo[lo:hi])
 			}
 			return nil
 		})
@@ -729,6 +724,27 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 		}
 	}
 	return vs, nil
+}
+
+// restoreChunk restores the admitted connections cs, each on its Blank if
+// one was made, recording the outcome in each connection. It runs in the
+// target's network namespace.
+func (m *migration) restoreChunk(cs []*conn) {
+	for _, c := range cs {
+		b := m.blanks.take(c.report.Index)
+		premade := b.Fits(c.snap)
+		fd, err := m.rs.restore(b, c.snap, m.lock.BypassMark())
+		if err != nil {
+			c.report.Verdict, c.report.Err = transport.VerdictFailed, err
+			if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL) {
+				c.report.Verdict = transport.VerdictConflict
+			}
+			continue
+		}
+		c.fd, c.report.Verdict, c.report.Premade = fd, transport.VerdictOK, premade
+		// The queues are in the kernel now; keep only what Resume needs.
+		c.snap.RecvQueue, c.snap.SendQueue = nil, nil
+	}
 }
 
 // prelock locks, in one batch, the 4-tuples PREPARE listed whose local
@@ -858,39 +874,47 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	}
 	// From here the connections are the target's: a query says committed.
 	m.srv.record(m.id, transport.StateCommitted)
-	// Both cores: leaving repair mode sends each socket's window probe, and
-	// os.NewFile registers each socket with the runtime's poller. Each share
-	// resumes all its sockets first: the Files (a name formatted, fcntl and
-	// epoll_ctl each) and the warnings come after the share's last resume,
-	// so that they lengthen no connection's freeze.
+	// Both cores, in two passes. The first ends each connection's freeze
+	// (Restorer.Wake: repair off, then the kick or probe), in chunks handed
+	// to whichever core is free, so that both finish together. The second
+	// puts back what leaving repair cleared (repair.Finish) and makes the
+	// Files (a name formatted, fcntl and epoll_ctl each): none of it
+	// lengthens a freeze, since every connection is awake by then.
 	resumed := make([]*Delivered, len(live))
 	resumeErrs := make([]error, len(live))
 	// When each connection's freeze ended, for the source's report.
 	resumedUs := make([]uint32, m.count)
+	shares.Chunks(len(live), minShare, chunk, func(chunks iter.Seq2[int, int]) error {
+		for lo, hi := range chunks {
+			for i := lo; i < hi; i++ {
+				c := live[i]
+				// A held connection is kicked here too: its peer waits at
+				// window 0 until then, so its freeze ends after the kick,
+				// not at the repair-off before it.
+				err := m.rs.r.Wake(c.fd, c.snap)
+				if err == nil || errors.Is(err, repair.ErrResumedLive) {
+					resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
+				}
+				resumeErrs[i] = err
+			}
+		}
+		return nil
+	})
 	parallel(len(live), func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			c := live[i]
-			// A held connection is kicked here too (Restorer.Resume): its
-			// peer waits at window 0 until then, so its freeze ends after
-			// the kick, not at the repair-off before it.
-			err := m.rs.r.Resume(c.fd, c.snap)
-			if err == nil || errors.Is(err, repair.ErrResumedLive) {
-				resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
+			err := resumeErrs[i]
+			if err != nil && !errors.Is(err, repair.ErrResumedLive) {
+				continue // still in repair mode: discarded below
 			}
-			resumeErrs[i] = err
-		}
-		for i := lo; i < hi; i++ {
-			c := live[i]
-			if err := resumeErrs[i]; errors.Is(err, repair.ErrResumedLive) {
+			if err = errors.Join(err, repair.Finish(c.fd, c.snap)); err != nil {
 				// Live despite the error (a lost kick or probe, an option
 				// not put back): it is delivered like the others.
 				m.log.Warn("connection resumed with a lost finishing step", "conn", c.report.Index, "err", err)
-				resumeErrs[i] = nil
 			}
-			if resumeErrs[i] == nil {
-				resumed[i] = &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
-					Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index}
-			}
+			resumeErrs[i] = nil
+			resumed[i] = &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
+				Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index}
 		}
 		return nil
 	})
@@ -979,6 +1003,12 @@ func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report,
 // minShare is the fewest connections worth a goroutine of their own in
 // parallel: below it, the goroutine costs more than the second core gives.
 const minShare = 16
+
+// chunk is how many connections a core takes at a time when the target
+// restores or wakes a batch on both (shares.Chunks): small enough that
+// both finish within a few hundred microseconds of each other, large
+// enough that handing out costs nothing.
+const chunk = 32
 
 // parallel runs fn over [0, n) in shares, one per CPU (internal/shares).
 func parallel(n int, fn func(lo, hi int) error) error { return shares.Run(n, minShare, fn) }

@@ -191,8 +191,10 @@ func allMessages(id MigrationID, vs []Verdict) []Message {
 		&Reject{Code: RejectFeature, Reason: "no repair-window"},
 		&streamOpen{Kind: StreamSnapshots, Codec: CodecZstd},
 		&Prepare{Migration: id, Count: 10000, Lease: 30 * time.Second, Tuples: []Tuple{
-			{Local: netip.MustParseAddrPort("198.18.0.10:8080"), Remote: netip.MustParseAddrPort("198.18.0.1:40000")},
-			{Local: netip.MustParseAddrPort("[fd00::10]:443"), Remote: netip.MustParseAddrPort("[fd00::1]:50000")}}},
+			{Local: netip.MustParseAddrPort("198.18.0.10:8080"), Remote: netip.MustParseAddrPort("198.18.0.1:40000"), Preset: 2},
+			{Local: netip.MustParseAddrPort("[fd00::10]:443"), Remote: netip.MustParseAddrPort("[fd00::1]:50000")}},
+			Presets: []repair.Options{{NoDelay: true, KeepAlive: true, KeepIdle: 15, KeepIntvl: 15, KeepCnt: 9},
+				{OOBInline: true, UserTimeout: 30000, NotSentLowat: 16384}}},
 		&Ready{Migration: id},
 		&Verdicts{Migration: id, Verdicts: vs},
 		&Prepared{Migration: id, Count: 3, OK: 1},
@@ -301,6 +303,11 @@ func TestDecodeCorrupt(t *testing.T) {
 		{"bad prefix length", MsgSwitch, []byte{2, 5, 10, 0, 0, 1, 33}},
 		{"bad packed varint", MsgCommit, []byte{2, 1, 0x80}},
 		{"stream without kind", MsgStreamOpen, nil},
+		{"tuple naming a preset past the presets", MsgPrepare, prepareTable.appendFields(nil, &Prepare{Count: 1,
+			Tuples:  []Tuple{{Local: netip.MustParseAddrPort("198.18.0.10:80"), Remote: netip.MustParseAddrPort("198.18.0.1:4000"), Preset: 2}},
+			Presets: []repair.Options{{NoDelay: true}}})},
+		{"too many presets", MsgPrepare, prepareTable.appendFields(nil, &Prepare{Count: 1,
+			Presets: make([]repair.Options, MaxPresets+1)})},
 	}
 	for _, c := range msgCases {
 		_, err := decodeMessage(msgTable[c.t].phase, c.t, c.body)

@@ -144,16 +144,30 @@ type Prepare struct {
 	// target can lock them before the source freezes anything (version 2;
 	// a source may leave them out).
 	Tuples []Tuple
+	// Presets are the distinct option sets that the target may give the
+	// sockets it makes before the freeze (repair.Restorer.Preset), each
+	// holding only the options repair.PresetOf keeps; Tuple.Preset picks
+	// one per connection. At most MaxPresets. Optional: a target that
+	// ignores them writes every option inside the freeze, and the
+	// snapshot's options have the last word either way.
+	Presets []repair.Options
 }
+
+// MaxPresets is the most option sets a Prepare may carry.
+const MaxPresets = 256
 
 // Tuple is the 4-tuple of a connection, as the local host sees it.
 type Tuple struct {
 	Local, Remote netip.AddrPort
+	// Preset is 1 + the index in Prepare.Presets of the connection's
+	// options as the source read them before its lock, or 0 for none.
+	Preset uint32
 }
 
 var tupleTable = newTable("tuple",
 	addrPortField(1, "local", func(t *Tuple) *netip.AddrPort { return &t.Local }),
 	addrPortField(2, "remote", func(t *Tuple) *netip.AddrPort { return &t.Remote }),
+	uintField(3, "preset", func(t *Tuple) *uint32 { return &t.Preset }),
 )
 
 var prepareTable = newTable("prepare",
@@ -161,6 +175,7 @@ var prepareTable = newTable("prepare",
 	uintField(2, "count", func(m *Prepare) *uint32 { return &m.Count }),
 	durationField(3, "lease", func(m *Prepare) *time.Duration { return &m.Lease }),
 	nestedListField(4, "tuple", tupleTable, func(m *Prepare) *[]Tuple { return &m.Tuples }),
+	nestedListField(5, "preset", optionsTable, func(m *Prepare) *[]repair.Options { return &m.Presets }),
 )
 
 // Ready says that the target has made its lock table, written its journal
@@ -545,6 +560,14 @@ func validate(m Message) error {
 	case *Prepare:
 		if uint64(len(m.Tuples)) > uint64(m.Count) {
 			return malformedf("prepare: %d tuples for %d connections", len(m.Tuples), m.Count)
+		}
+		if len(m.Presets) > MaxPresets {
+			return malformedf("prepare: %d option presets, more than %d", len(m.Presets), MaxPresets)
+		}
+		for i := range m.Tuples {
+			if p := m.Tuples[i].Preset; uint64(p) > uint64(len(m.Presets)) {
+				return malformedf("prepare: connection %d names option preset %d of %d", i, p, len(m.Presets))
+			}
 		}
 	case *streamOpen:
 		if m.Kind == 0 {

@@ -25,16 +25,25 @@ const (
 	announceInterval = 5 * time.Millisecond
 )
 
+// closeDelay is how long after its announcements Claim's socket is closed:
+// longer than the commit that follows a claim in a migration.
+const closeDelay = 2 * time.Second
+
 // etherTypeARP is the EtherType the ARP packet socket is bound to.
 const etherTypeARP = 0x0806
 
 // announce sends the announcements of addr on ifi, from the namespace of the
 // calling thread.
 //
-// The socket is closed in the background once the announcements are out:
-// closing a bound packet socket waits for an RCU grace period (8 to 24 ms
-// measured, docs/performance.md), which would otherwise hold up Claim, and
-// with it the switch of a migration, for nothing.
+// The socket is closed in the background, closeDelay after the
+// announcements are out: closing a bound packet socket waits for an RCU
+// grace period (8 to 24 ms measured, docs/performance.md), which would
+// otherwise hold up Claim, and with it the switch of a migration, for
+// nothing. Not at once either: a goroutine blocked in a system call keeps
+// its P until the runtime's monitor takes it back, up to 10 ms later (more
+// when it has been idle), and the commit that follows a claim needs every
+// P (a 10,000-connection commit ran on one core for 20 ms while the other
+// waited for a P held by this close).
 func announce(ctx context.Context, ifi *net.Interface, addr netip.Addr) error {
 	open := openGARP
 	if addr.Is6() {
@@ -44,7 +53,7 @@ func announce(ctx context.Context, ifi *net.Interface, addr netip.Addr) error {
 	if err != nil {
 		return err
 	}
-	defer func() { go c.Close() }()
+	defer time.AfterFunc(closeDelay, func() { c.Close() })
 	pause := time.NewTimer(announceInterval)
 	defer pause.Stop()
 	for i := range announcements {

@@ -1,13 +1,17 @@
 // Package shares splits a run of per-connection work over the CPUs the Go
 // runtime uses: the restores and resumes of the target, the announcements
-// of the source's hold. The work is system calls on independent sockets,
-// so contiguous shares, one goroutine each, are all it needs.
+// of the source's hold. The work is system calls on independent sockets:
+// contiguous shares, one goroutine each (Run), or chunks handed out to
+// whichever goroutine is free (Chunks) when the shares would not take
+// equally long.
 package shares
 
 import (
 	"errors"
+	"iter"
 	"runtime"
 	"sync"
+	"sync/atomic"
 )
 
 // Run splits [0, n) into contiguous shares, one per CPU the runtime uses
@@ -34,4 +38,32 @@ func Run(n, least int, fn func(lo, hi int) error) error {
 	errs[0] = fn(0, n/k)
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// Chunks runs fn on as many goroutines as Run would start for n items and
+// least, the first on the calling goroutine, and hands [0, n) out to them
+// in chunks of size items (the last may be shorter): each goroutine's fn
+// ranges over chunks, and each chunk goes to whichever goroutine asks
+// first, instead of contiguous shares fixed in advance. A goroutine that
+// loses its core for a while (to the garbage collector, another process,
+// a softirq) then does less of the work instead of finishing last. fn
+// does its own set-up around the loop (a thread in another namespace),
+// once per goroutine. Chunks returns the errors of all goroutines joined.
+func Chunks(n, least, size int, fn func(chunks iter.Seq2[int, int]) error) error {
+	if n <= 0 {
+		return nil
+	}
+	size = max(size, 1)
+	var next atomic.Int64
+	chunks := func(yield func(lo, hi int) bool) {
+		for {
+			lo := int(next.Add(int64(size))) - size
+			if lo >= n || !yield(lo, min(lo+size, n)) {
+				return
+			}
+		}
+	}
+	return Run(max(1, min(runtime.GOMAXPROCS(0), n/max(least, 1))), 1, func(int, int) error {
+		return fn(chunks)
+	})
 }

@@ -2,9 +2,12 @@ package shares
 
 import (
 	"errors"
+	"iter"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // TestRun checks that the shares cover [0, n) exactly once, that no share
@@ -41,5 +44,89 @@ func TestRun(t *testing.T) {
 	boom := errors.New("boom")
 	if err := Run(100, 1, func(lo, hi int) error { return boom }); !errors.Is(err, boom) {
 		t.Errorf("Run returned %v, want the shares' error", err)
+	}
+}
+
+// TestChunks checks that the chunks cover [0, n) exactly once, that none
+// is larger than size, that no more goroutines run than Run would start,
+// that a stalled goroutine leaves the rest of the work to the others, and
+// that errors are joined.
+func TestChunks(t *testing.T) {
+	for _, tc := range []struct{ n, least, size int }{{0, 16, 8}, {1, 16, 8}, {15, 16, 8}, {33, 16, 8}, {1000, 16, 32}, {1000, 16, 0}, {7, 1, 3}} {
+		var mu sync.Mutex
+		seen := make([]int, tc.n)
+		goroutines := 0
+		err := Chunks(tc.n, tc.least, tc.size, func(chunks iter.Seq2[int, int]) error {
+			mu.Lock()
+			goroutines++
+			mu.Unlock()
+			for lo, hi := range chunks {
+				mu.Lock()
+				if k := runtime.GOMAXPROCS(0); tc.n/max(tc.least, 1) >= 2 && k >= 2 && hi-lo > max(tc.size, 1) {
+					t.Errorf("n=%d: chunk [%d, %d) larger than %d", tc.n, lo, hi, tc.size)
+				}
+				for i := lo; i < hi; i++ {
+					seen[i]++
+				}
+				mu.Unlock()
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, c := range seen {
+			if c != 1 {
+				t.Fatalf("n=%d size=%d: item %d done %d times", tc.n, tc.size, i, c)
+			}
+		}
+		if want := max(1, min(runtime.GOMAXPROCS(0), tc.n/max(tc.least, 1))); tc.n > 0 && goroutines != want {
+			t.Errorf("n=%d least=%d: %d goroutines, want %d", tc.n, tc.least, goroutines, want)
+		}
+	}
+
+	// One goroutine stalls on its first chunk until the others have done
+	// everything else: with fixed shares it would still own half the work.
+	if runtime.GOMAXPROCS(0) >= 2 {
+		const n = 400
+		var done atomic.Int64
+		var once sync.Once
+		stalled := false
+		err := Chunks(n, 1, 4, func(chunks iter.Seq2[int, int]) error {
+			for lo, hi := range chunks {
+				first := false
+				once.Do(func() { first = true })
+				if first {
+					// Wait until every other chunk is done (with fixed
+					// shares that would never happen: give up after 5 s).
+					deadline := time.Now().Add(5 * time.Second)
+					for done.Load() < n-int64(hi-lo) {
+						if time.Now().After(deadline) {
+							return errors.New("the other goroutines stopped while one was stalled")
+						}
+						runtime.Gosched()
+					}
+					stalled = true
+				}
+				done.Add(int64(hi - lo))
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !stalled || done.Load() != n {
+			t.Fatalf("stalled %v, %d items done, want %d", stalled, done.Load(), n)
+		}
+	}
+
+	boom := errors.New("boom")
+	err := Chunks(100, 1, 10, func(chunks iter.Seq2[int, int]) error {
+		for range chunks {
+		}
+		return boom
+	})
+	if !errors.Is(err, boom) {
+		t.Errorf("Chunks returned %v, want the goroutines' error", err)
 	}
 }
