@@ -6,9 +6,10 @@
 //
 //	source:  Inspect → (lock the 4-tuple) → Capture → …
 //	         → Discard (commit) or Resume (roll back)
-//	target:  ReadDefaults, NewBlank → (lock the 4-tuple) →
+//	target:  ReadDefaults, NewBlank, Restorer.Preset → (lock the 4-tuple) →
 //	         Restorer.RestoreBlank or Restorer.Restore → Restorer.Settle →
-//	         (unlock) → Restorer.Resume (commit) or Discard (abort)
+//	         (unlock) → Restorer.Resume, or Restorer.Wake then Finish
+//	         (commit), or Discard (abort)
 //
 // Inspect refuses what cannot move and reads the ordinary options; it runs
 // before the lock, and an Inspector runs it for many sockets with one

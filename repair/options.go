@@ -312,7 +312,10 @@ func writeLateOptions(fd int, family uint16, o *Options, d *Defaults, preset *pr
 	def := d.of(family)
 	// On a preset Blank (Restorer.Preset) an option of presetOpts is
 	// written only if the snapshot's value differs from the one the socket
-	// was given before the freeze, whatever a new socket would have.
+	// was given before the freeze, whatever a new socket would have. (So a
+	// keepalive time equal to the namespace's default, after a preset that
+	// said otherwise, is written: it reads back the same but no longer
+	// follows the sysctl; the kernel takes no value meaning "the sysctl".)
 	written := func(level, name int, v int32) (done bool, err error) {
 		if preset == nil {
 			return false, nil

@@ -6,9 +6,9 @@ import (
 
 // presetOpt is an option a Blank can take before the freeze (Preset): a
 // plain setting of the socket that means the same on a socket not yet
-// connected as on a restored one, that no step of a restore reads or
-// changes, and that the source reads before it locks (Inspect), so that
-// its value is known ahead of the snapshot.
+// connected as on a restored one, that changes nothing a later step of the
+// restore does, and that the source reads before it locks (Inspect), so
+// that its value is known ahead of the snapshot.
 type presetOpt struct {
 	level, name int
 	what        string
@@ -28,8 +28,10 @@ type presetOpt struct {
 // repair connect either way. Left out on purpose: options that steer the
 // route (SO_MARK, IP_TOS, SO_DONTROUTE, SO_BINDTODEVICE), the buffer sizes
 // (a restore needs them inflated until its queues are in), TCP_CORK (it
-// holds back the unsent bytes), SO_PRIORITY (IP_TOS resets it) and
-// SO_RCVLOWAT (it can grow the receive buffer).
+// holds back the unsent bytes), TCP_NOTSENT_LOWAT (the never-sent bytes
+// are written into a zero window, so past the mark the write would get
+// EAGAIN), SO_PRIORITY (IP_TOS resets it) and SO_RCVLOWAT (it can grow
+// the receive buffer).
 var presetOpts = [...]presetOpt{
 	{unix.IPPROTO_TCP, unix.TCP_NODELAY, "TCP_NODELAY",
 		func(o *Options) int32 { return b2i(o.NoDelay) }, func(o *Options, v int32) { o.NoDelay = v != 0 }, 0, true},
@@ -45,8 +47,6 @@ var presetOpts = [...]presetOpt{
 		func(o *Options) int32 { return o.KeepCnt }, func(o *Options, v int32) { o.KeepCnt = v }, 0, false},
 	{unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT",
 		func(o *Options) int32 { return int32(o.UserTimeout) }, func(o *Options, v int32) { o.UserTimeout = uint32(v) }, 0, true},
-	{unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT",
-		func(o *Options) int32 { return int32(o.NotSentLowat) }, func(o *Options, v int32) { o.NotSentLowat = uint32(v) }, 0, true},
 }
 
 // presetValues are the values a preset Blank's socket has for each of
@@ -76,8 +76,8 @@ func PresetOf(o *Options) Options {
 }
 
 // Preset sets on b, before the freeze, the options of o that a socket can
-// take before it is connected (the TCP_NODELAY and keepalive settings, the
-// user timeout, TCP_NOTSENT_LOWAT: PresetOf), leaving alone those equal
+// take before it is connected (TCP_NODELAY, SO_OOBINLINE, the keepalive
+// settings, the user timeout: PresetOf), leaving alone those equal
 // to a new socket's (Restorer.Defaults), and records them in b: the
 // restore of a snapshot on b (RestoreBlank) then writes only the options
 // whose value differs from o's, so that the snapshot always has the last
@@ -118,7 +118,8 @@ func (p *presetOpt) newSocket(def *Options) (int32, bool) {
 }
 
 // Preset returns the options Restorer.Preset gave b (the members PresetOf
-// keeps; the others are zero), and false if it gave none.
+// keeps; the others are zero), and false if it gave none: for a caller's
+// logs and tests.
 func (b *Blank) Preset() (Options, bool) {
 	var o Options
 	if b == nil || !b.presetOK {

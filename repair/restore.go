@@ -433,9 +433,10 @@ func (e *resumedLiveError) Unwrap() []error { return []error{ErrResumedLive, e.e
 
 // Finish puts back, on a socket just out of repair mode (Restorer.Wake),
 // what repair mode changed: SO_REUSEADDR and SO_PEEK_OFF as the snapshot
-// has them, and IP_TRANSPARENT (IPV6_TRANSPARENT) cleared if the restore
-// set it only to bind before the address was local. Its errors match
-// ErrResumedLive: the socket is live whatever happens here.
+// has them, and IP_TRANSPARENT (IPV6_TRANSPARENT) cleared unless the
+// source socket had it (the restore may have set it to bind before the
+// address was local). Its errors match ErrResumedLive: the socket is live
+// whatever happens here.
 func Finish(fd int, s *Snapshot) error {
 	if s.Options.ReuseAddr {
 		if err := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {

@@ -54,6 +54,14 @@ func TestRoundTripCrossHost(t *testing.T) {
 		{"ipv6-blank-preset-wrong", true, unix.AF_INET6, setUnusualUnbound, true, presetWrong},
 		{"ipv4-default-options-blank-preset", false, unix.AF_INET, nil, true, presetSame},
 		{"ipv4-default-options-blank-preset-wrong", false, unix.AF_INET, nil, true, presetWrong},
+		// A low TCP_NOTSENT_LOWAT and a megabyte never sent: the lowat is
+		// not preset (the never-sent bytes go into a zero window and would
+		// stop at the mark), so the restore takes them all.
+		{"ipv4-blank-preset-lowat", false, unix.AF_INET, setUnusualUnbound, true, presetLowat},
+		// The restore trusts the preset: an option changed on the Blank
+		// behind its back after Preset stays as changed (the test of the
+		// writes a preset saves).
+		{"ipv4-blank-preset-skips", false, unix.AF_INET, setUnusualUnbound, true, presetTampered},
 	} {
 		t.Run(tc.name, func(t *testing.T) { testRoundTrip(t, tc.v6, tc.family, tc.setup, tc.ahead, tc.preset) })
 	}
@@ -61,9 +69,30 @@ func TestRoundTripCrossHost(t *testing.T) {
 
 // How testRoundTrip presets its Blank.
 const (
-	presetSame  = 1 // with the snapshot's options
-	presetWrong = 2 // with other values for each option Preset sets
+	presetSame     = 1 // with the snapshot's options
+	presetWrong    = 2 // with other values for each option Preset sets
+	presetLowat    = 3 // presetSame, the snapshot's TCP_NOTSENT_LOWAT lowered to 16 KiB
+	presetTampered = 4 // presetSame, then TCP_USER_TIMEOUT changed on the Blank directly
 )
+
+// tamperedUserTimeout is what presetTampered sets TCP_USER_TIMEOUT to.
+const tamperedUserTimeout = 4321
+
+// wantPreset fails the test unless the socket of b has the values of p
+// for every option Preset sets.
+func wantPreset(t *testing.T, b *Blank, p *Options) {
+	t.Helper()
+	for i := range presetOpts {
+		o := &presetOpts[i]
+		v, err := unix.GetsockoptInt(b.fd, o.level, o.name)
+		if err != nil {
+			t.Fatalf("getsockopt %s on the preset Blank: %v", o.what, err)
+		}
+		if want := o.get(p); int32(v) != want && !(want != 0 && v != 0 && (o.name == unix.SO_KEEPALIVE || o.name == unix.TCP_NODELAY || o.name == unix.SO_OOBINLINE)) {
+			t.Errorf("preset Blank: %s = %d, want %d", o.what, v, want)
+		}
+	}
+}
 
 // otherPreset returns o's preset part (PresetOf) with every member
 // changed: the booleans flipped, the numbers moved to other valid values.
@@ -71,7 +100,7 @@ func otherPreset(o *Options) Options {
 	p := PresetOf(o)
 	p.NoDelay, p.KeepAlive, p.OOBInline = !p.NoDelay, !p.KeepAlive, !p.OOBInline
 	p.KeepIdle, p.KeepIntvl, p.KeepCnt = p.KeepIdle%100+7, p.KeepIntvl%100+3, p.KeepCnt%100+2
-	p.UserTimeout, p.NotSentLowat = p.UserTimeout+1500, p.NotSentLowat+16384
+	p.UserTimeout = p.UserTimeout + 1500
 	return p
 }
 
@@ -165,14 +194,28 @@ func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error, 
 			if blank, err = NewBlank(snap.Local); err != nil {
 				return err
 			}
+			var p Options
 			switch preset {
-			case presetSame:
-				err = r.Preset(blank, &snap.Options)
+			case 0:
+				return nil
 			case presetWrong:
-				p := otherPreset(&snap.Options)
-				err = r.Preset(blank, &p)
+				p = otherPreset(&snap.Options)
+			case presetLowat:
+				snap.Options.NotSentLowat = 16 << 10
+				p = snap.Options
+			default:
+				p = snap.Options
 			}
-			return err
+			if err := r.Preset(blank, &p); err != nil {
+				return err
+			}
+			wantPreset(t, blank, &p)
+			if preset == presetTampered {
+				if err := unix.SetsockoptInt(blank.fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, tamperedUserTimeout); err != nil {
+					return err
+				}
+			}
+			return nil
 		}); err != nil {
 			t.Fatal(err)
 		}
@@ -193,19 +236,27 @@ func testRoundTrip(t *testing.T, v6 bool, family int, setup func(fd int) error, 
 	if err := Resume(fd, &snap); err != nil {
 		t.Fatal(err)
 	}
+	// The options are read before the socket becomes a net.Conn: Go's
+	// FileConn turns keepalive on with its own times (15 s, 15 s, 9),
+	// which would hide what the restore wrote.
+	var got Options
+	if op, err := readOptions(fd, snap.Family, &got); err != nil {
+		t.Fatal(op, err)
+	}
 	restored := restoredConn(t, fd)
 	defer restored.Close()
 	rfd := fdOf(t, restored)
 
 	// What carried across reads back equal.
 	compareInfo(t, srcInfo, tcpInfo(t, rfd))
-	var got Options
-	if op, err := readOptions(rfd, snap.Family, &got); err != nil {
-		t.Fatal(op, err)
-	}
 	// The unusual options pin the send buffer (SO_BUF_LOCK 1); defaults
 	// leave both buffers autotuned (0).
-	compareOptions(t, snap.Options, got, b2i(setup != nil))
+	want := snap.Options
+	if preset == presetTampered {
+		// Not written again: the snapshot's value equals the preset's.
+		want.UserTimeout = tamperedUserTimeout
+	}
+	compareOptions(t, want, got, b2i(setup != nil))
 
 	// Every byte of both streams, then 4 MiB more each way.
 	const more = 4 << 20

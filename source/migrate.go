@@ -388,20 +388,26 @@ const (
 	inspectChunk    = 32
 )
 
-// tupleBytes bounds the encoded size of one 4-tuple in PREPARE (two IPv6
-// address-ports and a preset index, 50 bytes with their headers), and
-// presetBytes that of one option preset (at most eight small integers).
+// tupleBytes bounds the encoded size of one 4-tuple in PREPARE without its
+// addresses' zones (two IPv6 address-ports and a preset index, 53 bytes
+// with their headers), and presetBytes that of one option preset (six
+// small integers: 46 bytes at most).
 const (
 	tupleBytes  = 56
 	presetBytes = 96
 )
 
 // prepareMsg is the PREPARE of the migration. On a version-2 link it lists
-// the 4-tuples, if they fit in one frame, for the target to lock and make
-// sockets for before the freeze.
+// the 4-tuples, if they all fit in one frame, for the target to lock and
+// make sockets for before the freeze, and the option presets that fit
+// beside them.
 func (m *migration) prepareMsg() *transport.Prepare {
 	p := &transport.Prepare{Migration: m.id, Count: uint32(len(m.elig)), Lease: m.cfg.Lease}
-	if m.link.Version() < 2 || (len(m.elig)+1)*tupleBytes > int(m.link.Peer().Limits.MaxFrame) {
+	room := int(m.link.Peer().Limits.MaxFrame) - tupleBytes // the frame's own fields
+	for _, c := range m.elig {
+		room -= tupleBytes + len(c.snap.Local.Addr().Zone()) + len(c.snap.Remote.Addr().Zone())
+	}
+	if m.link.Version() < 2 || room < 0 {
 		return p
 	}
 	p.Tuples = make([]transport.Tuple, len(m.elig))
@@ -417,8 +423,8 @@ func (m *migration) prepareMsg() *transport.Prepare {
 		// workload's connections mostly share one set, sent once.
 		o := repair.PresetOf(&c.snap.Options)
 		n, ok := presets[o]
-		if !ok && len(p.Presets) < transport.MaxPresets &&
-			(len(m.elig)+1)*tupleBytes+(len(p.Presets)+1)*presetBytes <= int(m.link.Peer().Limits.MaxFrame) {
+		if !ok && len(p.Presets) < transport.MaxPresets && room >= presetBytes {
+			room -= presetBytes
 			p.Presets = append(p.Presets, o)
 			n, ok = uint32(len(p.Presets)), true
 			presets[o] = n

@@ -22,6 +22,10 @@ type blanks struct {
 	stop  atomic.Bool
 	wg    sync.WaitGroup
 	made  atomic.Int64 // how many were made, for the log
+	// unpreset counts the Blanks closed because their options could not
+	// be set (repair.Restorer.Preset): their connections are restored on
+	// new sockets.
+	unpreset atomic.Int64
 }
 
 // taken marks a slot whose Blank was taken, or that no Blank may fill.
@@ -29,9 +33,9 @@ var taken = new(repair.Blank)
 
 // startBlanks makes a Blank for each tuple of want whose ok[i] is set (the
 // tuples prelock locked), in the network namespace ns, and gives it the
-// options of presets that the tuple names (r.Preset: the restore then
-// writes only those that differ from its snapshot's). It returns at once;
-// failures only mean fewer Blanks, or Blanks without options.
+// options of presets that the tuple names (r.Preset, which reads only r's
+// Defaults: the restore then writes only those that differ from its
+// snapshot's). It returns at once; failures only mean fewer Blanks.
 func startBlanks(ns int, r *repair.Restorer, want []transport.Tuple, presets []repair.Options, ok []bool) *blanks {
 	b := &blanks{slots: make([]atomic.Pointer[repair.Blank], len(want))}
 	// Copies: the restores change the migration's prelocked flags (a
@@ -59,6 +63,7 @@ func startBlanks(ns int, r *repair.Restorer, want []transport.Tuple, presets []r
 				// PREPARE's validation bounds t.Preset by len(presets).
 				if p := t.Preset; p > 0 && int(p) <= len(presets) {
 					if r.Preset(bl, &presets[p-1]) != nil {
+						b.unpreset.Add(1)
 						continue // closed: a new socket at the restore
 					}
 				}

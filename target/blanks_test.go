@@ -25,16 +25,24 @@ func TestBlanksFamily(t *testing.T) {
 	mapped := netip.AddrPortFrom(netip.AddrFrom16(v4.Addr().As16()), v4.Port())
 	peer := netip.MustParseAddrPort("198.18.0.1:40000")
 	peerMapped := netip.AddrPortFrom(netip.AddrFrom16(peer.Addr().As16()), peer.Port())
-	tuples := []transport.Tuple{{Local: mapped, Remote: peerMapped}, {Local: v4, Remote: peer, Preset: 1}, {Local: v4, Remote: peer}}
-	presets := []repair.Options{{NoDelay: true, KeepAlive: true, KeepIdle: 15, KeepIntvl: 15, KeepCnt: 9}}
+	other := netip.AddrPortFrom(v4.Addr(), 8081)
+	tuples := []transport.Tuple{{Local: mapped, Remote: peerMapped}, {Local: v4, Remote: peer, Preset: 1}, {Local: v4, Remote: peer},
+		{Local: other, Remote: peer, Preset: 2}}
+	// The second preset has a keepalive time the kernel refuses (0): its
+	// Blank is closed, and its connection gets a new socket.
+	presets := []repair.Options{{NoDelay: true, KeepAlive: true, KeepIdle: 15, KeepIntvl: 15, KeepCnt: 9},
+		{KeepAlive: true, KeepIdle: 0}}
 	var r repair.Restorer
-	b := startBlanks(ns.Handle(), &r, tuples, presets, []bool{true, true, false})
+	b := startBlanks(ns.Handle(), &r, tuples, presets, []bool{true, true, false, true})
 	deadline := time.Now().Add(5 * time.Second)
-	for b.made.Load() < 2 && time.Now().Before(deadline) {
+	for b.made.Load()+b.unpreset.Load() < 3 && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
 	}
-	if n := b.made.Load(); n != 2 {
-		t.Fatalf("%d Blanks made, want 2 (the third tuple was not prelocked)", n)
+	if n, u := b.made.Load(), b.unpreset.Load(); n != 2 || u != 1 {
+		t.Fatalf("%d Blanks made and %d closed for their preset, want 2 and 1 (the third tuple was not prelocked)", n, u)
+	}
+	if b.take(3) != nil {
+		t.Error("take gave a Blank whose preset failed")
 	}
 
 	snap4 := goodSnapshot()

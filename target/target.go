@@ -397,8 +397,13 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 		}
 		// While the source holds and drains its connections, the sockets
 		// they will be restored on are made, up to the first snapshot.
-		m.blanks = startBlanks(cfg.NetNS, &m.rs.r, m.announced, m.presets, m.prelocked)
-		defer m.blanks.release()
+		// A Restorer of its own: the restores' may get its injector
+		// meanwhile (restorer.open).
+		m.blanks = startBlanks(cfg.NetNS, &repair.Restorer{Defaults: m.rs.r.Defaults}, m.announced, m.presets, m.prelocked)
+		defer func() {
+			m.log.Debug("sockets made before the freeze", "made", m.blanks.made.Load(), "preset_failed", m.blanks.unpreset.Load())
+			m.blanks.release()
+		}()
 	}
 
 	msgs, recvErr := make(chan transport.Message, 16), make(chan error, 1)

@@ -432,6 +432,14 @@ func nestedField[S, T any](tag uint64, name string, t *fieldTable[T], get func(*
 // nestedListField is a list of structs, one nested field per element. An
 // element is sent even when it encodes to nothing, so the count survives.
 func nestedListField[S, T any](tag uint64, name string, t *fieldTable[T], get func(*S) *[]T) field[S] {
+	return boundedListField(tag, name, t, 0, get)
+}
+
+// boundedListField is nestedListField with at most max elements (0: no
+// bound but the frame's size): the element past max fails the decode at
+// once, before a frame of tiny elements can make a list far larger in
+// memory than on the wire.
+func boundedListField[S, T any](tag uint64, name string, t *fieldTable[T], max int, get func(*S) *[]T) field[S] {
 	return field[S]{tag: tag, name: name,
 		enc: func(b []byte, s *S) []byte {
 			l := *get(s)
@@ -441,11 +449,14 @@ func nestedListField[S, T any](tag uint64, name string, t *fieldTable[T], get fu
 			return b
 		},
 		dec: func(s *S, v []byte) error {
+			l := get(s)
+			if max > 0 && len(*l) >= max {
+				return malformedf("%s: more than %d", name, max)
+			}
 			var x T
 			if err := t.decode(&x, v); err != nil {
 				return err
 			}
-			l := get(s)
 			*l = append(*l, x)
 			return nil
 		},

@@ -175,7 +175,7 @@ var prepareTable = newTable("prepare",
 	uintField(2, "count", func(m *Prepare) *uint32 { return &m.Count }),
 	durationField(3, "lease", func(m *Prepare) *time.Duration { return &m.Lease }),
 	nestedListField(4, "tuple", tupleTable, func(m *Prepare) *[]Tuple { return &m.Tuples }),
-	nestedListField(5, "preset", optionsTable, func(m *Prepare) *[]repair.Options { return &m.Presets }),
+	boundedListField(5, "preset", optionsTable, MaxPresets, func(m *Prepare) *[]repair.Options { return &m.Presets }),
 )
 
 // Ready says that the target has made its lock table, written its journal

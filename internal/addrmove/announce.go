@@ -43,7 +43,10 @@ const etherTypeARP = 0x0806
 // its P until the runtime's monitor takes it back, up to 10 ms later (more
 // when it has been idle), and the commit that follows a claim needs every
 // P (a 10,000-connection commit ran on one core for 20 ms while the other
-// waited for a P held by this close).
+// waited for a P held by this close). The cost moves, it does not go: a
+// migration whose commit falls 2 s after another's claim can meet it.
+// Meanwhile the socket queues the link's ARP (or ICMPv6) frames, which
+// nobody reads, up to its receive buffer.
 func announce(ctx context.Context, ifi *net.Interface, addr netip.Addr) error {
 	open := openGARP
 	if addr.Is6() {

@@ -45,11 +45,14 @@
 //     device is always an error (ErrNoDevice), never "absent", so that a typo
 //     in a device name cannot leave the address live on the source.
 //   - Every netlink socket and packet socket is opened inside the namespace
-//     that Config names (NetNS) and closed before the call returns. Netlink
-//     sockets come from the library's namespace-aware constructor; the ARP
-//     and ICMPv6 sockets are opened and used on a fresh OS thread that enters
-//     the namespace and exits when done, so the caller's thread never
-//     changes namespace.
+//     that Config names (NetNS). Netlink sockets are closed before the call
+//     returns; Claim's ARP or ICMPv6 socket is closed by a timer 2 s after
+//     its announcements, because its close waits for an RCU grace period
+//     and holds a Go P meanwhile (announce.go: closing it at once stalled
+//     the commit that follows a claim). Netlink sockets come from the
+//     library's namespace-aware constructor; the ARP and ICMPv6 sockets are
+//     opened and used on a fresh OS thread that enters the namespace and
+//     exits when done, so the caller's thread never changes namespace.
 //   - Errors are *Error values naming the operation, the address and the
 //     device, wrapping a sentinel of this package or the kernel's errno.
 package addrmove

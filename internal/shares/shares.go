@@ -1,6 +1,6 @@
 // Package shares splits a run of per-connection work over the CPUs the Go
-// runtime uses: the restores and resumes of the target, the announcements
-// of the source's hold. The work is system calls on independent sockets:
+// runtime uses: the restores and resumes of the target, the inspection and
+// the announcements of the source's hold. The work is system calls on independent sockets:
 // contiguous shares, one goroutine each (Run), or chunks handed out to
 // whichever goroutine is free (Chunks) when the shares would not take
 // equally long.
@@ -42,18 +42,22 @@ func Run(n, least int, fn func(lo, hi int) error) error {
 
 // Chunks runs fn on as many goroutines as Run would start for n items and
 // least, the first on the calling goroutine, and hands [0, n) out to them
-// in chunks of size items (the last may be shorter): each goroutine's fn
-// ranges over chunks, and each chunk goes to whichever goroutine asks
-// first, instead of contiguous shares fixed in advance. A goroutine that
-// loses its core for a while (to the garbage collector, another process,
-// a softirq) then does less of the work instead of finishing last. fn
+// in chunks of at most size items: each goroutine's fn ranges over
+// chunks, and each chunk goes to whichever goroutine asks first, instead
+// of contiguous shares fixed in advance. A goroutine that loses its core
+// for a while (to the garbage collector, another process, a softirq) then
+// does less of the work instead of finishing last. The chunks are made
+// smaller when n is small, so that each goroutine gets at least four. fn
 // does its own set-up around the loop (a thread in another namespace),
-// once per goroutine. Chunks returns the errors of all goroutines joined.
+// once per goroutine; one that returns early, or stops ranging, leaves
+// the rest of the chunk it held undone (the others go on with theirs).
+// Chunks returns the errors of all goroutines joined.
 func Chunks(n, least, size int, fn func(chunks iter.Seq2[int, int]) error) error {
 	if n <= 0 {
 		return nil
 	}
-	size = max(size, 1)
+	k := max(1, min(runtime.GOMAXPROCS(0), n/max(least, 1)))
+	size = max(1, min(size, n/(4*k)))
 	var next atomic.Int64
 	chunks := func(yield func(lo, hi int) bool) {
 		for {
@@ -63,7 +67,7 @@ func Chunks(n, least, size int, fn func(chunks iter.Seq2[int, int]) error) error
 			}
 		}
 	}
-	return Run(max(1, min(runtime.GOMAXPROCS(0), n/max(least, 1))), 1, func(int, int) error {
+	return Run(k, 1, func(int, int) error {
 		return fn(chunks)
 	})
 }

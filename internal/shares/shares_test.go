@@ -62,8 +62,8 @@ func TestChunks(t *testing.T) {
 			mu.Unlock()
 			for lo, hi := range chunks {
 				mu.Lock()
-				if k := runtime.GOMAXPROCS(0); tc.n/max(tc.least, 1) >= 2 && k >= 2 && hi-lo > max(tc.size, 1) {
-					t.Errorf("n=%d: chunk [%d, %d) larger than %d", tc.n, lo, hi, tc.size)
+				if hi-lo > max(tc.size, 1) || hi <= lo {
+					t.Errorf("n=%d: chunk [%d, %d) empty or larger than %d", tc.n, lo, hi, tc.size)
 				}
 				for i := lo; i < hi; i++ {
 					seen[i]++
@@ -118,6 +118,46 @@ func TestChunks(t *testing.T) {
 		if !stalled || done.Load() != n {
 			t.Fatalf("stalled %v, %d items done, want %d", stalled, done.Load(), n)
 		}
+	}
+
+	// Small runs: every goroutine gets work (chunks shrink to n/4k).
+	if k := runtime.GOMAXPROCS(0); k >= 2 {
+		var mu sync.Mutex
+		per := map[int]int{}
+		id := 0
+		Chunks(40, 16, 32, func(chunks iter.Seq2[int, int]) error {
+			mu.Lock()
+			me := id
+			id++
+			mu.Unlock()
+			for lo, hi := range chunks {
+				mu.Lock()
+				per[me] += hi - lo
+				mu.Unlock()
+				time.Sleep(time.Millisecond) // a chunk takes a while: the other goroutine must get some
+			}
+			return nil
+		})
+		if len(per) != 2 || per[0] == 0 || per[1] == 0 {
+			t.Errorf("40 items over 2 goroutines: %v, want work on both", per)
+		}
+	}
+
+	// A goroutine that stops ranging leaves its chunk undone, not the rest
+	// (with one goroutine, everything after it).
+	var left atomic.Int64
+	var stopped atomic.Bool
+	Chunks(64, 1, 8, func(chunks iter.Seq2[int, int]) error {
+		for lo, hi := range chunks {
+			if stopped.CompareAndSwap(false, true) {
+				break
+			}
+			left.Add(int64(hi - lo))
+		}
+		return nil
+	})
+	if n := left.Load(); runtime.GOMAXPROCS(0) >= 2 && (n >= 64 || n < 64-8) {
+		t.Errorf("%d of 64 items done after one goroutine stopped on a chunk of at most 8", n)
 	}
 
 	boom := errors.New("boom")
