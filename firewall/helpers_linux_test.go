@@ -48,14 +48,6 @@ func newLAN(t *testing.T) (a, b *lab.NS) {
 	return a, b
 }
 
-// newTestNS makes a network namespace that the test's cleanup removes, after
-// the cleanups registered later (the locks in it) have run. It skips or
-// fails the test as lab.Require does.
-func newTestNS(t testing.TB, label string) *lab.NS {
-	t.Helper()
-	return lab.NewTestNS(t, label)
-}
-
 // newTestLock creates a lock that the test's cleanup closes.
 func newTestLock(t testing.TB, cfg Config) *Lock {
 	t.Helper()
