@@ -160,6 +160,15 @@ func procNet(t *testing.T, ns *lab.NS, name string) string {
 	return string(out)
 }
 
+// checkNoRSTs fails the test if host ns, called name, sent an RST since its
+// OutRsts counter read before.
+func checkNoRSTs(t *testing.T, name string, ns *lab.NS, before uint64) {
+	t.Helper()
+	if d := snmp(t, ns, "Tcp", "OutRsts") - before; d != 0 {
+		t.Errorf("%s sent %d RSTs", name, d)
+	}
+}
+
 // snmp returns a counter of /proc/net/snmp in ns, such as ("Tcp", "OutRsts").
 func snmp(t *testing.T, ns *lab.NS, proto, field string) uint64 {
 	t.Helper()
