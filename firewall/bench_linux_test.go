@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
 // BenchmarkLockUnlock measures one Lock and one Unlock of n tuples (n set
@@ -13,7 +15,7 @@ import (
 //
 //	go test -run '^$' -bench . ./firewall/
 func BenchmarkLockUnlock(b *testing.B) {
-	ns := newTestNS(b, "bench")
+	ns := lab.NewTestNS(b, "bench")
 	l := newTestLock(b, Config{Instance: "bench", NetNS: ns.Handle()})
 	for _, n := range []int{1, 1000, 10000} {
 		ts := tuples(n, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.1.1"))
@@ -39,7 +41,7 @@ func BenchmarkLockUnlock(b *testing.B) {
 
 // BenchmarkRenew measures renewing the lease of n locked tuples.
 func BenchmarkRenew(b *testing.B) {
-	ns := newTestNS(b, "bench")
+	ns := lab.NewTestNS(b, "bench")
 	l := newTestLock(b, Config{Instance: "bench", NetNS: ns.Handle()})
 	for _, n := range []int{1, 1000, 10000} {
 		ts := tuples(n, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.1.1"))
@@ -65,7 +67,7 @@ func BenchmarkRenew(b *testing.B) {
 // the one the first wave of a migration pays: the sets are empty and small,
 // and the Lock has no buffers yet. New and Close are not timed.
 func BenchmarkLockFresh(b *testing.B) {
-	ns := newTestNS(b, "bench")
+	ns := lab.NewTestNS(b, "bench")
 	for _, n := range []int{1000, 10000} {
 		ts := tuples(n, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.1.1"))
 		b.Run(fmt.Sprintf("tuples=%d", n), func(b *testing.B) {

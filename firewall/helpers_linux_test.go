@@ -48,14 +48,6 @@ func newLAN(t *testing.T) (a, b *lab.NS) {
 	return a, b
 }
 
-// newTestNS makes a network namespace that the test's cleanup removes, after
-// the cleanups registered later (the locks in it) have run. It skips or
-// fails the test as lab.Require does.
-func newTestNS(t testing.TB, label string) *lab.NS {
-	t.Helper()
-	return lab.NewTestNS(t, label)
-}
-
 // newTestLock creates a lock that the test's cleanup closes.
 func newTestLock(t testing.TB, cfg Config) *Lock {
 	t.Helper()
@@ -166,6 +158,15 @@ func procNet(t *testing.T, ns *lab.NS, name string) string {
 		t.Fatal(err)
 	}
 	return string(out)
+}
+
+// checkNoRSTs fails the test if host ns, called name, sent an RST since its
+// OutRsts counter read before.
+func checkNoRSTs(t *testing.T, name string, ns *lab.NS, before uint64) {
+	t.Helper()
+	if d := snmp(t, ns, "Tcp", "OutRsts") - before; d != 0 {
+		t.Errorf("%s sent %d RSTs", name, d)
+	}
 }
 
 // snmp returns a counter of /proc/net/snmp in ns, such as ("Tcp", "OutRsts").

@@ -279,12 +279,14 @@ func (l *ListenLock) Held() []netip.AddrPort {
 	return slices.Clone(l.held)
 }
 
-// renewAll restarts the lease of every locked endpoint.
+// renewAll restarts the lease of every locked endpoint. After Close it
+// fails with ErrClosed, which ends a renewer started while Close ran (as
+// Lock.RenewAll ends Lock's).
 func (l *ListenLock) renewAll() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return nil
+		return &Error{Op: "renew listeners", Table: l.table, Err: ErrClosed}
 	}
 	// Add (in case it lapsed), delete, add: one batch, a fresh lease.
 	keys, err := keysOf(l.held, nil)

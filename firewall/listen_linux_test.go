@@ -8,6 +8,8 @@ import (
 	"os"
 	"testing"
 	"time"
+
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
 // TestListenLockDropsSYNs locks a listener (by address, and bound to the
@@ -145,7 +147,7 @@ func echo(t *testing.T, c net.Conn, msg string) {
 // port in both families. Renewing both must work, and unlocking one must
 // keep what the other still needs.
 func TestListenLockOverlap(t *testing.T) {
-	ns := newTestNS(t, "lsn-overlap")
+	ns := lab.NewTestNS(t, "lsn-overlap")
 	var l *ListenLock
 	if err := ns.Do(func() error {
 		var err error

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 )
@@ -163,12 +164,8 @@ func testLockHoldsFlow(t *testing.T, f family, release bool) {
 
 	checkHealthy(t, "a", ca)
 	checkHealthy(t, "b", cb)
-	if d := snmp(t, a, "Tcp", "OutRsts") - rstA; d != 0 {
-		t.Errorf("a sent %d RSTs", d)
-	}
-	if d := snmp(t, b, "Tcp", "OutRsts") - rstB; d != 0 {
-		t.Errorf("b sent %d RSTs", d)
-	}
+	checkNoRSTs(t, "a", a, rstA)
+	checkNoRSTs(t, "b", b, rstB)
 	ct = conntrackEntry(t, b, tu)
 	if !strings.Contains(ct, " ESTABLISHED ") || conntrackPackets(t, ct) <= ctBefore {
 		t.Errorf("conntrack entry after the unlock: %s", ct)
@@ -366,9 +363,7 @@ func TestBothEndsOnOneHost(t *testing.T) {
 	readExactly(t, "client", client, toC, 15*time.Second)
 	checkHealthy(t, "client", client)
 	checkHealthy(t, "server", server)
-	if d := snmp(t, b, "Tcp", "OutRsts") - rst; d != 0 {
-		t.Errorf("%d RSTs sent", d)
-	}
+	checkNoRSTs(t, "b", b, rst)
 	if n := setLen(t, b, l.Table(), setV4); n != 0 {
 		t.Errorf("%d elements left", n)
 	}
@@ -389,7 +384,7 @@ func tuples(n int, local, remote netip.Addr) []Tuple {
 // TestManyTuples locks and unlocks 10,000 connections of each family,
 // each call one batch, and counts the elements in the kernel: one per tuple.
 func TestManyTuples(t *testing.T) {
-	ns := newTestNS(t, "many")
+	ns := lab.NewTestNS(t, "many")
 	l := newTestLock(t, Config{Instance: "many", NetNS: ns.Handle()})
 	const n = 10000
 	v4 := tuples(n, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.1.1"))
@@ -438,7 +433,7 @@ func TestManyTuples(t *testing.T) {
 // a tuple named twice in a call counts once; renewing an unlocked tuple
 // fails; bad tuples fail the whole call.
 func TestMirrorAndIdempotence(t *testing.T) {
-	ns := newTestNS(t, "mirror")
+	ns := lab.NewTestNS(t, "mirror")
 	l := newTestLock(t, Config{Instance: "mirror", NetNS: ns.Handle()})
 	tu := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.2:40000")}
 	mirror := Tuple{Local: tu.Remote, Remote: tu.Local}
@@ -505,7 +500,7 @@ func TestMirrorAndIdempotence(t *testing.T) {
 // keyed local·lport·remote·rport as the host sees the connection, mapped
 // addresses in v4, and nothing else.
 func TestElements(t *testing.T) {
-	ns := newTestNS(t, "elements")
+	ns := lab.NewTestNS(t, "elements")
 	l := newTestLock(t, Config{Instance: "elements", NetNS: ns.Handle()})
 	ts := []Tuple{
 		{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.1:40000")},
@@ -558,7 +553,7 @@ func TestElements(t *testing.T) {
 // of them is applied, that the Lock's bookkeeping stays as it was, and that
 // the next batch goes through on a fresh socket.
 func TestFailedBatch(t *testing.T) {
-	ns := newTestNS(t, "failed")
+	ns := lab.NewTestNS(t, "failed")
 	l := newTestLock(t, Config{Instance: "failed", NetNS: ns.Handle()})
 	ts := tuples(3, netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("198.18.0.1"))
 	if err := l.Lock(ts[:2]); err != nil {
@@ -631,7 +626,7 @@ func TestFailedBatch(t *testing.T) {
 // one lease, that Unlock of lapsed tuples succeeds, that Lock of a lapsed
 // tuple locks it afresh, and that RenewAll reports (and repairs) a lapse.
 func TestLeaseExpiryAndRenewal(t *testing.T) {
-	ns := newTestNS(t, "lease")
+	ns := lab.NewTestNS(t, "lease")
 	l := newTestLock(t, Config{Instance: "lease", NetNS: ns.Handle(), Lease: MinLease})
 	t1 := Tuple{Local: netip.MustParseAddrPort("198.18.0.2:80"), Remote: netip.MustParseAddrPort("198.18.0.1:40000")}
 	t2 := Tuple{Local: netip.MustParseAddrPort("[fd00::2]:80"), Remote: netip.MustParseAddrPort("[fd00::1]:40000")}
@@ -753,12 +748,8 @@ func TestKilledAgent(t *testing.T) {
 	t.Logf("flow resumed %v after SIGKILL", time.Since(killed).Round(time.Millisecond))
 	checkHealthy(t, "a", ca)
 	checkHealthy(t, "b", cb)
-	if d := snmp(t, a, "Tcp", "OutRsts") - rstA; d != 0 {
-		t.Errorf("a sent %d RSTs", d)
-	}
-	if d := snmp(t, b, "Tcp", "OutRsts") - rstB; d != 0 {
-		t.Errorf("b sent %d RSTs", d)
-	}
+	checkNoRSTs(t, "a", a, rstA)
+	checkNoRSTs(t, "b", b, rstB)
 
 	removed, err := Sweep(b.Handle(), nil)
 	if err != nil {
@@ -821,7 +812,7 @@ table ip tcpmigrate_ipfamily {
 // locks and that the rest of the ruleset is byte for byte what it was,
 // during and after their lives, sweeps included.
 func TestOthersUntouched(t *testing.T) {
-	ns := newTestNS(t, "others")
+	ns := lab.NewTestNS(t, "others")
 	nftScript(t, ns, otherRuleset)
 	before := nftList(t, ns, "ruleset")
 	others := func() string {
@@ -877,7 +868,7 @@ func TestOthersUntouched(t *testing.T) {
 // gone (a closed owner socket, or a table made by hand), unless keep
 // spares them; never a live instance's, nor tables outside the pattern.
 func TestSweep(t *testing.T) {
-	ns := newTestNS(t, "sweep")
+	ns := lab.NewTestNS(t, "sweep")
 	nftScript(t, ns, otherRuleset+`table inet tcpmigrate_byhand {
 	set v4 {
 		type ipv4_addr . inet_service . ipv4_addr . inet_service
@@ -949,7 +940,7 @@ func TestSweep(t *testing.T) {
 // TestCurrentNamespace checks that NetNS 0 pins the namespace of the thread
 // that calls New, even when later calls come from other threads.
 func TestCurrentNamespace(t *testing.T) {
-	ns := newTestNS(t, "current")
+	ns := lab.NewTestNS(t, "current")
 	var l *Lock
 	if err := ns.Do(func() error {
 		var err error
@@ -981,7 +972,7 @@ func TestCurrentNamespace(t *testing.T) {
 // TestConcurrentUse locks and unlocks from several goroutines while the
 // renewer runs; run with -race it checks the locking of the bookkeeping.
 func TestConcurrentUse(t *testing.T) {
-	ns := newTestNS(t, "concurrent")
+	ns := lab.NewTestNS(t, "concurrent")
 	l := newTestLock(t, Config{Instance: "concurrent", NetNS: ns.Handle(), Lease: MinLease})
 	if err := l.StartRenewer(50*time.Millisecond, func(err error) { t.Errorf("renewer: %v", err) }); err != nil {
 		t.Fatal(err)

@@ -303,14 +303,8 @@ func ThawRecord(rec Record) error {
 	case rec.Inherited:
 		return nil
 	case rec.Method == MethodCgroup:
-		var fs unix.Statfs_t
-		if err := unix.Statfs(rec.Cgroup, &fs); err == unix.ENOENT {
-			return nil
-		} else if err != nil {
-			return opErr("statfs "+rec.Cgroup, rec.PID, err)
-		}
-		if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-			return opErr("thaw record: "+rec.Cgroup+" is not a cgroup2 directory", rec.PID, ErrBadRecord)
+		if gone, err := rec.cgroupGone("thaw record"); gone || err != nil {
+			return err
 		}
 		return thaw(rec, -1)
 	}
@@ -324,33 +318,27 @@ func ThawRecord(rec Record) error {
 
 // KillRecord ends with SIGKILL the process of a Record, as "tcpmigrate
 // recover" does when the process's connections were committed on the
-// target after the agent that froze it died. It does what Kill would do:
-// the cgroup thawed (ThawRecord's checks) unless the freeze was inherited,
-// and a wait, within Timeout, until the process has exited, so that its
-// descriptors are gone when KillRecord returns. A process that has exited
-// is not an error; a pid that now names another process fails with
-// ErrPIDReused and is left alone.
+// target after the agent that froze it died. It does what Kill does: the
+// cgroup thawed unless the freeze was inherited (its path checked first,
+// as ThawRecord checks it), and a wait, within Timeout, until the process
+// has exited, so that its descriptors are gone when KillRecord returns. A
+// process that has exited is not an error; a pid that now names another
+// process fails with ErrPIDReused and is left alone.
 func KillRecord(rec Record) error {
 	if err := rec.check("kill record"); err != nil {
 		return err
+	}
+	if rec.Method == MethodCgroup && !rec.Inherited {
+		if _, err := rec.cgroupGone("kill record"); err != nil {
+			return err
+		}
 	}
 	pidfd, err := rec.open("kill record")
 	if pidfd < 0 {
 		return err
 	}
 	defer unix.Close(pidfd)
-	if err := signal(pidfd, unix.SIGKILL); err != nil {
-		return opErr("pidfd_send_signal SIGKILL", rec.PID, err)
-	}
-	if rec.Method == MethodCgroup {
-		if err := ThawRecord(rec); err != nil {
-			return err
-		}
-	}
-	if err := waitExit(pidfd, time.Now().Add(Timeout)); err != nil {
-		return opErr("wait for exit after SIGKILL", rec.PID, err)
-	}
-	return nil
+	return kill(rec, pidfd)
 }
 
 // check fails with ErrBadRecord unless rec describes a freeze: a pid, a
@@ -361,6 +349,21 @@ func (rec Record) check(op string) error {
 		return opErr(op, rec.PID, ErrBadRecord)
 	}
 	return nil
+}
+
+// cgroupGone reports whether rec's cgroup no longer exists, and fails
+// with ErrBadRecord if its path is not a cgroup2 directory.
+func (rec Record) cgroupGone(op string) (bool, error) {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(rec.Cgroup, &fs); err == unix.ENOENT {
+		return true, nil
+	} else if err != nil {
+		return false, opErr("statfs "+rec.Cgroup, rec.PID, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return false, opErr(op+": "+rec.Cgroup+" is not a cgroup2 directory", rec.PID, ErrBadRecord)
+	}
+	return false, nil
 }
 
 // open returns a pidfd of rec's process, opened before its start time is
