@@ -7,6 +7,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/bare"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 )
 
@@ -145,7 +146,7 @@ func BenchmarkDump(b *testing.B) {
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
 					bareInspect(fd)
-					bareCapture(fd, &s.Options, &buf)
+					bare.Capture(fd, s.Options.Mask&OptPeekOff != 0, &buf)
 					b.StopTimer()
 					setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
 					b.StartTimer()
@@ -183,22 +184,7 @@ func BenchmarkRestore(b *testing.B) {
 	}{{"idle", false}, {"64KiB", true}} {
 		ns, fd := benchConn(b, q.queued)
 		s, dst := benchDumpTarget(b, ns, fd)
-		b.Run(q.name+"/Restore+Discard", func(b *testing.B) {
-			err := dst.Do(func() error {
-				b.ReportAllocs()
-				for i := 0; i < b.N; i++ {
-					rfd, err := Restore(&s)
-					if err != nil {
-						return err
-					}
-					unix.Close(rfd) // still in repair mode: silent
-				}
-				return nil
-			})
-			if err != nil {
-				b.Fatal(err)
-			}
-		})
+		b.Run(q.name+"/Restore+Discard", func(b *testing.B) { benchRestore(b, dst, &Restorer{}, &s) })
 		// The part of a restore inside the freeze when the socket was made
 		// before it (NewBlank, untimed) and the namespace's defaults are
 		// known: what the target does per connection after the lock.
@@ -224,6 +210,27 @@ func BenchmarkRestore(b *testing.B) {
 				b.Fatal(err)
 			}
 		})
+	}
+}
+
+// benchRestore times r.Restore of s, and the silent close of the result
+// (still in repair mode), in dst.
+func benchRestore(b *testing.B, dst *lab.NS, r *Restorer, s *Snapshot) {
+	// Errors are returned, not b.Fatal'd: Fatal inside Do would end the
+	// goroutine Do waits for, and the run would hang.
+	err := dst.Do(func() error {
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			rfd, err := r.Restore(s)
+			if err != nil {
+				return err
+			}
+			unix.Close(rfd)
+		}
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
 	}
 }
 
@@ -264,62 +271,44 @@ func benchRestoreBlank(b *testing.B, dst *lab.NS, s *Snapshot, preset bool) {
 	}
 }
 
-// The bare sequences below make the same system calls as Inspect, Capture
-// and Restore (a zero Restorer, as BenchmarkRestore's Restore+Discard),
-// in the same order, with the same values and by the same route
-// (RawSyscall where repair uses it, Syscall where it does not: sys.go),
-// with no checks, no error wrapping and no struct filling: the floor that
-// the real functions are compared with. They read only the values that
-// decide which calls the real functions make (data in flight, a queue to
-// peek, timestamps), and know an ESTABLISHED connection, the one benchConn
-// makes. Where repair's own helper does nothing but make the calls (the
-// option writers, inflateBuffers, bindLocal, setQueueSeq,
-// setRepairOptions, writeTimestamp, setWindow), bareRestore calls it, so
-// that the two sequences cannot drift apart; what it leaves out is
-// Validate, the Blank, the OpError wrapping and verifyRestored's
-// comparisons.
+// The bare sequences (bareInspect and bareRestore below, bare.Capture)
+// make the same system calls as Inspect, Capture and Restore (a zero
+// Restorer, as BenchmarkRestore's Restore+Discard), in the same order,
+// with the same values and by the same route (RawSyscall where repair uses
+// it, Syscall where it does not: sys.go), with no checks, no error
+// wrapping and no struct filling: the floor that the real functions are
+// compared with. They read only the values that decide which calls the
+// real functions make (data in flight, a queue to peek, timestamps), and
+// know an ESTABLISHED connection, the one benchConn makes. Where repair's
+// own helper does nothing but make the calls (the option writers,
+// inflateBuffers, bindLocal, setQueueSeq, setRepairOptions,
+// writeTimestamp, setWindow), bareRestore calls it, so that the two
+// sequences cannot drift apart; what it leaves out is Validate, the Blank,
+// the OpError wrapping and verifyRestored's comparisons.
 
 var scratch [8192]byte
 
-// plainGet, rawGet, rawSet and the ioctls below are the bare forms of
-// getsockopt, getsockoptRaw, setIntRaw, ioctlInt and ioctlIntRaw.
+// TestBareCopies pins the values package bare copies from this package.
+func TestBareCopies(t *testing.T) {
+	if bare.MaxRawPeek != maxRawPeek {
+		t.Errorf("bare.MaxRawPeek = %d, maxRawPeek = %d", bare.MaxRawPeek, maxRawPeek)
+	}
+	if bare.InfoLen != tcpInfoSize {
+		t.Errorf("bare.InfoLen = %d, tcpInfoSize = %d", bare.InfoLen, tcpInfoSize)
+	}
+}
+
+// plainGet and plainIoctl are the bare forms of getsockopt and ioctlInt;
+// package bare has those of the raw helpers, and Capture's sequence.
 func plainGet(fd, level, opt int, n uint32) {
 	l := n
 	unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)), 0)
-}
-
-func rawGet(fd, level, opt int, n uint32) {
-	l := n
-	unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)), 0)
-}
-
-func rawSet(fd, level, opt int, v int32) {
-	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
 }
 
 func plainIoctl(fd int, req uint) int32 {
 	var v int32
 	unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
 	return v
-}
-
-func rawIoctl(fd int, req uint) int32 {
-	var v int32
-	unix.RawSyscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
-	return v
-}
-
-// barePeek peeks want+1 bytes of the selected queue into buf, as peekQueue
-// does (through peek: raw up to maxRawPeek).
-func barePeek(fd int, buf *[]byte, want int) {
-	if len(*buf) < want+1 {
-		*buf = make([]byte, want+1) // as peekQueue grows the Snapshot's buffer
-	}
-	call := unix.RawSyscall6
-	if want+1 > maxRawPeek {
-		call = unix.Syscall6
-	}
-	call(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&(*buf)[0])), uintptr(want+1), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
 }
 
 // inspectOpts are the getsockopt calls of readOptions for IPv4, in order,
@@ -394,40 +383,6 @@ func bareInspect(fd int) {
 	}
 }
 
-// bareCapture is Capture for the connection fd, whose inspected options
-// are o; the peeks go into *buf, grown as needed.
-func bareCapture(fd int, o *Options, buf *[]byte) {
-	var first, last tcpInfoHead
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
-	if o.Mask&OptPeekOff != 0 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, -1)
-	}
-	getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&first), tcpInfoSize)
-	outq := int32(first.NotsentBytes)
-	if first.Unacked != 0 {
-		outq = rawIoctl(fd, unix.SIOCOUTQ)
-	}
-	inq := rawIoctl(fd, unix.SIOCINQ)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG, 4)
-	if first.Options&tcpiOptTimestamps != 0 {
-		rawGet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, 4)
-	}
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, repairWindowSize)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, 4)
-	barePeek(fd, buf, int(inq))
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, 4)
-	if outq > 0 {
-		barePeek(fd, buf, int(outq))
-	}
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
-	getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&last), tcpInfoSize)
-	if inq > 0 {
-		rawIoctl(fd, unix.SIOCINQ)
-	}
-}
-
 // bareRestore is Restore of s on a new socket, closed at the end.
 func bareRestore(s *Snapshot) error {
 	fd, err := unix.Socket(int(s.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
@@ -436,7 +391,7 @@ func bareRestore(s *Snapshot) error {
 	}
 	defer unix.Close(fd)
 	o := &s.Options
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
 	writeEarlyOptions(fd, s.Family, o)
 	inflateBuffers(fd)
 	if _, _, err := bindLocal(fd, s.Family, s.Local); err != nil {
@@ -452,21 +407,21 @@ func bareRestore(s *Snapshot) error {
 		writeTimestamp(fd, s)
 	}
 	if len(s.RecvQueue) > 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
 		send(fd, s.RecvQueue)
 	}
 	if sent := s.SentUnacked(); len(sent) > 0 {
 		if len(s.RecvQueue) > 0 {
-			rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+			bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
 		}
 		send(fd, sent)
 	}
 	if s.Unsent > 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
 		send(fd, s.NeverSent())
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
 	} else {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
 	}
 	if s.Flags&FlagWindow != 0 {
 		w := s.Window
@@ -480,9 +435,9 @@ func bareRestore(s *Snapshot) error {
 	var ti tcpInfoHead
 	getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), tcpInfoSize)
 	if ti.Unacked != 0 {
-		rawIoctl(fd, unix.SIOCOUTQ)
+		bare.Ioctl(fd, unix.SIOCOUTQ)
 	}
-	rawIoctl(fd, unix.SIOCINQ)
+	bare.Ioctl(fd, unix.SIOCINQ)
 	return nil
 }
 
@@ -515,22 +470,7 @@ func BenchmarkRestoreHalfClosed(b *testing.B) {
 			b.Fatal(err)
 		}
 		rs := Restorer{Injector: newInjector(b, dst, lock.BypassMark())}
-		b.Run(st.String()+"/Restore+Discard", func(b *testing.B) {
-			err := dst.Do(func() error {
-				b.ReportAllocs()
-				for i := 0; i < b.N; i++ {
-					rfd, err := rs.Restore(&s)
-					if err != nil {
-						return err
-					}
-					unix.Close(rfd)
-				}
-				return nil
-			})
-			if err != nil {
-				b.Fatal(err)
-			}
-		})
+		b.Run(st.String()+"/Restore+Discard", func(b *testing.B) { benchRestore(b, dst, &rs, &s) })
 	}
 }
 

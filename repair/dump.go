@@ -38,14 +38,14 @@ func Dump(fd int, s *Snapshot) error {
 // keys and the shutdown bits), so it must run in the socket's network
 // namespace.
 func Inspect(fd int, s *Snapshot) error {
-	return inspect(fd, s, func(fd int, family uint16, s *Snapshot) (diagInfo, error) {
-		return sockDiag(fd, family, s.Local, s.Remote)
+	return inspect(fd, s, func(fd int, s *Snapshot) (diagInfo, error) {
+		return sockDiag(fd, s.Family, s.Local, s.Remote)
 	})
 }
 
-// inspect is Inspect with the sock_diag lookup given: one request per
-// socket (Inspect) or one dump for many (InspectAll).
-func inspect(fd int, s *Snapshot, diagOf func(fd int, family uint16, s *Snapshot) (diagInfo, error)) error {
+// inspect is Inspect with the sock_diag lookup of s's connection given:
+// one request per socket (Inspect) or one dump for many (Inspector).
+func inspect(fd int, s *Snapshot, diagOf func(fd int, s *Snapshot) (diagInfo, error)) error {
 	recvQ, sendQ := s.RecvQueue[:0], s.SendQueue[:0]
 	*s = Snapshot{RecvQueue: recvQ, SendQueue: sendQ}
 
@@ -119,7 +119,7 @@ func inspect(fd int, s *Snapshot, diagOf func(fd int, family uint16, s *Snapshot
 		// and the kernel shut both directions when it closed.
 		s.Shutdown = ShutRead | ShutWrite
 	} else {
-		diag, err := diagOf(fd, s.Family, s)
+		diag, err := diagOf(fd, s)
 		if err != nil {
 			return s.opErr("sock_diag lookup (is the socket in this network namespace?)", err)
 		}

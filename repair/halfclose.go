@@ -355,7 +355,11 @@ func probeSegment(fd int, s *Snapshot) (Segment, error) {
 	// The send queue stays selected: Resume turns repair off next, and the
 	// selection means nothing out of repair mode (turning repair on again
 	// resets it).
-	rcvNxt, writeSeq, _, err := queueSeqs(fd)
+	rcvNxt, _, err := queueSeq(fd, tcpRecvQueue)
+	if err != nil {
+		return Segment{}, err
+	}
+	writeSeq, _, err := queueSeq(fd, tcpSendQueue)
 	if err != nil {
 		return Segment{}, err
 	}

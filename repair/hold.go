@@ -200,7 +200,8 @@ func liveSeqs(fd int) (rcvNxt, sndNxt uint32, op string, err error) {
 
 // queueSeqs reads rcv_nxt and write_seq (TCP_QUEUE_SEQ of the receive and
 // the send queue) of a socket in repair mode, leaving the send queue
-// selected; on error it names the failed operation.
+// selected; on error it names the failed operation. It goes through the
+// scheduler, for Announce's live socket; queueSeq is the raw form (sys.go).
 func queueSeqs(fd int) (rcvNxt, writeSeq uint32, op string, err error) {
 	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
 		return 0, 0, "select the receive queue", err

@@ -29,11 +29,12 @@ func (in *Inspector) Inspect(fd int, s *Snapshot) error {
 
 // lookup is sockDiag answered from the family's dump, taken on first use,
 // when the socket is in it. A dump, once taken, is only read.
-func (in *Inspector) lookup(fd int, family uint16, s *Snapshot) (diagInfo, error) {
+func (in *Inspector) lookup(fd int, s *Snapshot) (diagInfo, error) {
 	var cookie uint64
 	if _, err := getsockopt(fd, unix.SOL_SOCKET, unix.SO_COOKIE, unsafe.Pointer(&cookie), 8); err != nil {
 		return diagInfo{}, err
 	}
+	family := s.Family
 	in.mu.Lock()
 	if in.dumps == nil {
 		in.dumps = map[uint16]map[uint64]diagInfo{}

@@ -50,13 +50,15 @@ const (
 // the raw helpers serve only sockets no other task can hold, with small
 // buffers: the source's sockets from Capture on, whose owner is frozen
 // (Capture, Resume, Discard), and this process's own sockets (NewBlank,
-// Restore, Settle, Restorer.Resume, Discard on the target), for option
+// Restorer.Preset, Restore, Settle, Restorer.Resume or Wake and Finish,
+// Discard on the target, and the binds of Listen and PortHeld), for option
 // calls and ioctls on a few bytes of stack, bind, and peeks of at most
 // maxRawPeek bytes. Everything on a socket someone else may still use
-// (Inspect, Announce and Drain, which run before the lock, the listener
-// calls, the sock_diag cookie lookups) takes the plain path, as do larger
-// peeks, connect, send, and the string options SO_BINDTODEVICE and
-// TCP_CONGESTION (unix.SetsockoptString; the latter may load a module).
+// (Inspect, Announce and Drain, which run before the lock,
+// DescribeListener, the sock_diag cookie lookups) takes the plain path, as
+// do larger peeks, connect, send, and the string options SO_BINDTODEVICE
+// and TCP_CONGESTION (unix.SetsockoptString; the latter may load a
+// module).
 
 // maxRawPeek is the largest queue peek made with a raw call: copying more
 // takes long, and the fresh pages of a large buffer fault on first touch.

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tcpmigrate/tcpmigrate/firewall"
+	"github.com/tcpmigrate/tcpmigrate/internal/bare"
 	"github.com/tcpmigrate/tcpmigrate/internal/lab"
 	"github.com/tcpmigrate/tcpmigrate/repair"
 )
@@ -72,7 +73,7 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 			c.inspect = append(c.inspect, time.Since(t))
 			if i%2 == 1 {
 				t := time.Now()
-				bareCapture(fd, &snaps[i].Options, &buf)
+				bare.Capture(fd, snaps[i].Options.Mask&repair.OptPeekOff != 0, &buf)
 				c.floorDump = append(c.floorDump, time.Since(t))
 			}
 			// Like the source agent, Capture reuses one snapshot's queue
@@ -132,8 +133,8 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 	return c, nil
 }
 
-// The bare sequences below make the same system calls as repair.Capture and
-// repair.Restore (a zero Restorer, as calibrate uses it: no Defaults, no
+// The bare sequences (bare.Capture, and bareRestore below) make the same
+// system calls as repair.Capture and repair.Restore (a zero Restorer, as calibrate uses it: no Defaults, no
 // Blank), in the same order, with the same values and by the same route
 // (RawSyscall where repair uses it, Syscall where it does not: connect,
 // send, TCP_CONGESTION, SO_BINDTODEVICE and peeks over 64 KiB; see
@@ -143,36 +144,18 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 // on (bind, connect) are checked, and only the values that decide which
 // calls follow (data in flight, queues to peek, timestamps) are read.
 // bareLateOptions mirrors repair's writeLateOptions (repair/options.go)
-// without Defaults and must follow it; repair/bench_test.go keeps the same
-// sequences for its benchmarks.
+// without Defaults and must follow it. Package bare, which repair's
+// benchmarks share, has the capture's sequence and the calls both make.
 
 const (
-	tcpRecvQueue      = 1   // TCP_RECV_QUEUE
-	tcpSendQueue      = 2   // TCP_SEND_QUEUE
-	tcpNoQueue        = 0   // TCP_NO_QUEUE
-	tcpInfoHead       = 152 // the bytes of struct tcp_info that repair reads in Capture and verifies a restore with
-	tcpiOptTimestamps = 1   // TCPI_OPT_TIMESTAMPS
-	repairWindowSize  = 20  // sizeof(struct tcp_repair_window)
-	maxRawPeek        = 64 << 10
+	tcpRecvQueue     = 1  // TCP_RECV_QUEUE
+	tcpSendQueue     = 2  // TCP_SEND_QUEUE
+	tcpNoQueue       = 0  // TCP_NO_QUEUE
+	repairWindowSize = 20 // sizeof(struct tcp_repair_window)
 )
-
-func rawGet(fd, level, opt int, p unsafe.Pointer, n uint32) {
-	l := n
-	unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(unsafe.Pointer(&l)), 0)
-}
-
-func rawSet(fd, level, opt int, v int32) {
-	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
-}
 
 func rawSetN(fd, level, opt int, p unsafe.Pointer, n uintptr) {
 	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), n, 0)
-}
-
-func rawIoctl(fd int, req uint) int32 {
-	var v int32
-	unix.RawSyscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&v)))
-	return v
 }
 
 func rawBind(fd int, sa *unix.RawSockaddrInet4) unix.Errno {
@@ -180,63 +163,9 @@ func rawBind(fd int, sa *unix.RawSockaddrInet4) unix.Errno {
 	return e
 }
 
-// barePeek peeks want+1 bytes of the selected queue into buf, as repair
-// does (raw up to 64 KiB).
-func barePeek(fd int, buf *[]byte, want int) {
-	if len(*buf) < want+1 {
-		*buf = make([]byte, want+1) // as peekQueue grows the Snapshot's buffer
-	}
-	call := unix.RawSyscall6
-	if want+1 > maxRawPeek {
-		call = unix.Syscall6
-	}
-	call(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&(*buf)[0])), uintptr(want+1), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
-}
-
 func bareSend(fd int, b []byte) {
 	if len(b) > 0 {
 		unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
-	}
-}
-
-// bareCapture is repair.Capture's sequence on a socket whose inspected
-// options are o: repair on (and SO_PEEK_OFF cleared if set), TCP_INFO,
-// SIOCOUTQ with data in flight, SIOCINQ, MSS, timestamp (if negotiated),
-// window, the receive queue's sequence and peek, the send queue's sequence
-// and peek (only when it holds something), deselect, TCP_INFO again, and
-// SIOCINQ again when the receive queue held data. The peeks go into *buf,
-// grown as needed.
-func bareCapture(fd int, o *repair.Options, buf *[]byte) {
-	var scratch [repairWindowSize]byte
-	var first, last unix.TCPInfo
-	p := unsafe.Pointer(&scratch[0])
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
-	if o.Mask&repair.OptPeekOff != 0 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, -1)
-	}
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&first), tcpInfoHead)
-	outq := int32(first.Notsent_bytes)
-	if first.Unacked != 0 {
-		outq = rawIoctl(fd, unix.SIOCOUTQ)
-	}
-	inq := rawIoctl(fd, unix.SIOCINQ)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG, p, 4)
-	if first.Options&tcpiOptTimestamps != 0 {
-		rawGet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, p, 4)
-	}
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, p, repairWindowSize)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, p, 4)
-	barePeek(fd, buf, int(inq))
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, p, 4)
-	if outq > 0 {
-		barePeek(fd, buf, int(outq))
-	}
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&last), tcpInfoHead)
-	if inq > 0 {
-		rawIoctl(fd, unix.SIOCINQ)
 	}
 }
 
@@ -252,25 +181,25 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 		return -1, err
 	}
 	o := &s.Options
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
 	if o.Mask&repair.OptBindToDevice != 0 {
 		unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, o.BindToDevice)
 	}
 	if o.Mark != 0 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(o.Mark))
+		bare.Set(fd, unix.SOL_SOCKET, unix.SO_MARK, int32(o.Mark))
 	}
 	if o.Mask&repair.OptTransparent != 0 {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
+		bare.Set(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
 	}
 	if o.Mask&repair.OptFreebind != 0 {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
+		bare.Set(fd, unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
 	}
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2)
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2)
+	bare.Set(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, math.MaxInt32/2)
+	bare.Set(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, math.MaxInt32/2)
 	la := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: local.Addr().As4()}
 	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&la.Port))[:], local.Port())
 	if e := rawBind(fd, &la); e == unix.EADDRNOTAVAIL {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
+		bare.Set(fd, unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1)
 		if e := rawBind(fd, &la); e != 0 {
 			unix.Close(fd)
 			return -1, fmt.Errorf("bench: bare restore: bind: %w", e)
@@ -279,10 +208,10 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 		unix.Close(fd)
 		return -1, fmt.Errorf("bench: bare restore: bind: %w", e)
 	}
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue))))
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue))))
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue))))
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue))))
 	ra := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: remote.Addr().As4()}
 	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&ra.Port))[:], remote.Port())
 	if _, _, e := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&ra)), unix.SizeofSockaddrInet4); e != 0 && e != unix.EINPROGRESS {
@@ -311,24 +240,24 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 		if s.Flags&repair.FlagUsecTS != 0 {
 			ts |= 1 // repair does so on 6.7+ only; the cost is the same
 		}
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
 	}
 	if len(s.RecvQueue) > 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
 		bareSend(fd, s.RecvQueue)
 	}
 	if sent := s.SentUnacked(); len(sent) > 0 {
 		if len(s.RecvQueue) > 0 {
-			rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+			bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
 		}
 		bareSend(fd, sent)
 	}
 	if s.Unsent > 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
 		bareSend(fd, s.NeverSent())
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
 	} else {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
 	}
 	if s.Flags&repair.FlagWindow != 0 {
 		w := s.Window
@@ -341,11 +270,11 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 	// The check of an ESTABLISHED restore: TCP_INFO, SIOCOUTQ with data in
 	// flight, SIOCINQ.
 	var ti unix.TCPInfo
-	rawGet(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), tcpInfoHead)
+	bare.Get(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), bare.InfoLen)
 	if ti.Unacked != 0 {
-		rawIoctl(fd, unix.SIOCOUTQ)
+		bare.Ioctl(fd, unix.SIOCOUTQ)
 	}
-	rawIoctl(fd, unix.SIOCINQ)
+	bare.Ioctl(fd, unix.SIOCINQ)
 	return fd, nil
 }
 
@@ -355,13 +284,13 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 // skipped, every sysctl-following one written), TCP_CONGESTION through
 // the scheduler.
 func bareLateOptions(fd int, o *repair.Options) {
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, o.SndBuf/2)
-	rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, o.RcvBuf/2)
+	bare.Set(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, o.SndBuf/2)
+	bare.Set(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, o.RcvBuf/2)
 	if o.Mask&repair.OptBufLock != 0 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, int32(o.BufLock))
+		bare.Set(fd, unix.SOL_SOCKET, unix.SO_BUF_LOCK, int32(o.BufLock))
 	}
 	if o.TOS != 0 {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_TOS, int32(o.TOS))
+		bare.Set(fd, unix.IPPROTO_IP, unix.IP_TOS, int32(o.TOS))
 	}
 	for _, b := range [...]struct {
 		level, name int
@@ -375,37 +304,37 @@ func bareLateOptions(fd int, o *repair.Options) {
 		{unix.IPPROTO_TCP, unix.TCP_CORK, o.Cork},
 	} {
 		if b.on {
-			rawSet(fd, b.level, b.name, 1)
+			bare.Set(fd, b.level, b.name, 1)
 		}
 	}
 	if o.Priority != 0 || o.TOS != 0 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_PRIORITY, o.Priority)
+		bare.Set(fd, unix.SOL_SOCKET, unix.SO_PRIORITY, o.Priority)
 	}
 	if o.RcvLowat != 1 {
-		rawSet(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, o.RcvLowat)
+		bare.Set(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, o.RcvLowat)
 	}
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, o.KeepIdle)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, o.KeepIntvl)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT, o.KeepCnt)
-	rawSet(fd, unix.IPPROTO_TCP, unix.TCP_LINGER2, o.Linger2)
-	rawSet(fd, unix.IPPROTO_IP, unix.IP_TTL, o.TTL)
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, o.KeepIdle)
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, o.KeepIntvl)
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT, o.KeepCnt)
+	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_LINGER2, o.Linger2)
+	bare.Set(fd, unix.IPPROTO_IP, unix.IP_TTL, o.TTL)
 	if o.UserTimeout != 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int32(o.UserTimeout))
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int32(o.UserTimeout))
 	}
 	if o.NotSentLowat != 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, int32(o.NotSentLowat))
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, int32(o.NotSentLowat))
 	}
 	if o.Mask&repair.OptRTOMin != 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_RTO_MIN_US, int32(o.RTOMinUs))
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_RTO_MIN_US, int32(o.RTOMinUs))
 	}
 	if o.Mask&repair.OptRTOMax != 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int32(o.RTOMaxMs))
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int32(o.RTOMaxMs))
 	}
 	if o.Mask&repair.OptTxDelay != 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_TX_DELAY, int32(o.TxDelayUs))
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_TX_DELAY, int32(o.TxDelayUs))
 	}
 	if o.WindowClamp != 0 {
-		rawSet(fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, int32(o.WindowClamp))
+		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, int32(o.WindowClamp))
 	}
 	if o.Mask&repair.OptLinger != 0 {
 		l := [2]int32{1, o.LingerSecs}
@@ -428,7 +357,7 @@ func bareLateOptions(fd int, o *repair.Options) {
 		unix.SetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, o.Congestion)
 	}
 	if o.Mask&repair.OptRecvErr != 0 {
-		rawSet(fd, unix.IPPROTO_IP, unix.IP_RECVERR, 1)
+		bare.Set(fd, unix.IPPROTO_IP, unix.IP_RECVERR, 1)
 	}
-	rawSet(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, o.MTUDiscover)
+	bare.Set(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, o.MTUDiscover)
 }
