@@ -905,7 +905,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		}
 		return nil
 	})
-	parallel(len(live), func(lo, hi int) error {
+	shares.Run(len(live), minShare, func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			c := live[i]
 			err := resumeErrs[i]
@@ -1005,8 +1005,9 @@ func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report,
 	return m.report(), errors.Join(append([]error{cause}, errs...)...)
 }
 
-// minShare is the fewest connections worth a goroutine of their own in
-// parallel: below it, the goroutine costs more than the second core gives.
+// minShare is the fewest connections worth a goroutine of their own
+// (internal/shares): below it, the goroutine costs more than the second
+// core gives.
 const minShare = 16
 
 // chunk is how many connections a core takes at a time when the target
@@ -1014,6 +1015,3 @@ const minShare = 16
 // both finish within a few hundred microseconds of each other, large
 // enough that handing out costs nothing.
 const chunk = 32
-
-// parallel runs fn over [0, n) in shares, one per CPU (internal/shares).
-func parallel(n int, fn func(lo, hi int) error) error { return shares.Run(n, minShare, fn) }
