@@ -814,7 +814,6 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// No journal write here: a target that dies before its sockets are live
 	// has lost only repair-mode copies, which is what "preparing" already
 	// says (recordedState). The write would only lengthen the freeze.
-	var jerr error
 	// The connections the source rolled back are discarded; their tuples
 	// stay dropped until the table goes. (An index it names that the
 	// target refused, or names twice, holds no socket.)
@@ -940,7 +939,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// Not synced: it answers for the agent's crash; a crash of the machine
 	// takes the live sockets (and /run) with it (docs/faults.md).
 	m.rec.State = StateCommitted.String()
-	jerr = errors.Join(jerr, m.srv.jr.Update(&m.rec))
+	jerr := m.srv.jr.Update(&m.rec)
 	if err := m.fault(StepDeliver); err != nil {
 		for _, d := range delivered {
 			fail(m.conns[d.Index], err)
