@@ -226,8 +226,9 @@ func (m *migration) listenersReady(msg *transport.ListenersReady) error {
 	return errors.Join(errs...)
 }
 
-// awaitListeners waits for LISTENERS_READY if it has not come yet (it may
-// follow PREPARED).
+// awaitListeners waits for LISTENERS_READY if it has not come yet: before
+// the lock (it may come before READY: awaitReady takes it then), or, with
+// no connection, after PREPARED.
 func (m *migration) awaitListeners(ctx context.Context) error {
 	if len(m.lsn) == 0 || m.lsnReady {
 		return nil

@@ -252,6 +252,18 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.awaitReady(ctx); err != nil {
 		return m.rollbackAll(ctx, err)
 	}
+	// The target recreates the listeners (and closes the sockets it made
+	// for the connections: target/listeners.go) when LISTENERS reaches it,
+	// after READY: awaited here, that work is done before the freeze, not
+	// beside its first restores, and a refused listener aborts the
+	// migration before anything is locked. Without a connection nothing is
+	// frozen, and the target answers PREPARED at once, before
+	// LISTENERS_READY: awaitListeners takes it after prepare then.
+	if len(m.elig) > 0 {
+		if err := m.awaitListeners(ctx); err != nil {
+			return m.rollbackAll(ctx, err)
+		}
+	}
 	m.endPhase("prepare")
 
 	if err := m.fault(StepLock); err != nil {

@@ -814,7 +814,6 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// No journal write here: a target that dies before its sockets are live
 	// has lost only repair-mode copies, which is what "preparing" already
 	// says (recordedState). The write would only lengthen the freeze.
-	var jerr error
 	// The connections the source rolled back are discarded; their tuples
 	// stay dropped until the table goes. (An index it names that the
 	// target refused, or names twice, holds no socket.)
@@ -905,7 +904,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		}
 		return nil
 	})
-	parallel(len(live), func(lo, hi int) error {
+	shares.Run(len(live), minShare, func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			c := live[i]
 			err := resumeErrs[i]
@@ -940,7 +939,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	// Not synced: it answers for the agent's crash; a crash of the machine
 	// takes the live sockets (and /run) with it (docs/faults.md).
 	m.rec.State = StateCommitted.String()
-	jerr = errors.Join(jerr, m.srv.jr.Update(&m.rec))
+	jerr := m.srv.jr.Update(&m.rec)
 	if err := m.fault(StepDeliver); err != nil {
 		for _, d := range delivered {
 			fail(m.conns[d.Index], err)
@@ -1005,8 +1004,9 @@ func (m *migration) abort(ctx context.Context, cause error, tell bool) (*Report,
 	return m.report(), errors.Join(append([]error{cause}, errs...)...)
 }
 
-// minShare is the fewest connections worth a goroutine of their own in
-// parallel: below it, the goroutine costs more than the second core gives.
+// minShare is the fewest connections worth a goroutine of their own
+// (internal/shares): below it, the goroutine costs more than the second
+// core gives.
 const minShare = 16
 
 // chunk is how many connections a core takes at a time when the target
@@ -1014,6 +1014,3 @@ const minShare = 16
 // both finish within a few hundred microseconds of each other, large
 // enough that handing out costs nothing.
 const chunk = 32
-
-// parallel runs fn over [0, n) in shares, one per CPU (internal/shares).
-func parallel(n int, fn func(lo, hi int) error) error { return shares.Run(n, minShare, fn) }
