@@ -47,7 +47,8 @@
 //   - Every error path closes the descriptors this package opened and leaves
 //     no socket it created in repair mode.
 //
-// The package does no network I/O beyond the socket itself, keeps no policy
-// and does not log. Errors are *OpError values naming the operation and the
+// Beyond the socket itself, the package's only network I/O is the
+// segments an Injector crafts (through its raw sockets) and its sock_diag
+// requests over netlink; it keeps no policy and does not log. Errors are *OpError values naming the operation and the
 // connection, wrapping the kernel's errno or one of the sentinel errors.
 package repair
