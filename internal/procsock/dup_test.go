@@ -81,6 +81,14 @@ func TestDup(t *testing.T) {
 	if len(taken) != 2 {
 		t.Fatalf("%d sockets taken, want 2:%s", len(taken), dumpList(socks))
 	}
+	// List orders by lowest descriptor, and a dup may take a lower number
+	// than the second dial's: put the duplicated connection first.
+	if len(taken[0].FDs) == 1 {
+		taken[0], taken[1] = taken[1], taken[0]
+	}
+	if len(taken[0].FDs) != 2 || len(taken[1].FDs) != 1 {
+		t.Fatalf("want one socket with two descriptors and one with one:%s", dumpList(socks))
+	}
 
 	t.Run("SameSockets", func(t *testing.T) {
 		base := held(t, socks)

@@ -200,7 +200,7 @@ func TestList(t *testing.T) {
 	}
 	wants := []want{
 		{listenAddr, netip.AddrPortFrom(netip.IPv4Unspecified(), 0), []int{lis.fd}, unix.AF_INET, repair.StateListen, false, procsock.ReasonListener, "listener (recreated on the target)"},
-		{ap(est.local), ap(est.remote), []int{est.fd, dup.fd}, unix.AF_INET, repair.StateEstablished, true, 0, "take"},
+		{ap(est.local), ap(est.remote), []int{min(est.fd, dup.fd), max(est.fd, dup.fd)}, unix.AF_INET, repair.StateEstablished, true, 0, "take"},
 		{ap(shut.local), ap(shut.remote), []int{shut.fd}, unix.AF_INET, repair.StateFinWait2, true, 0, "take"},
 		{ap(cw.local), ap(cw.remote), []int{cw.fd}, unix.AF_INET, repair.StateCloseWait, true, 0, "take"},
 		{ap(est6.local), ap(est6.remote), []int{est6.fd}, unix.AF_INET6, repair.StateEstablished, true, 0, "take"},
