@@ -27,6 +27,8 @@ import (
 // nothing and times out nothing, and every byte arrives in order. The
 // control without the hold (drop-only lock, plain Resume) shows that the
 // test can tell: there the peer retransmits what the lock dropped.
+// Held runs count the peer's retransmissions from the end of the drain,
+// when nothing is in flight.
 func TestHeldMigrationNoRetransmit(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
@@ -42,11 +44,23 @@ func TestHeldMigrationNoRetransmit(t *testing.T) {
 		{"ipv6-held-paced", true, unix.AF_INET6, true, 10 * time.Millisecond},
 		{"ipv4-drop-only", false, unix.AF_INET, false, time.Millisecond},
 	} {
-		t.Run(tc.name, func(t *testing.T) { testHeldMigration(t, tc.v6, tc.family, tc.hold, tc.pace) })
+		t.Run(tc.name, func(t *testing.T) {
+			// A loss probe alone, with no timeout, is the peer's answer to an
+			// ACK that came late (a loaded machine: its probe timer is a few
+			// milliseconds), not to a segment the lock dropped: a real drop
+			// repeats, so such a run is tried once more and must then be clean.
+			if !testHeldMigration(t, tc.v6, tc.family, tc.hold, tc.pace, true) {
+				t.Log("retrying once after a run whose only retransmissions were loss probes")
+				testHeldMigration(t, tc.v6, tc.family, tc.hold, tc.pace, false)
+			}
+		})
 	}
 }
 
-func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.Duration) {
+// testHeldMigration runs one migration of the test. It reports false,
+// without failing t, when tolerateProbes is set and a held run's only
+// retransmissions to resume were loss probes (and no timeout fired).
+func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.Duration, tolerateProbes bool) (clean bool) {
 	h := newHosts(t, v6)
 	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
 	local := netip.AddrPortFrom(h.svc, 40001)
@@ -81,6 +95,8 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 		t.Fatal(err)
 	}
 	before := tcpCounters(t, h.peer)
+	beforeExt := tcpExtCounters(t, h.peer)
+	start := before // for the resets: the whole run
 
 	tuple := firewall.Tuple{Local: unmap(local), Remote: peerAP}
 	srcLock := newLock(t, h.src, "holdtest-src", hold)
@@ -118,6 +134,10 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 		if info.Snd_wnd != 0 || info.Unacked != 0 {
 			t.Fatalf("after the drain the peer sees a window of %d with %d segments in flight; want 0 and 0", info.Snd_wnd, info.Unacked)
 		}
+		// Counted from here: with nothing in flight, what the peer
+		// retransmits from now on is what the lock and the freeze cost
+		// it (before, a late ACK of the source host's could draw one).
+		before, beforeExt = tcpCounters(t, h.peer), tcpExtCounters(t, h.peer)
 	}
 	if err := srcLock.Lock([]firewall.Tuple{tuple}); err != nil {
 		t.Fatal(err)
@@ -194,10 +214,18 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 	// stream has resumed (later retransmissions, such as a tail loss probe
 	// while this test's reader is slow on a loaded machine, are the
 	// restored socket's business, not the lock's).
-	resumed := tcpCounters(t, h.peer)
+	resumed, resumedExt := tcpCounters(t, h.peer), tcpExtCounters(t, h.peer)
 	retrans := resumed["RetransSegs"] - before["RetransSegs"]
-	if hold && retrans != 0 {
-		t.Errorf("with the hold the peer retransmitted %d segments to resume", retrans)
+	probes := resumedExt["TCPLossProbes"] - beforeExt["TCPLossProbes"]
+	timeouts := resumedExt["TCPTimeouts"] - beforeExt["TCPTimeouts"]
+	clean = true
+	switch {
+	case !hold || retrans == 0:
+	case tolerateProbes && timeouts == 0 && retrans == probes:
+		t.Logf("with the hold the peer sent %d loss probes to resume, and no other retransmission", probes)
+		clean = false
+	default:
+		t.Errorf("with the hold the peer retransmitted %d segments to resume (%d loss probes, %d timeouts)", retrans, probes, timeouts)
 	}
 	if !hold && retrans == 0 {
 		t.Errorf("without the hold the peer retransmitted nothing: the test cannot tell")
@@ -218,9 +246,10 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 	if segs := stopCapture(); len(segs) != 0 {
 		t.Errorf("capture saw RST or FIN segments:\n%v", segs)
 	}
-	if after["EstabResets"] != before["EstabResets"] || after["OutRsts"] != before["OutRsts"] {
-		t.Errorf("peer resets moved: %v -> %v", before, after)
+	if after["EstabResets"] != start["EstabResets"] || after["OutRsts"] != start["OutRsts"] {
+		t.Errorf("peer resets moved: %v -> %v", start, after)
 	}
+	return clean
 }
 
 // readUntilPaused reads and checks c's stream (direction 1 from offset 0)

@@ -363,6 +363,15 @@ func tcpCounters(t *testing.T, ns *lab.NS) map[string]int64 {
 	return m
 }
 
+func tcpExtCounters(t *testing.T, ns *lab.NS) map[string]int64 {
+	t.Helper()
+	m, err := ns.TCPExtCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
 // captureFlags runs tcpdump on the switch's bridge, keeping TCP segments of
 // port with RST or FIN set. stop ends it and returns the segments it saw.
 func captureFlags(t *testing.T, lan *lab.LAN, port uint16, v6 bool) (stop func() []string) {
