@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -119,14 +120,26 @@ func (c *Conn) Close() error {
 // sent and the error wraps ErrTooLarge (or ErrInvalid for a nil File or a
 // duplicate ID). The items stay the caller's.
 func (c *Conn) SendSockets(items []Item) error {
-	return c.sendBatch(c.op("send sockets"), KindSockets, items)
+	return c.sendBatch(c.op("send sockets"), KindSockets, items, false)
+}
+
+// SendSocketsLive is SendSockets for a sender that keeps serving the
+// sockets after handing them over: the receiver (a source agent) inspects
+// them while they are still in use and, before it locks them, sends
+// KindPause with their IDs. From then on the sender must not
+// read, write or shut them down, and must close its own descriptors of
+// them before it answers with SendPaused. A socket not named by a pause
+// stays the sender's to serve; it may still come back in a HAND-BACK, as
+// a second descriptor of a socket the sender holds.
+func (c *Conn) SendSocketsLive(items []Item) error {
+	return c.sendBatch(c.op("send sockets"), KindSockets, items, true)
 }
 
 // HandBack returns items to the peer that handed them over, as a message of
 // KindHandBack: their migration rolled back and the peer owns them again.
 // It is otherwise like SendSockets.
 func (c *Conn) HandBack(items []Item) error {
-	return c.sendBatch(c.op("hand back"), KindHandBack, items)
+	return c.sendBatch(c.op("hand back"), KindHandBack, items, false)
 }
 
 // SendCommitted tells the peer that the connections with these IDs were
@@ -140,6 +153,41 @@ func (c *Conn) SendCommitted(ids []uint64) error {
 // these IDs.
 func (c *Conn) SendAck(ids []uint64) error {
 	return c.sendIDs(c.op("send ack"), KindAck, ids)
+}
+
+// SendPause asks the sender of a live message of sockets to stop using the
+// sockets with these IDs; it answers with KindPaused (RecvPaused).
+func (c *Conn) SendPause(ids []uint64) error {
+	return c.sendIDs(c.op("send pause"), KindPause, ids)
+}
+
+// Pause asks the sender of a live message of sockets to stop using the
+// sockets with these IDs (SendPause) and waits up to timeout for its
+// answer (RecvPaused), which must name the same IDs, in any order.
+func (c *Conn) Pause(ids []uint64, timeout time.Duration) error {
+	if err := c.SendPause(ids); err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(timeout))
+	defer c.SetReadDeadline(time.Time{})
+	got, err := c.RecvPaused()
+	if err != nil {
+		return err
+	}
+	want := slices.Clone(ids)
+	slices.Sort(want)
+	got = slices.Clone(got)
+	slices.Sort(got)
+	if !slices.Equal(got, want) {
+		return &OpError{Op: c.op("pause"), Err: fmt.Errorf("%w: the answer to a pause of %d sockets names %d other IDs", ErrUnexpected, len(ids), len(got))}
+	}
+	return nil
+}
+
+// SendPaused answers a pause: the sockets with these IDs are no longer
+// used, and this side holds no descriptor of them.
+func (c *Conn) SendPaused(ids []uint64) error {
+	return c.sendIDs(c.op("send paused"), KindPaused, ids)
 }
 
 // SendError sends an error frame reporting err and ends the write side. The
@@ -201,13 +249,25 @@ func (c *Conn) RecvSockets() ([]Item, error) {
 // other message is an error wrapping ErrUnexpected (and its sockets, if any,
 // are closed).
 func (c *Conn) RecvAck() ([]uint64, error) {
+	return c.recvIDs("receive ack", KindAck)
+}
+
+// RecvPaused receives a message and returns the IDs of a KindPaused, the
+// answer to SendPause; any other message is an error wrapping
+// ErrUnexpected (and its sockets, if any, are closed).
+func (c *Conn) RecvPaused() ([]uint64, error) {
+	return c.recvIDs("receive paused", KindPaused)
+}
+
+// recvIDs receives a message that must be a list of IDs of kind k.
+func (c *Conn) recvIDs(verb string, k Kind) ([]uint64, error) {
 	m, err := c.Receive()
 	if err != nil {
 		return nil, err
 	}
-	if m.Kind != KindAck {
+	if m.Kind != k {
 		CloseItems(m.Items)
-		return nil, &OpError{Op: c.op("receive ack"), Err: fmt.Errorf("%w: got a %s message", ErrUnexpected, m.Kind)}
+		return nil, &OpError{Op: c.op(verb), Err: fmt.Errorf("%w: got a %s message", ErrUnexpected, m.Kind)}
 	}
 	return m.IDs, nil
 }
@@ -250,10 +310,14 @@ func (c *Conn) receive() (m Message, consumed bool, err error) {
 			c.gotHello = true
 			c.setPeerLimits(f.limits)
 			consumed = false // a whole frame: the stream is in step
-		case KindCommitted, KindAck:
+		case KindCommitted, KindAck, KindPause, KindPaused:
 			return Message{Kind: f.kind, IDs: f.ids}, consumed, nil
 		case KindSockets, KindHandBack:
-			m.Kind = f.kind
+			if m.Kind != 0 && f.live != m.Live {
+				closeFDs(fds)
+				return fail(fmt.Errorf("%w: live and paused frames in one %s message", ErrMalformed, f.kind))
+			}
+			m.Kind, m.Live = f.kind, f.live
 			if err := c.checkBatchFrame(&f, len(batch), &batchBytes, &seen); err != nil {
 				closeFDs(fds)
 				return fail(err)
@@ -502,7 +566,7 @@ func checkBatch(items []Item, lim Limits) error {
 	return nil
 }
 
-func (c *Conn) sendBatch(op string, k Kind, items []Item) error {
+func (c *Conn) sendBatch(op string, k Kind, items []Item, live bool) error {
 	if err := checkBatch(items, c.PeerLimits()); err != nil {
 		return &OpError{Op: op, Err: err}
 	}
@@ -514,7 +578,7 @@ func (c *Conn) sendBatch(op string, k Kind, items []Item) error {
 	}
 	var buf []byte
 	for i, s := range spans {
-		buf = appendBatchFrame(buf[:0], k, items, s, i == len(spans)-1)
+		buf = appendBatchFrameFlags(buf[:0], k, items, s, i == len(spans)-1, live)
 		if err := withFDs(items[s.start:s.end], nil, func(fds []int) error { return c.write(buf, fds) }); err != nil {
 			c.werr = &OpError{Op: op, Err: err}
 			return c.werr

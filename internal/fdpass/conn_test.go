@@ -103,6 +103,80 @@ func TestHandoffConversation(t *testing.T) {
 	}
 }
 
+// TestLiveHandoff plays `send --handoff` with an application that keeps
+// serving: it hands 300 sockets over live (two frames, both flagged) and
+// goes on talking to a peer through its own descriptor; the agent pauses
+// two of them, the application answers for those, and a paused message
+// or answer of the wrong kind is refused.
+func TestLiveHandoff(t *testing.T) {
+	ns := newHost(t)
+	pairs := makePairs(t, ns, 300, srv4, cli4)
+	items := make([]Item, len(pairs))
+	for i, p := range pairs {
+		items[i] = item(t, p, uint64(500+i), nil)
+	}
+	defer CloseItems(items)
+	ln := listenTemp(t, Policy{})
+	app, agent := connect(t, ln, Limits{MaxBatch: MaxBatchLimit})
+
+	sent := async(func() error { return app.SendSocketsLive(items) })
+	m, err := agent.Receive()
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer CloseItems(m.Items)
+	if m.Kind != KindSockets || !m.Live || len(m.Items) != len(items) {
+		t.Fatalf("agent got a %s message, live %v, of %d sockets; want a live sockets message of %d", m.Kind, m.Live, len(m.Items), len(items))
+	}
+	// The application still serves through its own copy.
+	exchange(t, items[299].File, pairs[299].peer, "app")
+
+	pause := []uint64{500, 799}
+	done := async(func() error { return agent.Pause(pause, 5*time.Second) })
+	got, err := app.Receive()
+	if err != nil || got.Kind != KindPause || !reflect.DeepEqual(got.IDs, pause) {
+		t.Fatalf("app received %+v, %v; want pause %v", got, err, pause)
+	}
+	if err := app.SendPaused([]uint64{799, 500}); err != nil { // any order
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	// The agent's descriptors are the same sockets.
+	exchange(t, m.Items[0].File, pairs[0].peer, "agent")
+
+	// An answer naming other sockets, or of another kind, fails the pause.
+	done = async(func() error { return agent.Pause(pause, 5*time.Second) })
+	if _, err := app.Receive(); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.SendPaused([]uint64{500}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errors.Is(err, ErrUnexpected) {
+		t.Fatalf("pause answered with other IDs: %v, want ErrUnexpected", err)
+	}
+	done = async(func() error { return agent.Pause(pause, 5*time.Second) })
+	if _, err := app.Receive(); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.SendAck(pause); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errors.Is(err, ErrUnexpected) {
+		t.Fatalf("pause answered with an ack: %v, want ErrUnexpected", err)
+	}
+	// A silent program: the pause gives up at its timeout.
+	start := time.Now()
+	if err := agent.Pause(pause, 100*time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) || time.Since(start) > 5*time.Second {
+		t.Fatalf("pause of a silent program: %v after %v, want a deadline error", err, time.Since(start))
+	}
+}
+
 // async runs fn in a goroutine and delivers its result.
 func async(fn func() error) <-chan error {
 	ch := make(chan error, 1)

@@ -19,7 +19,7 @@ func encodeFrame(f frame) []byte {
 		for i := range f.items {
 			s.bodyLen += 4 + recordLen(&f.items[i])
 		}
-		return appendBatchFrame(nil, f.kind, f.items, s, f.final)
+		return appendBatchFrameFlags(nil, f.kind, f.items, s, f.final, f.live)
 	default:
 		return appendIDs(nil, f.kind, f.ids)
 	}
@@ -40,6 +40,9 @@ func FuzzDecodeFrame(f *testing.F) {
 	f.Add(appendBatchFrame(nil, KindHandBack, items[:1], planBatch(items[:1])[0], false))
 	f.Add(appendIDs(nil, KindCommitted, []uint64{1, 2, 3}))
 	f.Add(appendIDs(nil, KindAck, nil))
+	f.Add(appendBatchFrameFlags(nil, KindSockets, items, planBatch(items)[0], false, true))
+	f.Add(appendIDs(nil, KindPause, []uint64{7}))
+	f.Add(appendIDs(nil, KindPaused, []uint64{7, 8}))
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		lim := Limits{MaxState: 64 << 10, MaxBatch: 64}

@@ -47,11 +47,16 @@ func CloseItems(items []Item) error {
 
 // Message is one message received by Conn.Receive.
 type Message struct {
-	// Kind is KindSockets, KindHandBack, KindCommitted or KindAck.
+	// Kind is KindSockets, KindHandBack, KindCommitted, KindAck, KindPause
+	// or KindPaused.
 	Kind Kind
+	// Live says that the sender of a KindSockets message keeps serving its
+	// sockets until it is sent a KindPause (Conn.SendSocketsLive).
+	Live bool
 	// Items are the sockets of KindSockets and KindHandBack, in the order
 	// they were sent.
 	Items []Item
-	// IDs are the connection IDs of KindCommitted and KindAck.
+	// IDs are the connection IDs of KindCommitted, KindAck, KindPause and
+	// KindPaused.
 	IDs []uint64
 }

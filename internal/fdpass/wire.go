@@ -39,6 +39,7 @@ const (
 	idListFixedLen  = 4    // count
 	maxIDListBody   = idListFixedLen + 8*MaxBatchLimit
 	flagFinal       = 0x01          // batch flag: the last frame of the batch
+	flagLive        = 0x02          // batch flag (KindSockets): the sender serves the sockets until KindPause
 	familyNone      = 0             // address family byte: no address
 	family4         = 4             // IPv4: 4 address bytes
 	family6         = 6             // IPv6: 16 address bytes and a zone
@@ -69,6 +70,13 @@ const (
 	KindCommitted
 	// KindAck lists the IDs of sockets the receiver has taken over.
 	KindAck
+	// KindPause lists the IDs of sockets handed over live (Message.Live)
+	// that the source agent is about to lock: their sender must stop using
+	// them, close its own descriptors of them and answer KindPaused.
+	KindPause
+	// KindPaused answers KindPause with the same IDs: the sender no longer
+	// touches those sockets.
+	KindPaused
 )
 
 var kindInfo = [...]struct {
@@ -82,6 +90,8 @@ var kindInfo = [...]struct {
 	KindHandBack:  {"hand-back", batchHeaderLen, MaxBodyLen, true},
 	KindCommitted: {"committed", idListFixedLen, maxIDListBody, false},
 	KindAck:       {"ack", idListFixedLen, maxIDListBody, false},
+	KindPause:     {"pause", idListFixedLen, maxIDListBody, false},
+	KindPaused:    {"paused", idListFixedLen, maxIDListBody, false},
 }
 
 func (k Kind) valid() bool { return k >= KindHello && int(k) < len(kindInfo) }
@@ -192,6 +202,7 @@ type frame struct {
 	kind   Kind
 	nfds   int
 	final  bool      // KindSockets, KindHandBack: the last frame of the batch
+	live   bool      // KindSockets: handed over live (flagLive)
 	limits Limits    // KindHello
 	code   ErrorCode // KindError
 	msg    string    // KindError
@@ -231,7 +242,7 @@ func decodeBody(h header, body []byte, lim Limits) (frame, error) {
 		f.msg = sanitize(string(body[2:]))
 	case KindSockets, KindHandBack:
 		err = decodeBatch(&f, h, body, lim)
-	case KindCommitted, KindAck:
+	case KindCommitted, KindAck, KindPause, KindPaused:
 		err = decodeIDs(&f, h, body, lim)
 	}
 	return f, err
@@ -270,13 +281,17 @@ func decodeBatch(f *frame, h header, body []byte, lim Limits) error {
 	if count != h.nfds {
 		return fmt.Errorf("%w: %s frame names %d sockets but its header claims %d descriptors", ErrMalformed, h.kind, count, h.nfds)
 	}
-	if flags&^flagFinal != 0 || reserved != 0 {
+	known := byte(flagFinal)
+	if h.kind == KindSockets {
+		known |= flagLive
+	}
+	if flags&^known != 0 || reserved != 0 {
 		return fmt.Errorf("%w: %s frame has unknown flags %#02x/%#02x", ErrMalformed, h.kind, flags, reserved)
 	}
 	if count > lim.MaxBatch {
 		return fmt.Errorf("%w: %s frame of %d sockets, at most %d accepted", ErrTooLarge, h.kind, count, lim.MaxBatch)
 	}
-	f.final = flags&flagFinal != 0
+	f.final, f.live = flags&flagFinal != 0, flags&flagLive != 0
 	f.items = make([]Item, 0, count) // count ≤ MaxFDsPerFrame
 	p := body[batchHeaderLen:]
 	for i := 0; i < count; i++ {
@@ -441,12 +456,21 @@ func planBatch(items []Item) []span {
 
 // appendBatchFrame encodes the frame of the items of one span.
 func appendBatchFrame(b []byte, k Kind, items []Item, s span, final bool) []byte {
+	return appendBatchFrameFlags(b, k, items, s, final, false)
+}
+
+// appendBatchFrameFlags is appendBatchFrame with the live flag (KindSockets
+// only).
+func appendBatchFrameFlags(b []byte, k Kind, items []Item, s span, final, live bool) []byte {
 	n := s.end - s.start
 	b = appendHeader(b, k, n, s.bodyLen)
 	b = binary.BigEndian.AppendUint16(b, uint16(n))
 	var flags byte
 	if final {
 		flags |= flagFinal
+	}
+	if live {
+		flags |= flagLive
 	}
 	b = append(b, flags, 0)
 	for i := s.start; i < s.end; i++ {
