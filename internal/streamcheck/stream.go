@@ -120,8 +120,14 @@ func (e *Endpoint) writer(c *net.TCPConn, stop chan struct{}) {
 			}
 			return
 		}
-		if e.Interval > 0 {
-			time.Sleep(e.Interval) // a steady stream, not a flood
+		if e.Interval > 0 { // a steady stream, not a flood; Pause ends the wait
+			t := time.NewTimer(e.Interval)
+			select {
+			case <-stop:
+				t.Stop()
+				return
+			case <-t.C:
+			}
 		}
 	}
 }
