@@ -16,7 +16,8 @@ type Conn struct {
 	// File is a descriptor of the TCP socket. Migrate closes it if the
 	// connection is committed; otherwise it is the caller's again. Other
 	// descriptors of the same socket (the owning process's) must not be
-	// used until Migrate returns.
+	// used until Migrate returns, or with Config.Pause from the return of
+	// Pause on.
 	File *os.File
 	// AppState is an opaque blob that travels with the connection to the
 	// target's application (for example a protocol parser's state).
@@ -66,6 +67,19 @@ type Config struct {
 	// SwitchAddrs are the addresses the target should claim at the switch
 	// (sent in the Switch message). Empty when a hook moves them.
 	SwitchAddrs []netip.Prefix
+	// Pause, if set, makes the hand-over live: the owner of the connections
+	// still serves them when Migrate is called, and Migrate inspects them
+	// and prepares the target meanwhile. Before it holds and locks them it
+	// calls Pause once, with the indices (into the conns of Migrate) of
+	// the connections it is about to lock; when Pause returns nil the owner
+	// no longer touches those. Migrate then inspects them again, since the
+	// owner may have changed their options, shut them down or seen them
+	// closed by the peer, and goes on to the hold. An error from Pause, or
+	// a connection that cannot be migrated any more at the second look,
+	// rolls the whole migration back. Connections that are not named stay
+	// the owner's throughout. Without Pause the owner must be done with the
+	// connections before Migrate is called.
+	Pause func(ctx context.Context, conns []int) error
 	// BeforeRelease runs after the commit, once the source copies are
 	// discarded and before the source lock is removed: the place to kill
 	// the old owner, whose remaining descriptors must not outlive the lock.

@@ -8,6 +8,7 @@ import (
 	"iter"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -265,6 +266,18 @@ func (m *migration) run(ctx context.Context) error {
 		}
 	}
 	m.endPhase("prepare")
+	// A live owner is paused now, and its connections inspected again.
+	// Both come before the hold: from the hold on the peers wait, and
+	// every millisecond there is one of their stall.
+	if m.cfg.Pause != nil && len(m.elig) > 0 {
+		if err := m.pause(ctx); err != nil {
+			return m.rollbackAll(ctx, err)
+		}
+		if err := m.reinspect(); err != nil {
+			return m.rollbackAll(ctx, err)
+		}
+		m.endPhase("reinspect")
+	}
 
 	if err := m.fault(StepLock); err != nil {
 		return m.rollbackAll(ctx, err)
@@ -367,18 +380,7 @@ func (m *migration) inspect() {
 	// (repair.Inspector), not one each. About 20 µs per connection, which
 	// the workload's pause waits for: one core took 200 ms for 10,000
 	// while the other idled.
-	errs := make([]error, len(m.conns))
-	var in repair.Inspector
-	err := shares.Chunks(len(m.conns), minInspectShare, inspectChunk, func(chunks iter.Seq2[int, int]) error {
-		return nsdo.Do(m.cfg.NetNS, func() error {
-			for lo, hi := range chunks {
-				for i := lo; i < hi; i++ {
-					errs[i] = in.Inspect(m.conns[i].fd, &m.conns[i].snap)
-				}
-			}
-			return nil
-		})
-	})
+	errs, err := m.inspectEach(m.conns)
 	for i, c := range m.conns {
 		c.res.Local, c.res.Remote = c.snap.Local, c.snap.Remote
 		if err := errors.Join(err, errs[i]); err != nil {
@@ -391,6 +393,64 @@ func (m *migration) inspect() {
 		c.tuple = firewall.Tuple{Local: l, Remote: r}
 		m.elig = append(m.elig, c)
 	}
+}
+
+// inspectEach runs Inspect on each of conns, into its snap, and returns
+// each one's error, and an error that concerns them all (the namespace).
+func (m *migration) inspectEach(conns []*conn) ([]error, error) {
+	errs := make([]error, len(conns))
+	var in repair.Inspector
+	err := shares.Chunks(len(conns), minInspectShare, inspectChunk, func(chunks iter.Seq2[int, int]) error {
+		return nsdo.Do(m.cfg.NetNS, func() error {
+			for lo, hi := range chunks {
+				for i := lo; i < hi; i++ {
+					errs[i] = in.Inspect(conns[i].fd, &conns[i].snap)
+				}
+			}
+			return nil
+		})
+	})
+	return errs, err
+}
+
+// pause asks the owner of a live hand-over to stop using the connections
+// about to be locked (Config.Pause).
+func (m *migration) pause(ctx context.Context) error {
+	idx := make([]int, len(m.elig))
+	for i, c := range m.elig {
+		idx[i] = int(c.res.Index)
+	}
+	if err := m.cfg.Pause(ctx, idx); err != nil {
+		return fmt.Errorf("source: pause the connections' owner: %w", err)
+	}
+	m.endPhase("pause")
+	return nil
+}
+
+// reinspect inspects the connections of a live hand-over again, once their
+// owner is paused: it may have changed what the first inspection read
+// (options, a shutdown, the state) while it served them. The presets
+// PREPARE sent stay right, since a restore writes whatever option its
+// snapshot has and its preset does not. A connection that cannot be
+// migrated any more, or whose addresses changed, fails the migration,
+// which hands everything back: PREPARE has announced it, and the target
+// expects it.
+func (m *migration) reinspect() error {
+	before := make([][2]netip.AddrPort, len(m.elig))
+	for i, c := range m.elig {
+		before[i] = [2]netip.AddrPort{c.snap.Local, c.snap.Remote}
+	}
+	errs, err := m.inspectEach(m.elig)
+	for i, c := range m.elig {
+		err := errors.Join(err, errs[i])
+		if err == nil && (c.snap.Local != before[i][0] || c.snap.Remote != before[i][1]) {
+			err = fmt.Errorf("its addresses changed from %s->%s to %s->%s", before[i][0], before[i][1], c.snap.Local, c.snap.Remote)
+		}
+		if err != nil {
+			return fmt.Errorf("source: connection %d (%s->%s) changed while its owner served it: %w", c.res.Index, before[i][0], before[i][1], err)
+		}
+	}
+	return nil
 }
 
 // minInspectShare is the fewest connections worth a goroutine of their own
