@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -12,7 +14,10 @@ import (
 
 // sendHandoff waits for a cooperating program to hand its sockets over on
 // the unix socket, migrates them, then tells it which were committed and
-// hands back the others.
+// hands back the others. A program that hands them over live
+// (fdpass.Conn.SendSocketsLive) serves them on until the migration is
+// about to lock them: it is then sent a pause with their IDs, and the
+// migration waits up to pauseTimeout for its answer.
 func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*source.Result, error) {
 	path, err := unixFlag(c, "handoff")
 	if err != nil {
@@ -29,9 +34,19 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 		return nil, err
 	}
 	defer conn.Close()
-	items, err := conn.RecvSockets()
+	msg, err := conn.Receive()
 	if err != nil {
 		return nil, err
+	}
+	if msg.Kind != fdpass.KindSockets {
+		fdpass.CloseItems(msg.Items)
+		err := fmt.Errorf("handoff: the program sent a %s message, not its sockets: %w", msg.Kind, fdpass.ErrUnexpected)
+		conn.SendError(err)
+		return nil, err
+	}
+	items := msg.Items
+	if msg.Live {
+		cfg.Pause = func(ctx context.Context, idx []int) error { return pauseProgram(conn, items, idx) }
 	}
 	conns := make([]source.Conn, len(items))
 	for i, it := range items {
@@ -56,4 +71,17 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 		errs = append(errs, conn.SendCommitted(committed))
 	}
 	return res, errors.Join(append([]error{merr}, errs...)...)
+}
+
+// pauseTimeout bounds the wait for a live program's answer to a pause.
+const pauseTimeout = 10 * time.Second
+
+// pauseProgram asks the program that handed items over live to stop using
+// those at idx, and waits for its answer.
+func pauseProgram(conn *fdpass.Conn, items []fdpass.Item, idx []int) error {
+	ids := make([]uint64, len(idx))
+	for i, j := range idx {
+		ids[i] = items[j].ID
+	}
+	return conn.Pause(ids, pauseTimeout)
 }
