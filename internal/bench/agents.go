@@ -88,11 +88,26 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 	}
 	defer conn.Close()
 	start := time.Now()
-	items, err := conn.RecvSockets()
+	msg, err := conn.Receive()
 	if err != nil {
 		return err
 	}
+	items := msg.Items
+	if msg.Kind != fdpass.KindSockets {
+		fdpass.CloseItems(items)
+		return fmt.Errorf("bench: the workload sent a %s message, not its sockets", msg.Kind)
+	}
 	received := time.Since(start)
+	if msg.Live {
+		// As `send --handoff` does for a live program.
+		scfg.Pause = func(ctx context.Context, idx []int) error {
+			ids := make([]uint64, len(idx))
+			for i, j := range idx {
+				ids[i] = items[j].ID
+			}
+			return conn.Pause(ids, 10*time.Second)
+		}
+	}
 	conns := make([]source.Conn, len(items))
 	for i, it := range items {
 		conns[i] = source.Conn{File: it.File, OwnerFD: -1}

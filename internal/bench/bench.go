@@ -52,6 +52,10 @@ type Options struct {
 	// NoHold turns off the source agent's zero-window hold
 	// (source.Config.NoHold), for a drop-only baseline.
 	NoHold bool
+	// PausedHandoff makes the workload pause its streams before it hands
+	// its sockets over, as a program that is not live must (the baseline
+	// of the live hand-over: docs/handoff-socket.md, PAUSE).
+	PausedHandoff bool
 	// Pcap, if set, is a file where tcpdump records the migrated
 	// connections' segments on the bridge during the move (headers only).
 	Pcap string
@@ -140,7 +144,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if err := o.check(); err != nil {
 		return nil, err
 	}
-	x := &run{o: &o, r: &Report{Conns: o.Conns, QueueBytes: o.Queue, StreamConns: o.StreamConns, Env: environment()}}
+	x := &run{o: &o, r: &Report{Conns: o.Conns, QueueBytes: o.Queue, StreamConns: o.StreamConns, LiveHandoff: !o.PausedHandoff, Env: environment()}}
 	if o.StreamConns > 0 {
 		x.r.StreamIntervalUS = us(o.StreamInterval)
 	}
@@ -428,16 +432,20 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 		return err
 	}
 
-	// The move. The workload pauses its streams and hands every socket over.
+	// The move. The workload hands every socket over live and serves on
+	// until the source agent pauses it; with PausedHandoff it pauses its
+	// streams first.
 	x.logf("migrating %d connections", o.Conns)
 	paused := time.Now()
-	var wg sync.WaitGroup
-	for _, wc := range w.stream {
-		wg.Add(1)
-		go func() { defer wg.Done(); wc.ep.Pause() }()
+	if o.PausedHandoff {
+		var wg sync.WaitGroup
+		for _, wc := range w.stream {
+			wg.Add(1)
+			go func() { defer wg.Done(); wc.ep.Pause() }()
+		}
+		wg.Wait()
 	}
-	wg.Wait()
-	if err := x.handOver(ctx); err != nil {
+	if err := x.handOver(ctx, !o.PausedHandoff); err != nil {
 		return err
 	}
 	r.HandoffUS = us(time.Since(paused))
@@ -465,6 +473,12 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 		return fmt.Errorf("bench: %d of %d connections came back to the workload", n, o.Conns)
 	}
 	w.mu.Lock()
+	if !o.PausedHandoff {
+		// The workload's pause began at the agent's pause, and its part
+		// of the hand-over is its answer.
+		paused = w.pausedAt
+		r.HandoffUS = us(w.pauseDone.Sub(w.pausedAt))
+	}
 	r.PauseUS = us(w.lastBack.Sub(paused))
 	r.HandedBack = w.handedBack
 	w.mu.Unlock()
@@ -514,10 +528,11 @@ func (x *run) capture(file string) (stop func(), err error) {
 }
 
 // handOver passes every migrated socket to the source agent, streams
-// first; the workload keeps no copy, as after `send --handoff`. Each
-// connection is traded for a descriptor of its own before the hand-over,
-// so that the process never holds two per connection.
-func (x *run) handOver(ctx context.Context) error {
+// first, as to `send --handoff`. Handed over live, the workload keeps
+// serving its streams through its own descriptors until the agent pauses
+// it (which serveHandBacks answers); otherwise it keeps no copy: each
+// connection is traded for a descriptor of its own before the hand-over.
+func (x *run) handOver(ctx context.Context, live bool) error {
 	all := slices.Concat(x.w.stream, x.w.static)
 	items := make([]fdpass.Item, 0, len(all))
 	defer func() { fdpass.CloseItems(items) }()
@@ -528,7 +543,15 @@ func (x *run) handOver(ctx context.Context) error {
 		}
 		items = append(items, fdpass.Item{File: f, Local: wc.c.LocalAddr().(*net.TCPAddr).AddrPort(),
 			Remote: wc.c.RemoteAddr().(*net.TCPAddr).AddrPort(), ID: uint64(wc.id)})
-		wc.c.Close() // f holds the socket
+		if live && wc.ep != nil {
+			wc.live = true
+		} else {
+			// f holds the socket. A static connection is not served during
+			// the move: the workload lets its own descriptor go at once even
+			// when live, so that the process never holds two per connection
+			// (the hard descriptor limit is 20,000 here).
+			wc.c.Close()
+		}
 	}
 	dctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
@@ -536,7 +559,11 @@ func (x *run) handOver(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := conn.SendSockets(items); err != nil {
+	send := conn.SendSockets
+	if live {
+		send = conn.SendSocketsLive
+	}
+	if err := send(items); err != nil {
 		conn.Close()
 		return err
 	}

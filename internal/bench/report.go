@@ -155,10 +155,16 @@ type Report struct {
 	// Phases are the source agent's phases in order, and TotalUS their sum.
 	Phases  []Phase `json:"phases_us"`
 	TotalUS float64 `json:"total_us"`
+	// LiveHandoff says the workload handed its sockets over live and
+	// served them until the source agent's pause (Options.PausedHandoff
+	// false).
+	LiveHandoff bool `json:"live_handoff"`
 	// HandoffUS runs from the workload's pause (it stops using its
-	// sockets) until every socket is in the source agent's hands; PauseUS
-	// from the same pause until the last socket is back in the workload's
-	// hands on the target: how long the application was stopped.
+	// sockets) until every socket is in the source agent's hands, or after
+	// a live hand-over until the workload has answered the agent's pause;
+	// PauseUS from the same pause until the last socket is back in the
+	// workload's hands on the target: how long the application was
+	// stopped.
 	HandoffUS float64 `json:"handoff_us"`
 	PauseUS   float64 `json:"workload_pause_us"`
 

@@ -26,6 +26,9 @@ type wconn struct {
 	written int64
 	// back says the workload holds the connection again after the move.
 	back bool
+	// live says the workload still serves the connection (a stream) after
+	// handing it over live, until the source agent pauses it.
+	live bool
 }
 
 // workload is the bench's application: it serves the peer's connections on
@@ -43,12 +46,16 @@ type workload struct {
 	handed     chan struct{}
 	handedOnce sync.Once
 
-	mu sync.Mutex // guards back, handedBack and lastBack
+	mu sync.Mutex // guards back, handedBack, lastBack, pausedAt, pauseDone and each wconn's live
 	// back counts the sockets the workload holds again, delivered by the
 	// target or handed back by the source (handedBack of them).
 	back, handedBack int
 	lastBack         time.Time
 	allBack          chan struct{}
+	// pausedAt is when the workload stopped serving the migrated sockets
+	// (the source agent's pause, after a live hand-over), and pauseDone
+	// when it had answered.
+	pausedAt, pauseDone time.Time
 }
 
 // accept takes n connections on ln, a listener of the source host.
@@ -181,13 +188,56 @@ func (w *workload) serveHandBacks(conn *fdpass.Conn, errs *errList) {
 		if err != nil {
 			return // the agent is done
 		}
-		if m.Kind == fdpass.KindHandBack {
+		switch m.Kind {
+		case fdpass.KindHandBack:
 			w.mu.Lock()
 			w.handedBack += len(m.Items)
 			w.mu.Unlock()
 			w.takeBack(m.Items, errs)
+		case fdpass.KindPause:
+			w.pause(m.IDs, errs)
+			errs.add(conn.SendPaused(m.IDs))
+			w.mu.Lock()
+			w.pauseDone = time.Now()
+			w.mu.Unlock()
 		}
 	}
+}
+
+// pause stops serving the connections with these IDs, handed over live:
+// their streams stop at exact offsets, and the workload closes its own
+// descriptors of them, as a program must before it answers a pause.
+func (w *workload) pause(ids []uint64, errs *errList) {
+	w.mu.Lock()
+	w.pausedAt = time.Now()
+	w.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, id := range ids {
+		wc := w.byID[connID(id)]
+		if wc == nil {
+			errs.add(fmt.Errorf("bench: the source agent paused connection %d, which the workload never had", id))
+			continue
+		}
+		w.mu.Lock()
+		live := wc.live
+		w.mu.Unlock()
+		if !live {
+			continue // a static connection: its descriptor went at the hand-over
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if wc.ep != nil {
+				wc.ep.Pause()
+			}
+			wc.c.Close()
+			w.mu.Lock()
+			wc.live = false
+			w.mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	w.handedOver()
 }
 
 // takeBack puts the workload back in charge of items: a stream carries on
@@ -204,6 +254,16 @@ func (w *workload) takeBack(items []fdpass.Item, errs *errList) []uint64 {
 		if wc == nil {
 			errs.add(fmt.Errorf("bench: got back an unknown connection %s -> %s", it.Local, it.Remote))
 			it.File.Close()
+			continue
+		}
+		w.mu.Lock()
+		live := wc.live
+		w.mu.Unlock()
+		if live {
+			// Handed back without a pause: the workload served it all
+			// along, and this is a second descriptor of it.
+			it.File.Close()
+			wc.back = true
 			continue
 		}
 		c, err := net.FileConn(it.File)
