@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -68,6 +69,142 @@ func TestCLIHandoffDeliver(t *testing.T) {
 		t.Errorf("send: %v", err)
 	}
 	w.check(500 * time.Millisecond)
+}
+
+// TestCLIHandoffLive runs the live hand-over with the real binary: the
+// workload hands its streaming sockets to `send --handoff` and goes on
+// serving them (reading, checking, writing) while the agent inspects them
+// and prepares the target. When the agent pauses it, it stops each stream
+// at an exact offset, closes its own descriptor and answers with those
+// offsets as the socket's state, which `receive --deliver` passes to the
+// workload's new instance. Every stream must have received bytes after
+// the hand-over; the peers verify every byte and see no reset.
+func TestCLIHandoffLive(t *testing.T) {
+	w := newWorld(t, 8)
+	hc, handed, receiver, sender, delivered := w.liveHandOff()
+	m, err := hc.Receive()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
+		t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
+	}
+	paused := make([]fdpass.Item, len(m.IDs))
+	for i, id := range m.IDs {
+		if id >= uint64(len(w.conns)) {
+			t.Fatalf("the source paused connection %d, which the workload never handed over", id)
+		}
+		c := w.conns[id]
+		ep := w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort())
+		ep.Pause()
+		if last := ep.LastReceived(); !last.After(handed) {
+			t.Errorf("connection %d received nothing after the hand-over (last at %v, handed over at %v)", id, last, handed)
+		}
+		c.Close() // the agent holds the socket: no FIN
+		paused[i] = fdpass.Item{ID: id, State: ep.State()}
+	}
+	if err := hc.SendPaused(paused); err != nil {
+		t.Fatal(err)
+	}
+	if m, err = hc.Receive(); err != nil {
+		t.Fatal(err)
+	}
+	if m.Kind != fdpass.KindCommitted || len(m.IDs) != len(w.conns) {
+		t.Fatalf("the source answered %s with %d IDs, want every connection committed", m.Kind, len(m.IDs))
+	}
+	if err := <-delivered; err != nil {
+		t.Fatal(err)
+	}
+	if err := receiver.Wait(); err != nil {
+		t.Errorf("receive --once: %v", err)
+	}
+	if err := sender.Wait(); err != nil {
+		t.Errorf("send: %v", err)
+	}
+	w.check(500 * time.Millisecond)
+}
+
+// TestCLIHandoffLiveBadPause: a live workload that answers the pause for
+// fewer sockets than asked has not stopped serving them, so nothing is
+// locked: `send` rolls back and fails, the sockets come back in a
+// HAND-BACK (second descriptors of sockets the workload still serves), and
+// the streams run on untouched, every byte verified and no reset.
+func TestCLIHandoffLiveBadPause(t *testing.T) {
+	w := newWorld(t, 4)
+	hc, _, receiver, sender, _ := w.liveHandOff()
+	m, err := hc.Receive()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
+		t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
+	}
+	if err := hc.SendPaused([]fdpass.Item{{ID: m.IDs[0]}}); err != nil {
+		t.Fatal(err)
+	}
+	if m, err = hc.Receive(); err != nil {
+		t.Fatal(err)
+	}
+	if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {
+		t.Fatalf("the source answered %s with %d sockets, want every socket handed back", m.Kind, len(m.Items))
+	}
+	fdpass.CloseItems(m.Items) // the workload kept its own
+	if err := sender.Wait(); err == nil {
+		t.Error("send succeeded after a pause answered for one socket of four")
+	}
+	receiver.Process.Kill()
+	receiver.Wait()
+	w.check(300 * time.Millisecond)
+}
+
+// liveHandOff starts both agents (`send --handoff`, `receive --deliver`
+// --once) and hands the workload's sockets over live: the workload keeps
+// its descriptors and streams on. It returns the hand-over connection, the
+// time of the hand-over, the agents, and the result of the workload's new
+// instance adopting what the target delivers.
+func (w *world) liveHandOff() (hc *fdpass.Conn, handed time.Time, receiver, sender *exec.Cmd, delivered <-chan error) {
+	t := w.t
+	t.Helper()
+	cert, key, ca := certFiles(t)
+	dir := t.TempDir()
+	hand, deliver := filepath.Join(dir, "handoff.sock"), filepath.Join(dir, "deliver.sock")
+	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
+	dl, err := fdpass.Listen(deliver, fdpass.Policy{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dl.Close() })
+	adopted := make(chan error, 1)
+	go func() { adopted <- w.adopt(dl) }()
+	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", svc.String(), "--dev", "eth0",
+		"--once", "--journal-dir", filepath.Join(dir, "jt"), "--deliver", "unix:" + deliver}, tls...)
+	receiver = agent(t, w.dst, recv...)
+	waitListening(t, w.dst, 7946)
+	send := append([]string{"send", "--to", "198.18.0.3:7946", "--handoff", "unix:" + hand,
+		"--release-addr", svc.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, tls...)
+	sender = agent(t, w.src, send...)
+	waitFile(t, hand)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if hc, err = fdpass.Dial(ctx, hand, fdpass.Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hc.Close() })
+	var items []fdpass.Item
+	for i, c := range w.conns {
+		f, err := c.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		items = append(items, fdpass.Item{File: f, Local: c.LocalAddr().(*net.TCPAddr).AddrPort(),
+			Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort(), ID: uint64(i)})
+	}
+	defer fdpass.CloseItems(items)
+	if err := hc.SendSocketsLive(items); err != nil {
+		t.Fatal(err)
+	}
+	return hc, time.Now(), receiver, sender, adopted
 }
 
 // adopt is the workload's new instance: it takes the delivered sockets and

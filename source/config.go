@@ -77,9 +77,12 @@ type Config struct {
 	// closed by the peer, and goes on to the hold. An error from Pause, or
 	// a connection that cannot be migrated any more at the second look,
 	// rolls the whole migration back. Connections that are not named stay
-	// the owner's throughout. Without Pause the owner must be done with the
-	// connections before Migrate is called.
-	Pause func(ctx context.Context, conns []int) error
+	// the owner's throughout. Pause returns the owner's state of each named
+	// connection as of the pause, in the order of conns, which replaces its
+	// Conn.AppState (nil states leave every AppState as it was). Without
+	// Pause the owner must be done with the connections before Migrate is
+	// called.
+	Pause func(ctx context.Context, conns []int) (states [][]byte, err error)
 	// BeforeRelease runs after the commit, once the source copies are
 	// discarded and before the source lock is removed: the place to kill
 	// the old owner, whose remaining descriptors must not outlive the lock.

@@ -420,8 +420,17 @@ func (m *migration) pause(ctx context.Context) error {
 	for i, c := range m.elig {
 		idx[i] = int(c.res.Index)
 	}
-	if err := m.cfg.Pause(ctx, idx); err != nil {
+	states, err := m.cfg.Pause(ctx, idx)
+	if err != nil {
 		return fmt.Errorf("source: pause the connections' owner: %w", err)
+	}
+	if states != nil {
+		if len(states) != len(idx) {
+			return fmt.Errorf("source: the connections' owner paused %d connections and gave %d states", len(idx), len(states))
+		}
+		for i, c := range m.elig {
+			c.AppState = states[i]
+		}
 	}
 	m.endPhase("pause")
 	return nil

@@ -46,7 +46,7 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 	}
 	items := msg.Items
 	if msg.Live {
-		cfg.Pause = func(ctx context.Context, idx []int) error { return pauseProgram(conn, items, idx) }
+		cfg.Pause = func(ctx context.Context, idx []int) ([][]byte, error) { return pauseProgram(conn, items, idx) }
 	}
 	conns := make([]source.Conn, len(items))
 	for i, it := range items {
@@ -77,8 +77,8 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 const pauseTimeout = 10 * time.Second
 
 // pauseProgram asks the program that handed items over live to stop using
-// those at idx, and waits for its answer.
-func pauseProgram(conn *fdpass.Conn, items []fdpass.Item, idx []int) error {
+// those at idx, and returns their states as of its answer.
+func pauseProgram(conn *fdpass.Conn, items []fdpass.Item, idx []int) ([][]byte, error) {
 	ids := make([]uint64, len(idx))
 	for i, j := range idx {
 		ids[i] = items[j].ID

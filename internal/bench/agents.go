@@ -100,7 +100,7 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 	received := time.Since(start)
 	if msg.Live {
 		// As `send --handoff` does for a live program.
-		scfg.Pause = func(ctx context.Context, idx []int) error {
+		scfg.Pause = func(ctx context.Context, idx []int) ([][]byte, error) {
 			ids := make([]uint64, len(idx))
 			for i, j := range idx {
 				ids[i] = items[j].ID

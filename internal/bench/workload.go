@@ -196,7 +196,11 @@ func (w *workload) serveHandBacks(conn *fdpass.Conn, errs *errList) {
 			w.takeBack(m.Items, errs)
 		case fdpass.KindPause:
 			w.pause(m.IDs, errs)
-			errs.add(conn.SendPaused(m.IDs))
+			paused := make([]fdpass.Item, len(m.IDs))
+			for i, id := range m.IDs {
+				paused[i].ID = id // the workload keeps its offsets itself
+			}
+			errs.add(conn.SendPaused(paused))
 			w.mu.Lock()
 			w.pauseDone = time.Now()
 			w.mu.Unlock()

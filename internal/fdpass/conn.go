@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -163,31 +162,48 @@ func (c *Conn) SendPause(ids []uint64) error {
 
 // Pause asks the sender of a live message of sockets to stop using the
 // sockets with these IDs (SendPause) and waits up to timeout for its
-// answer (RecvPaused), which must name the same IDs, in any order.
-func (c *Conn) Pause(ids []uint64, timeout time.Duration) error {
+// answer (RecvPaused), which must name the same IDs, in any order. It
+// returns each socket's state as of the pause, in the order of ids.
+func (c *Conn) Pause(ids []uint64, timeout time.Duration) ([][]byte, error) {
 	if err := c.SendPause(ids); err != nil {
-		return err
+		return nil, err
 	}
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
 	got, err := c.RecvPaused()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	want := slices.Clone(ids)
-	slices.Sort(want)
-	got = slices.Clone(got)
-	slices.Sort(got)
-	if !slices.Equal(got, want) {
-		return &OpError{Op: c.op("pause"), Err: fmt.Errorf("%w: the answer to a pause of %d sockets names %d other IDs", ErrUnexpected, len(ids), len(got))}
+	byID := make(map[uint64][]byte, len(got))
+	for _, it := range got {
+		byID[it.ID] = it.State // IDs are distinct: receive checked
 	}
-	return nil
+	states := make([][]byte, len(ids))
+	for i, id := range ids {
+		st, ok := byID[id]
+		if !ok || len(got) != len(ids) {
+			return nil, &OpError{Op: c.op("pause"), Err: fmt.Errorf("%w: the answer to a pause of %d sockets names %d, not the same", ErrUnexpected, len(ids), len(got))}
+		}
+		states[i] = st
+	}
+	return states, nil
 }
 
-// SendPaused answers a pause: the sockets with these IDs are no longer
-// used, and this side holds no descriptor of them.
-func (c *Conn) SendPaused(ids []uint64) error {
-	return c.sendIDs(c.op("send paused"), KindPaused, ids)
+// SendPaused answers a pause: items name the paused sockets by ID (their
+// File must be nil, their addresses and names are not sent), each with
+// the application's state as of the pause (State, at most the peer's
+// Limits.MaxState). The sockets are no longer used, and this side holds
+// no descriptor of them.
+func (c *Conn) SendPaused(items []Item) error {
+	op := c.op("send paused")
+	recs := make([]Item, len(items))
+	for i, it := range items {
+		if it.File != nil {
+			return &OpError{Op: op, Err: fmt.Errorf("%w: socket %d: a paused record carries no descriptor", ErrInvalid, it.ID)}
+		}
+		recs[i] = Item{ID: it.ID, State: it.State}
+	}
+	return c.sendBatch(op, KindPaused, recs, false)
 }
 
 // SendError sends an error frame reporting err and ends the write side. The
@@ -252,11 +268,19 @@ func (c *Conn) RecvAck() ([]uint64, error) {
 	return c.recvIDs("receive ack", KindAck)
 }
 
-// RecvPaused receives a message and returns the IDs of a KindPaused, the
-// answer to SendPause; any other message is an error wrapping
-// ErrUnexpected (and its sockets, if any, are closed).
-func (c *Conn) RecvPaused() ([]uint64, error) {
-	return c.recvIDs("receive paused", KindPaused)
+// RecvPaused receives a message and returns the records of a KindPaused,
+// the answer to SendPause (items without a File); any other message is an
+// error wrapping ErrUnexpected (and its sockets, if any, are closed).
+func (c *Conn) RecvPaused() ([]Item, error) {
+	m, err := c.Receive()
+	if err != nil {
+		return nil, err
+	}
+	if m.Kind != KindPaused {
+		CloseItems(m.Items)
+		return nil, &OpError{Op: c.op("receive paused"), Err: fmt.Errorf("%w: got a %s message", ErrUnexpected, m.Kind)}
+	}
+	return m.Items, nil
 }
 
 // recvIDs receives a message that must be a list of IDs of kind k.
@@ -310,9 +334,9 @@ func (c *Conn) receive() (m Message, consumed bool, err error) {
 			c.gotHello = true
 			c.setPeerLimits(f.limits)
 			consumed = false // a whole frame: the stream is in step
-		case KindCommitted, KindAck, KindPause, KindPaused:
+		case KindCommitted, KindAck, KindPause:
 			return Message{Kind: f.kind, IDs: f.ids}, consumed, nil
-		case KindSockets, KindHandBack:
+		case KindSockets, KindHandBack, KindPaused:
 			if m.Kind != 0 && f.live != m.Live {
 				closeFDs(fds)
 				return fail(fmt.Errorf("%w: live and paused frames in one %s message", ErrMalformed, f.kind))
@@ -326,7 +350,7 @@ func (c *Conn) receive() (m Message, consumed bool, err error) {
 				closeFDs(fds)
 				return fail(err)
 			}
-			for i := range f.items {
+			for i := range fds { // none for KindPaused
 				it := &f.items[i]
 				it.File = os.NewFile(uintptr(fds[i]), fmt.Sprintf("fdpass:%d:%s->%s", it.ID, it.Local, it.Remote))
 			}
@@ -525,8 +549,8 @@ func (c *Conn) sendable(op string) error {
 
 // checkItem reports what makes an item unencodable or unacceptable to a
 // peer with limits lim.
-func checkItem(it *Item, lim Limits) error {
-	if it.File == nil {
+func checkItem(k Kind, it *Item, lim Limits) error {
+	if it.File == nil && k != KindPaused {
 		return fmt.Errorf("%w: socket %d has no file", ErrInvalid, it.ID)
 	}
 	for _, ap := range []netip.AddrPort{it.Local, it.Remote} {
@@ -544,14 +568,14 @@ func checkItem(it *Item, lim Limits) error {
 }
 
 // checkBatch checks a message of sockets against the peer's limits.
-func checkBatch(items []Item, lim Limits) error {
+func checkBatch(k Kind, items []Item, lim Limits) error {
 	if len(items) > lim.MaxBatch {
 		return fmt.Errorf("%w: %d sockets, the peer accepts at most %d in one message", ErrTooLarge, len(items), lim.MaxBatch)
 	}
 	total := 0
 	seen := make(map[uint64]struct{}, len(items))
 	for i := range items {
-		if err := checkItem(&items[i], lim); err != nil {
+		if err := checkItem(k, &items[i], lim); err != nil {
 			return err
 		}
 		if _, dup := seen[items[i].ID]; dup {
@@ -567,7 +591,7 @@ func checkBatch(items []Item, lim Limits) error {
 }
 
 func (c *Conn) sendBatch(op string, k Kind, items []Item, live bool) error {
-	if err := checkBatch(items, c.PeerLimits()); err != nil {
+	if err := checkBatch(k, items, c.PeerLimits()); err != nil {
 		return &OpError{Op: op, Err: err}
 	}
 	spans := planBatch(items)
@@ -579,7 +603,14 @@ func (c *Conn) sendBatch(op string, k Kind, items []Item, live bool) error {
 	var buf []byte
 	for i, s := range spans {
 		buf = appendBatchFrameFlags(buf[:0], k, items, s, i == len(spans)-1, live)
-		if err := withFDs(items[s.start:s.end], nil, func(fds []int) error { return c.write(buf, fds) }); err != nil {
+		send := func(fds []int) error { return c.write(buf, fds) }
+		var err error
+		if k == KindPaused {
+			err = send(nil)
+		} else {
+			err = withFDs(items[s.start:s.end], nil, send)
+		}
+		if err != nil {
 			c.werr = &OpError{Op: op, Err: err}
 			return c.werr
 		}

@@ -135,44 +135,58 @@ func TestLiveHandoff(t *testing.T) {
 	exchange(t, items[299].File, pairs[299].peer, "app")
 
 	pause := []uint64{500, 799}
-	done := async(func() error { return agent.Pause(pause, 5*time.Second) })
+	type result struct {
+		states [][]byte
+		err    error
+	}
+	pauseAsync := func(timeout time.Duration) <-chan result {
+		ch := make(chan result, 1)
+		go func() { st, err := agent.Pause(pause, timeout); ch <- result{st, err} }()
+		return ch
+	}
+	done := pauseAsync(5 * time.Second)
 	got, err := app.Receive()
 	if err != nil || got.Kind != KindPause || !reflect.DeepEqual(got.IDs, pause) {
 		t.Fatalf("app received %+v, %v; want pause %v", got, err, pause)
 	}
-	if err := app.SendPaused([]uint64{799, 500}); err != nil { // any order
+	// Any order; a state each, as of the pause.
+	if err := app.SendPaused([]Item{{ID: 799, State: []byte("at 799")}, {ID: 500}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-done; err != nil {
-		t.Fatal(err)
+	if r := <-done; r.err != nil || len(r.states) != 2 || r.states[0] != nil || string(r.states[1]) != "at 799" {
+		t.Fatalf("pause: states %q, %v; want [nil, \"at 799\"]", r.states, r.err)
 	}
 	// The agent's descriptors are the same sockets.
 	exchange(t, m.Items[0].File, pairs[0].peer, "agent")
 
+	// A paused record carries no descriptor.
+	if err := app.SendPaused([]Item{{ID: 500, File: items[0].File}}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("SendPaused with a File: %v, want ErrInvalid", err)
+	}
 	// An answer naming other sockets, or of another kind, fails the pause.
-	done = async(func() error { return agent.Pause(pause, 5*time.Second) })
+	done = pauseAsync(5 * time.Second)
 	if _, err := app.Receive(); err != nil {
 		t.Fatal(err)
 	}
-	if err := app.SendPaused([]uint64{500}); err != nil {
+	if err := app.SendPaused([]Item{{ID: 500}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-done; !errors.Is(err, ErrUnexpected) {
-		t.Fatalf("pause answered with other IDs: %v, want ErrUnexpected", err)
+	if r := <-done; !errors.Is(r.err, ErrUnexpected) {
+		t.Fatalf("pause answered with other IDs: %v, want ErrUnexpected", r.err)
 	}
-	done = async(func() error { return agent.Pause(pause, 5*time.Second) })
+	done = pauseAsync(5 * time.Second)
 	if _, err := app.Receive(); err != nil {
 		t.Fatal(err)
 	}
 	if err := app.SendAck(pause); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-done; !errors.Is(err, ErrUnexpected) {
-		t.Fatalf("pause answered with an ack: %v, want ErrUnexpected", err)
+	if r := <-done; !errors.Is(r.err, ErrUnexpected) {
+		t.Fatalf("pause answered with an ack: %v, want ErrUnexpected", r.err)
 	}
 	// A silent program: the pause gives up at its timeout.
 	start := time.Now()
-	if err := agent.Pause(pause, 100*time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) || time.Since(start) > 5*time.Second {
+	if _, err := agent.Pause(pause, 100*time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) || time.Since(start) > 5*time.Second {
 		t.Fatalf("pause of a silent program: %v after %v, want a deadline error", err, time.Since(start))
 	}
 }

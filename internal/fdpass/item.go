@@ -54,9 +54,8 @@ type Message struct {
 	// sockets until it is sent a KindPause (Conn.SendSocketsLive).
 	Live bool
 	// Items are the sockets of KindSockets and KindHandBack, in the order
-	// they were sent.
+	// they were sent, and the records of KindPaused (no File).
 	Items []Item
-	// IDs are the connection IDs of KindCommitted, KindAck, KindPause and
-	// KindPaused.
+	// IDs are the connection IDs of KindCommitted, KindAck and KindPause.
 	IDs []uint64
 }

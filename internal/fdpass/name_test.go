@@ -35,7 +35,7 @@ func TestItemName(t *testing.T) {
 	}
 	bad := items[:1:1]
 	bad[0].Name = "has space"
-	if err := checkItem(&Item{File: os.Stdin, Name: "has space"}, Limits{}.resolve()); !errors.Is(err, ErrInvalid) {
+	if err := checkItem(KindSockets, &Item{File: os.Stdin, Name: "has space"}, Limits{}.resolve()); !errors.Is(err, ErrInvalid) {
 		t.Errorf("sending a bad name: %v, want ErrInvalid", err)
 	}
 	b = appendBatchFrame(nil, KindSockets, bad, planBatch(bad)[0], true)

@@ -74,8 +74,9 @@ const (
 	// that the source agent is about to lock: their sender must stop using
 	// them, close its own descriptors of them and answer KindPaused.
 	KindPause
-	// KindPaused answers KindPause with the same IDs: the sender no longer
-	// touches those sockets.
+	// KindPaused answers KindPause: one record per paused socket (its ID
+	// and the application's state as of the pause), without descriptors;
+	// the sender no longer touches those sockets.
 	KindPaused
 )
 
@@ -91,7 +92,7 @@ var kindInfo = [...]struct {
 	KindCommitted: {"committed", idListFixedLen, maxIDListBody, false},
 	KindAck:       {"ack", idListFixedLen, maxIDListBody, false},
 	KindPause:     {"pause", idListFixedLen, maxIDListBody, false},
-	KindPaused:    {"paused", idListFixedLen, maxIDListBody, false},
+	KindPaused:    {"paused", batchHeaderLen, MaxBodyLen, false},
 }
 
 func (k Kind) valid() bool { return k >= KindHello && int(k) < len(kindInfo) }
@@ -206,7 +207,7 @@ type frame struct {
 	limits Limits    // KindHello
 	code   ErrorCode // KindError
 	msg    string    // KindError
-	items  []Item    // KindSockets, KindHandBack
+	items  []Item    // KindSockets, KindHandBack, KindPaused (no File)
 	ids    []uint64  // KindCommitted, KindAck
 }
 
@@ -240,9 +241,9 @@ func decodeBody(h header, body []byte, lim Limits) (frame, error) {
 	case KindError:
 		f.code = ErrorCode(binary.BigEndian.Uint16(body[0:2]))
 		f.msg = sanitize(string(body[2:]))
-	case KindSockets, KindHandBack:
+	case KindSockets, KindHandBack, KindPaused:
 		err = decodeBatch(&f, h, body, lim)
-	case KindCommitted, KindAck, KindPause, KindPaused:
+	case KindCommitted, KindAck, KindPause:
 		err = decodeIDs(&f, h, body, lim)
 	}
 	return f, err
@@ -278,7 +279,10 @@ func decodeIDs(f *frame, h header, body []byte, lim Limits) error {
 func decodeBatch(f *frame, h header, body []byte, lim Limits) error {
 	count := int(binary.BigEndian.Uint16(body[0:2]))
 	flags, reserved := body[2], body[3]
-	if count != h.nfds {
+	// A PAUSED record names a socket the receiver holds: no descriptor
+	// travels with it (parseHeader saw to nfds), and count alone says how
+	// many there are, within the frame's bounds.
+	if count != h.nfds && h.kind != KindPaused {
 		return fmt.Errorf("%w: %s frame names %d sockets but its header claims %d descriptors", ErrMalformed, h.kind, count, h.nfds)
 	}
 	known := byte(flagFinal)
@@ -463,7 +467,11 @@ func appendBatchFrame(b []byte, k Kind, items []Item, s span, final bool) []byte
 // only).
 func appendBatchFrameFlags(b []byte, k Kind, items []Item, s span, final, live bool) []byte {
 	n := s.end - s.start
-	b = appendHeader(b, k, n, s.bodyLen)
+	nfds := n
+	if !kindInfo[k].fds {
+		nfds = 0 // KindPaused: records of sockets the receiver holds
+	}
+	b = appendHeader(b, k, nfds, s.bodyLen)
 	b = binary.BigEndian.AppendUint16(b, uint16(n))
 	var flags byte
 	if final {

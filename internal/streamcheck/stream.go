@@ -161,6 +161,10 @@ func (e *Endpoint) reader(c *net.TCPConn, stop chan struct{}) {
 	}
 }
 
+// LastReceived returns when the endpoint last received bytes (or was
+// started). It is safe to call while the endpoint runs.
+func (e *Endpoint) LastReceived() time.Time { return time.Unix(0, e.lastRecv.Load()) }
+
 // Conn returns the connection the endpoint streams on.
 func (e *Endpoint) Conn() *net.TCPConn { return e.conn }
 
