@@ -29,7 +29,7 @@ func sendCommand() *cli.Command {
 			&cli.StringFlag{Name: "to", Usage: "the target agent, HOST:PORT"},
 			&cli.IntFlag{Name: "pid", Usage: "take the established TCP connections and the listeners of this process"},
 			&cli.UintSliceFlag{Name: "port", Usage: "with --pid: only connections and listeners on these local ports"},
-			&cli.StringFlag{Name: "handoff", Usage: "unix:PATH where a cooperating program hands its sockets over"},
+			&cli.StringFlag{Name: "handoff", Usage: "unix:PATH where a cooperating program hands its sockets over (live: it serves them until paused before the lock; docs/handoff-socket.md)"},
 			&cli.StringFlag{Name: "release-addr", Usage: "service address (CIDR) to release at the switch"},
 			&cli.StringFlag{Name: "dev", Usage: "interface of --release-addr"},
 			&cli.StringFlag{Name: "on-switch", Usage: "command (sh -c) that moves the network identity at the switch; non-zero exit aborts"},
