@@ -23,28 +23,7 @@ import (
 // verify every byte and see no reset.
 func TestCLIHandoffDeliver(t *testing.T) {
 	w := newWorld(t, 8)
-	cert, key, ca := certFiles(t)
-	dir := t.TempDir()
-	hand, deliver := filepath.Join(dir, "handoff.sock"), filepath.Join(dir, "deliver.sock")
-	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
-
-	// The workload's new instance, on the target, listening for sockets.
-	dl, err := fdpass.Listen(deliver, fdpass.Policy{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dl.Close()
-	delivered := make(chan error, 1)
-	go func() { delivered <- w.adopt(dl) }()
-
-	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", svc.String(), "--dev", "eth0",
-		"--once", "--journal-dir", filepath.Join(dir, "jt"), "--deliver", "unix:" + deliver}, tls...)
-	receiver := agent(t, w.dst, recv...)
-	waitListening(t, w.dst, 7946)
-	send := append([]string{"send", "--to", "198.18.0.3:7946", "--handoff", "unix:" + hand,
-		"--release-addr", svc.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, tls...)
-	sender := agent(t, w.src, send...)
-	waitFile(t, hand)
+	hand, receiver, sender, delivered := w.handoffAgents()
 
 	// The workload hands its sockets over, each with its offsets.
 	hc := w.handOff(hand)
@@ -165,26 +144,8 @@ func TestCLIHandoffLiveBadPause(t *testing.T) {
 func (w *world) liveHandOff() (hc *fdpass.Conn, handed time.Time, receiver, sender *exec.Cmd, delivered <-chan error) {
 	t := w.t
 	t.Helper()
-	cert, key, ca := certFiles(t)
-	dir := t.TempDir()
-	hand, deliver := filepath.Join(dir, "handoff.sock"), filepath.Join(dir, "deliver.sock")
-	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
-	dl, err := fdpass.Listen(deliver, fdpass.Policy{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dl.Close() })
-	adopted := make(chan error, 1)
-	go func() { adopted <- w.adopt(dl) }()
-	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", svc.String(), "--dev", "eth0",
-		"--once", "--journal-dir", filepath.Join(dir, "jt"), "--deliver", "unix:" + deliver}, tls...)
-	receiver = agent(t, w.dst, recv...)
-	waitListening(t, w.dst, 7946)
-	send := append([]string{"send", "--to", "198.18.0.3:7946", "--handoff", "unix:" + hand,
-		"--release-addr", svc.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, tls...)
-	sender = agent(t, w.src, send...)
-	waitFile(t, hand)
-
+	hand, receiver, sender, delivered := w.handoffAgents()
+	var err error
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if hc, err = fdpass.Dial(ctx, hand, fdpass.Limits{}); err != nil {
@@ -204,7 +165,37 @@ func (w *world) liveHandOff() (hc *fdpass.Conn, handed time.Time, receiver, send
 	if err := hc.SendSocketsLive(items); err != nil {
 		t.Fatal(err)
 	}
-	return hc, time.Now(), receiver, sender, adopted
+	return hc, time.Now(), receiver, sender, delivered
+}
+
+// handoffAgents starts `receive --deliver --once` on the target host, with
+// the workload's new instance listening for the delivery (adopt), and
+// `send --handoff` on the source host. It returns the hand-over socket's
+// path once it is there, both agents, and the outcome of the adoption.
+func (w *world) handoffAgents() (hand string, receiver, sender *exec.Cmd, delivered <-chan error) {
+	t := w.t
+	t.Helper()
+	cert, key, ca := certFiles(t)
+	dir := t.TempDir()
+	deliver := filepath.Join(dir, "deliver.sock")
+	hand = filepath.Join(dir, "handoff.sock")
+	tls := []string{"--cert", cert, "--key", key, "--ca", ca}
+	dl, err := fdpass.Listen(deliver, fdpass.Policy{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dl.Close() })
+	adopted := make(chan error, 1)
+	go func() { adopted <- w.adopt(dl) }()
+	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", svc.String(), "--dev", "eth0",
+		"--once", "--journal-dir", filepath.Join(dir, "jt"), "--deliver", "unix:" + deliver}, tls...)
+	receiver = agent(t, w.dst, recv...)
+	waitListening(t, w.dst, 7946)
+	send := append([]string{"send", "--to", "198.18.0.3:7946", "--handoff", "unix:" + hand,
+		"--release-addr", svc.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, tls...)
+	sender = agent(t, w.src, send...)
+	waitFile(t, hand)
+	return hand, receiver, sender, adopted
 }
 
 // adopt is the workload's new instance: it takes the delivered sockets and

@@ -907,7 +907,9 @@ func (m *migration) resumeOne(c *conn) {
 		m.unhold(c)
 	}
 	c.res.Outcome = RolledBack
-	c.res.Freeze = time.Since(m.locked)
+	if !m.locked.IsZero() { // rolled back before the lock: never frozen
+		c.res.Freeze = time.Since(m.locked)
+	}
 }
 
 func (m *migration) okCount() int {

@@ -250,50 +250,37 @@ func (c *Conn) Receive() (Message, error) {
 // RecvSockets receives a message and returns its sockets; any other message
 // is an error wrapping ErrUnexpected (and its sockets, if any, are closed).
 func (c *Conn) RecvSockets() ([]Item, error) {
-	m, err := c.Receive()
-	if err != nil {
-		return nil, err
-	}
-	if m.Kind != KindSockets {
-		CloseItems(m.Items)
-		return nil, &OpError{Op: c.op("receive sockets"), Err: fmt.Errorf("%w: got a %s message", ErrUnexpected, m.Kind)}
-	}
-	return m.Items, nil
+	m, err := c.recvKind("receive sockets", KindSockets)
+	return m.Items, err
 }
 
 // RecvAck receives a message and returns the IDs of an acknowledgement; any
 // other message is an error wrapping ErrUnexpected (and its sockets, if any,
 // are closed).
 func (c *Conn) RecvAck() ([]uint64, error) {
-	return c.recvIDs("receive ack", KindAck)
+	m, err := c.recvKind("receive ack", KindAck)
+	return m.IDs, err
 }
 
 // RecvPaused receives a message and returns the records of a KindPaused,
 // the answer to SendPause (items without a File); any other message is an
 // error wrapping ErrUnexpected (and its sockets, if any, are closed).
 func (c *Conn) RecvPaused() ([]Item, error) {
-	m, err := c.Receive()
-	if err != nil {
-		return nil, err
-	}
-	if m.Kind != KindPaused {
-		CloseItems(m.Items)
-		return nil, &OpError{Op: c.op("receive paused"), Err: fmt.Errorf("%w: got a %s message", ErrUnexpected, m.Kind)}
-	}
-	return m.Items, nil
+	m, err := c.recvKind("receive paused", KindPaused)
+	return m.Items, err
 }
 
-// recvIDs receives a message that must be a list of IDs of kind k.
-func (c *Conn) recvIDs(verb string, k Kind) ([]uint64, error) {
+// recvKind receives a message that must be of kind k.
+func (c *Conn) recvKind(verb string, k Kind) (Message, error) {
 	m, err := c.Receive()
 	if err != nil {
-		return nil, err
+		return Message{}, err
 	}
 	if m.Kind != k {
 		CloseItems(m.Items)
-		return nil, &OpError{Op: c.op(verb), Err: fmt.Errorf("%w: got a %s message", ErrUnexpected, m.Kind)}
+		return Message{}, &OpError{Op: c.op(verb), Err: fmt.Errorf("%w: got a %s message", ErrUnexpected, m.Kind)}
 	}
-	return m.IDs, nil
+	return m, nil
 }
 
 // receive reads frames up to the end of one message. consumed says whether

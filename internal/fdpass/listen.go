@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -56,7 +57,10 @@ type Listener struct {
 // can write it can replace the socket. The socket file is created with
 // Policy.Mode and no wider, even for a moment: the socket's own mode is set
 // (fchmod) before bind, which Linux uses for the file it creates, and the
-// final mode and group are set once the file exists. A socket file left by
+// final mode and group are set once the file exists. The file appears at
+// path only then, listening (it is made under a temporary name in the same
+// directory and renamed): a client that sees it can connect at once. A
+// socket file left by
 // a process that no longer listens is replaced; a live one is an error
 // (EADDRINUSE), and so is any other file at path. Abstract socket names
 // (starting with '@') have no permissions and are refused.
@@ -100,19 +104,33 @@ func listen(path string, p Policy) (*Listener, error) {
 		}
 		return os.NewSyscallError("fchmod", serr)
 	}}
-	ln, err := lc.Listen(context.Background(), "unix", path)
+	// Bound under a temporary name, then renamed: a file at path that
+	// refused connections (bound, not yet listening) would be a race for
+	// every client that waits for it to appear. A temporary name too long
+	// for a socket address falls back to binding path itself.
+	bindAt := filepath.Join(filepath.Dir(path), fmt.Sprintf(".fdpass-%d-%d", os.Getpid(), tmpSeq.Add(1)))
+	if len(bindAt) >= len(unix.RawSockaddrUnix{}.Path) {
+		bindAt = path
+	}
+	os.Remove(bindAt) // a leftover of a crashed process with this pid
+	ln, err := lc.Listen(context.Background(), "unix", bindAt)
 	if err != nil {
 		return nil, err
 	}
 	ul := ln.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false) // Close removes path, whatever it was bound as
 	if gid >= 0 {
-		err = os.Lchown(path, -1, gid)
+		err = os.Lchown(bindAt, -1, gid)
 	}
 	if err == nil {
-		err = os.Chmod(path, mode)
+		err = os.Chmod(bindAt, mode)
+	}
+	if err == nil && bindAt != path {
+		err = os.Rename(bindAt, path)
 	}
 	if err != nil {
-		ul.Close() // removes the file
+		ul.Close()
+		os.Remove(bindAt)
 		return nil, err
 	}
 	uids := p.UIDs
@@ -188,8 +206,14 @@ func (l *Listener) Close() error {
 	if err := l.ln.Close(); err != nil {
 		return &OpError{Op: "close " + l.path, Err: err}
 	}
+	if err := os.Remove(l.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return &OpError{Op: "close " + l.path, Err: err}
+	}
 	return nil
 }
+
+// tmpSeq numbers the temporary names Listen binds under.
+var tmpSeq atomic.Uint64
 
 // Accept waits for a connection, checks the peer's credentials against the
 // policy and sends the hello. A refused peer is sent an error frame saying

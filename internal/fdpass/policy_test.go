@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -255,6 +256,24 @@ func TestListenFileSafety(t *testing.T) {
 			t.Errorf("group socket file: mode %v gid %d, want 0660 gid %d", m, st.Gid, nobody)
 		}
 		g.Close()
+	}
+
+	// The file at the path listens from the moment it exists (it was
+	// bound under a temporary name, which is gone): a connect succeeds.
+	c, err := net.Dial("unix", a.Path())
+	if err != nil {
+		t.Errorf("connect to a socket file Listen returned: %v", err)
+	} else {
+		c.Close()
+	}
+	if ents, err := os.ReadDir(dir); err != nil {
+		t.Fatal(err)
+	} else if len(ents) != 1 || ents[0].Name() != "a.sock" {
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Errorf("directory holds %v, want only a.sock (b.sock closed, no temporary name left)", names)
 	}
 
 	// A live socket is not taken over.
