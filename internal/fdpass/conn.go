@@ -366,7 +366,7 @@ func (c *Conn) receive() (m Message, consumed bool, err error) {
 		case KindSockets, KindHandBack, KindPaused:
 			if m.Kind != 0 && f.live != m.Live {
 				closeFDs(fds)
-				return fail(fmt.Errorf("%w: live and paused frames in one %s message", ErrMalformed, f.kind))
+				return fail(fmt.Errorf("%w: live and non-live frames in one %s message", ErrMalformed, f.kind))
 			}
 			m.Kind, m.Live = f.kind, f.live
 			if err := c.checkBatchFrame(&f, len(batch), &batchBytes, &seen); err != nil {

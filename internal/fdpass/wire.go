@@ -202,13 +202,13 @@ func parseHeader(b []byte) (header, error) {
 type frame struct {
 	kind   Kind
 	nfds   int
-	final  bool      // KindSockets, KindHandBack: the last frame of the batch
+	final  bool      // KindSockets, KindHandBack, KindPaused: the last frame of the batch
 	live   bool      // KindSockets: handed over live (flagLive)
 	limits Limits    // KindHello
 	code   ErrorCode // KindError
 	msg    string    // KindError
 	items  []Item    // KindSockets, KindHandBack, KindPaused (no File)
-	ids    []uint64  // KindCommitted, KindAck
+	ids    []uint64  // KindCommitted, KindAck, KindPause
 }
 
 // decodeFrame decodes one whole frame, header and body, received without
