@@ -208,3 +208,69 @@ func TestHoldDefaultAndOff(t *testing.T) {
 		w.check(300 * time.Millisecond)
 	}
 }
+
+// TestGoAPIPauseNamesTheCallersConns moves connections handed over live
+// together with a listener whose accept queue holds two connections:
+// Config.Pause is given the indices of the caller's connections only
+// (those it passed to Migrate), never those Migrate accepted itself (their
+// indices are past the caller's: send --handoff would index out of range).
+// Its answer with too few states rolls everything back.
+func TestGoAPIPauseNamesTheCallersConns(t *testing.T) {
+	w := newWorld(t, 4)
+	cfg, _ := w.agents([]netip.Prefix{svc}, nil, nil)
+	var ln *net.TCPListener
+	if err := w.src.Do(func() error {
+		var lc net.ListenConfig
+		lc.SetMultipathTCP(false) // Go's default listener is MPTCP, which does not move
+		l, err := lc.Listen(context.Background(), "tcp4", netip.AddrPortFrom(svc.Addr(), svcPort+1).String())
+		ln, _ = l.(*net.TCPListener)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for range 2 {
+		if err := w.peer.Do(func() error {
+			c, err := net.Dial("tcp4", ln.Addr().String())
+			if err == nil {
+				t.Cleanup(func() { c.Close() })
+			}
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lf, err := ln.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	cfg.Listeners = []source.Listener{{File: lf, OwnerFD: -1}}
+	conns := w.handOver()
+	var named []int
+	cfg.Pause = func(_ context.Context, idx []int) ([][]byte, error) {
+		named = append(named, idx...)
+		return make([][]byte, len(idx)-1), nil
+	}
+	res, err := source.Migrate(ctxT(t), cfg, conns)
+	if err == nil {
+		t.Fatal("a pause answered with too few states did not fail the migration")
+	}
+	if len(res.Conns) != len(conns)+2 {
+		t.Fatalf("%d connections in the result, want %d and the 2 pending (%v)", len(res.Conns), len(conns), err)
+	}
+	if len(named) != len(conns) {
+		t.Errorf("Pause was given %v, want the %d connections the caller passed", named, len(conns))
+	}
+	for _, i := range named {
+		if i < 0 || i >= len(conns) {
+			t.Errorf("Pause was given index %d, not one of the caller's %d connections", i, len(conns))
+		}
+	}
+	w.restart(res)
+	for i, c := range res.Conns[:len(conns)] {
+		if c.Outcome != source.RolledBack {
+			t.Errorf("connection %d: %s (%v), want rolled back", i, c.Outcome, c.Err)
+		}
+	}
+}

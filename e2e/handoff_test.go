@@ -136,15 +136,71 @@ func TestCLIHandoffLiveBadPause(t *testing.T) {
 	w.check(300 * time.Millisecond)
 }
 
+// TestCLIHandoffLiveRolledBack: the target refuses every connection (its
+// only allowed port is not the service's), after the workload has paused
+// them, closed its descriptors and answered with its offsets. The
+// HAND-BACK must carry those offsets, not the state of the SOCKETS (none):
+// a program that takes its sockets back carries on from the state it is
+// handed, as the workload's new endpoints do here. Every byte is
+// verified and no reset is seen.
+func TestCLIHandoffLiveRolledBack(t *testing.T) {
+	w := newWorld(t, 4)
+	hc, _, receiver, sender, _ := w.liveHandOff("--allow-port", "1")
+	m, err := hc.Receive()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
+		t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
+	}
+	paused := make([]fdpass.Item, len(m.IDs))
+	for i, id := range m.IDs {
+		c := w.conns[id]
+		ep := w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort())
+		ep.Pause()
+		c.Close() // the agent has a descriptor of it
+		paused[i] = fdpass.Item{ID: id, State: ep.State()}
+	}
+	if err := hc.SendPaused(paused); err != nil {
+		t.Fatal(err)
+	}
+	if m, err = hc.Receive(); err != nil {
+		t.Fatal(err)
+	}
+	if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {
+		t.Fatalf("the source answered %s with %d sockets, want every socket handed back", m.Kind, len(m.Items))
+	}
+	for _, it := range m.Items {
+		conn, err := net.FileConn(it.File)
+		it.File.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ep := streamcheck.NewEndpoint(1, 0)
+		ep.Interval = time.Millisecond
+		if err := ep.SetState(it.State); err != nil {
+			t.Fatalf("socket %d handed back: %v", it.ID, err)
+		}
+		ep.Start(conn.(*net.TCPConn))
+		w.mu.Lock()
+		w.work[it.Remote.String()] = ep
+		w.mu.Unlock()
+	}
+	sender.Wait()
+	receiver.Process.Kill()
+	receiver.Wait()
+	w.check(300 * time.Millisecond)
+}
+
 // liveHandOff starts both agents (`send --handoff`, `receive --deliver`
 // --once) and hands the workload's sockets over live: the workload keeps
 // its descriptors and streams on. It returns the hand-over connection, the
 // time of the hand-over, the agents, and the result of the workload's new
 // instance adopting what the target delivers.
-func (w *world) liveHandOff() (hc *fdpass.Conn, handed time.Time, receiver, sender *exec.Cmd, delivered <-chan error) {
+func (w *world) liveHandOff(recvArgs ...string) (hc *fdpass.Conn, handed time.Time, receiver, sender *exec.Cmd, delivered <-chan error) {
 	t := w.t
 	t.Helper()
-	hand, receiver, sender, delivered := w.handoffAgents()
+	hand, receiver, sender, delivered := w.handoffAgents(recvArgs...)
 	var err error
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -168,11 +224,12 @@ func (w *world) liveHandOff() (hc *fdpass.Conn, handed time.Time, receiver, send
 	return hc, time.Now(), receiver, sender, delivered
 }
 
-// handoffAgents starts `receive --deliver --once` on the target host, with
-// the workload's new instance listening for the delivery (adopt), and
-// `send --handoff` on the source host. It returns the hand-over socket's
-// path once it is there, both agents, and the outcome of the adoption.
-func (w *world) handoffAgents() (hand string, receiver, sender *exec.Cmd, delivered <-chan error) {
+// handoffAgents starts `receive --deliver --once` on the target host (with
+// recvArgs added), with the workload's new instance listening for the
+// delivery (adopt), and `send --handoff` on the source host. It returns
+// the hand-over socket's path once it is there, both agents, and the
+// outcome of the adoption.
+func (w *world) handoffAgents(recvArgs ...string) (hand string, receiver, sender *exec.Cmd, delivered <-chan error) {
 	t := w.t
 	t.Helper()
 	cert, key, ca := certFiles(t)
@@ -188,7 +245,7 @@ func (w *world) handoffAgents() (hand string, receiver, sender *exec.Cmd, delive
 	adopted := make(chan error, 1)
 	go func() { adopted <- w.adopt(dl) }()
 	recv := append([]string{"receive", "--listen", "198.18.0.3:7946", "--claim-addr", svc.String(), "--dev", "eth0",
-		"--once", "--journal-dir", filepath.Join(dir, "jt"), "--deliver", "unix:" + deliver}, tls...)
+		"--once", "--journal-dir", filepath.Join(dir, "jt"), "--deliver", "unix:" + deliver}, append(tls, recvArgs...)...)
 	receiver = agent(t, w.dst, recv...)
 	waitListening(t, w.dst, 7946)
 	send := append([]string{"send", "--to", "198.18.0.3:7946", "--handoff", "unix:" + hand,

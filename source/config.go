@@ -71,7 +71,9 @@ type Config struct {
 	// still serves them when Migrate is called, and Migrate inspects them
 	// and prepares the target meanwhile. Before it holds and locks them it
 	// calls Pause once, with the indices (into the conns of Migrate) of
-	// the connections it is about to lock; when Pause returns nil the owner
+	// the connections it is about to lock: never those it took from the
+	// accept queues of Listeners, which the owner never had (and no call
+	// if none of the conns is left). When Pause returns nil the owner
 	// no longer touches those. Migrate then inspects them again, since the
 	// owner may have changed their options, shut them down or seen them
 	// closed by the peer, and goes on to the hold. An error from Pause, or

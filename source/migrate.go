@@ -415,10 +415,20 @@ func (m *migration) inspectEach(conns []*conn) ([]error, error) {
 
 // pause asks the owner of a live hand-over to stop using the connections
 // about to be locked (Config.Pause).
+// Only the caller's connections are named: those Migrate accepted from a
+// listener's queue (pendingOn) were never the owner's, and their indices
+// are past the caller's conns.
 func (m *migration) pause(ctx context.Context) error {
-	idx := make([]int, len(m.elig))
-	for i, c := range m.elig {
-		idx[i] = int(c.res.Index)
+	var owned []*conn
+	var idx []int
+	for _, c := range m.elig {
+		if c.pendingOn == nil {
+			owned = append(owned, c)
+			idx = append(idx, int(c.res.Index))
+		}
+	}
+	if len(owned) == 0 {
+		return nil
 	}
 	states, err := m.cfg.Pause(ctx, idx)
 	if err != nil {
@@ -428,7 +438,7 @@ func (m *migration) pause(ctx context.Context) error {
 		if len(states) != len(idx) {
 			return fmt.Errorf("source: the connections' owner paused %d connections and gave %d states", len(idx), len(states))
 		}
-		for i, c := range m.elig {
+		for i, c := range owned {
 			c.AppState = states[i]
 		}
 	}

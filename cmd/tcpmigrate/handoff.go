@@ -46,7 +46,8 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 	}
 	items := msg.Items
 	if msg.Live {
-		cfg.Pause = func(ctx context.Context, idx []int) ([][]byte, error) { return pauseProgram(conn, items, idx) }
+		// The paused states go into items too: a rollback hands them back.
+		cfg.Pause = func(_ context.Context, idx []int) ([][]byte, error) { return conn.PauseItems(items, idx, pauseTimeout) }
 	}
 	conns := make([]source.Conn, len(items))
 	for i, it := range items {
@@ -75,13 +76,3 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 
 // pauseTimeout bounds the wait for a live program's answer to a pause.
 const pauseTimeout = 10 * time.Second
-
-// pauseProgram asks the program that handed items over live to stop using
-// those at idx, and returns their states as of its answer.
-func pauseProgram(conn *fdpass.Conn, items []fdpass.Item, idx []int) ([][]byte, error) {
-	ids := make([]uint64, len(idx))
-	for i, j := range idx {
-		ids[i] = items[j].ID
-	}
-	return conn.Pause(ids, pauseTimeout)
-}

@@ -473,9 +473,11 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 		return fmt.Errorf("bench: %d of %d connections came back to the workload", n, o.Conns)
 	}
 	w.mu.Lock()
-	if !o.PausedHandoff {
+	if !o.PausedHandoff && !w.pausedAt.IsZero() {
 		// The workload's pause began at the agent's pause, and its part
-		// of the hand-over is its answer.
+		// of the hand-over is its answer. (A migration that rolled back
+		// before the pause never paused it: the figures stay those of the
+		// hand-over.)
 		paused = w.pausedAt
 		r.HandoffUS = us(w.pauseDone.Sub(w.pausedAt))
 	}

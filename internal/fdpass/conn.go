@@ -174,6 +174,10 @@ func (c *Conn) Pause(ids []uint64, timeout time.Duration) ([][]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	mismatch := &OpError{Op: c.op("pause"), Err: fmt.Errorf("%w: the answer to a pause of %d sockets names %d, not the same", ErrUnexpected, len(ids), len(got))}
+	if len(got) != len(ids) { // also an answer to a pause of none
+		return nil, mismatch
+	}
 	byID := make(map[uint64][]byte, len(got))
 	for _, it := range got {
 		byID[it.ID] = it.State // IDs are distinct: receive checked
@@ -181,10 +185,33 @@ func (c *Conn) Pause(ids []uint64, timeout time.Duration) ([][]byte, error) {
 	states := make([][]byte, len(ids))
 	for i, id := range ids {
 		st, ok := byID[id]
-		if !ok || len(got) != len(ids) {
-			return nil, &OpError{Op: c.op("pause"), Err: fmt.Errorf("%w: the answer to a pause of %d sockets names %d, not the same", ErrUnexpected, len(ids), len(got))}
+		if !ok {
+			return nil, mismatch
 		}
 		states[i] = st
+	}
+	return states, nil
+}
+
+// PauseItems is Pause for the items at idx (indices into items, such as
+// source.Config.Pause is given): it pauses them by ID and, once they are
+// paused, stores each one's state as of the pause in its State, so that a
+// HAND-BACK of them after a rollback carries that state and not the one
+// they were handed over with. It returns the states in the order of idx.
+func (c *Conn) PauseItems(items []Item, idx []int, timeout time.Duration) ([][]byte, error) {
+	ids := make([]uint64, len(idx))
+	for i, j := range idx {
+		if j < 0 || j >= len(items) {
+			return nil, &OpError{Op: c.op("pause"), Err: fmt.Errorf("%w: index %d of %d sockets", ErrInvalid, j, len(items))}
+		}
+		ids[i] = items[j].ID
+	}
+	states, err := c.Pause(ids, timeout)
+	if err != nil {
+		return nil, err
+	}
+	for i, j := range idx {
+		items[j].State = states[i]
 	}
 	return states, nil
 }
@@ -326,7 +353,7 @@ func (c *Conn) receive() (m Message, consumed bool, err error) {
 		case KindSockets, KindHandBack, KindPaused:
 			if m.Kind != 0 && f.live != m.Live {
 				closeFDs(fds)
-				return fail(fmt.Errorf("%w: live and paused frames in one %s message", ErrMalformed, f.kind))
+				return fail(fmt.Errorf("%w: live and non-live frames in one %s message", ErrMalformed, f.kind))
 			}
 			m.Kind, m.Live = f.kind, f.live
 			if err := c.checkBatchFrame(&f, len(batch), &batchBytes, &seen); err != nil {

@@ -139,10 +139,13 @@ func TestLiveHandoff(t *testing.T) {
 		states [][]byte
 		err    error
 	}
-	pauseAsync := func(timeout time.Duration) <-chan result {
+	async2 := func(fn func() ([][]byte, error)) <-chan result {
 		ch := make(chan result, 1)
-		go func() { st, err := agent.Pause(pause, timeout); ch <- result{st, err} }()
+		go func() { st, err := fn(); ch <- result{st, err} }()
 		return ch
+	}
+	pauseAsync := func(timeout time.Duration) <-chan result {
+		return async2(func() ([][]byte, error) { return agent.Pause(pause, timeout) })
 	}
 	done := pauseAsync(5 * time.Second)
 	got, err := app.Receive()
@@ -183,6 +186,30 @@ func TestLiveHandoff(t *testing.T) {
 	}
 	if r := <-done; !errors.Is(r.err, ErrUnexpected) {
 		t.Fatalf("pause answered with an ack: %v, want ErrUnexpected", r.err)
+	}
+	// A pause of none answered with a record fails too.
+	done = async2(func() ([][]byte, error) { return agent.Pause(nil, 5*time.Second) })
+	if _, err := app.Receive(); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.SendPaused([]Item{{ID: 500}}); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-done; !errors.Is(r.err, ErrUnexpected) {
+		t.Fatalf("pause of none answered with a record: %v, want ErrUnexpected", r.err)
+	}
+	// PauseItems pauses items by index and keeps their new states, for a
+	// HAND-BACK after a rollback.
+	done = async2(func() ([][]byte, error) { return agent.PauseItems(m.Items, []int{299, 0}, 5*time.Second) })
+	if got, err := app.Receive(); err != nil || !reflect.DeepEqual(got.IDs, []uint64{799, 500}) {
+		t.Fatalf("app received %+v, %v; want pause [799 500]", got, err)
+	}
+	if err := app.SendPaused([]Item{{ID: 500, State: []byte("s500")}, {ID: 799, State: []byte("s799")}}); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-done; r.err != nil || string(r.states[0]) != "s799" || string(r.states[1]) != "s500" ||
+		string(m.Items[299].State) != "s799" || string(m.Items[0].State) != "s500" || m.Items[1].State != nil {
+		t.Fatalf("PauseItems: states %q, %v; items' states %q %q %q", r.states, r.err, m.Items[0].State, m.Items[1].State, m.Items[299].State)
 	}
 	// A silent program: the pause gives up at its timeout.
 	start := time.Now()

@@ -161,7 +161,7 @@ func TestMalformedFramesLeakNothing(t *testing.T) {
 				p.send(sockFrame(KindSockets, []Item{meta}, false), s)
 				p.send(appendError(nil, CodeRejected, "changed my mind"))
 			}},
-		{name: "live and paused frames in one message", want: ErrMalformed, text: "live and paused frames in one sockets message", code: CodeMalformed,
+		{name: "live and non-live frames in one message", want: ErrMalformed, text: "live and non-live frames in one sockets message", code: CodeMalformed,
 			run: func(p *rawPeer, s *os.File) {
 				p.send(hello)
 				p.send(appendBatchFrameFlags(nil, KindSockets, []Item{meta}, planBatch([]Item{meta})[0], false, true), s)

@@ -202,13 +202,13 @@ func parseHeader(b []byte) (header, error) {
 type frame struct {
 	kind   Kind
 	nfds   int
-	final  bool      // KindSockets, KindHandBack: the last frame of the batch
+	final  bool      // KindSockets, KindHandBack, KindPaused: the last frame of the batch
 	live   bool      // KindSockets: handed over live (flagLive)
 	limits Limits    // KindHello
 	code   ErrorCode // KindError
 	msg    string    // KindError
 	items  []Item    // KindSockets, KindHandBack, KindPaused (no File)
-	ids    []uint64  // KindCommitted, KindAck
+	ids    []uint64  // KindCommitted, KindAck, KindPause
 }
 
 // decodeFrame decodes one whole frame, header and body, received without
@@ -295,8 +295,16 @@ func decodeBatch(f *frame, h header, body []byte, lim Limits) error {
 	if count > lim.MaxBatch {
 		return fmt.Errorf("%w: %s frame of %d sockets, at most %d accepted", ErrTooLarge, h.kind, count, lim.MaxBatch)
 	}
+	// A PAUSED frame's count is not tied to its descriptors: the frames
+	// are split as for SOCKETS, and the records must fit in the body.
+	if h.kind == KindPaused && count > MaxFDsPerFrame {
+		return fmt.Errorf("%w: %s frame of %d records, at most %d in one frame", ErrMalformed, h.kind, count, MaxFDsPerFrame)
+	}
+	if most := (len(body) - batchHeaderLen) / (4 + recordFixedLen); count > most {
+		return fmt.Errorf("%w: %s frame of %d sockets in %d bytes, room for at most %d records", ErrMalformed, h.kind, count, len(body), most)
+	}
 	f.final, f.live = flags&flagFinal != 0, flags&flagLive != 0
-	f.items = make([]Item, 0, count) // count ≤ MaxFDsPerFrame
+	f.items = make([]Item, 0, count) // count ≤ MaxFDsPerFrame, and records for each are in body
 	p := body[batchHeaderLen:]
 	for i := 0; i < count; i++ {
 		if len(p) < 4 {

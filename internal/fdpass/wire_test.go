@@ -186,6 +186,8 @@ func TestDecodeRejects(t *testing.T) {
 		{"count differs from fds", patch(good, HeaderLen, 0, 2), Limits{}, ErrMalformed, "names 2 sockets"},
 		{"unknown flag", patch(good, HeaderLen+2, 5), Limits{}, ErrMalformed, "unknown flags"},
 		{"paused with descriptors", patch(appendBatchFrame(nil, KindPaused, []Item{{ID: 1}}, planBatch([]Item{{ID: 1}})[0], true), 6, 0, 1), Limits{}, ErrMalformed, "carries none"},
+		{"paused frame of 254", patch(appendBatchFrame(nil, KindPaused, nil, span{bodyLen: batchHeaderLen}, true), HeaderLen, 0, 254), Limits{MaxBatch: MaxBatchLimit}, ErrMalformed, "254 records, at most 253"},
+		{"paused count past body", patch(appendBatchFrame(nil, KindPaused, nil, span{bodyLen: batchHeaderLen}, true), HeaderLen, 0, 200), Limits{}, ErrMalformed, "room for at most 0"},
 		{"live hand-back", patch(patch(good, 5, byte(KindHandBack)), HeaderLen+2, flagFinal|flagLive), Limits{}, ErrMalformed, "unknown flags"},
 		{"reserved byte", patch(good, HeaderLen+3, 1), Limits{}, ErrMalformed, "unknown flags"},
 		{"record past end", patch(good, HeaderLen+4, 0, 0, 1, 0), Limits{}, ErrMalformed, "record claims 256 bytes"},
