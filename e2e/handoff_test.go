@@ -54,7 +54,7 @@ func TestCLIHandoffDeliver(t *testing.T) {
 // workload hands its streaming sockets to `send --handoff` and goes on
 // serving them (reading, checking, writing) while the agent inspects them
 // and prepares the target. When the agent pauses it, it stops each stream
-// at an exact offset, closes its own descriptor and answers with those
+// at an exact offset (keeping its descriptor until COMMITTED) and answers with those
 // offsets as the socket's state, which `receive --deliver` passes to the
 // workload's new instance. Every stream must have received bytes after
 // the hand-over; the peers verify every byte and see no reset.
@@ -79,7 +79,6 @@ func TestCLIHandoffLive(t *testing.T) {
 		if last := ep.LastReceived(); !last.After(handed) {
 			t.Errorf("connection %d received nothing after the hand-over (last at %v, handed over at %v)", id, last, handed)
 		}
-		c.Close() // the agent holds the socket: no FIN
 		paused[i] = fdpass.Item{ID: id, State: ep.State()}
 	}
 	if err := hc.SendPaused(paused); err != nil {
@@ -90,6 +89,9 @@ func TestCLIHandoffLive(t *testing.T) {
 	}
 	if m.Kind != fdpass.KindCommitted || len(m.IDs) != len(w.conns) {
 		t.Fatalf("the source answered %s with %d IDs, want every connection committed", m.Kind, len(m.IDs))
+	}
+	for _, c := range w.conns {
+		c.Close() // kept until now; in repair mode: silent
 	}
 	if err := <-delivered; err != nil {
 		t.Fatal(err)
@@ -104,36 +106,60 @@ func TestCLIHandoffLive(t *testing.T) {
 }
 
 // TestCLIHandoffLiveBadPause: a live workload that answers the pause for
-// fewer sockets than asked has not stopped serving them, so nothing is
-// locked: `send` rolls back and fails, the sockets come back in a
-// HAND-BACK (second descriptors of sockets the workload still serves), and
-// the streams run on untouched, every byte verified and no reset.
+// fewer sockets than asked, or with an error, has not let the agent lock
+// anything: `send` rolls back and fails. After the short answer the sockets
+// come back in a HAND-BACK (second descriptors of sockets the workload
+// holds); after the error nothing can come back on the connection, and the
+// workload carries on with the descriptors it kept. Either way the streams
+// carry on, every byte verified, with no FIN and no reset.
 func TestCLIHandoffLiveBadPause(t *testing.T) {
-	w := newWorld(t, 4)
-	hc, _, receiver, sender, _ := w.liveHandOff()
-	m, err := hc.Receive()
-	if err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name   string
+		answer func(hc *fdpass.Conn, ids []uint64) error
+		back   bool // a HAND-BACK is expected
+	}{
+		{"too-few", func(hc *fdpass.Conn, ids []uint64) error { return hc.SendPaused([]fdpass.Item{{ID: ids[0]}}) }, true},
+		{"error", func(hc *fdpass.Conn, _ []uint64) error {
+			return hc.SendError(fmt.Errorf("%w: the workload will not pause", fdpass.ErrRejected))
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newWorld(t, 4)
+			hc, _, receiver, sender, _ := w.liveHandOff()
+			m, err := hc.Receive()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
+				t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
+			}
+			// The workload pauses, then answers badly.
+			for _, c := range w.conns {
+				w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort()).Pause()
+			}
+			if err := tc.answer(hc, m.IDs); err != nil {
+				t.Fatal(err)
+			}
+			if tc.back {
+				if m, err = hc.Receive(); err != nil {
+					t.Fatal(err)
+				}
+				if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {
+					t.Fatalf("the source answered %s with %d sockets, want every socket handed back", m.Kind, len(m.Items))
+				}
+				fdpass.CloseItems(m.Items) // the workload kept its own
+			}
+			if err := sender.Wait(); err == nil {
+				t.Error("send succeeded after a bad answer to its pause")
+			}
+			for _, c := range w.conns { // on the workload's own descriptors
+				w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort()).Start(c)
+			}
+			receiver.Process.Kill()
+			receiver.Wait()
+			w.check(300 * time.Millisecond)
+		})
 	}
-	if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
-		t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
-	}
-	if err := hc.SendPaused([]fdpass.Item{{ID: m.IDs[0]}}); err != nil {
-		t.Fatal(err)
-	}
-	if m, err = hc.Receive(); err != nil {
-		t.Fatal(err)
-	}
-	if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {
-		t.Fatalf("the source answered %s with %d sockets, want every socket handed back", m.Kind, len(m.Items))
-	}
-	fdpass.CloseItems(m.Items) // the workload kept its own
-	if err := sender.Wait(); err == nil {
-		t.Error("send succeeded after a pause answered for one socket of four")
-	}
-	receiver.Process.Kill()
-	receiver.Wait()
-	w.check(300 * time.Millisecond)
 }
 
 // TestCLIHandoffLiveRolledBack: the target refuses every connection (its
@@ -158,7 +184,6 @@ func TestCLIHandoffLiveRolledBack(t *testing.T) {
 		c := w.conns[id]
 		ep := w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort())
 		ep.Pause()
-		c.Close() // the agent has a descriptor of it
 		paused[i] = fdpass.Item{ID: id, State: ep.State()}
 	}
 	if err := hc.SendPaused(paused); err != nil {
@@ -169,6 +194,9 @@ func TestCLIHandoffLiveRolledBack(t *testing.T) {
 	}
 	if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {
 		t.Fatalf("the source answered %s with %d sockets, want every socket handed back", m.Kind, len(m.Items))
+	}
+	for _, c := range w.conns {
+		c.Close() // kept until now; the handed-back copies carry on
 	}
 	for _, it := range m.Items {
 		conn, err := net.FileConn(it.File)

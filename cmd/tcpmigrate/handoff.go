@@ -47,7 +47,9 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 	items := msg.Items
 	if msg.Live {
 		// The paused states go into items too: a rollback hands them back.
-		cfg.Pause = func(_ context.Context, idx []int) ([][]byte, error) { return conn.PauseItems(items, idx, pauseTimeout) }
+		cfg.Pause = func(ctx context.Context, idx []int) ([][]byte, error) {
+			return conn.PauseItems(ctx, items, idx, pauseTimeout)
+		}
 	}
 	conns := make([]source.Conn, len(items))
 	for i, it := range items {

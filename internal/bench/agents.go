@@ -100,8 +100,8 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 	received := time.Since(start)
 	if msg.Live {
 		// As `send --handoff` does for a live program.
-		scfg.Pause = func(_ context.Context, idx []int) ([][]byte, error) {
-			return conn.PauseItems(items, idx, 10*time.Second)
+		scfg.Pause = func(ctx context.Context, idx []int) ([][]byte, error) {
+			return conn.PauseItems(ctx, items, idx, 10*time.Second)
 		}
 	}
 	conns := make([]source.Conn, len(items))

@@ -55,9 +55,16 @@ func TestBench(t *testing.T) {
 		t.Errorf("report of %d connections (%d streaming, %d queued bytes, %d calibrated), want %d (%d, %d, 20)",
 			r.Conns, r.StreamConns, r.QueueBytes, r.CalibrationConns, conns, streams, queue)
 	}
-	// Every static connection carried its queues: at least 64 KiB each way.
-	if min := int64(conns-streams) * 2 * queue; r.StateBytes < min {
+	// Every static connection carried its queues: 64 KiB each way, less
+	// what the peer's kernel may still take into its receive buffer once
+	// priming is done (two segments, 2,920 bytes, in every run seen). The
+	// streams' receive queues are about empty: the workload serves them
+	// until the agent pauses it, just before the lock.
+	if min := int64(conns-streams) * (2*queue - 4096); r.StateBytes < min {
 		t.Errorf("state bytes %d, want at least %d", r.StateBytes, min)
+	}
+	if !r.LiveHandoff {
+		t.Error("the workload did not hand its sockets over live")
 	}
 	if r.Stall != nil && r.Stall.Unresolved != 0 {
 		t.Errorf("%d streams did not resume", r.Stall.Unresolved)
@@ -66,7 +73,7 @@ func TestBench(t *testing.T) {
 	for _, p := range r.Phases {
 		phases = append(phases, p.Name)
 	}
-	for _, want := range []string{"lock", "dump+restore", "switch", "commit"} {
+	for _, want := range []string{"pause", "reinspect", "hold", "lock", "dump+restore", "switch", "commit"} {
 		if !contains(phases, want) {
 			t.Errorf("phases %v lack %q", phases, want)
 		}

@@ -27,8 +27,11 @@ type wconn struct {
 	// back says the workload holds the connection again after the move.
 	back bool
 	// live says the workload still serves the connection (a stream) after
-	// handing it over live, until the source agent pauses it.
-	live bool
+	// handing it over live, until the source agent pauses it; kept, that
+	// it paused it and still holds c, its own descriptor, until the
+	// connection comes back (delivered by the target: c then goes; or
+	// handed back by the source: c serves on).
+	live, kept bool
 }
 
 // workload is the bench's application: it serves the peer's connections on
@@ -46,7 +49,7 @@ type workload struct {
 	handed     chan struct{}
 	handedOnce sync.Once
 
-	mu sync.Mutex // guards back, handedBack, lastBack, pausedAt, pauseDone and each wconn's live
+	mu sync.Mutex // guards back, handedBack, lastBack, pausedAt, pauseDone and each wconn's live and kept
 	// back counts the sockets the workload holds again, delivered by the
 	// target or handed back by the source (handedBack of them).
 	back, handedBack int
@@ -174,7 +177,7 @@ func (w *workload) serveDeliveries(ln *fdpass.Listener, errs *errList) {
 			conn.Close()
 			continue
 		}
-		ids := w.takeBack(items, errs)
+		ids := w.takeBack(items, false, errs)
 		errs.add(conn.SendAck(ids))
 		conn.Close()
 	}
@@ -193,7 +196,7 @@ func (w *workload) serveHandBacks(conn *fdpass.Conn, errs *errList) {
 			w.mu.Lock()
 			w.handedBack += len(m.Items)
 			w.mu.Unlock()
-			w.takeBack(m.Items, errs)
+			w.takeBack(m.Items, true, errs)
 		case fdpass.KindPause:
 			w.pause(m.IDs, errs)
 			paused := make([]fdpass.Item, len(m.IDs))
@@ -209,8 +212,9 @@ func (w *workload) serveHandBacks(conn *fdpass.Conn, errs *errList) {
 }
 
 // pause stops serving the connections with these IDs, handed over live:
-// their streams stop at exact offsets, and the workload closes its own
-// descriptors of them, as a program must before it answers a pause.
+// their streams stop at exact offsets. The workload keeps its descriptors
+// until each connection comes back, as a program must: if the hand-over
+// connection failed now, they would be the sockets' only holders.
 func (w *workload) pause(ids []uint64, errs *errList) {
 	w.mu.Lock()
 	w.pausedAt = time.Now()
@@ -234,9 +238,8 @@ func (w *workload) pause(ids []uint64, errs *errList) {
 			if wc.ep != nil {
 				wc.ep.Pause()
 			}
-			wc.c.Close()
 			w.mu.Lock()
-			wc.live = false
+			wc.live, wc.kept = false, true
 			w.mu.Unlock()
 		}()
 	}
@@ -244,10 +247,11 @@ func (w *workload) pause(ids []uint64, errs *errList) {
 	w.handedOver()
 }
 
-// takeBack puts the workload back in charge of items: a stream carries on
-// at once where it paused, a static connection waits for the final checks.
+// takeBack puts the workload back in charge of items, delivered by the
+// target or handed back by the source (fromSource): a stream carries on at
+// once where it paused, a static connection waits for the final checks.
 // It returns the items' IDs.
-func (w *workload) takeBack(items []fdpass.Item, errs *errList) []uint64 {
+func (w *workload) takeBack(items []fdpass.Item, fromSource bool, errs *errList) []uint64 {
 	<-w.handed
 	ids := make([]uint64, 0, len(items))
 	for _, it := range items {
@@ -261,14 +265,25 @@ func (w *workload) takeBack(items []fdpass.Item, errs *errList) []uint64 {
 			continue
 		}
 		w.mu.Lock()
-		live := wc.live
+		live, kept := wc.live, wc.kept
+		wc.kept = false
 		w.mu.Unlock()
-		if live {
-			// Handed back without a pause: the workload served it all
-			// along, and this is a second descriptor of it.
+		if live || kept && fromSource {
+			// A second descriptor of the socket the workload holds: handed
+			// back without a pause (served all along), or after one (the
+			// stream carries on on the workload's own).
 			it.File.Close()
 			wc.back = true
+			if kept && wc.ep != nil {
+				wc.ep.Start(wc.c)
+			}
 			continue
+		}
+		if kept {
+			// Delivered: the migration committed, and the workload's
+			// descriptor is of the source's copy, in repair mode (closing
+			// it sends nothing).
+			wc.c.Close()
 		}
 		c, err := net.FileConn(it.File)
 		it.File.Close()

@@ -1,6 +1,7 @@
 package fdpass
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -125,11 +126,14 @@ func (c *Conn) SendSockets(items []Item) error {
 // SendSocketsLive is SendSockets for a sender that keeps serving the
 // sockets after handing them over: the receiver (a source agent) inspects
 // them while they are still in use and, before it locks them, sends
-// KindPause with their IDs. From then on the sender must not
-// read, write or shut them down, and must close its own descriptors of
-// them before it answers with SendPaused. A socket not named by a pause
-// stays the sender's to serve; it may still come back in a HAND-BACK, as
-// a second descriptor of a socket the sender holds.
+// KindPause with their IDs. From then on the sender must not read, write,
+// shut down or set an option on them, and it answers with SendPaused. It
+// keeps its own descriptors, as after SendSockets, until each socket is
+// committed (it closes them then: the agent's copy is in repair mode, so
+// nothing is sent) or handed back: if the hand-over connection fails in
+// between, they are what keeps the sockets alive. A socket not named by a
+// pause stays the sender's to serve; it may still come back in a
+// HAND-BACK, as a second descriptor of a socket the sender holds.
 func (c *Conn) SendSocketsLive(items []Item) error {
 	return c.sendBatch(c.op("send sockets"), KindSockets, items, true)
 }
@@ -164,12 +168,18 @@ func (c *Conn) SendPause(ids []uint64) error {
 // sockets with these IDs (SendPause) and waits up to timeout for its
 // answer (RecvPaused), which must name the same IDs, in any order. It
 // returns each socket's state as of the pause, in the order of ids.
-func (c *Conn) Pause(ids []uint64, timeout time.Duration) ([][]byte, error) {
+func (c *Conn) Pause(ctx context.Context, ids []uint64, timeout time.Duration) ([][]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, &OpError{Op: c.op("pause"), Err: err}
+	}
 	if err := c.SendPause(ids); err != nil {
 		return nil, err
 	}
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
+	// A cancelled ctx ends the wait as the timeout would.
+	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
+	defer stop()
 	got, err := c.RecvPaused()
 	if err != nil {
 		return nil, err
@@ -198,7 +208,7 @@ func (c *Conn) Pause(ids []uint64, timeout time.Duration) ([][]byte, error) {
 // paused, stores each one's state as of the pause in its State, so that a
 // HAND-BACK of them after a rollback carries that state and not the one
 // they were handed over with. It returns the states in the order of idx.
-func (c *Conn) PauseItems(items []Item, idx []int, timeout time.Duration) ([][]byte, error) {
+func (c *Conn) PauseItems(ctx context.Context, items []Item, idx []int, timeout time.Duration) ([][]byte, error) {
 	ids := make([]uint64, len(idx))
 	for i, j := range idx {
 		if j < 0 || j >= len(items) {
@@ -206,7 +216,7 @@ func (c *Conn) PauseItems(items []Item, idx []int, timeout time.Duration) ([][]b
 		}
 		ids[i] = items[j].ID
 	}
-	states, err := c.Pause(ids, timeout)
+	states, err := c.Pause(ctx, ids, timeout)
 	if err != nil {
 		return nil, err
 	}
@@ -219,8 +229,8 @@ func (c *Conn) PauseItems(items []Item, idx []int, timeout time.Duration) ([][]b
 // SendPaused answers a pause: items name the paused sockets by ID (their
 // File must be nil, their addresses and names are not sent), each with
 // the application's state as of the pause (State, at most the peer's
-// Limits.MaxState). The sockets are no longer used, and this side holds
-// no descriptor of them.
+// Limits.MaxState). The sockets are no longer used; this side keeps its
+// descriptors of them until they are committed or handed back.
 func (c *Conn) SendPaused(items []Item) error {
 	op := c.op("send paused")
 	recs := make([]Item, len(items))

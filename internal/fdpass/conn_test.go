@@ -145,7 +145,7 @@ func TestLiveHandoff(t *testing.T) {
 		return ch
 	}
 	pauseAsync := func(timeout time.Duration) <-chan result {
-		return async2(func() ([][]byte, error) { return agent.Pause(pause, timeout) })
+		return async2(func() ([][]byte, error) { return agent.Pause(context.Background(), pause, timeout) })
 	}
 	done := pauseAsync(5 * time.Second)
 	got, err := app.Receive()
@@ -188,7 +188,7 @@ func TestLiveHandoff(t *testing.T) {
 		t.Fatalf("pause answered with an ack: %v, want ErrUnexpected", r.err)
 	}
 	// A pause of none answered with a record fails too.
-	done = async2(func() ([][]byte, error) { return agent.Pause(nil, 5*time.Second) })
+	done = async2(func() ([][]byte, error) { return agent.Pause(context.Background(), nil, 5*time.Second) })
 	if _, err := app.Receive(); err != nil {
 		t.Fatal(err)
 	}
@@ -200,7 +200,7 @@ func TestLiveHandoff(t *testing.T) {
 	}
 	// PauseItems pauses items by index and keeps their new states, for a
 	// HAND-BACK after a rollback.
-	done = async2(func() ([][]byte, error) { return agent.PauseItems(m.Items, []int{299, 0}, 5*time.Second) })
+	done = async2(func() ([][]byte, error) { return agent.PauseItems(context.Background(), m.Items, []int{299, 0}, 5*time.Second) })
 	if got, err := app.Receive(); err != nil || !reflect.DeepEqual(got.IDs, []uint64{799, 500}) {
 		t.Fatalf("app received %+v, %v; want pause [799 500]", got, err)
 	}
@@ -211,9 +211,19 @@ func TestLiveHandoff(t *testing.T) {
 		string(m.Items[299].State) != "s799" || string(m.Items[0].State) != "s500" || m.Items[1].State != nil {
 		t.Fatalf("PauseItems: states %q, %v; items' states %q %q %q", r.states, r.err, m.Items[0].State, m.Items[1].State, m.Items[299].State)
 	}
+	// A pause cancelled by its context ends at once, not at its timeout.
+	cctx, ccancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer ccancel()
+	begun := time.Now()
+	if _, err := agent.Pause(cctx, pause, time.Minute); err == nil || time.Since(begun) > 10*time.Second {
+		t.Fatalf("pause with a cancelled context: %v after %v, want an error within seconds", err, time.Since(begun))
+	}
+	if _, err := app.Receive(); err != nil { // the cancelled pause's PAUSE
+		t.Fatal(err)
+	}
 	// A silent program: the pause gives up at its timeout.
 	start := time.Now()
-	if _, err := agent.Pause(pause, 100*time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) || time.Since(start) > 5*time.Second {
+	if _, err := agent.Pause(context.Background(), pause, 100*time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) || time.Since(start) > 5*time.Second {
 		t.Fatalf("pause of a silent program: %v after %v, want a deadline error", err, time.Since(start))
 	}
 }

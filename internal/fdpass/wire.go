@@ -72,7 +72,7 @@ const (
 	KindAck
 	// KindPause lists the IDs of sockets handed over live (Message.Live)
 	// that the source agent is about to lock: their sender must stop using
-	// them, close its own descriptors of them and answer KindPaused.
+	// them (keeping its descriptors) and answer KindPaused.
 	KindPause
 	// KindPaused answers KindPause: one record per paused socket (its ID
 	// and the application's state as of the pause), without descriptors;
