@@ -28,26 +28,7 @@ func TestCLIHandoffDeliver(t *testing.T) {
 	// The workload hands its sockets over, each with its offsets.
 	hc := w.handOff(hand)
 	defer hc.Close()
-	m, err := hc.Receive()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m.Kind != fdpass.KindCommitted || len(m.IDs) != len(w.conns) {
-		t.Fatalf("the source answered %s with %d IDs, want every connection committed", m.Kind, len(m.IDs))
-	}
-	for _, c := range w.conns {
-		c.Close() // in repair mode: silent
-	}
-	if err := <-delivered; err != nil {
-		t.Fatal(err)
-	}
-	if err := receiver.Wait(); err != nil {
-		t.Errorf("receive --once: %v", err)
-	}
-	if err := sender.Wait(); err != nil {
-		t.Errorf("send: %v", err)
-	}
-	w.check(500 * time.Millisecond)
+	w.expectCommitted(hc, delivered, receiver, sender)
 }
 
 // TestCLIHandoffLive runs the live hand-over with the real binary: the
@@ -61,13 +42,7 @@ func TestCLIHandoffDeliver(t *testing.T) {
 func TestCLIHandoffLive(t *testing.T) {
 	w := newWorld(t, 8)
 	hc, handed, receiver, sender, delivered := w.liveHandOff()
-	m, err := hc.Receive()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
-		t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
-	}
+	m := w.expectPause(hc)
 	paused := make([]fdpass.Item, len(m.IDs))
 	for i, id := range m.IDs {
 		if id >= uint64(len(w.conns)) {
@@ -84,14 +59,40 @@ func TestCLIHandoffLive(t *testing.T) {
 	if err := hc.SendPaused(paused); err != nil {
 		t.Fatal(err)
 	}
-	if m, err = hc.Receive(); err != nil {
+	w.expectCommitted(hc, delivered, receiver, sender)
+}
+
+// expectPause receives the source's PAUSE on hc, which must name every
+// connection.
+func (w *world) expectPause(hc *fdpass.Conn) fdpass.Message {
+	t := w.t
+	t.Helper()
+	m, err := hc.Receive()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
+		t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
+	}
+	return m
+}
+
+// expectCommitted waits for the source's COMMITTED of every connection on
+// hc, closes the workload's descriptors (of the source's copies, in repair
+// mode: silent), waits for the delivery and both agents, and checks the
+// streams.
+func (w *world) expectCommitted(hc *fdpass.Conn, delivered <-chan error, receiver, sender *exec.Cmd) {
+	t := w.t
+	t.Helper()
+	m, err := hc.Receive()
+	if err != nil {
 		t.Fatal(err)
 	}
 	if m.Kind != fdpass.KindCommitted || len(m.IDs) != len(w.conns) {
 		t.Fatalf("the source answered %s with %d IDs, want every connection committed", m.Kind, len(m.IDs))
 	}
 	for _, c := range w.conns {
-		c.Close() // kept until now; in repair mode: silent
+		c.Close()
 	}
 	if err := <-delivered; err != nil {
 		t.Fatal(err)
@@ -126,13 +127,7 @@ func TestCLIHandoffLiveBadPause(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			w := newWorld(t, 4)
 			hc, _, receiver, sender, _ := w.liveHandOff()
-			m, err := hc.Receive()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
-				t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
-			}
+			m := w.expectPause(hc)
 			// The workload pauses, then answers badly.
 			for _, c := range w.conns {
 				w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort()).Pause()
@@ -141,7 +136,8 @@ func TestCLIHandoffLiveBadPause(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tc.back {
-				if m, err = hc.Receive(); err != nil {
+				m, err := hc.Receive()
+				if err != nil {
 					t.Fatal(err)
 				}
 				if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {
@@ -172,13 +168,7 @@ func TestCLIHandoffLiveBadPause(t *testing.T) {
 func TestCLIHandoffLiveRolledBack(t *testing.T) {
 	w := newWorld(t, 4)
 	hc, _, receiver, sender, _ := w.liveHandOff("--allow-port", "1")
-	m, err := hc.Receive()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
-		t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
-	}
+	m := w.expectPause(hc)
 	paused := make([]fdpass.Item, len(m.IDs))
 	for i, id := range m.IDs {
 		c := w.conns[id]
@@ -189,7 +179,8 @@ func TestCLIHandoffLiveRolledBack(t *testing.T) {
 	if err := hc.SendPaused(paused); err != nil {
 		t.Fatal(err)
 	}
-	if m, err = hc.Receive(); err != nil {
+	m, err := hc.Receive()
+	if err != nil {
 		t.Fatal(err)
 	}
 	if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {

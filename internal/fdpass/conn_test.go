@@ -200,7 +200,9 @@ func TestLiveHandoff(t *testing.T) {
 	}
 	// PauseItems pauses items by index and keeps their new states, for a
 	// HAND-BACK after a rollback.
-	done = async2(func() ([][]byte, error) { return agent.PauseItems(context.Background(), m.Items, []int{299, 0}, 5*time.Second) })
+	done = async2(func() ([][]byte, error) {
+		return agent.PauseItems(context.Background(), m.Items, []int{299, 0}, 5*time.Second)
+	})
 	if got, err := app.Receive(); err != nil || !reflect.DeepEqual(got.IDs, []uint64{799, 500}) {
 		t.Fatalf("app received %+v, %v; want pause [799 500]", got, err)
 	}
