@@ -145,6 +145,19 @@ func Kick(in *Injector, snaps ...*Snapshot) error {
 	return err
 }
 
+// AckNow makes the socket on fd, kicked a moment ago, acknowledge at once
+// what its peer sent since (TCP_QUICKACK). A held peer answers the kick
+// with its backlog, which fills the restored receive window in one burst;
+// while nobody reads the socket its window cannot grow, and the kernel
+// holds that ACK for its delayed-ACK timer, 40 ms or more, and leaves the
+// peer waiting (docs/performance.md §11.3). Call it once the burst has had
+// a round trip to arrive, before the socket goes to its application; it
+// is harmless for a socket with nothing to acknowledge. Any error is the
+// setsockopt's: the socket is live either way.
+func AckNow(fd int) error {
+	return setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, 1)
+}
+
 // Announce makes the socket on fd, just held and not yet locked, send an
 // ACK at once, which the hold rewrites to advertise window 0. Drain's
 // forced ACKs go out only when one is due (data came in unacknowledged):

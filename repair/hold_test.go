@@ -313,3 +313,129 @@ func TestMarkHeld(t *testing.T) {
 		t.Error("MarkHeld marked a CLOSE_WAIT snapshot")
 	}
 }
+
+// TestAckNowAfterKick: a held peer answers the kick with its backlog, which
+// fills a small restored receive window in one burst. Nobody reads the
+// restored socket yet, so its window cannot grow and the kernel would hold
+// the ACK for its delayed-ACK timer (40 ms or more); AckNow sends it at
+// once. The test waits for the burst to be in the restored socket, calls
+// AckNow, and wants the peer to see all of it acknowledged well within the
+// timer's 40 ms (20 ms, generous for a loaded machine).
+func TestAckNowAfterKick(t *testing.T) {
+	h := newHosts(t, false)
+	peerAP := netip.AddrPortFrom(h.peerAddr, peerPort)
+	local := netip.AddrPortFrom(h.svc, 40002)
+	src, peer := dialPeer(t, h, unix.AF_INET, local, peerAP, nil, nil)
+	defer src.Close()
+	defer peer.Close()
+	srcFd := fdOf(t, src)
+	// A 128 KiB receive buffer, as an application that set one would have.
+	if err := unix.SetsockoptInt(srcFd, unix.SOL_SOCKET, unix.SO_RCVBUF, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	// The peer streams 16 KiB every 10 ms until told to stop.
+	var stop atomic.Bool
+	defer stop.Store(true)
+	go func() {
+		buf := make([]byte, 16<<10)
+		for !stop.Load() {
+			peer.SetWriteDeadline(time.Now().Add(20 * time.Millisecond))
+			if _, err := peer.Write(buf); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	buf := make([]byte, 64<<10)
+	src.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	for {
+		if _, err := src.Read(buf); err != nil {
+			break
+		}
+	}
+
+	tuple := firewall.Tuple{Local: local, Remote: peerAP}
+	srcLock := newLock(t, h.src, "acknow-src", true)
+	if err := srcLock.Hold([]firewall.Tuple{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.src.Do(func() error {
+		var inspected Snapshot
+		if err := Inspect(srcFd, &inspected); err != nil {
+			return err
+		}
+		in, err := NewInjector(srcLock.BypassMark())
+		if err != nil {
+			return err
+		}
+		defer in.Close()
+		return Announce(in, srcFd, &inspected)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if left, err := Drain([]int{srcFd}, 200*time.Millisecond); err != nil || left != 0 {
+		t.Fatalf("drain: %d left, %v", left, err)
+	}
+	if err := srcLock.Lock([]firewall.Tuple{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	var snap Snapshot
+	if err := h.src.Do(func() error { return Dump(srcFd, &snap) }); err != nil {
+		t.Fatal(err)
+	}
+	snap.MarkHeld()
+	if err := Discard(dupFd(t, srcFd)); err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+	dstLock := newLock(t, h.dst, "acknow-dst", false)
+	if err := dstLock.Lock([]firewall.Tuple{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	var fd int
+	if err := h.dst.Do(func() (err error) { fd, err = Restore(&snap); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	in := newInjector(t, h.dst, dstLock.BypassMark())
+	h.moveService(t)
+	time.Sleep(30 * time.Millisecond) // the peer's backlog grows behind the zero window
+	if err := dstLock.Unlock([]firewall.Tuple{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ResumeHeld(fd, &snap); err != nil {
+		t.Fatal(err)
+	}
+	peerInfo := func() *unix.TCPInfo {
+		t.Helper()
+		info, err := unix.GetsockoptTCPInfo(fdOf(t, peer), unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info
+	}
+	acked0 := peerInfo().Bytes_acked
+	if err := Kick(in, &snap); err != nil {
+		t.Fatal(err)
+	}
+	queued := len(snap.RecvQueue)
+	var burst int
+	waitFor(t, "the peer's burst at the restored socket", 2*time.Second, func() bool {
+		n, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+		burst = n - queued
+		return err == nil && burst > 0
+	})
+	if err := AckNow(fd); err != nil {
+		t.Fatal(err)
+	}
+	acked := time.Now()
+	var got uint64
+	for time.Since(acked) < 20*time.Millisecond {
+		if got = peerInfo().Bytes_acked - acked0; got >= uint64(burst) {
+			t.Logf("a burst of %d bytes acknowledged %v after AckNow", burst, time.Since(acked).Round(10*time.Microsecond))
+			return
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	t.Errorf("20 ms after AckNow the peer sees %d of the %d bytes of its burst acknowledged", got, burst)
+}

@@ -899,6 +899,12 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 				if err == nil || errors.Is(err, repair.ErrResumedLive) {
 					resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
 				}
+				if err == nil && c.snap.Flags&repair.FlagHeld != 0 {
+					// A peer on this host has answered the kick already,
+					// within its system call: acknowledge its burst now.
+					// (After the freeze: the kick ended it.)
+					repair.AckNow(c.fd)
+				}
 				resumeErrs[i] = err
 			}
 		}
@@ -919,6 +925,19 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			resumeErrs[i] = nil
 			resumed[i] = &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
 				Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index}
+		}
+		return nil
+	})
+	// The held peers answered their kicks with a burst that fills the
+	// restored window; nobody reads yet, so the kernel would hold its ACK
+	// for its delayed-ACK timer (40 ms or more). A burst that was not in
+	// at the wake (a peer a round trip away) has had its round trip by
+	// now, after the second pass: acknowledge it too.
+	shares.Run(len(live), minShare, func(lo, hi int) error {
+		for i := lo; i < hi; i++ {
+			if c := live[i]; resumeErrs[i] == nil && c.snap.Flags&repair.FlagHeld != 0 {
+				repair.AckNow(c.fd)
+			}
 		}
 		return nil
 	})
