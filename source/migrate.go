@@ -8,7 +8,6 @@ import (
 	"iter"
 	"log/slog"
 	"net"
-	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -269,14 +268,17 @@ func (m *migration) run(ctx context.Context) error {
 	// A live owner is paused now, and its connections inspected again.
 	// Both come before the hold: from the hold on the peers wait, and
 	// every millisecond there is one of their stall.
-	if m.cfg.Pause != nil && len(m.elig) > 0 {
-		if err := m.pause(ctx); err != nil {
+	if m.cfg.Pause != nil {
+		paused, err := m.pause(ctx)
+		if err != nil {
 			return m.rollbackAll(ctx, err)
 		}
-		if err := m.reinspect(); err != nil {
-			return m.rollbackAll(ctx, err)
+		if len(paused) > 0 {
+			if err := m.reinspect(paused); err != nil {
+				return m.rollbackAll(ctx, err)
+			}
+			m.endPhase("reinspect")
 		}
-		m.endPhase("reinspect")
 	}
 
 	if err := m.fault(StepLock); err != nil {
@@ -414,11 +416,11 @@ func (m *migration) inspectEach(conns []*conn) ([]error, error) {
 }
 
 // pause asks the owner of a live hand-over to stop using the connections
-// about to be locked (Config.Pause).
-// Only the caller's connections are named: those Migrate accepted from a
-// listener's queue (pendingOn) were never the owner's, and their indices
-// are past the caller's conns.
-func (m *migration) pause(ctx context.Context) error {
+// about to be locked (Config.Pause), takes the states it gives, and returns
+// those connections. Only the caller's connections are named: those
+// Migrate accepted from a listener's queue (pendingOn) were never the
+// owner's, and their indices are past the caller's conns.
+func (m *migration) pause(ctx context.Context) ([]*conn, error) {
 	var owned []*conn
 	var idx []int
 	for _, c := range m.elig {
@@ -428,45 +430,37 @@ func (m *migration) pause(ctx context.Context) error {
 		}
 	}
 	if len(owned) == 0 {
-		return nil
+		return nil, nil
 	}
 	states, err := m.cfg.Pause(ctx, idx)
 	if err != nil {
-		return fmt.Errorf("source: pause the connections' owner: %w", err)
+		return nil, fmt.Errorf("source: pause the connections' owner: %w", err)
 	}
 	if states != nil {
 		if len(states) != len(idx) {
-			return fmt.Errorf("source: the connections' owner paused %d connections and gave %d states", len(idx), len(states))
+			return nil, fmt.Errorf("source: the connections' owner paused %d connections and gave %d states", len(idx), len(states))
 		}
 		for i, c := range owned {
 			c.AppState = states[i]
 		}
 	}
 	m.endPhase("pause")
-	return nil
+	return owned, nil
 }
 
-// reinspect inspects the connections of a live hand-over again, once their
-// owner is paused: it may have changed what the first inspection read
-// (options, a shutdown, the state) while it served them. The presets
-// PREPARE sent stay right, since a restore writes whatever option its
-// snapshot has and its preset does not. A connection that cannot be
-// migrated any more, or whose addresses changed, fails the migration,
-// which hands everything back: PREPARE has announced it, and the target
-// expects it.
-func (m *migration) reinspect() error {
-	before := make([][2]netip.AddrPort, len(m.elig))
-	for i, c := range m.elig {
-		before[i] = [2]netip.AddrPort{c.snap.Local, c.snap.Remote}
-	}
-	errs, err := m.inspectEach(m.elig)
-	for i, c := range m.elig {
-		err := errors.Join(err, errs[i])
-		if err == nil && (c.snap.Local != before[i][0] || c.snap.Remote != before[i][1]) {
-			err = fmt.Errorf("its addresses changed from %s->%s to %s->%s", before[i][0], before[i][1], c.snap.Local, c.snap.Remote)
-		}
-		if err != nil {
-			return fmt.Errorf("source: connection %d (%s->%s) changed while its owner served it: %w", c.res.Index, before[i][0], before[i][1], err)
+// reinspect inspects the paused connections of a live hand-over again: the
+// owner may have changed what the first inspection read (options, a
+// shutdown, the state) while it served them. The presets PREPARE sent stay
+// right, since a restore writes whatever option its snapshot has and its
+// preset does not. A connection that cannot be migrated any more fails the
+// migration, which hands everything back: PREPARE has announced it, and
+// the target expects it. (The addresses cannot have changed: the agent's
+// descriptor is of the same connected socket.)
+func (m *migration) reinspect(paused []*conn) error {
+	errs, err := m.inspectEach(paused)
+	for i, c := range paused {
+		if err := errors.Join(err, errs[i]); err != nil {
+			return fmt.Errorf("source: connection %d (%s) changed while its owner served it: %w", c.res.Index, c.tuple, err)
 		}
 	}
 	return nil

@@ -899,12 +899,6 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 				if err == nil || errors.Is(err, repair.ErrResumedLive) {
 					resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
 				}
-				if err == nil && c.snap.Flags&repair.FlagHeld != 0 {
-					// A peer on this host has answered the kick already,
-					// within its system call: acknowledge its burst now.
-					// (After the freeze: the kick ended it.)
-					repair.AckNow(c.fd)
-				}
 				resumeErrs[i] = err
 			}
 		}
@@ -917,6 +911,13 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			if err != nil && !errors.Is(err, repair.ErrResumedLive) {
 				continue // still in repair mode: discarded below
 			}
+			if err == nil && c.snap.Flags&repair.FlagHeld != 0 {
+				// The peer answered its kick with a burst that fills the
+				// restored window (a peer on this host within the kick's
+				// system call); nobody reads yet, so the kernel would hold
+				// its ACK for the delayed-ACK timer, 40 ms or more.
+				repair.AckNow(c.fd)
+			}
 			if err = errors.Join(err, repair.Finish(c.fd, c.snap)); err != nil {
 				// Live despite the error (a lost kick or probe, an option
 				// not put back): it is delivered like the others.
@@ -928,11 +929,8 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		}
 		return nil
 	})
-	// The held peers answered their kicks with a burst that fills the
-	// restored window; nobody reads yet, so the kernel would hold its ACK
-	// for its delayed-ACK timer (40 ms or more). A burst that was not in
-	// at the wake (a peer a round trip away) has had its round trip by
-	// now, after the second pass: acknowledge it too.
+	// Again, for the bursts that were not in at the second pass (a peer a
+	// round trip away): they have had that pass's time to arrive.
 	shares.Run(len(live), minShare, func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			if c := live[i]; resumeErrs[i] == nil && c.snap.Flags&repair.FlagHeld != 0 {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -34,13 +33,8 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 		return nil, err
 	}
 	defer conn.Close()
-	msg, err := conn.Receive()
+	msg, err := conn.RecvSocketsMessage()
 	if err != nil {
-		return nil, err
-	}
-	if msg.Kind != fdpass.KindSockets {
-		fdpass.CloseItems(msg.Items)
-		err := fmt.Errorf("handoff: the program sent a %s message, not its sockets: %w", msg.Kind, fdpass.ErrUnexpected)
 		conn.SendError(err)
 		return nil, err
 	}

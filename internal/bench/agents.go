@@ -88,15 +88,11 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 	}
 	defer conn.Close()
 	start := time.Now()
-	msg, err := conn.Receive()
+	msg, err := conn.RecvSocketsMessage()
 	if err != nil {
 		return err
 	}
 	items := msg.Items
-	if msg.Kind != fdpass.KindSockets {
-		fdpass.CloseItems(items)
-		return fmt.Errorf("bench: the workload sent a %s message, not its sockets", msg.Kind)
-	}
 	received := time.Since(start)
 	if msg.Live {
 		// As `send --handoff` does for a live program.

@@ -235,9 +235,7 @@ func (w *workload) pause(ids []uint64, errs *errList) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if wc.ep != nil {
-				wc.ep.Pause()
-			}
+			wc.ep.Pause() // live: a stream
 			w.mu.Lock()
 			wc.live, wc.kept = false, true
 			w.mu.Unlock()
@@ -274,7 +272,7 @@ func (w *workload) takeBack(items []fdpass.Item, fromSource bool, errs *errList)
 			// stream carries on on the workload's own).
 			it.File.Close()
 			wc.back = true
-			if kept && wc.ep != nil {
+			if kept { // a stream, paused
 				wc.ep.Start(wc.c)
 			}
 			continue

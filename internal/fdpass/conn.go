@@ -287,8 +287,14 @@ func (c *Conn) Receive() (Message, error) {
 // RecvSockets receives a message and returns its sockets; any other message
 // is an error wrapping ErrUnexpected (and its sockets, if any, are closed).
 func (c *Conn) RecvSockets() ([]Item, error) {
-	m, err := c.recvKind("receive sockets", KindSockets)
+	m, err := c.RecvSocketsMessage()
 	return m.Items, err
+}
+
+// RecvSocketsMessage is RecvSockets returning the whole message, whose Live
+// says whether the sender keeps serving the sockets (SendSocketsLive).
+func (c *Conn) RecvSocketsMessage() (Message, error) {
+	return c.recvKind("receive sockets", KindSockets)
 }
 
 // RecvAck receives a message and returns the IDs of an acknowledgement; any
@@ -574,7 +580,7 @@ func (c *Conn) sendable(op string) error {
 // checkItem reports what makes an item unencodable or unacceptable to a
 // peer with limits lim.
 func checkItem(k Kind, it *Item, lim Limits) error {
-	if it.File == nil && k != KindPaused {
+	if it.File == nil && kindInfo[k].fds {
 		return fmt.Errorf("%w: socket %d has no file", ErrInvalid, it.ID)
 	}
 	for _, ap := range []netip.AddrPort{it.Local, it.Remote} {
@@ -627,14 +633,11 @@ func (c *Conn) sendBatch(op string, k Kind, items []Item, live bool) error {
 	var buf []byte
 	for i, s := range spans {
 		buf = appendBatchFrameFlags(buf[:0], k, items, s, i == len(spans)-1, live)
-		send := func(fds []int) error { return c.write(buf, fds) }
-		var err error
-		if k == KindPaused {
-			err = send(nil)
-		} else {
-			err = withFDs(items[s.start:s.end], nil, send)
+		var sent []Item // KindPaused names sockets; it attaches none
+		if kindInfo[k].fds {
+			sent = items[s.start:s.end]
 		}
-		if err != nil {
+		if err := withFDs(sent, nil, func(fds []int) error { return c.write(buf, fds) }); err != nil {
 			c.werr = &OpError{Op: op, Err: err}
 			return c.werr
 		}

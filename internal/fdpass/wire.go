@@ -282,7 +282,7 @@ func decodeBatch(f *frame, h header, body []byte, lim Limits) error {
 	// A PAUSED record names a socket the receiver holds: no descriptor
 	// travels with it (parseHeader saw to nfds), and count alone says how
 	// many there are, within the frame's bounds.
-	if count != h.nfds && h.kind != KindPaused {
+	if kindInfo[h.kind].fds && count != h.nfds {
 		return fmt.Errorf("%w: %s frame names %d sockets but its header claims %d descriptors", ErrMalformed, h.kind, count, h.nfds)
 	}
 	known := byte(flagFinal)
@@ -295,9 +295,10 @@ func decodeBatch(f *frame, h header, body []byte, lim Limits) error {
 	if count > lim.MaxBatch {
 		return fmt.Errorf("%w: %s frame of %d sockets, at most %d accepted", ErrTooLarge, h.kind, count, lim.MaxBatch)
 	}
-	// A PAUSED frame's count is not tied to its descriptors: the frames
-	// are split as for SOCKETS, and the records must fit in the body.
-	if h.kind == KindPaused && count > MaxFDsPerFrame {
+	// Frames are split at MaxFDsPerFrame records whether or not they carry
+	// descriptors (parseHeader bounds nfds), and the records must fit in
+	// the body.
+	if count > MaxFDsPerFrame {
 		return fmt.Errorf("%w: %s frame of %d records, at most %d in one frame", ErrMalformed, h.kind, count, MaxFDsPerFrame)
 	}
 	if most := (len(body) - batchHeaderLen) / (4 + recordFixedLen); count > most {
