@@ -299,7 +299,8 @@ func TestBareCopies(t *testing.T) {
 }
 
 // plainGet and plainIoctl are the bare forms of getsockopt and ioctlInt;
-// package bare has those of the raw helpers, and Capture's sequence.
+// package bare has those of the raw helpers, Capture's sequence, and
+// Restore's queue writes (bare.WriteQueues) and check (bare.Verify).
 func plainGet(fd, level, opt int, n uint32) {
 	l := n
 	unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)), 0)
@@ -406,23 +407,7 @@ func bareRestore(s *Snapshot) error {
 	if s.Flags&FlagTimestamps != 0 {
 		writeTimestamp(fd, s)
 	}
-	if len(s.RecvQueue) > 0 {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-		send(fd, s.RecvQueue)
-	}
-	if sent := s.SentUnacked(); len(sent) > 0 {
-		if len(s.RecvQueue) > 0 {
-			bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
-		}
-		send(fd, sent)
-	}
-	if s.Unsent > 0 {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
-		send(fd, s.NeverSent())
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
-	} else {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
-	}
+	bare.WriteQueues(fd, s.RecvQueue, s.SentUnacked(), s.NeverSent())
 	if s.Flags&FlagWindow != 0 {
 		w := s.Window
 		setWindow(fd, &w)
@@ -431,13 +416,7 @@ func bareRestore(s *Snapshot) error {
 	if s.Shutdown&ShutRead != 0 {
 		unix.Shutdown(fd, unix.SHUT_RD)
 	}
-	// verifyRestored: TCP_INFO, SIOCOUTQ with data in flight, SIOCINQ.
-	var ti tcpInfoHead
-	getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), tcpInfoSize)
-	if ti.Unacked != 0 {
-		bare.Ioctl(fd, unix.SIOCOUTQ)
-	}
-	bare.Ioctl(fd, unix.SIOCINQ)
+	bare.Verify(fd)
 	return nil
 }
 

@@ -145,12 +145,12 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 // calls follow (data in flight, queues to peek, timestamps) are read.
 // bareLateOptions mirrors repair's writeLateOptions (repair/options.go)
 // without Defaults and must follow it. Package bare, which repair's
-// benchmarks share, has the capture's sequence and the calls both make.
+// benchmarks share, has the capture's sequence, the restore's queue writes
+// and check, and the calls both make.
 
 const (
 	tcpRecvQueue     = 1  // TCP_RECV_QUEUE
 	tcpSendQueue     = 2  // TCP_SEND_QUEUE
-	tcpNoQueue       = 0  // TCP_NO_QUEUE
 	repairWindowSize = 20 // sizeof(struct tcp_repair_window)
 )
 
@@ -161,12 +161,6 @@ func rawSetN(fd, level, opt int, p unsafe.Pointer, n uintptr) {
 func rawBind(fd int, sa *unix.RawSockaddrInet4) unix.Errno {
 	_, _, e := unix.RawSyscall(unix.SYS_BIND, uintptr(fd), uintptr(unsafe.Pointer(sa)), unix.SizeofSockaddrInet4)
 	return e
-}
-
-func bareSend(fd int, b []byte) {
-	if len(b) > 0 {
-		unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
-	}
 }
 
 // bareRestore is repair.Restore's sequence for s, up to the socket left in
@@ -242,23 +236,7 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 		}
 		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
 	}
-	if len(s.RecvQueue) > 0 {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-		bareSend(fd, s.RecvQueue)
-	}
-	if sent := s.SentUnacked(); len(sent) > 0 {
-		if len(s.RecvQueue) > 0 {
-			bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
-		}
-		bareSend(fd, sent)
-	}
-	if s.Unsent > 0 {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
-		bareSend(fd, s.NeverSent())
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
-	} else {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
-	}
+	bare.WriteQueues(fd, s.RecvQueue, s.SentUnacked(), s.NeverSent())
 	if s.Flags&repair.FlagWindow != 0 {
 		w := s.Window
 		rawSetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(&w), repairWindowSize)
@@ -267,14 +245,7 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 	if s.Shutdown&repair.ShutRead != 0 {
 		unix.Shutdown(fd, unix.SHUT_RD)
 	}
-	// The check of an ESTABLISHED restore: TCP_INFO, SIOCOUTQ with data in
-	// flight, SIOCINQ.
-	var ti unix.TCPInfo
-	bare.Get(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), bare.InfoLen)
-	if ti.Unacked != 0 {
-		bare.Ioctl(fd, unix.SIOCOUTQ)
-	}
-	bare.Ioctl(fd, unix.SIOCINQ)
+	bare.Verify(fd)
 	return fd, nil
 }
 
