@@ -2,7 +2,7 @@
 // repair and the calibration of internal/bench time repair's Capture and
 // Restore against (their floor): getsockopt, setsockopt and ioctl by the
 // raw route, with no error handling, Capture's whole sequence, and the
-// queue writes and final check of Restore's. It must not import repair,
+// queue sequences, queue writes and final check of Restore's. It must not import repair,
 // whose in-package benchmarks use it; where it copies one of repair's
 // unexported values, a test of repair pins the copy.
 package bare
@@ -38,6 +38,21 @@ func Get(fd, level, opt int, p unsafe.Pointer, n uint32) {
 // Set sets the integer option opt of fd to v.
 func Set(fd, level, opt int, v int32) {
 	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+}
+
+// SetN sets option opt of fd to the n bytes at p.
+func SetN(fd, level, opt int, p unsafe.Pointer, n uint32) {
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(n), 0)
+}
+
+// SetQueueSeqs makes the calls of repair's Restore that set where each
+// queue of fd, a new socket in repair mode, starts (R7): the receive
+// queue's, then the send queue's, which stays selected.
+func SetQueueSeqs(fd int, recv, send uint32) {
+	Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+	Set(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(recv))
+	Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+	Set(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(send))
 }
 
 // Ioctl makes the ioctl req, which reads an integer, on fd.
