@@ -184,18 +184,23 @@ func BenchmarkRestore(b *testing.B) {
 	}{{"idle", false}, {"64KiB", true}} {
 		ns, fd := benchConn(b, q.queued)
 		s, dst := benchDumpTarget(b, ns, fd)
-		b.Run(q.name+"/Restore+Discard", func(b *testing.B) { benchRestore(b, dst, &Restorer{}, &s) })
+		b.Run(q.name+"/Restore+Discard", func(b *testing.B) { benchRestore(b, dst, &Restorer{}, &s, onNewSocket) })
 		// The part of a restore inside the freeze when the socket was made
 		// before it (NewBlank, untimed) and the namespace's defaults are
 		// known: what the target does per connection after the lock.
-		b.Run(q.name+"/RestoreBlank+Discard", func(b *testing.B) { benchRestoreBlank(b, dst, &s, false) })
+		var d *Defaults
+		if err := dst.Do(func() (err error) { d, err = ReadDefaults(); return err }); err != nil {
+			b.Fatal(err)
+		}
+		rd := &Restorer{Defaults: d}
+		b.Run(q.name+"/RestoreBlank+Discard", func(b *testing.B) { benchRestore(b, dst, rd, &s, onBlank) })
 		// A Go program's connection (TCP_NODELAY, keepalive every 15 s),
 		// on a Blank made bare and on one preset with its options before
 		// the freeze (Restorer.Preset, untimed).
 		gs := s
 		gs.Options.NoDelay, gs.Options.KeepAlive, gs.Options.KeepIdle, gs.Options.KeepIntvl = true, true, 15, 15
-		b.Run(q.name+"/go-options/RestoreBlank+Discard", func(b *testing.B) { benchRestoreBlank(b, dst, &gs, false) })
-		b.Run(q.name+"/go-options/RestoreBlank-preset+Discard", func(b *testing.B) { benchRestoreBlank(b, dst, &gs, true) })
+		b.Run(q.name+"/go-options/RestoreBlank+Discard", func(b *testing.B) { benchRestore(b, dst, rd, &gs, onBlank) })
+		b.Run(q.name+"/go-options/RestoreBlank-preset+Discard", func(b *testing.B) { benchRestore(b, dst, rd, &gs, onPresetBlank) })
 		b.Run(q.name+"/bare-syscalls", func(b *testing.B) {
 			err := dst.Do(func() error {
 				b.ReportAllocs()
@@ -213,51 +218,37 @@ func BenchmarkRestore(b *testing.B) {
 	}
 }
 
-// benchRestore times r.Restore of s, and the silent close of the result
-// (still in repair mode), in dst.
-func benchRestore(b *testing.B, dst *lab.NS, r *Restorer, s *Snapshot) {
-	// Errors are returned, not b.Fatal'd: Fatal inside Do would end the
-	// goroutine Do waits for, and the run would hang.
-	err := dst.Do(func() error {
-		b.ReportAllocs()
-		for i := 0; i < b.N; i++ {
-			rfd, err := r.Restore(s)
-			if err != nil {
-				return err
-			}
-			unix.Close(rfd)
-		}
-		return nil
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-}
+// restoreOn is what benchRestore restores on.
+type restoreOn int
 
-// benchRestoreBlank times RestoreBlank of s on a Blank made (and, with
-// preset, preset with s's options) outside the timer, in dst.
-func benchRestoreBlank(b *testing.B, dst *lab.NS, s *Snapshot, preset bool) {
+const (
+	onNewSocket   restoreOn = iota // Restore
+	onBlank                        // RestoreBlank, on a Blank made outside the timer
+	onPresetBlank                  // RestoreBlank, on a Blank also preset with the snapshot's options outside the timer
+)
+
+// benchRestore times, in dst, r's restore of s on what on says and the
+// silent close of the result (still in repair mode).
+func benchRestore(b *testing.B, dst *lab.NS, r *Restorer, s *Snapshot, on restoreOn) {
 	// Errors are returned, not b.Fatal'd: Fatal inside Do would end the
 	// goroutine Do waits for, and the run would hang.
 	err := dst.Do(func() error {
-		d, err := ReadDefaults()
-		if err != nil {
-			return err
-		}
-		r := Restorer{Defaults: d}
 		b.ReportAllocs()
 		for i := 0; i < b.N; i++ {
-			b.StopTimer()
-			blank, err := NewBlank(s.Local)
-			if err != nil {
-				return err
-			}
-			if preset {
-				if err := r.Preset(blank, &s.Options); err != nil {
+			var blank *Blank // nil: a new socket, exactly as Restore
+			if on != onNewSocket {
+				b.StopTimer()
+				var err error
+				if blank, err = NewBlank(s.Local); err != nil {
 					return err
 				}
+				if on == onPresetBlank {
+					if err := r.Preset(blank, &s.Options); err != nil {
+						return err
+					}
+				}
+				b.StartTimer()
 			}
-			b.StartTimer()
 			rfd, err := r.RestoreBlank(blank, s)
 			if err != nil {
 				return err
@@ -299,7 +290,8 @@ func TestBareCopies(t *testing.T) {
 }
 
 // plainGet and plainIoctl are the bare forms of getsockopt and ioctlInt;
-// package bare has those of the raw helpers, and Capture's sequence.
+// package bare has those of the raw helpers, Capture's sequence, and
+// Restore's queue writes (bare.WriteQueues) and check (bare.Verify).
 func plainGet(fd, level, opt int, n uint32) {
 	l := n
 	unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&scratch[0])), uintptr(unsafe.Pointer(&l)), 0)
@@ -406,23 +398,7 @@ func bareRestore(s *Snapshot) error {
 	if s.Flags&FlagTimestamps != 0 {
 		writeTimestamp(fd, s)
 	}
-	if len(s.RecvQueue) > 0 {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-		send(fd, s.RecvQueue)
-	}
-	if sent := s.SentUnacked(); len(sent) > 0 {
-		if len(s.RecvQueue) > 0 {
-			bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
-		}
-		send(fd, sent)
-	}
-	if s.Unsent > 0 {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
-		send(fd, s.NeverSent())
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
-	} else {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
-	}
+	bare.WriteQueues(fd, s.RecvQueue, s.SentUnacked(), s.NeverSent())
 	if s.Flags&FlagWindow != 0 {
 		w := s.Window
 		setWindow(fd, &w)
@@ -431,13 +407,7 @@ func bareRestore(s *Snapshot) error {
 	if s.Shutdown&ShutRead != 0 {
 		unix.Shutdown(fd, unix.SHUT_RD)
 	}
-	// verifyRestored: TCP_INFO, SIOCOUTQ with data in flight, SIOCINQ.
-	var ti tcpInfoHead
-	getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), tcpInfoSize)
-	if ti.Unacked != 0 {
-		bare.Ioctl(fd, unix.SIOCOUTQ)
-	}
-	bare.Ioctl(fd, unix.SIOCINQ)
+	bare.Verify(fd)
 	return nil
 }
 
@@ -470,7 +440,7 @@ func BenchmarkRestoreHalfClosed(b *testing.B) {
 			b.Fatal(err)
 		}
 		rs := Restorer{Injector: newInjector(b, dst, lock.BypassMark())}
-		b.Run(st.String()+"/Restore+Discard", func(b *testing.B) { benchRestore(b, dst, &rs, &s) })
+		b.Run(st.String()+"/Restore+Discard", func(b *testing.B) { benchRestore(b, dst, &rs, &s, onNewSocket) })
 	}
 }
 

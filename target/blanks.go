@@ -87,6 +87,12 @@ func (b *blanks) halt() {
 	}
 }
 
+// making reports whether Blanks are still being made (none was halted or
+// released yet). It may be called on a nil *blanks.
+func (b *blanks) making() bool {
+	return b != nil && !b.stop.Load()
+}
+
 // take returns connection i's Blank, or nil if none was made (yet: none
 // will be for i after this).
 func (b *blanks) take(i uint32) *repair.Blank {

@@ -1,6 +1,7 @@
 package target
 
 import (
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -70,4 +71,49 @@ func TestBlanksFamily(t *testing.T) {
 		}
 	}
 	b.release()
+}
+
+// TestBlanksBesideListener makes Blanks after a listener of their port
+// exists, bound without SO_REUSEADDR, as listen does once it has recreated
+// the migration's listeners: each binds (repair mode binds with the
+// kernel's forced reuse, as a restore does), fits its connection's
+// snapshot, and the listener still takes connections.
+func TestBlanksBesideListener(t *testing.T) {
+	snap := goodSnapshot()
+	ns := lab.NewTestNS(t, "blanks-lsn", snap.Local.Addr())
+	var lfd int
+	if err := ns.Do(func() (err error) {
+		lfd, err = repair.Listen(&repair.Listener{Family: unix.AF_INET, Local: snap.Local, Backlog: 4})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(lfd)
+	other := netip.AddrPortFrom(snap.Remote.Addr(), snap.Remote.Port()+1)
+	tuples := []transport.Tuple{{Local: snap.Local, Remote: snap.Remote}, {Local: snap.Local, Remote: other}}
+	var r repair.Restorer
+	b := startBlanks(ns.Handle(), &r, tuples, nil, []bool{true, true})
+	defer b.release()
+	deadline := time.Now().Add(5 * time.Second)
+	for b.made.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if n := b.made.Load(); n != 2 {
+		t.Fatalf("%d Blanks made beside the listener, want 2", n)
+	}
+	if bl := b.take(0); !bl.Fits(snap) {
+		t.Error("the Blank made beside the listener does not fit its snapshot")
+	} else if err := bl.Close(); err != nil {
+		t.Error(err)
+	}
+	err := ns.Do(func() error {
+		c, err := net.DialTimeout("tcp4", snap.Local.String(), 2*time.Second)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	})
+	if err != nil {
+		t.Errorf("the listener beside the Blanks: %v", err)
+	}
 }

@@ -118,8 +118,12 @@ func (m *migration) listen(ctx context.Context, msg *transport.Listeners) error 
 		return fmt.Errorf("%w: LISTENERS sent twice", ErrListeners)
 	}
 	// A listener bound without SO_REUSEADDR would conflict with Blanks of
-	// its port (repair.Blank): this migration's connections get new
-	// sockets instead.
+	// its port (repair.Blank), and PortHeld below would count them as a
+	// local socket holding it: they are closed first, and made again once
+	// the listeners exist (in repair mode a Blank binds with the kernel's
+	// forced reuse, as every restored socket does), unless the freeze has
+	// begun.
+	remake := m.blanks.making()
 	m.blanks.release()
 	cfg := &m.srv.cfg
 	ls := &listenerSet{specs: msg.Listeners, pendingOf: map[uint32]int{}}
@@ -189,6 +193,9 @@ func (m *migration) listen(ctx context.Context, msg *transport.Listeners) error 
 		// The namespace could not be entered (then no verdict has a
 		// code) or left: the abort closes what was made, and the lock.
 		return err
+	}
+	if remake {
+		m.startBlanks()
 	}
 	// A listener that could not be recreated (most often EADDRINUSE: a
 	// local service owns the port) is not the target's: its endpoint is

@@ -397,9 +397,7 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 		}
 		// While the source holds and drains its connections, the sockets
 		// they will be restored on are made, up to the first snapshot.
-		// A Restorer of its own: the restores' may get its injector
-		// meanwhile (restorer.open).
-		m.blanks = startBlanks(cfg.NetNS, &repair.Restorer{Defaults: m.rs.r.Defaults}, m.announced, m.presets, m.prelocked)
+		m.startBlanks()
 		defer func() {
 			m.log.Debug("sockets made before the freeze", "made", m.blanks.made.Load(), "preset_failed", m.blanks.unpreset.Load())
 			m.blanks.release()
@@ -729,6 +727,13 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 		}
 	}
 	return vs, nil
+}
+
+// startBlanks starts making the sockets of the connections PREPARE
+// announced (blanks.go). The maker has a Restorer of its own: the
+// restores' may get its injector meanwhile (restorer.open).
+func (m *migration) startBlanks() {
+	m.blanks = startBlanks(m.srv.cfg.NetNS, &repair.Restorer{Defaults: m.rs.r.Defaults}, m.announced, m.presets, m.prelocked)
 }
 
 // restoreChunk restores the admitted connections cs, each on its Blank if

@@ -1,9 +1,10 @@
 // Package bare makes the bare system calls that the benchmarks of package
 // repair and the calibration of internal/bench time repair's Capture and
 // Restore against (their floor): getsockopt, setsockopt and ioctl by the
-// raw route, with no error handling, and Capture's whole sequence. It
-// must not import repair, whose in-package benchmarks use it; where it
-// copies one of repair's unexported values, a test of repair pins the copy.
+// raw route, with no error handling, Capture's whole sequence, and the
+// queue sequences, queue writes and final check of Restore's. It must not import repair,
+// whose in-package benchmarks use it; where it copies one of repair's
+// unexported values, a test of repair pins the copy.
 package bare
 
 import (
@@ -37,6 +38,21 @@ func Get(fd, level, opt int, p unsafe.Pointer, n uint32) {
 // Set sets the integer option opt of fd to v.
 func Set(fd, level, opt int, v int32) {
 	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+}
+
+// SetN sets option opt of fd to the n bytes at p.
+func SetN(fd, level, opt int, p unsafe.Pointer, n uint32) {
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(n), 0)
+}
+
+// SetQueueSeqs makes the calls of repair's Restore that set where each
+// queue of fd, a new socket in repair mode, starts (R7): the receive
+// queue's, then the send queue's, which stays selected.
+func SetQueueSeqs(fd int, recv, send uint32) {
+	Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+	Set(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(recv))
+	Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+	Set(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(send))
 }
 
 // Ioctl makes the ioctl req, which reads an integer, on fd.
@@ -99,4 +115,48 @@ func Capture(fd int, peekOff bool, buf *[]byte) {
 	if inq > 0 {
 		Ioctl(fd, unix.SIOCINQ)
 	}
+}
+
+// send writes b to fd with one send(2), through the scheduler, as repair's
+// send does.
+func send(fd int, b []byte) {
+	if len(b) > 0 {
+		unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
+	}
+}
+
+// WriteQueues makes the queue writes of repair's Restore (R11 to R13) on
+// fd, a socket in repair mode whose send queue is selected (R7 left it
+// so): recv into the receive queue, sent (in flight) into the send queue,
+// unsent with repair off (TCP_REPAIR_OFF_NO_WP) and on again, or, with
+// nothing unsent, the deselect.
+func WriteQueues(fd int, recv, sent, unsent []byte) {
+	if len(recv) > 0 {
+		Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
+		send(fd, recv)
+	}
+	if len(sent) > 0 {
+		if len(recv) > 0 {
+			Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
+		}
+		send(fd, sent)
+	}
+	if len(unsent) > 0 {
+		Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
+		send(fd, unsent)
+		Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
+	} else {
+		Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
+	}
+}
+
+// Verify makes the reads of repair's check of an ESTABLISHED restore
+// (verifyRestored) on fd: TCP_INFO, SIOCOUTQ with data in flight, SIOCINQ.
+func Verify(fd int) {
+	var ti unix.TCPInfo
+	Get(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), InfoLen)
+	if ti.Unacked != 0 {
+		Ioctl(fd, unix.SIOCOUTQ)
+	}
+	Ioctl(fd, unix.SIOCINQ)
 }

@@ -145,28 +145,12 @@ func calibrate(src, dst *lab.NS, fds []int, tuples []firewall.Tuple) (*costs, er
 // calls follow (data in flight, queues to peek, timestamps) are read.
 // bareLateOptions mirrors repair's writeLateOptions (repair/options.go)
 // without Defaults and must follow it. Package bare, which repair's
-// benchmarks share, has the capture's sequence and the calls both make.
-
-const (
-	tcpRecvQueue     = 1  // TCP_RECV_QUEUE
-	tcpSendQueue     = 2  // TCP_SEND_QUEUE
-	tcpNoQueue       = 0  // TCP_NO_QUEUE
-	repairWindowSize = 20 // sizeof(struct tcp_repair_window)
-)
-
-func rawSetN(fd, level, opt int, p unsafe.Pointer, n uintptr) {
-	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), n, 0)
-}
+// benchmarks share, has the capture's sequence, the restore's queue
+// sequences, queue writes and check, and the calls both make.
 
 func rawBind(fd int, sa *unix.RawSockaddrInet4) unix.Errno {
 	_, _, e := unix.RawSyscall(unix.SYS_BIND, uintptr(fd), uintptr(unsafe.Pointer(sa)), unix.SizeofSockaddrInet4)
 	return e
-}
-
-func bareSend(fd int, b []byte) {
-	if len(b) > 0 {
-		unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
-	}
 }
 
 // bareRestore is repair.Restore's sequence for s, up to the socket left in
@@ -208,10 +192,7 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 		unix.Close(fd)
 		return -1, fmt.Errorf("bench: bare restore: bind: %w", e)
 	}
-	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.RecvSeq-uint32(len(s.RecvQueue))))
-	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
-	bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int32(s.SendSeq-uint32(len(s.SendQueue))))
+	bare.SetQueueSeqs(fd, s.RecvSeq-uint32(len(s.RecvQueue)), s.SendSeq-uint32(len(s.SendQueue)))
 	ra := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: remote.Addr().As4()}
 	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&ra.Port))[:], remote.Port())
 	if _, _, e := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&ra)), unix.SizeofSockaddrInet4); e != 0 && e != unix.EINPROGRESS {
@@ -234,7 +215,7 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 	}
 	opts[n] = unix.TCPRepairOpt{Code: unix.TCPOPT_MAXSEG, Val: s.MSSClamp}
 	n++
-	rawSetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS, unsafe.Pointer(&opts[0]), uintptr(n)*unsafe.Sizeof(opts[0]))
+	bare.SetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS, unsafe.Pointer(&opts[0]), uint32(n)*uint32(unsafe.Sizeof(opts[0])))
 	if s.Flags&repair.FlagTimestamps != 0 {
 		ts := s.Timestamp
 		if s.Flags&repair.FlagUsecTS != 0 {
@@ -242,39 +223,16 @@ func bareRestore(s *repair.Snapshot) (int, error) {
 		}
 		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int32(ts))
 	}
-	if len(s.RecvQueue) > 0 {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpRecvQueue)
-		bareSend(fd, s.RecvQueue)
-	}
-	if sent := s.SentUnacked(); len(sent) > 0 {
-		if len(s.RecvQueue) > 0 {
-			bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpSendQueue)
-		}
-		bareSend(fd, sent)
-	}
-	if s.Unsent > 0 {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
-		bareSend(fd, s.NeverSent())
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON)
-	} else {
-		bare.Set(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue)
-	}
+	bare.WriteQueues(fd, s.RecvQueue, s.SentUnacked(), s.NeverSent())
 	if s.Flags&repair.FlagWindow != 0 {
 		w := s.Window
-		rawSetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(&w), repairWindowSize)
+		bare.SetN(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(&w), uint32(unsafe.Sizeof(w)))
 	}
 	bareLateOptions(fd, o)
 	if s.Shutdown&repair.ShutRead != 0 {
 		unix.Shutdown(fd, unix.SHUT_RD)
 	}
-	// The check of an ESTABLISHED restore: TCP_INFO, SIOCOUTQ with data in
-	// flight, SIOCINQ.
-	var ti unix.TCPInfo
-	bare.Get(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&ti), bare.InfoLen)
-	if ti.Unacked != 0 {
-		bare.Ioctl(fd, unix.SIOCOUTQ)
-	}
-	bare.Ioctl(fd, unix.SIOCINQ)
+	bare.Verify(fd)
 	return fd, nil
 }
 
@@ -338,7 +296,7 @@ func bareLateOptions(fd int, o *repair.Options) {
 	}
 	if o.Mask&repair.OptLinger != 0 {
 		l := [2]int32{1, o.LingerSecs}
-		rawSetN(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&l), 8)
+		bare.SetN(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&l), 8)
 	}
 	for _, t := range [...]struct {
 		name int
@@ -346,12 +304,12 @@ func bareLateOptions(fd int, o *repair.Options) {
 	}{{unix.SO_SNDTIMEO, o.SndTimeo}, {unix.SO_RCVTIMEO, o.RcvTimeo}} {
 		if t.d != 0 {
 			tv := unix.NsecToTimeval(t.d.Nanoseconds())
-			rawSetN(fd, unix.SOL_SOCKET, t.name, unsafe.Pointer(&tv), unsafe.Sizeof(tv))
+			bare.SetN(fd, unix.SOL_SOCKET, t.name, unsafe.Pointer(&tv), uint32(unsafe.Sizeof(tv)))
 		}
 	}
 	if o.Mask&repair.OptMaxPacingRate != 0 {
 		r := o.MaxPacingRate
-		rawSetN(fd, unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE, unsafe.Pointer(&r), 8)
+		bare.SetN(fd, unix.SOL_SOCKET, unix.SO_MAX_PACING_RATE, unsafe.Pointer(&r), 8)
 	}
 	if o.Mask&repair.OptCongestion != 0 && o.Congestion != "" {
 		unix.SetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, o.Congestion)
