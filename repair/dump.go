@@ -161,8 +161,19 @@ func Capture(fd int, s *Snapshot) (err error) {
 			return s.opErr("clear SO_PEEK_OFF", err)
 		}
 	}
+	return captureRetry(fd, s, nil)
+}
+
+// captureRetry runs capture until it is stable, at most maxCaptureAttempts
+// times, with repair mode already on; last, if not nil, gets the closing
+// TCP_INFO read of the attempt that succeeded.
+func captureRetry(fd int, s *Snapshot, last *tcpInfoHead) (err error) {
+	var ti tcpInfoHead
+	if last == nil {
+		last = &ti
+	}
 	for attempt := 1; ; attempt++ {
-		err = capture(fd, s)
+		err = capture(fd, s, last)
 		if !errors.Is(err, ErrUnstable) || attempt == maxCaptureAttempts {
 			return err
 		}
@@ -179,7 +190,7 @@ var testHook func(step string, fd int, s *Snapshot)
 // capture is one attempt of Capture, everything but repair on: 12 of its
 // 13 system calls for an idle ESTABLISHED connection, 15 of 16 with data in
 // flight and in both queues.
-func capture(fd int, s *Snapshot) error {
+func capture(fd int, s *Snapshot, last *tcpInfoHead) error {
 	if h := testHook; h != nil {
 		h("start", fd, s)
 	}
@@ -310,11 +321,10 @@ func capture(fd int, s *Snapshot) error {
 	if h := testHook; h != nil {
 		h("recheck", fd, s)
 	}
-	var last tcpInfoHead
-	if err := getInfoRaw(fd, &last); err != nil {
+	if err := getInfoRaw(fd, last); err != nil {
 		return s.opErr("getsockopt TCP_INFO", err)
 	}
-	if what := whatMoved(&first, &last); what != "" {
+	if what := whatMoved(&first, last); what != "" {
 		return s.opErr("re-read TCP_INFO ("+what+" moved)", ErrUnstable)
 	}
 	if inq > 0 {

@@ -196,6 +196,8 @@ func allMessages(id MigrationID, vs []Verdict) []Message {
 			Presets: []repair.Options{{NoDelay: true, KeepAlive: true, KeepIdle: 15, KeepIntvl: 15, KeepCnt: 9},
 				{OOBInline: true, UserTimeout: 30000, NotSentLowat: 16384}}},
 		&Ready{Migration: id},
+		&Precopied{Migration: id, Count: 9999},
+		&PrecopyDone{Migration: id, Count: 9998},
 		&Verdicts{Migration: id, Verdicts: vs},
 		&Prepared{Migration: id, Count: 3, OK: 1},
 		&Switch{Migration: id, Addrs: []netip.Prefix{netip.MustParsePrefix("198.18.0.10/24"), netip.MustParsePrefix("fd00::10/64")}},

@@ -18,8 +18,9 @@ var Magic = [4]byte{'T', 'M', 'I', 'G'}
 // maximum; the link runs at the highest version both speak.
 const (
 	// ProtocolVersion is the version this package speaks. Version 2 adds
-	// READY and PREPARE's tuples (docs/protocol.md §9).
-	ProtocolVersion uint16 = 2
+	// READY and PREPARE's tuples (docs/protocol.md §9); version 3 adds
+	// pre-copies, a snapshot record's pass (tag 20).
+	ProtocolVersion uint16 = 3
 	// MinProtocolVersion is the oldest version this package still speaks.
 	MinProtocolVersion uint16 = 1
 )
@@ -70,6 +71,8 @@ const (
 	MsgListeners      MsgType = 0x1a // source: listening sockets to recreate, with their pending connections
 	MsgListenersReady MsgType = 0x1b // target: a verdict per listener
 	MsgReady          MsgType = 0x1c // target: ready for the source's lock (version 2)
+	MsgPrecopied      MsgType = 0x1d // source: this many pre-copies were written (version 3)
+	MsgPrecopyDone    MsgType = 0x1e // target: that many pre-copies are restored (version 3)
 
 	// Records of a snapshot stream, inside its (compressed) body.
 	MsgSnapshot MsgType = 0x20 // one connection's snapshot and its index

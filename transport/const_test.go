@@ -22,7 +22,7 @@ func TestWireConstants(t *testing.T) {
 		}
 	}
 	pin("Magic", string(Magic[:]), "TMIG")
-	pin("ProtocolVersion", ProtocolVersion, 2)
+	pin("ProtocolVersion", ProtocolVersion, 3)
 	pin("MinProtocolVersion", MinProtocolVersion, 1)
 	pin("preambleSize", preambleSize, 8)
 	pin("frameHeaderSize", frameHeaderSize, 5)
@@ -37,12 +37,12 @@ func TestWireConstants(t *testing.T) {
 		MsgHello: 0x01, MsgAccept: 0x02, MsgReject: 0x03, MsgStreamOpen: 0x04,
 		MsgPrepare: 0x10, MsgVerdicts: 0x11, MsgPrepared: 0x12, MsgSwitch: 0x13, MsgSwitched: 0x14,
 		MsgCommit: 0x15, MsgCommitted: 0x16, MsgAbort: 0x17, MsgQuery: 0x18, MsgOutcome: 0x19,
-		MsgListeners: 0x1a, MsgListenersReady: 0x1b, MsgReady: 0x1c, MsgSnapshot: 0x20, MsgEnd: 0x21,
+		MsgListeners: 0x1a, MsgListenersReady: 0x1b, MsgReady: 0x1c, MsgPrecopied: 0x1d, MsgPrecopyDone: 0x1e, MsgSnapshot: 0x20, MsgEnd: 0x21,
 	}
 	names := map[uint8]string{
 		0x01: "HELLO", 0x02: "ACCEPT", 0x03: "REJECT", 0x04: "STREAM_OPEN", 0x10: "PREPARE", 0x11: "VERDICTS",
 		0x12: "PREPARED", 0x13: "SWITCH", 0x14: "SWITCHED", 0x15: "COMMIT", 0x16: "COMMITTED", 0x17: "ABORT",
-		0x18: "QUERY", 0x19: "OUTCOME", 0x1a: "LISTENERS", 0x1b: "LISTENERS_READY", 0x1c: "READY", 0x20: "SNAPSHOT", 0x21: "END",
+		0x18: "QUERY", 0x19: "OUTCOME", 0x1a: "LISTENERS", 0x1b: "LISTENERS_READY", 0x1c: "READY", 0x1d: "PRECOPIED", 0x1e: "PRECOPY_DONE", 0x20: "SNAPSHOT", 0x21: "END",
 	}
 	for typ, v := range types {
 		pin("message type "+names[v], uint8(typ), v)
@@ -118,7 +118,7 @@ func TestWireConstants(t *testing.T) {
 		"outcome":     "1:migration 2:state 3:verdict",
 		"end":         "1:count",
 		"snapshot": "1:index 2:local 3:remote 4:family 5:state 6:flags 7:shutdown 8:snd_wscale 9:rcv_wscale " +
-			"10:mss_clamp 11:timestamp 12:send_seq 13:recv_seq 14:window 17:unsent 18:options 19:app_state 15:recv_queue 16:send_queue",
+			"10:mss_clamp 11:timestamp 12:send_seq 13:recv_seq 14:window 17:unsent 18:options 19:app_state 20:pass 15:recv_queue 16:send_queue",
 		"options": "1:mask 2:sndbuf 3:rcvbuf 4:buf_lock 5:reuseaddr 6:reuseport 7:keepalive 8:keepidle " +
 			"9:keepintvl 10:keepcnt 11:nodelay 12:cork 13:oobinline 14:dontroute 15:linger_secs 16:mark " +
 			"17:priority 18:rcvlowat 19:sndtimeo 20:rcvtimeo 21:bindtodevice 22:peek_off 23:user_timeout " +
@@ -160,7 +160,7 @@ func TestGoldenEncodings(t *testing.T) {
 		got  []byte
 		want string
 	}{
-		{"preamble", appendPreamble(nil), "544d4947 0001 0002"},
+		{"preamble", appendPreamble(nil), "544d4947 0001 0003"},
 		{"accept", appendFrame(nil, &Accept{}), "00000001 02"},
 		{"reject", appendFrame(nil, &Reject{Code: RejectVersion, Reason: "v2"}), "00000008 03 010101 02027632"},
 		{"stream-open", appendFrame(nil, &streamOpen{Kind: StreamSnapshots, Codec: CodecZstd}), "00000007 04 010102 020101"},

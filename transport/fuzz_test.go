@@ -66,7 +66,23 @@ func streamSeeds(t testing.TB) [][]byte {
 	body = appendFrame(body, &endRecord{Count: 3})
 	zopen := appendFrame(nil, &streamOpen{Kind: StreamSnapshots, Codec: CodecZstd})
 	nopen := appendFrame(nil, &streamOpen{Kind: StreamSnapshots, Codec: CodecNone})
+	// Pre-copies (version 3): one confirmed, one replaced by its final
+	// record.
+	var passes []byte
+	for _, r := range []record{
+		{index: 4, pass: PassPre, snap: repair.Snapshot{SendSeq: 9, RecvQueue: []byte("pre")}},
+		{index: 5, pass: PassPre, snap: *randSnapshot(rng, 10, 10)},
+		{index: 4, pass: PassConfirm},
+		{index: 5, snap: repair.Snapshot{SendSeq: 10, RecvQueue: []byte("final")}},
+	} {
+		start := len(passes)
+		passes = append(passes, 0, 0, 0, 0, byte(MsgSnapshot))
+		passes = snapshotTable.appendFields(passes, &r)
+		putFrameLength(passes[start:], len(passes)-start-4)
+	}
+	passes = appendFrame(passes, &endRecord{Count: 4})
 	return [][]byte{
+		append(bytes.Clone(nopen), rawChunks(passes, 50)...),
 		append(bytes.Clone(nopen), rawChunks(body, 300)...),
 		append(bytes.Clone(zopen), zstdChunks(t, body, 100)...),
 		append(append(bytes.Clone(zopen), rawChunks(body[:60], 60)...), zstdChunks(t, body[60:], 4096)...),
@@ -126,20 +142,25 @@ func FuzzSnapshotStream(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		l := &Link{
-			limits: Limits{MaxFrame: 1 << 16, MaxSnapshot: 1 << 20, MaxMigration: 8 << 20, MaxConnections: 1000},
-			local:  &Hello{Codecs: 1<<CodecNone | 1<<CodecZstd},
+			version: ProtocolVersion,
+			limits:  Limits{MaxFrame: 1 << 16, MaxSnapshot: 1 << 20, MaxMigration: 8 << 20, MaxConnections: 1000},
+			local:   &Hello{Codecs: 1<<CodecNone | 1<<CodecZstd},
 		}
 		r := newSnapshotReader(l, io.NopCloser(bytes.NewReader(b)))
 		defer r.Close()
 		for n := 0; ; n++ {
-			_, s, err := r.Next()
+			rec, err := r.NextRecord()
 			if err != nil {
-				if err != io.EOF && n > 1000 {
-					t.Fatalf("%d records over a limit of 1000", n)
+				// A connection has at most a pre-copy and one other record.
+				if err != io.EOF && n > 2*1000 {
+					t.Fatalf("%d records over a limit of 1000 connections", n)
 				}
 				return
 			}
-			_ = s.NeverSent()
+			if rec.Pass == PassConfirm && (rec.Snap.Local.IsValid() || len(rec.Snap.RecvQueue) > 0) {
+				t.Fatalf("a confirmation of %d came with a snapshot", rec.Index)
+			}
+			_ = rec.Snap.NeverSent()
 		}
 	})
 }

@@ -45,7 +45,8 @@ type Link struct {
 	mu      sync.Mutex // guards the fields below
 	records uint64     // snapshot records received
 	bytes   uint64     // their decoded bytes
-	seen    []uint64   // bitmap of connection indices received
+	seen    []uint64   // bitmap of connection indices received (final or confirmed)
+	pre     []uint64   // bitmap of connection indices whose pre-copy was received
 	detail  string     // first error yamux reported, for Err
 }
 
@@ -367,20 +368,39 @@ func (l *Link) admit(size uint32) error {
 	return nil
 }
 
-// admitIndex records a received connection index; each may arrive once.
-func (l *Link) admitIndex(i uint32) error {
+// admitIndex records a received connection index and the pass of its
+// record: each index may have one pre-copy, before one final or confirming
+// record; a confirmation needs the pre-copy; pre-copies need version 3. A
+// pre-copy does not count as one of the link's records (admit counted it):
+// the bitmap bounds them.
+func (l *Link) admitIndex(i uint32, pass Pass) error {
 	if i >= l.limits.MaxConnections {
 		return &LimitError{Limit: "connection index", Value: uint64(i), Max: uint64(l.limits.MaxConnections) - 1}
 	}
+	if pass != PassFinal && l.version < 3 {
+		return malformedf("snapshot %d: a %s record on a link of version %d", i, pass, l.version)
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	w := int(i / 64)
-	if w >= len(l.seen) {
-		l.seen = append(l.seen, make([]uint64, w+1-len(l.seen))...)
+	w, bit := int(i/64), uint64(1)<<(i%64)
+	for _, set := range []*[]uint64{&l.seen, &l.pre} {
+		if w >= len(*set) {
+			*set = append(*set, make([]uint64, w+1-len(*set))...)
+		}
 	}
-	bit := uint64(1) << (i % 64)
-	if l.seen[w]&bit != 0 {
+	final, pre := l.seen[w]&bit != 0, l.pre[w]&bit != 0
+	switch {
+	case final:
 		return fmt.Errorf("%w: %d", ErrDuplicate, i)
+	case pass == PassPre && pre:
+		return fmt.Errorf("%w: a second pre-copy of %d", ErrDuplicate, i)
+	case pass == PassConfirm && !pre:
+		return malformedf("snapshot %d: a confirmation without a pre-copy", i)
+	}
+	if pass == PassPre {
+		l.pre[w] |= bit
+		l.records--
+		return nil
 	}
 	l.seen[w] |= bit
 	return nil
@@ -389,7 +409,7 @@ func (l *Link) admitIndex(i uint32) error {
 // reserveSend accounts for a snapshot record this side is about to send,
 // against the peer's limits, so that a record the peer would refuse fails
 // here with a clear error instead.
-func (l *Link) reserveSend(index uint32, size int) error {
+func (l *Link) reserveSend(index uint32, pass Pass, size int) error {
 	pl := &l.peer.Limits
 	if uint64(size) > uint64(pl.MaxSnapshot) {
 		return &LimitError{Limit: "peer's snapshot size", Value: uint64(size), Max: uint64(pl.MaxSnapshot)}
@@ -397,13 +417,18 @@ func (l *Link) reserveSend(index uint32, size int) error {
 	if index >= pl.MaxConnections {
 		return &LimitError{Limit: "peer's connection index", Value: uint64(index), Max: uint64(pl.MaxConnections) - 1}
 	}
-	if n := l.sent.records.Add(1); n > uint64(pl.MaxConnections) {
-		l.sent.records.Add(^uint64(0))
+	// A pre-copy is not one of the peer's records (admitIndex).
+	records := uint64(1)
+	if pass == PassPre {
+		records = 0
+	}
+	if n := l.sent.records.Add(records); n > uint64(pl.MaxConnections) {
+		l.sent.records.Add(-records)
 		return &LimitError{Limit: "peer's connections", Value: n, Max: uint64(pl.MaxConnections)}
 	}
 	if n := l.sent.bytes.Add(uint64(size)); n > pl.MaxMigration {
 		l.sent.bytes.Add(-uint64(size))
-		l.sent.records.Add(^uint64(0))
+		l.sent.records.Add(-records)
 		return &LimitError{Limit: "peer's migration bytes", Value: n, Max: pl.MaxMigration}
 	}
 	return nil

@@ -191,6 +191,36 @@ var readyTable = newTable("ready",
 	fixedField(1, "migration", 16, func(m *Ready) []byte { return m.Migration[:] }),
 )
 
+// Precopied says that the source has written Count pre-copies on its
+// snapshot streams (source → target, version 3): it locks nothing until
+// the target answers PrecopyDone, so that the target's restores of them are
+// not inside the freeze.
+type Precopied struct {
+	// Migration is the migration's ID.
+	Migration MigrationID
+	// Count is how many pre-copies the streams carry.
+	Count uint32
+}
+
+var precopiedTable = newTable("precopied",
+	fixedField(1, "migration", 16, func(m *Precopied) []byte { return m.Migration[:] }),
+	uintField(2, "count", func(m *Precopied) *uint32 { return &m.Count }),
+)
+
+// PrecopyDone says that the target has restored (or refused) the Count
+// pre-copies Precopied announced (target → source, version 3).
+type PrecopyDone struct {
+	// Migration is the migration's ID.
+	Migration MigrationID
+	// Count is how many pre-copies the target has dealt with.
+	Count uint32
+}
+
+var precopyDoneTable = newTable("precopy-done",
+	fixedField(1, "migration", 16, func(m *PrecopyDone) []byte { return m.Migration[:] }),
+	uintField(2, "count", func(m *PrecopyDone) *uint32 { return &m.Count }),
+)
+
 // Verdicts carries the target's verdicts on a batch of connections (target →
 // source). The target may send many, as restores finish; each connection
 // gets exactly one verdict.
@@ -384,6 +414,12 @@ func (*Prepare) Type() MsgType { return MsgPrepare }
 // Type returns MsgReady.
 func (*Ready) Type() MsgType { return MsgReady }
 
+// Type returns MsgPrecopied.
+func (*Precopied) Type() MsgType { return MsgPrecopied }
+
+// Type returns MsgPrecopyDone.
+func (*PrecopyDone) Type() MsgType { return MsgPrecopyDone }
+
 // Type returns MsgVerdicts.
 func (*Verdicts) Type() MsgType { return MsgVerdicts }
 
@@ -420,33 +456,39 @@ func (m *Reject) appendFields(b []byte) []byte     { return rejectTable.appendFi
 func (m *streamOpen) appendFields(b []byte) []byte { return streamOpenTable.appendFields(b, m) }
 func (m *Prepare) appendFields(b []byte) []byte    { return prepareTable.appendFields(b, m) }
 func (m *Ready) appendFields(b []byte) []byte      { return readyTable.appendFields(b, m) }
-func (m *Verdicts) appendFields(b []byte) []byte   { return verdictsTable.appendFields(b, m) }
-func (m *Prepared) appendFields(b []byte) []byte   { return preparedTable.appendFields(b, m) }
-func (m *Switch) appendFields(b []byte) []byte     { return switchTable.appendFields(b, m) }
-func (m *Switched) appendFields(b []byte) []byte   { return switchedTable.appendFields(b, m) }
-func (m *Commit) appendFields(b []byte) []byte     { return commitTable.appendFields(b, m) }
-func (m *Committed) appendFields(b []byte) []byte  { return committedTable.appendFields(b, m) }
-func (m *Abort) appendFields(b []byte) []byte      { return abortTable.appendFields(b, m) }
-func (m *Query) appendFields(b []byte) []byte      { return queryTable.appendFields(b, m) }
-func (m *Outcome) appendFields(b []byte) []byte    { return outcomeTable.appendFields(b, m) }
-func (m *endRecord) appendFields(b []byte) []byte  { return endTable.appendFields(b, m) }
+func (m *Precopied) appendFields(b []byte) []byte  { return precopiedTable.appendFields(b, m) }
+func (m *PrecopyDone) appendFields(b []byte) []byte {
+	return precopyDoneTable.appendFields(b, m)
+}
+func (m *Verdicts) appendFields(b []byte) []byte  { return verdictsTable.appendFields(b, m) }
+func (m *Prepared) appendFields(b []byte) []byte  { return preparedTable.appendFields(b, m) }
+func (m *Switch) appendFields(b []byte) []byte    { return switchTable.appendFields(b, m) }
+func (m *Switched) appendFields(b []byte) []byte  { return switchedTable.appendFields(b, m) }
+func (m *Commit) appendFields(b []byte) []byte    { return commitTable.appendFields(b, m) }
+func (m *Committed) appendFields(b []byte) []byte { return committedTable.appendFields(b, m) }
+func (m *Abort) appendFields(b []byte) []byte     { return abortTable.appendFields(b, m) }
+func (m *Query) appendFields(b []byte) []byte     { return queryTable.appendFields(b, m) }
+func (m *Outcome) appendFields(b []byte) []byte   { return outcomeTable.appendFields(b, m) }
+func (m *endRecord) appendFields(b []byte) []byte { return endTable.appendFields(b, m) }
 
-func (m *Hello) decodeFields(b []byte) error      { return helloTable.decode(m, b) }
-func (m *Accept) decodeFields(b []byte) error     { return acceptTable.decode(m, b) }
-func (m *Reject) decodeFields(b []byte) error     { return rejectTable.decode(m, b) }
-func (m *streamOpen) decodeFields(b []byte) error { return streamOpenTable.decode(m, b) }
-func (m *Prepare) decodeFields(b []byte) error    { return prepareTable.decode(m, b) }
-func (m *Ready) decodeFields(b []byte) error      { return readyTable.decode(m, b) }
-func (m *Verdicts) decodeFields(b []byte) error   { return verdictsTable.decode(m, b) }
-func (m *Prepared) decodeFields(b []byte) error   { return preparedTable.decode(m, b) }
-func (m *Switch) decodeFields(b []byte) error     { return switchTable.decode(m, b) }
-func (m *Switched) decodeFields(b []byte) error   { return switchedTable.decode(m, b) }
-func (m *Commit) decodeFields(b []byte) error     { return commitTable.decode(m, b) }
-func (m *Committed) decodeFields(b []byte) error  { return committedTable.decode(m, b) }
-func (m *Abort) decodeFields(b []byte) error      { return abortTable.decode(m, b) }
-func (m *Query) decodeFields(b []byte) error      { return queryTable.decode(m, b) }
-func (m *Outcome) decodeFields(b []byte) error    { return outcomeTable.decode(m, b) }
-func (m *endRecord) decodeFields(b []byte) error  { return endTable.decode(m, b) }
+func (m *Hello) decodeFields(b []byte) error       { return helloTable.decode(m, b) }
+func (m *Accept) decodeFields(b []byte) error      { return acceptTable.decode(m, b) }
+func (m *Reject) decodeFields(b []byte) error      { return rejectTable.decode(m, b) }
+func (m *streamOpen) decodeFields(b []byte) error  { return streamOpenTable.decode(m, b) }
+func (m *Prepare) decodeFields(b []byte) error     { return prepareTable.decode(m, b) }
+func (m *Ready) decodeFields(b []byte) error       { return readyTable.decode(m, b) }
+func (m *Precopied) decodeFields(b []byte) error   { return precopiedTable.decode(m, b) }
+func (m *PrecopyDone) decodeFields(b []byte) error { return precopyDoneTable.decode(m, b) }
+func (m *Verdicts) decodeFields(b []byte) error    { return verdictsTable.decode(m, b) }
+func (m *Prepared) decodeFields(b []byte) error    { return preparedTable.decode(m, b) }
+func (m *Switch) decodeFields(b []byte) error      { return switchTable.decode(m, b) }
+func (m *Switched) decodeFields(b []byte) error    { return switchedTable.decode(m, b) }
+func (m *Commit) decodeFields(b []byte) error      { return commitTable.decode(m, b) }
+func (m *Committed) decodeFields(b []byte) error   { return committedTable.decode(m, b) }
+func (m *Abort) decodeFields(b []byte) error       { return abortTable.decode(m, b) }
+func (m *Query) decodeFields(b []byte) error       { return queryTable.decode(m, b) }
+func (m *Outcome) decodeFields(b []byte) error     { return outcomeTable.decode(m, b) }
+func (m *endRecord) decodeFields(b []byte) error   { return endTable.decode(m, b) }
 
 // phase says where a message type may appear.
 type phase uint8
@@ -485,6 +527,8 @@ var msgTable = [...]msgInfo{
 	MsgListeners:      {"LISTENERS", phaseControl, func() Message { return new(Listeners) }},
 	MsgListenersReady: {"LISTENERS_READY", phaseControl, func() Message { return new(ListenersReady) }},
 	MsgReady:          {"READY", phaseControl, func() Message { return new(Ready) }},
+	MsgPrecopied:      {"PRECOPIED", phaseControl, func() Message { return new(Precopied) }},
+	MsgPrecopyDone:    {"PRECOPY_DONE", phaseControl, func() Message { return new(PrecopyDone) }},
 	MsgSnapshot:       {"SNAPSHOT", phaseSnapshot, nil},
 	MsgEnd:            {"END", phaseSnapshot, func() Message { return new(endRecord) }},
 }

@@ -3,6 +3,7 @@ package transport
 import (
 	"encoding/binary"
 	"net/netip"
+	"strconv"
 	"time"
 
 	"github.com/tcpmigrate/tcpmigrate/repair"
@@ -18,8 +19,43 @@ import (
 // record is what a snapshot record decodes into.
 type record struct {
 	index uint32
+	pass  Pass
 	snap  repair.Snapshot
 	state []byte // the application's state for the connection (tag 19)
+}
+
+// Pass says what a snapshot record is to its connection (tag 20, version
+// 3). Every connection gets exactly one record of pass PassFinal or
+// PassConfirm; before it, at most one of PassPre.
+type Pass uint8
+
+// The passes of a snapshot record.
+const (
+	// PassFinal is the snapshot taken after the source's lock: the one the
+	// target commits. A record without tag 20 is final.
+	PassFinal Pass = 0
+	// PassPre is a copy taken before the lock, while the peer was held and
+	// had nothing in flight: the target restores it ahead of the freeze and
+	// keeps it until a final or confirming record of the same connection
+	// says what stands.
+	PassPre Pass = 1
+	// PassConfirm carries only the index: nothing reached or left the
+	// connection between its pre-copy and the lock, so the pre-copy is its
+	// final snapshot.
+	PassConfirm Pass = 2
+)
+
+// String names the pass as docs/protocol.md does.
+func (p Pass) String() string {
+	switch p {
+	case PassFinal:
+		return "final"
+	case PassPre:
+		return "pre"
+	case PassConfirm:
+		return "confirm"
+	}
+	return "pass(" + strconv.Itoa(int(p)) + ")"
 }
 
 var snapshotTable = newTable("snapshot",
@@ -40,6 +76,7 @@ var snapshotTable = newTable("snapshot",
 	uintField(17, "unsent", func(r *record) *uint32 { return &r.snap.Unsent }),
 	nestedField(18, "options", optionsTable, func(r *record) *repair.Options { return &r.snap.Options }),
 	bytesField(tagAppState, "app_state", func(r *record) *[]byte { return &r.state }),
+	uintField(tagPass, "pass", func(r *record) *Pass { return &r.pass }),
 	// The queues come last, so that SnapshotWriter can stream them.
 	bytesField(tagRecvQueue, "recv_queue", func(r *record) *[]byte { return &r.snap.RecvQueue }),
 	bytesField(tagSendQueue, "send_queue", func(r *record) *[]byte { return &r.snap.SendQueue }),
@@ -54,6 +91,9 @@ const (
 // tagAppState is the tag of the application's opaque state, which travels
 // with the snapshot (send --handoff to receive --deliver, or the Go API).
 const tagAppState = 19
+
+// tagPass is the tag of the record's Pass (version 3).
+const tagPass = 20
 
 type opts = repair.Options
 
@@ -163,6 +203,17 @@ func decodeRecord(body []byte) (*record, error) {
 	// The one structural check: Unsent indexes into SendQueue, and the
 	// accessors of repair.Snapshot would panic on a larger value. Every
 	// other check is repair's (Validate), on the target's policy path.
+	switch r.pass {
+	case PassFinal, PassPre:
+	case PassConfirm:
+		// A confirmation is the index alone: a snapshot in it would be
+		// one the target never uses.
+		if r.snap.Local.IsValid() || r.snap.Remote.IsValid() || len(r.snap.RecvQueue)+len(r.snap.SendQueue)+len(r.state) > 0 {
+			return nil, malformedf("snapshot %d: a confirmation carries a snapshot", r.index)
+		}
+	default:
+		return nil, malformedf("snapshot %d: unknown pass %d", r.index, r.pass)
+	}
 	if uint64(r.snap.Unsent) > uint64(len(r.snap.SendQueue)) {
 		return nil, malformedf("snapshot %d: unsent %d exceeds the send queue's %d bytes",
 			r.index, r.snap.Unsent, len(r.snap.SendQueue))

@@ -253,13 +253,34 @@ func (w *SnapshotWriter) Write(index uint32, s *repair.Snapshot) error {
 // WriteState is Write with the application's opaque state for the
 // connection, which the reader gets back from NextState.
 func (w *SnapshotWriter) WriteState(index uint32, s *repair.Snapshot, state []byte) error {
+	return w.write(index, PassFinal, s, state)
+}
+
+// WritePre is WriteState for a pre-copy (PassPre): a snapshot taken before
+// the lock, which a later WriteState or Confirm of the same index, on the
+// same stream, finalises. It needs a link of version 3.
+func (w *SnapshotWriter) WritePre(index uint32, s *repair.Snapshot, state []byte) error {
+	if v := w.link.Version(); v < 3 {
+		return opError("snapshot write", fmt.Errorf("%w: pre-copies need protocol version 3, the link runs %d", ErrUnexpected, v))
+	}
+	return w.write(index, PassPre, s, state)
+}
+
+// Confirm writes the record that makes connection index's pre-copy, written
+// earlier on the same stream, its final snapshot (PassConfirm): a few
+// bytes, where a final record would carry the whole snapshot again.
+func (w *SnapshotWriter) Confirm(index uint32) error {
+	return w.write(index, PassConfirm, &repair.Snapshot{}, nil)
+}
+
+func (w *SnapshotWriter) write(index uint32, pass Pass, s *repair.Snapshot, state []byte) error {
 	const op = "snapshot write"
 	if err := w.check(); err != nil {
 		return opError(op, err)
 	}
 	// The record is encoded with its queues last (as snapshotTable orders
 	// them), so that large queues are copied once, into the chunks.
-	r := record{index: index, snap: *s, state: state}
+	r := record{index: index, pass: pass, snap: *s, state: state}
 	rq, sq := s.RecvQueue, s.SendQueue
 	r.snap.RecvQueue, r.snap.SendQueue = nil, nil
 	b := append(w.scratch[:0], 0, 0, 0, 0, byte(MsgSnapshot))
@@ -274,7 +295,7 @@ func (w *SnapshotWriter) WriteState(index uint32, s *repair.Snapshot, state []by
 	if size >= 1<<32 {
 		return opError(op, &LimitError{Limit: "snapshot size", Value: uint64(size), Max: 1<<32 - 1})
 	}
-	if err := w.link.reserveSend(index, size); err != nil {
+	if err := w.link.reserveSend(index, pass, size); err != nil {
 		return opError(op, fmt.Errorf("connection %d: %w", index, err))
 	}
 	putFrameLength(b, size)
@@ -635,15 +656,47 @@ func (r *SnapshotReader) Next() (uint32, *repair.Snapshot, error) {
 
 // NextState is Next that also returns the application state written with
 // the record (nil if none).
+// It fails on a record that is not final (a pre-copy or a confirmation):
+// a reader that takes those uses NextRecord.
 func (r *SnapshotReader) NextState() (uint32, *repair.Snapshot, []byte, error) {
-	if r.err != nil {
-		if r.err == io.EOF {
-			return 0, nil, nil, io.EOF
-		}
+	rec, err := r.NextRecord()
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	if rec.Pass != PassFinal {
+		r.err = malformedf("snapshot %d: a %s record where only final ones are read", rec.Index, rec.Pass)
+		r.releaseDecoder()
 		return 0, nil, nil, opError("snapshot read", r.err)
 	}
+	return rec.Index, rec.Snap, rec.State, nil
+}
+
+// A Record is one snapshot record as NextRecord reads it.
+type Record struct {
+	// Index is the connection's index in the migration.
+	Index uint32
+	// Pass says whether Snap is final, a pre-copy, or (PassConfirm, Snap
+	// empty) the confirmation of the pre-copy read before.
+	Pass Pass
+	// Snap is the snapshot; its queues alias the record's buffer.
+	Snap *repair.Snapshot
+	// State is the application's state written with it, or nil.
+	State []byte
+}
+
+// NextRecord returns the next record of the stream, of any pass, or io.EOF
+// after the end record. The link checks the passes' order for each index:
+// at most one pre-copy, and a confirmation only after one; exactly one
+// final or confirming record.
+func (r *SnapshotReader) NextRecord() (Record, error) {
+	if r.err != nil {
+		if r.err == io.EOF {
+			return Record{}, io.EOF
+		}
+		return Record{}, opError("snapshot read", r.err)
+	}
 	if r.closed {
-		return 0, nil, nil, opError("snapshot read", ErrClosed)
+		return Record{}, opError("snapshot read", ErrClosed)
 	}
 	rec, err := r.next()
 	if err != nil {
@@ -653,11 +706,11 @@ func (r *SnapshotReader) NextState() (uint32, *repair.Snapshot, []byte, error) {
 		r.err = err
 		r.releaseDecoder()
 		if err == io.EOF {
-			return 0, nil, nil, io.EOF
+			return Record{}, io.EOF
 		}
-		return 0, nil, nil, opError("snapshot read", err)
+		return Record{}, opError("snapshot read", err)
 	}
-	return rec.index, &rec.snap, rec.state, nil
+	return Record{Index: rec.index, Pass: rec.pass, Snap: &rec.snap, State: rec.state}, nil
 }
 
 func (r *SnapshotReader) next() (*record, error) {
@@ -692,7 +745,7 @@ func (r *SnapshotReader) next() (*record, error) {
 			if err != nil {
 				return nil, err
 			}
-			if err := r.link.admitIndex(rec.index); err != nil {
+			if err := r.link.admitIndex(rec.index, rec.pass); err != nil {
 				return nil, err
 			}
 			r.count++
