@@ -28,7 +28,8 @@ wait_idle() {
 # The idle runs of the three targets are repeated (five, three and three
 # times): one run of them varies by 20-50 % on this shared machine. The
 # workload hands its sockets over live; one streaming run does it the old
-# way (--paused-handoff) for comparison.
+# way (--paused-handoff) for comparison. The source pre-copies its quiet
+# connections; three runs without (--no-precopy) are the baseline.
 runs=(
 	"--conns 1"
 	"--conns 1"
@@ -43,6 +44,8 @@ runs=(
 	"--conns 10000"
 	"--conns 10000"
 	"--conns 10000"
+	"--conns 1000 --no-precopy"
+	"--conns 10000 --no-precopy"
 	"--conns 10000 --queue 65536"
 	"--conns 10000 --queue 16384"
 	"--conns 5000 --queue 65536"
@@ -50,6 +53,7 @@ runs=(
 	"--conns 1 --stream"
 	"--conns 1000 --stream"
 	"--conns 1000 --stream --paused-handoff"
+	"--conns 1000 --stream --no-precopy"
 	"--conns 1000 --queue 65536 --stream"
 	"--conns 10000 --stream"
 	"--conns 10000 --queue 16384 --stream"

@@ -274,3 +274,59 @@ func TestGoAPIPauseNamesTheCallersConns(t *testing.T) {
 		}
 	}
 }
+
+// TestGoAPIPrecopy makes every connection quiet enough to be pre-copied
+// (Config.QuietFor < 0): the source captures each before its lock and the
+// target restores the copies ahead of the freeze. Then, twice: with the
+// lock right after the copies, and with a pause of 600 ms between them
+// (StepPrecopied), in which the streaming peers, held at window 0, send
+// their persist probes: each such connection moved, so it is captured
+// again after the lock and the target replaces its copy. Either way every
+// connection is committed, and the peers verify every byte and see no
+// reset.
+func TestGoAPIPrecopy(t *testing.T) {
+	for _, moved := range []bool{false, true} {
+		name := "confirmed"
+		if moved {
+			name = "moved"
+		}
+		t.Run(name, func(t *testing.T) {
+			w := newWorld(t, 8)
+			var fault func(source.Step) error
+			if moved {
+				fault = func(s source.Step) error {
+					if s == source.StepPrecopied {
+						time.Sleep(600 * time.Millisecond)
+					}
+					return nil
+				}
+			}
+			cfg, _ := w.agents([]netip.Prefix{svc}, fault, nil)
+			cfg.QuietFor = -1
+			conns := w.handOver()
+			res, err := source.Migrate(ctxT(t), cfg, conns)
+			if err != nil {
+				t.Fatalf("migrate: %v", err)
+			}
+			for _, c := range res.Conns {
+				if c.Outcome != source.Committed {
+					t.Errorf("connection %d: %s (%v)", c.Index, c.Outcome, c.Err)
+				}
+			}
+			t.Logf("%d held, %d pre-copied, %d confirmed; phases %v", res.Held, res.Precopied, res.Confirmed, res.Phases)
+			if res.Precopied != len(conns) {
+				t.Errorf("%d of %d connections pre-copied", res.Precopied, len(conns))
+			}
+			if moved && res.Confirmed == res.Precopied {
+				t.Errorf("all %d pre-copies stood although the held peers probed for 600 ms", res.Confirmed)
+			}
+			if !moved && res.Confirmed == 0 {
+				t.Errorf("none of %d pre-copies stood with the lock right after them", res.Precopied)
+			}
+			for _, c := range w.conns {
+				c.Close()
+			}
+			w.check(500 * time.Millisecond)
+		})
+	}
+}

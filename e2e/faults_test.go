@@ -31,7 +31,9 @@ func TestFaultMatrix(t *testing.T) {
 			if step == source.StepFinish {
 				want = source.Committed
 			}
-			runFault(t, fault, nil, want)
+			// The pre-copies' step is reached only with connections
+			// quiet enough to be pre-copied.
+			runFault(t, fault, nil, want, step == source.StepPrecopied)
 		})
 	}
 	for _, step := range target.Steps {
@@ -46,14 +48,43 @@ func TestFaultMatrix(t *testing.T) {
 			if step == target.StepDeliver {
 				want = source.Failed
 			}
-			runFault(t, nil, fault, want)
+			runFault(t, nil, fault, want, false)
+		})
+	}
+	// With pre-copies, where a failure finds copies restored on the
+	// target ahead of the freeze (discarded silently at its abort), or
+	// copies confirmed after the lock.
+	for _, step := range []source.Step{source.StepCapture, source.StepVerdicts, source.StepCommit} {
+		t.Run("precopy-source-"+string(step), func(t *testing.T) {
+			runFault(t, func(s source.Step) error {
+				if s == step {
+					return errInjected
+				}
+				return nil
+			}, nil, source.RolledBack, true)
+		})
+	}
+	for _, step := range []target.Step{target.StepRestore, target.StepPrepared, target.StepCommit} {
+		t.Run("precopy-target-"+string(step), func(t *testing.T) {
+			runFault(t, nil, func(s target.Step) error {
+				if s == step {
+					return errInjected
+				}
+				return nil
+			}, source.RolledBack, true)
 		})
 	}
 }
 
-func runFault(t *testing.T, sf func(source.Step) error, tf func(target.Step) error, want source.Outcome) {
+// runFault migrates four streaming connections with the faults sf and tf
+// and checks that each ends as want; precopy makes them all quiet enough to
+// be pre-copied (Config.QuietFor < 0).
+func runFault(t *testing.T, sf func(source.Step) error, tf func(target.Step) error, want source.Outcome, precopy bool) {
 	w := newWorld(t, 4)
 	cfg, srv := w.agents([]netip.Prefix{svc}, sf, tf)
+	if precopy {
+		cfg.QuietFor = -1
+	}
 	res, err := source.Migrate(ctxT(t), cfg, w.handOver())
 	t.Logf("migrate: state %s, err %v", res.State, err)
 	for _, c := range res.Conns {

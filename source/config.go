@@ -47,6 +47,20 @@ type Config struct {
 	// false, the target advertises repair.FeatHeldRestore and this kernel
 	// accepts the hold's nftables rule.
 	NoHold bool
+	// NoPrecopy turns off the pre-copies (docs/handoff.md): without them
+	// every connection is captured after the lock, inside the freeze.
+	// With them (a held connection, a target of protocol version 3) a
+	// connection is captured once its peer is held and drained, before the
+	// lock, and the target restores it then; after the lock one TCP_INFO
+	// read shows whether anything moved since, and only then is it
+	// captured again.
+	NoPrecopy bool
+	// QuietFor is how long a connection must have carried no data, either
+	// way, to be pre-copied; the others are paused, held and locked in a
+	// second wave, just before the freeze (docs/handoff.md). Zero means
+	// DefaultQuietFor; a negative value makes every ESTABLISHED
+	// connection quiet.
+	QuietFor time.Duration
 	// HoldDrain bounds the wait, before the lock, for held peers to stop
 	// sending. Zero means DefaultHoldDrain.
 	HoldDrain time.Duration
@@ -70,10 +84,13 @@ type Config struct {
 	// Pause, if set, makes the hand-over live: the owner of the connections
 	// still serves them when Migrate is called, and Migrate inspects them
 	// and prepares the target meanwhile. Before it holds and locks them it
-	// calls Pause once, with the indices (into the conns of Migrate) of
-	// the connections it is about to lock: never those it took from the
+	// calls Pause, with the indices (into the conns of Migrate) of the
+	// connections it is about to lock: never those it took from the
 	// accept queues of Listeners, which the owner never had (and no call
-	// if none of the conns is left). When Pause returns nil the owner
+	// if none of the conns is left). With pre-copies it calls it twice, for
+	// the quiet connections and then, some milliseconds later, for the
+	// busy ones, each index once (docs/handoff.md, "Waves and
+	// pre-copies"). When Pause returns nil the owner
 	// no longer touches those. Migrate then inspects them again, since the
 	// owner may have changed their options, shut them down or seen them
 	// closed by the peer, and goes on to the hold. An error from Pause, or
@@ -150,6 +167,10 @@ type Result struct {
 	// Held is how many connections were held with a zero window before the
 	// lock (Config.NoHold).
 	Held int
+	// Precopied is how many connections were captured before the lock
+	// (Config.NoPrecopy), and Confirmed how many of those copies still
+	// stood after it: the others were captured again inside the freeze.
+	Precopied, Confirmed int
 }
 
 // Committed reports whether every connection was committed.

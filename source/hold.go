@@ -41,40 +41,25 @@ func (m *migration) wantHold() bool {
 // own, and how many a goroutine takes at a time.
 const minAnnounceShare = 32
 
-// holdAll holds the eligible ESTABLISHED connections, makes each announce
-// its zero window (repair.Announce) and waits until their peers have
-// nothing in flight (repair.Drain), just before lockAll, whose
-// batch moves them from the hold to the lock; the wait is the phase
-// "hold", before the freeze. A failure to hold is not fatal: the
-// connections are then locked as without the hold.
-func (m *migration) holdAll() {
-	if !m.lock.CanHold() {
-		return
-	}
-	var held []*conn
-	var tuples []firewall.Tuple
-	var fds []int
-	for _, c := range m.elig {
-		if !c.done && c.snap.State == repair.StateEstablished {
-			held = append(held, c)
-			tuples = append(tuples, c.tuple)
-			fds = append(fds, c.fd)
-		}
-	}
-	if len(held) == 0 {
-		return
+// holdWave holds conns, makes each announce its zero window and waits for
+// their peers to drain. It reports whether they are held.
+func (m *migration) holdWave(held []*conn) bool {
+	tuples := make([]firewall.Tuple, len(held))
+	fds := make([]int, len(held))
+	for i, c := range held {
+		tuples[i], fds[i] = c.tuple, c.fd
 	}
 	// The injector first (a switch into the namespace and its raw
 	// sockets): a peer that is sending stalls from the hold batch on.
 	inj, injErr := m.injector()
 	if err := m.lock.Hold(tuples); err != nil {
 		m.log.Warn("zero-window hold failed: locking without it", "err", err)
-		return
+		return false
 	}
 	for _, c := range held {
 		c.held = true
 	}
-	m.res.Held = len(held)
+	m.res.Held += len(held)
 	// Every held socket sends one ACK now (with window 0), so that idle
 	// peers learn of the hold too.
 	if injErr != nil {
@@ -105,7 +90,7 @@ func (m *migration) holdAll() {
 		m.log.Warn("zero-window hold: peers still sending at the lock", "conns", len(fds), "still_receiving", left, "err", err)
 	}
 	m.log.Debug("zero-window hold drained", "conns", len(fds), "took", time.Since(start))
-	m.endPhase("hold")
+	return true
 }
 
 // resumeSocket takes a captured connection out of repair mode on the

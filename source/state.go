@@ -45,6 +45,7 @@ const (
 	StepListeners Step = "listeners" // after the listeners' SYNs are locked and their accept queues taken (with no listener: before inspect)
 	StepInspect   Step = "inspect"   // before the connections are inspected
 	StepLock      Step = "lock"      // before the source lock
+	StepPrecopied Step = "precopied" // after the pre-copies are restored on the target, before the first lock
 	StepPrepare   Step = "prepare"   // before Prepare is sent
 	StepCapture   Step = "capture"   // before the first capture
 	StepVerdicts  Step = "verdicts"  // after the snapshots are sent, before Prepared is awaited
@@ -55,7 +56,7 @@ const (
 )
 
 // Steps lists every fault-injection step in order.
-var Steps = []Step{StepDial, StepListeners, StepInspect, StepLock, StepPrepare, StepCapture, StepVerdicts, StepSwitch, StepSwitched, StepCommit, StepFinish}
+var Steps = []Step{StepDial, StepListeners, StepInspect, StepLock, StepPrecopied, StepPrepare, StepCapture, StepVerdicts, StepSwitch, StepSwitched, StepCommit, StepFinish}
 
 // Outcome is what became of one connection.
 type Outcome string

@@ -343,6 +343,15 @@ func (a *admission) admit(index uint32, s *repair.Snapshot, appState []byte) err
 	return nil
 }
 
+// forget undoes the admission of connection index, which took n bytes:
+// its pre-copy gives way to its final snapshot, admitted anew.
+func (a *admission) forget(index uint32, t firewall.Tuple, n uint64) {
+	if i, ok := a.tuples[t]; ok && i == index {
+		delete(a.tuples, t)
+	}
+	a.bytes -= n
+}
+
 // cost is what a batch of received records holds of the budget.
 func (a *admission) cost(batch []record) int64 {
 	var n int64

@@ -280,6 +280,14 @@ type conn struct {
 	tuple    firewall.Tuple
 	fd       int // restored socket, or -1
 	report   ConnReport
+	// pre says that the connection is restored (or refused) from a
+	// pre-copy whose final or confirming record has not come yet;
+	// precopied, that its pre-copy was confirmed: it was quiet before the
+	// lock (the commit wakes the others first).
+	pre, precopied bool
+	// admitted is the bytes admission counted for it, if isAdmitted.
+	admitted   uint64
+	isAdmitted bool
 }
 
 type migration struct {
@@ -477,9 +485,10 @@ func (m *migration) run(ctx context.Context) (*Report, error) {
 	}
 }
 
-// record is one received snapshot.
+// record is one received snapshot record.
 type record struct {
 	index uint32
+	pass  transport.Pass
 	snap  *repair.Snapshot
 	state []byte
 }
@@ -496,6 +505,17 @@ func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, re
 	var done uint32
 	var ok uint32
 	var last []transport.Verdict // the last batch's verdicts, sent with PREPARED
+	// The pre-copies restored, and how many the source said it wrote
+	// (PRECOPIED): the target answers PRECOPY_DONE once it has them all.
+	var preDone, preWant uint32
+	preAsked := false
+	answerPre := func() error {
+		if !preAsked || preDone < preWant {
+			return nil
+		}
+		preAsked = false
+		return m.link.Control().Send(ctx, &transport.PrecopyDone{Migration: m.id, Count: preDone})
+	}
 	batch := make([]record, 0, 256)
 	for done < m.count {
 		batch = batch[:0]
@@ -514,6 +534,16 @@ func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, re
 		case msg := <-msgs:
 			if l, ok := msg.(*transport.Listeners); ok {
 				if err := m.listen(ctx, l); err != nil {
+					return err
+				}
+				continue
+			}
+			if p, ok := msg.(*transport.Precopied); ok {
+				if p.Count > m.count || preWant != 0 {
+					return fmt.Errorf("target: PRECOPIED of %d pre-copies, for %d connections (or a second one)", p.Count, m.count)
+				}
+				preWant, preAsked = p.Count, true
+				if err := answerPre(); err != nil {
 					return err
 				}
 				continue
@@ -550,7 +580,15 @@ func (m *migration) prepare(ctx context.Context, msgs chan transport.Message, re
 				ok++
 			}
 		}
-		done += uint32(len(batch))
+		fin := finals(batch)
+		done += fin
+		preDone += uint32(len(batch)) - fin
+		if err := answerPre(); err != nil {
+			return err
+		}
+		if len(vs) == 0 {
+			continue // pre-copies only
+		}
 		if done >= m.count {
 			last = vs
 			break
@@ -606,7 +644,7 @@ func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
 				defer wg.Done()
 				defer r.Close()
 				for {
-					index, snap, state, err := r.NextState()
+					rec, err := r.NextRecord()
 					if err == io.EOF {
 						return
 					}
@@ -614,21 +652,23 @@ func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
 						errs <- err
 						return
 					}
-					if index >= m.count {
-						errs <- fmt.Errorf("target: connection index %d of %d", index, m.count)
+					if rec.Index >= m.count {
+						errs <- fmt.Errorf("target: connection index %d of %d", rec.Index, m.count)
 						return
 					}
 					// Wait for room, then hand the record on; give up
 					// when the prepare phase ends.
-					if m.adm.buf.acquire(ctx, int64(queueBytes(snap, state))) != nil {
+					if m.adm.buf.acquire(ctx, int64(queueBytes(rec.Snap, rec.State))) != nil {
 						return
 					}
 					select {
-					case recs <- record{index: index, snap: snap, state: state}:
+					case recs <- record{index: rec.Index, pass: rec.Pass, snap: rec.Snap, state: rec.State}:
 					case <-ctx.Done():
 						return
 					}
-					if got.Add(1) == m.count {
+					// A pre-copy is not one of the count: its connection
+					// has a final or confirming record to come.
+					if rec.Pass != transport.PassPre && got.Add(1) == m.count {
 						close(allIn)
 						// Let prepare restore it first: otherwise this
 						// goroutine goes on to read the stream's end and
@@ -651,19 +691,82 @@ func (m *migration) readStreams(ctx context.Context, recs chan<- record) error {
 	}
 }
 
-// restoreBatch checks a batch against the policy, locks the allowed ones in
-// one transaction and restores them.
+// finals counts the records of batch that settle their connection: every
+// one but the pre-copies.
+func finals(batch []record) uint32 {
+	n := uint32(0)
+	for _, r := range batch {
+		if r.pass != transport.PassPre {
+			n++
+		}
+	}
+	return n
+}
+
+// restoreBatch restores a batch's pre-copies, then its other records, and
+// returns the verdicts of the latter. A pre-copy comes before its
+// connection's other record in its stream, and so in recs: splitting the
+// batch keeps that order for each connection.
 func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
+	var pre, rest []record
+	for _, r := range batch {
+		if r.pass == transport.PassPre {
+			pre = append(pre, r)
+		} else {
+			rest = append(rest, r)
+		}
+	}
+	if len(pre) > 0 {
+		if _, err := m.restoreRecords(pre, true); err != nil {
+			return nil, err
+		}
+	}
+	if len(rest) == 0 {
+		return nil, nil
+	}
+	return m.restoreRecords(rest, false)
+}
+
+// restoreRecords checks records against the policy, locks the allowed ones
+// in one transaction and restores them. Pre-copies (pre) are kept without a
+// verdict. Of the others, a confirmation settles its pre-copy as it stands;
+// a final record replaces the pre-copy of its connection, if there was one
+// (its socket is discarded, and its admission undone). It returns the
+// verdicts of the records that are not pre-copies.
+func (m *migration) restoreRecords(batch []record, pre bool) ([]transport.Verdict, error) {
 	cfg := &m.srv.cfg
-	vs := make([]transport.Verdict, 0, len(batch))
 	var lockList []firewall.Tuple
 	todo := make([]*conn, 0, len(batch))
 	// One allocation for the batch's bookkeeping, not one per connection:
 	// this runs inside the freeze.
 	slab := make([]conn, len(batch))
 	for i, r := range batch {
+		if old := m.conns[r.index]; old != nil {
+			// The link lets through only a confirmation or a final record
+			// after a pre-copy, and nothing after those.
+			if !old.pre {
+				return nil, fmt.Errorf("target: a second record settles connection %d", r.index)
+			}
+			old.pre = false
+			if r.pass == transport.PassConfirm {
+				old.precopied = true
+				continue
+			}
+			// The pre-copy is stale: the connection moved before the lock.
+			if old.fd >= 0 {
+				if err := repair.Discard(old.fd); err != nil {
+					m.log.Warn("discarding a stale pre-copy", "conn", r.index, "err", err)
+				}
+				old.fd = -1
+			}
+			if old.isAdmitted {
+				m.adm.forget(r.index, old.tuple, old.admitted)
+			}
+		} else if r.pass == transport.PassConfirm {
+			return nil, fmt.Errorf("target: connection %d confirmed without its pre-copy", r.index)
+		}
 		c := &slab[i]
-		*c = conn{snap: r.snap, appState: r.state, fd: -1}
+		*c = conn{snap: r.snap, appState: r.state, fd: -1, pre: pre}
 		l, rem := r.snap.Tuple()
 		c.tuple = firewall.Tuple{Local: l, Remote: rem}
 		c.report = ConnReport{Index: r.index, Local: r.snap.Local, Remote: r.snap.Remote}
@@ -672,6 +775,7 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 			c.report.Verdict, c.report.Err = verdictOf(err), err
 			continue
 		}
+		c.isAdmitted, c.admitted = true, queueBytes(r.snap, r.state)
 		todo = append(todo, c)
 		// Tuples locked before the freeze (prelock) are not locked again.
 		if !m.isPrelocked(r.index, c.tuple) {
@@ -683,9 +787,12 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 			return nil, err
 		}
 	}
-	// The freeze has begun: no more Blanks are made (their maker would
-	// compete with the restores for the cores).
-	m.blanks.halt()
+	if !pre {
+		// The freeze has begun: no more Blanks are made (their maker
+		// would compete with the restores for the cores). Pre-copies come
+		// before it, while the maker may still be ahead of them.
+		m.blanks.halt()
+	}
 	// Both cores, each restoring in the namespace on its own thread, in
 	// chunks handed to whichever is free: the next batch waits for the
 	// slower of the two.
@@ -700,6 +807,10 @@ func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
 	if err != nil {
 		return nil, err
 	}
+	if pre {
+		return nil, nil // the verdicts wait for each connection's next record
+	}
+	vs := make([]transport.Verdict, 0, len(batch))
 	var unlock []firewall.Tuple
 	for _, r := range batch {
 		c := m.conns[r.index]
@@ -832,9 +943,17 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			}
 		}
 	}
+	// The connections the source captured after its lock first: those
+	// that were busy (waves, in the source), whose peers are sending.
 	live := make([]*conn, 0, len(m.conns))
 	for _, c := range m.conns {
-		if c != nil && c.fd >= 0 {
+		if c != nil && c.fd >= 0 && !c.precopied {
+			live = append(live, c)
+		}
+	}
+	busy := len(live)
+	for _, c := range m.conns {
+		if c != nil && c.fd >= 0 && c.precopied {
 			live = append(live, c)
 		}
 	}
@@ -876,7 +995,10 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			err = m.lock.Unlock(tuples)
 		}
 	}
-	live = slices.DeleteFunc(live, func(c *conn) bool { return c.fd < 0 })
+	if n := len(live); n > 0 {
+		live = slices.DeleteFunc(live, func(c *conn) bool { return c.fd < 0 })
+		busy -= n - len(live) // only Settle discards, and only busy ones (never pre-copied)
+	}
 	if err != nil {
 		m.log.Error("commit failed before any socket was resumed: backing out", "err", err)
 		return m.abort(ctx, fmt.Errorf("target: commit: %w", err), true)
@@ -893,22 +1015,28 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	resumeErrs := make([]error, len(live))
 	// When each connection's freeze ended, for the source's report.
 	resumedUs := make([]uint32, m.count)
-	shares.Chunks(len(live), minShare, chunk, func(chunks iter.Seq2[int, int]) error {
-		for lo, hi := range chunks {
-			for i := lo; i < hi; i++ {
-				c := live[i]
-				// A held connection is kicked here too: its peer waits at
-				// window 0 until then, so its freeze ends after the kick,
-				// not at the repair-off before it.
-				err := m.rs.r.Wake(c.fd, c.snap)
-				if err == nil || errors.Is(err, repair.ErrResumedLive) {
-					resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
+	wake := func(lo, hi int) {
+		shares.Chunks(hi-lo, minShare, chunk, func(chunks iter.Seq2[int, int]) error {
+			for clo, chi := range chunks {
+				for i := lo + clo; i < lo+chi; i++ {
+					c := live[i]
+					// A held connection is kicked here too: its peer waits
+					// at window 0 until then, so its freeze ends after the
+					// kick, not at the repair-off before it.
+					err := m.rs.r.Wake(c.fd, c.snap)
+					if err == nil || errors.Is(err, repair.ErrResumedLive) {
+						resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
+					}
+					resumeErrs[i] = err
 				}
-				resumeErrs[i] = err
 			}
-		}
-		return nil
-	})
+			return nil
+		})
+	}
+	// The busy ones first: their peers are waiting to send; the quiet
+	// ones' are not.
+	wake(0, busy)
+	wake(busy, len(live))
 	shares.Run(len(live), minShare, func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			c := live[i]

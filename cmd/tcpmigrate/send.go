@@ -37,6 +37,7 @@ func sendCommand() *cli.Command {
 			&cli.StringFlag{Name: "after", Value: "kill", Usage: "with --pid, what happens to the process once its connections are committed: kill, stop or keep"},
 			&cli.DurationFlag{Name: "lease", Value: source.DefaultLease, Usage: "how long locks outlive a silent agent"},
 			&cli.DurationFlag{Name: "timeout", Value: source.DefaultTimeout, Usage: "how long to wait for each answer of the target"},
+			&cli.BoolFlag{Name: "no-precopy", Usage: "capture every connection after the lock, inside the freeze (by default a held connection is copied before the lock and only confirmed, or captured again if it moved, after it)"},
 			&cli.BoolFlag{Name: "no-hold", Usage: "do not hold the peers with a zero window before the lock (drop only: a peer that sends during the freeze waits for its retransmission timer)"},
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object describing the migration"},
 		}, tlsFlags...), logFlags...),
@@ -66,7 +67,7 @@ func runSend(c *cli.Context) error {
 	}
 	cfg := source.Config{
 		To: c.String("to"), Transport: tcfg, Lease: c.Duration("lease"), Timeout: c.Duration("timeout"),
-		JournalDir: c.String("journal-dir"), Log: log, Fault: testHang[source.Step](), NoHold: c.Bool("no-hold"),
+		JournalDir: c.String("journal-dir"), Log: log, Fault: testHang[source.Step](), NoHold: c.Bool("no-hold"), NoPrecopy: c.Bool("no-precopy"),
 	}
 	if err := switchHooks(c, &cfg); err != nil {
 		return err

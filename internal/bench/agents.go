@@ -30,6 +30,8 @@ type sourceConfig struct {
 	JournalDir string `json:"journal_dir"`
 	// NoHold turns the zero-window hold off (source.Config.NoHold).
 	NoHold bool `json:"no_hold,omitempty"`
+	// NoPrecopy turns the pre-copies off (source.Config.NoPrecopy).
+	NoPrecopy bool `json:"no_precopy,omitempty"`
 }
 
 // sourceResult is what the source agent's child reports.
@@ -49,6 +51,9 @@ type sourceResult struct {
 	HandedBack int `json:"handed_back"`
 	// Held is source.Result.Held.
 	Held int `json:"held"`
+	// Precopied and Confirmed are source.Result's.
+	Precopied int `json:"precopied"`
+	Confirmed int `json:"confirmed"`
 }
 
 // runSource takes the workload's sockets over the handoff socket, migrates
@@ -73,6 +78,7 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 		Unswitch:    func(ctx context.Context) error { return addrmove.Claim(ctx, am) },
 		SwitchAddrs: []netip.Prefix{svc},
 		NoHold:      sc.NoHold,
+		NoPrecopy:   sc.NoPrecopy,
 	}
 	ln, err := fdpass.Listen(sc.Handoff, fdpass.Policy{Limits: fdpass.Limits{MaxBatch: fdpass.MaxBatchLimit}})
 	if err != nil {
@@ -119,7 +125,8 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 		fdpass.CloseItems(back)
 	}
 	out := sourceResult{event: event{Event: "result"}, State: res.State.String(), Outcomes: map[string]int{},
-		Phases: res.Phases, RawBytes: res.RawBytes, WireBytes: res.WireBytes, Received: received, Held: res.Held}
+		Phases: res.Phases, RawBytes: res.RawBytes, WireBytes: res.WireBytes, Received: received, Held: res.Held,
+		Precopied: res.Precopied, Confirmed: res.Confirmed}
 	for _, cr := range res.Conns {
 		out.Freeze = append(out.Freeze, cr.Freeze)
 		out.Outcomes[string(cr.Outcome)]++

@@ -52,6 +52,10 @@ type Options struct {
 	// NoHold turns off the source agent's zero-window hold
 	// (source.Config.NoHold), for a drop-only baseline.
 	NoHold bool
+	// NoPrecopy turns off the source agent's pre-copies
+	// (source.Config.NoPrecopy): every connection is captured inside the
+	// freeze, for a baseline.
+	NoPrecopy bool
 	// PausedHandoff makes the workload pause its streams before it hands
 	// its sockets over, as a program that is not live must (the baseline
 	// of the live hand-over: docs/handoff-socket.md, PAUSE).
@@ -401,7 +405,7 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 	go w.serveDeliveries(dln, &x.errs)
 	src, err := startChild(o, x.src, childConfig{Role: roleSource, CPUProfile: x.profile(roleSource), TLS: srcTLS, Source: &sourceConfig{
 		To: netip.AddrPortFrom(dstAddr.Addr(), agentPort).String(), Handoff: filepath.Join(x.dir, "handoff.sock"),
-		Release: svcAddr.String(), Dev: "eth0", JournalDir: filepath.Join(x.dir, "journal-source"), NoHold: o.NoHold,
+		Release: svcAddr.String(), Dev: "eth0", JournalDir: filepath.Join(x.dir, "journal-source"), NoHold: o.NoHold, NoPrecopy: o.NoPrecopy,
 	}})
 	if err != nil {
 		return err
@@ -581,6 +585,7 @@ func (x *run) handOver(ctx context.Context, live bool) error {
 func (x *run) sourceFigures(s *sourceResult) {
 	r := x.r
 	r.State, r.Committed, r.Held = s.State, s.Outcomes["committed"], s.Held
+	r.Precopied, r.Confirmed = s.Precopied, s.Confirmed
 	r.StateBytes, r.WireBytes = s.RawBytes, s.WireBytes
 	r.PeakRSS.Source = s.VmHWM
 	var sw time.Duration

@@ -133,6 +133,12 @@ type Report struct {
 	// Held is how many connections the source held with a zero window
 	// before the lock (0 with --no-hold, or when the hold is unavailable).
 	Held int `json:"held"`
+	// Precopied is how many connections the source captured before the
+	// lock and the target restored ahead of the freeze (0 with
+	// --no-precopy); Confirmed is how many of those copies still stood
+	// after the lock: the rest were captured again inside the freeze.
+	Precopied int `json:"precopied"`
+	Confirmed int `json:"confirmed"`
 	// Premade is how many connections the target restored on a socket it
 	// made before the freeze (repair.Blank), while the source held them.
 	Premade int `json:"premade"`
@@ -258,8 +264,8 @@ func (r *Report) WriteTable(w io.Writer) {
 	if r.StreamConns > 0 {
 		p(", %d streaming (16 KiB every %s)", r.StreamConns, time.Duration(r.StreamIntervalUS*1e3))
 	}
-	p("\n  %d/%d committed (%s), %d held with a zero window, %d restored on sockets made before the freeze, %d handed back; load %.2f before, %.2f after; %s, %d CPUs\n\n",
-		r.Committed, r.Conns, r.State, r.Held, r.Premade, r.HandedBack, r.LoadBefore(), r.Env.LoadAfter[0], r.Env.Kernel, r.Env.CPUs)
+	p("\n  %d/%d committed (%s), %d held with a zero window, %d pre-copied (%d of them confirmed after the lock), %d restored on sockets made before the freeze, %d handed back; load %.2f before, %.2f after; %s, %d CPUs\n\n",
+		r.Committed, r.Conns, r.State, r.Held, r.Precopied, r.Confirmed, r.Premade, r.HandedBack, r.LoadBefore(), r.Env.LoadAfter[0], r.Env.Kernel, r.Env.CPUs)
 	p("  %-34s %10s %10s %10s %10s\n", "µs", "min", "p50", "p99", "max")
 	row := func(name string, d *Dist) {
 		if d == nil {
