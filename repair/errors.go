@@ -17,6 +17,9 @@ var (
 	// ErrUnstable means the connection's counters kept changing during the
 	// dump: packets are reaching the socket, so the lock is not in place.
 	ErrUnstable = errors.New("repair: connection changed during the dump (is it locked?)")
+	// ErrBusy means Precapture refused a connection with bytes in flight
+	// or never sent: it is captured under the lock instead.
+	ErrBusy = errors.New("repair: bytes in flight or never sent: no pre-copy")
 	// ErrInvalidSnapshot means a Snapshot failed validation; the error text
 	// names the field.
 	ErrInvalidSnapshot = errors.New("repair: invalid snapshot")

@@ -30,7 +30,8 @@ func (m *Mark) Taken() bool { return m.ok }
 // takes it out of repair mode again without a window probe and puts back
 // what repair mode changed (SO_REUSEADDR, SO_PEEK_OFF), so that the socket
 // goes on as before: it sends nothing of its own. The Mark it returns is for
-// Unchanged, after the lock. On error the socket is out of repair mode (or,
+// Unchanged, after the lock. A connection with bytes in flight or never
+// sent is not copied (ErrBusy). On error the socket is out of repair mode (or,
 // if even that failed, the error says so) and s must not be used; a
 // connection in another state fails with an *UnsupportedError.
 //
@@ -38,6 +39,19 @@ func (m *Mark) Taken() bool { return m.ok }
 // nothing, and the copy then stands until the lock.
 func Precapture(fd int, s *Snapshot) (Mark, error) {
 	var m Mark
+	// Bytes in flight or never sent: the capture selects the send queue,
+	// and an ACK or window update that reached the live socket meanwhile
+	// would run tcp_write_xmit's repair path, which marks never-sent bytes
+	// sent without sending them (the peer would wait for a retransmission
+	// timeout). Such a connection moves anyway: it is captured under the
+	// lock.
+	var ti tcpInfoHead
+	if err := getInfoRaw(fd, &ti); err != nil {
+		return m, s.opErr("pre-copy: getsockopt TCP_INFO", err)
+	}
+	if ti.NotsentBytes > 0 || ti.Unacked > 0 {
+		return m, s.opErr("pre-copy", ErrBusy)
+	}
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 		return m, s.opErr("pre-copy: turn repair on", err)
 	}
@@ -73,8 +87,9 @@ func Precapture(fd int, s *Snapshot) (Mark, error) {
 // it or left it, no byte was acknowledged, received or queued, its state is
 // the same, and its receive queue holds what it held. Either way the socket
 // is left in repair mode with no queue selected, as Capture leaves it: a
-// connection that moved is then captured again (Capture). Call it under the
-// lock, once nothing reaches the socket.
+// connection that moved is then captured again (Capture). On error the
+// socket is out of repair mode again. Call it under the lock, once nothing
+// reaches the socket.
 func Unchanged(fd int, s *Snapshot, m *Mark) (bool, error) {
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 		return false, s.opErr("turn repair on", err)
@@ -84,6 +99,8 @@ func Unchanged(fd int, s *Snapshot, m *Mark) (bool, error) {
 	}
 	var now tcpInfoHead
 	if err := getInfoRaw(fd, &now); err != nil {
+		// Out of repair mode again, as Capture leaves a socket it failed.
+		_ = setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet())
 		return false, s.opErr("getsockopt TCP_INFO", err)
 	}
 	if whatMoved(&m.info, &now) != "" || m.info.SegsOut != now.SegsOut {
@@ -94,6 +111,7 @@ func Unchanged(fd int, s *Snapshot, m *Mark) (bool, error) {
 	if m.inq > 0 {
 		inq, err := ioctlIntRaw(fd, unix.SIOCINQ)
 		if err != nil {
+			_ = setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet())
 			return false, s.opErr("ioctl SIOCINQ", err)
 		}
 		if inq != m.inq {

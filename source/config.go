@@ -87,8 +87,9 @@ type Config struct {
 	// calls Pause, with the indices (into the conns of Migrate) of the
 	// connections it is about to lock: never those it took from the
 	// accept queues of Listeners, which the owner never had (and no call
-	// if none of the conns is left). With pre-copies it calls it twice, for
-	// the quiet connections and then, some milliseconds later, for the
+	// if none of the conns is left). With PauseWaves and pre-copies it may
+	// call it twice, for the quiet connections and then, once those are
+	// copied and locked (tens to hundreds of milliseconds later), for the
 	// busy ones, each index once (docs/handoff.md, "Waves and
 	// pre-copies"). When Pause returns nil the owner
 	// no longer touches those. Migrate then inspects them again, since the
@@ -102,6 +103,10 @@ type Config struct {
 	// Pause the owner must be done with the connections before Migrate is
 	// called.
 	Pause func(ctx context.Context, conns []int) (states [][]byte, err error)
+	// PauseWaves says that Pause may be called twice (the waves of
+	// pre-copies). Without it a migration with Pause runs in one wave,
+	// and pre-copies only when every connection is quiet.
+	PauseWaves bool
 	// BeforeRelease runs after the commit, once the source copies are
 	// discarded and before the source lock is removed: the place to kill
 	// the old owner, whose remaining descriptors must not outlive the lock.

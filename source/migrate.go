@@ -590,7 +590,6 @@ func (m *migration) newLock() error {
 	return nil
 }
 
-// lockAll locks every eligible connection in one batch: the freeze starts.
 // lockWave locks the connections of a wave in one batch (those held move
 // from the hold to the lock). The first wave's lock starts every freeze:
 // a later wave's connections are reported frozen from it too.

@@ -2,6 +2,7 @@ package source
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/tcpmigrate/tcpmigrate/repair"
@@ -93,6 +94,13 @@ func (m *migration) precopyShare(w *transport.SnapshotWriter, share, n int) (int
 		}
 		scratch.MarkHeld()
 		if err := w.WritePre(c.index, &scratch, c.AppState); err != nil {
+			var le *transport.LimitError
+			if errors.As(err, &le) {
+				// Nothing was written (the stream is fine): this one and
+				// the rest of the share are captured under the lock.
+				m.log.Info("pre-copies stop at a limit of the target's", "conn", c.tuple.String(), "err", err)
+				break
+			}
 			return copied, err
 		}
 		c.mark, c.preRaw = mark, len(scratch.RecvQueue)+len(scratch.SendQueue)

@@ -74,7 +74,11 @@ func (m *migration) waves() ([][]*conn, bool) {
 	case len(first) == 0:
 		return [][]*conn{live}, false
 	case len(second) == 0:
-		return [][]*conn{live}, true
+		return [][]*conn{first}, true
+	case m.cfg.Pause != nil && !m.cfg.PauseWaves:
+		// An owner that answers one pause: one wave, without copies
+		// (the busy connections' peers would wait for them).
+		return [][]*conn{live}, false
 	}
 	return [][]*conn{first, second}, true
 }

@@ -44,6 +44,7 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 		cfg.Pause = func(ctx context.Context, idx []int) ([][]byte, error) {
 			return conn.PauseItems(ctx, items, idx, pauseTimeout)
 		}
+		cfg.PauseWaves = c.Bool("pause-waves")
 	}
 	conns := make([]source.Conn, len(items))
 	for i, it := range items {

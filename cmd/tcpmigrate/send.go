@@ -30,6 +30,7 @@ func sendCommand() *cli.Command {
 			&cli.IntFlag{Name: "pid", Usage: "take the established TCP connections and the listeners of this process"},
 			&cli.UintSliceFlag{Name: "port", Usage: "with --pid: only connections and listeners on these local ports"},
 			&cli.StringFlag{Name: "handoff", Usage: "unix:PATH where a cooperating program hands its sockets over (live: it serves them until paused before the lock; docs/handoff-socket.md)"},
+			&cli.BoolFlag{Name: "pause-waves", Usage: "with a live --handoff: the program answers more than one PAUSE, so the quiet connections are paused and copied first and the busy ones paused last (docs/handoff-socket.md)"},
 			&cli.StringFlag{Name: "release-addr", Usage: "service address (CIDR) to release at the switch"},
 			&cli.StringFlag{Name: "dev", Usage: "interface of --release-addr"},
 			&cli.StringFlag{Name: "on-switch", Usage: "command (sh -c) that moves the network identity at the switch; non-zero exit aborts"},

@@ -105,6 +105,7 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 		scfg.Pause = func(ctx context.Context, idx []int) ([][]byte, error) {
 			return conn.PauseItems(ctx, items, idx, 10*time.Second)
 		}
+		scfg.PauseWaves = true // the workload answers every PAUSE
 	}
 	conns := make([]source.Conn, len(items))
 	for i, it := range items {

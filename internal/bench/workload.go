@@ -216,9 +216,10 @@ func (w *workload) serveHandBacks(conn *fdpass.Conn, errs *errList) {
 // until each connection comes back, as a program must: if the hand-over
 // connection failed now, they would be the sockets' only holders.
 func (w *workload) pause(ids []uint64, errs *errList) {
-	w.mu.Lock()
-	w.pausedAt = time.Now()
-	w.mu.Unlock()
+	// The agent pauses in waves: the pause that stops a stream is the
+	// workload's (the first names only static connections, which it does
+	// not serve, when they are quiet and the streams are not).
+	now := time.Now()
 	var wg sync.WaitGroup
 	for _, id := range ids {
 		wc := w.byID[connID(id)]
@@ -232,6 +233,11 @@ func (w *workload) pause(ids []uint64, errs *errList) {
 		if !live {
 			continue // a static connection: its descriptor went at the hand-over
 		}
+		w.mu.Lock()
+		if w.pausedAt.IsZero() {
+			w.pausedAt = now
+		}
+		w.mu.Unlock()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
