@@ -27,7 +27,7 @@ import (
 
 // DefaultQuietFor is how long a connection must have carried no data,
 // either way, to go in the first wave and be pre-copied (Config.QuietFor).
-const DefaultQuietFor = 250 * time.Millisecond
+const DefaultQuietFor = 100 * time.Millisecond
 
 // waves returns the connections in the order they are paused, held and
 // locked: one wave, or the quiet ones and then the rest; and whether the
