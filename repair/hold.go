@@ -180,21 +180,31 @@ func Announce(in *Injector, fd int, s *Snapshot) error {
 		return opErr("turn repair on", err)
 	}
 	rcvNxt, sndNxt, op, err := liveSeqs(fd)
-	// Leaving repair clears SO_REUSEADDR; nothing else Inspect read changes
-	// (the transparent flag and SO_PEEK_OFF are Restore's and Capture's).
-	if rerr := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); rerr != nil {
-		return errors.Join(opErr(op, err), opErr("turn repair off", rerr))
-	}
-	if s.Options.ReuseAddr {
-		if rerr := setInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); rerr != nil {
-			return errors.Join(opErr(op, err), opErr("setsockopt SO_REUSEADDR", rerr))
-		}
+	if rerr := leaveLive(fd, s); rerr != nil {
+		return errors.Join(opErr(op, err), rerr)
 	}
 	if err != nil {
 		return opErr(op, err)
 	}
 	local, remote := s.Tuple()
 	return in.Send(Segment{From: remote, To: local, Seq: rcvNxt - 1, Ack: sndNxt, Flags: SegACK})
+}
+
+// leaveLive takes a live socket that entered repair mode for a moment
+// (Announce, Precapture) out of it without a window probe, and puts back
+// SO_REUSEADDR, which leaving clears, from s, its inspected snapshot.
+// Nothing else Inspect read changes (SO_PEEK_OFF is Capture's to put back;
+// the transparent flag is Restore's).
+func leaveLive(fd int, s *Snapshot) error {
+	if err := setInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet()); err != nil {
+		return s.opErr("turn repair off", err)
+	}
+	if s.Options.ReuseAddr {
+		if err := setInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return s.opErr("setsockopt SO_REUSEADDR", err)
+		}
+	}
+	return nil
 }
 
 // liveSeqs reads rcv_nxt and snd_nxt of a socket in repair mode, leaving

@@ -70,8 +70,14 @@ func Precapture(fd int, s *Snapshot) (Mark, error) {
 		return nil
 	}()
 	// Out of repair mode, quietly, whatever happened: the socket is live
-	// until the lock.
-	if rerr := resume(fd, s, repairOffQuiet()); rerr != nil && err == nil {
+	// until the lock. SO_PEEK_OFF, which the capture cleared, goes back.
+	rerr := leaveLive(fd, s)
+	if rerr == nil && s.Options.Mask&OptPeekOff != 0 {
+		if perr := setIntRaw(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, s.Options.PeekOff); perr != nil {
+			rerr = s.opErr("pre-copy: setsockopt SO_PEEK_OFF", perr)
+		}
+	}
+	if rerr != nil && err == nil {
 		err = rerr
 	}
 	if err != nil {

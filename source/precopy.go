@@ -26,27 +26,31 @@ func (m *migration) wantPrecopy() bool {
 	return !m.cfg.NoPrecopy && m.link.Version() >= 3 && len(m.writers) > 0
 }
 
-// precopy captures the held connections (the first wave: waves.go), each on the stream that will carry
-// its final record, and flushes the streams, so that the target has them
+// precopy captures the held connections (the first wave: waves.go), each
+// on the stream that will carry its final record, and flushes the streams,
+// so that the target has them
 // all before the lock. A connection that cannot be copied is captured after
 // the lock as without pre-copies; a stream that fails fails the migration
 // (nothing is locked yet: the rollback unholds the connections).
 func (m *migration) precopy(ctx context.Context) error {
+	type result struct {
+		copied int
+		err    error
+	}
 	n := len(m.writers)
-	errs := make(chan error, n)
-	counts := make(chan int, n)
+	results := make(chan result, n)
 	for s := range n {
 		go func() {
 			k, err := m.precopyShare(m.writers[s], s, n)
-			counts <- k
-			errs <- err
+			results <- result{k, err}
 		}()
 	}
 	var first error
 	for range n {
-		m.res.Precopied += <-counts
-		if err := <-errs; err != nil && first == nil {
-			first = err
+		r := <-results
+		m.res.Precopied += r.copied
+		if r.err != nil && first == nil {
+			first = r.err
 		}
 	}
 	if first != nil || m.res.Precopied == 0 {

@@ -343,8 +343,9 @@ func (a *admission) admit(index uint32, s *repair.Snapshot, appState []byte) err
 	return nil
 }
 
-// forget undoes the admission of connection index, which took n bytes:
-// its pre-copy gives way to its final snapshot, admitted anew.
+// forget undoes the admission of connection index, which took n bytes (a
+// refused one holds no tuple and took none): its pre-copy gives way to its
+// final snapshot, admitted anew.
 func (a *admission) forget(index uint32, t firewall.Tuple, n uint64) {
 	if i, ok := a.tuples[t]; ok && i == index {
 		delete(a.tuples, t)

@@ -285,9 +285,8 @@ type conn struct {
 	// precopied, that its pre-copy was confirmed: it was quiet before the
 	// lock (the commit wakes the others first).
 	pre, precopied bool
-	// admitted is the bytes admission counted for it, if isAdmitted.
-	admitted   uint64
-	isAdmitted bool
+	// admitted is the bytes admission counted for it (0 if refused).
+	admitted uint64
 }
 
 type migration struct {
@@ -759,9 +758,7 @@ func (m *migration) restoreRecords(batch []record, pre bool) ([]transport.Verdic
 				}
 				old.fd = -1
 			}
-			if old.isAdmitted {
-				m.adm.forget(r.index, old.tuple, old.admitted)
-			}
+			m.adm.forget(r.index, old.tuple, old.admitted)
 		} else if r.pass == transport.PassConfirm {
 			return nil, fmt.Errorf("target: connection %d confirmed without its pre-copy", r.index)
 		}
@@ -775,7 +772,7 @@ func (m *migration) restoreRecords(batch []record, pre bool) ([]transport.Verdic
 			c.report.Verdict, c.report.Err = verdictOf(err), err
 			continue
 		}
-		c.isAdmitted, c.admitted = true, queueBytes(r.snap, r.state)
+		c.admitted = queueBytes(r.snap, r.state)
 		todo = append(todo, c)
 		// Tuples locked before the freeze (prelock) are not locked again.
 		if !m.isPrelocked(r.index, c.tuple) {
@@ -951,7 +948,6 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			live = append(live, c)
 		}
 	}
-	busy := len(live)
 	for _, c := range m.conns {
 		if c != nil && c.fd >= 0 && c.precopied {
 			live = append(live, c)
@@ -995,10 +991,7 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			err = m.lock.Unlock(tuples)
 		}
 	}
-	if n := len(live); n > 0 {
-		live = slices.DeleteFunc(live, func(c *conn) bool { return c.fd < 0 })
-		busy -= n - len(live) // only Settle discards, and only busy ones (never pre-copied)
-	}
+	live = slices.DeleteFunc(live, func(c *conn) bool { return c.fd < 0 })
 	if err != nil {
 		m.log.Error("commit failed before any socket was resumed: backing out", "err", err)
 		return m.abort(ctx, fmt.Errorf("target: commit: %w", err), true)
@@ -1015,28 +1008,24 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	resumeErrs := make([]error, len(live))
 	// When each connection's freeze ended, for the source's report.
 	resumedUs := make([]uint32, m.count)
-	wake := func(lo, hi int) {
-		shares.Chunks(hi-lo, minShare, chunk, func(chunks iter.Seq2[int, int]) error {
-			for clo, chi := range chunks {
-				for i := lo + clo; i < lo+chi; i++ {
-					c := live[i]
-					// A held connection is kicked here too: its peer waits
-					// at window 0 until then, so its freeze ends after the
-					// kick, not at the repair-off before it.
-					err := m.rs.r.Wake(c.fd, c.snap)
-					if err == nil || errors.Is(err, repair.ErrResumedLive) {
-						resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
-					}
-					resumeErrs[i] = err
+	// The chunks go out in order: the busy connections, first in live,
+	// are woken first.
+	shares.Chunks(len(live), minShare, chunk, func(chunks iter.Seq2[int, int]) error {
+		for lo, hi := range chunks {
+			for i := lo; i < hi; i++ {
+				c := live[i]
+				// A held connection is kicked here too: its peer waits at
+				// window 0 until then, so its freeze ends after the kick,
+				// not at the repair-off before it.
+				err := m.rs.r.Wake(c.fd, c.snap)
+				if err == nil || errors.Is(err, repair.ErrResumedLive) {
+					resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
 				}
+				resumeErrs[i] = err
 			}
-			return nil
-		})
-	}
-	// The busy ones first: their peers are waiting to send; the quiet
-	// ones' are not.
-	wake(0, busy)
-	wake(busy, len(live))
+		}
+		return nil
+	})
 	shares.Run(len(live), minShare, func(lo, hi int) error {
 		for i := lo; i < hi; i++ {
 			c := live[i]
