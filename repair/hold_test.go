@@ -105,19 +105,8 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 		if err := srcLock.Hold([]firewall.Tuple{tuple}); err != nil {
 			t.Fatal(err)
 		}
-		var inspected Snapshot
-		err := h.src.Do(func() error {
-			if err := Inspect(srcFd, &inspected); err != nil {
-				return err
-			}
-			srcIn, err := NewInjector(srcLock.BypassMark())
-			if err != nil {
-				return err
-			}
-			defer srcIn.Close()
-			return Announce(srcIn, srcFd, &inspected)
-		})
-		if err != nil {
+		srcIn := newInjector(t, h.src, srcLock.BypassMark())
+		if err := Announce(srcIn, srcFd, inspected(t, h.src, srcFd)); err != nil {
 			t.Fatal(err)
 		}
 		left, err := Drain([]int{srcFd}, 200*time.Millisecond)
@@ -359,18 +348,7 @@ func TestAckNowAfterKick(t *testing.T) {
 	if err := srcLock.Hold([]firewall.Tuple{tuple}); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.src.Do(func() error {
-		var inspected Snapshot
-		if err := Inspect(srcFd, &inspected); err != nil {
-			return err
-		}
-		in, err := NewInjector(srcLock.BypassMark())
-		if err != nil {
-			return err
-		}
-		defer in.Close()
-		return Announce(in, srcFd, &inspected)
-	}); err != nil {
+	if err := Announce(newInjector(t, h.src, srcLock.BypassMark()), srcFd, inspected(t, h.src, srcFd)); err != nil {
 		t.Fatal(err)
 	}
 	if left, err := Drain([]int{srcFd}, 200*time.Millisecond); err != nil || left != 0 {

@@ -130,19 +130,7 @@ func testInjectThroughLock(t *testing.T, v6 bool, family int) {
 	}
 	fin := Segment{From: snap.Remote, To: snap.Local, Seq: snap.RecvSeq, Ack: snap.SendSeq, Flags: SegFIN | SegACK, Window: 1000}
 
-	var marked, other *Injector
-	err = h.src.Do(func() (err error) {
-		if marked, err = NewInjector(mark); err != nil {
-			return err
-		}
-		other, err = NewInjector(mark + 1)
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer marked.Close()
-	defer other.Close()
+	marked, other := newInjector(t, h.src, mark), newInjector(t, h.src, mark+1)
 
 	// Another mark: dropped by the lock.
 	if err := other.Send(fin); err != nil {
