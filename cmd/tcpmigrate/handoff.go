@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -16,7 +15,7 @@ import (
 // hands back the others. A program that hands them over live
 // (fdpass.Conn.SendSocketsLive) serves them on until the migration is
 // about to lock them: it is then sent a pause with their IDs, and the
-// migration waits up to pauseTimeout for its answer.
+// migration waits up to fdpass.DefaultPauseTimeout for its answer.
 func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*source.Result, error) {
 	path, err := unixFlag(c, "handoff")
 	if err != nil {
@@ -42,7 +41,7 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 	if msg.Live {
 		// The paused states go into items too: a rollback hands them back.
 		cfg.Pause = func(ctx context.Context, idx []int) ([][]byte, error) {
-			return conn.PauseItems(ctx, items, idx, pauseTimeout)
+			return conn.PauseItems(ctx, items, idx, fdpass.DefaultPauseTimeout)
 		}
 		cfg.PauseWaves = c.Bool("pause-waves")
 	}
@@ -70,6 +69,3 @@ func sendHandoff(ctx context.Context, c *cli.Context, cfg source.Config) (*sourc
 	}
 	return res, errors.Join(append([]error{merr}, errs...)...)
 }
-
-// pauseTimeout bounds the wait for a live program's answer to a pause.
-const pauseTimeout = 10 * time.Second

@@ -103,7 +103,7 @@ func runSource(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 	if msg.Live {
 		// As `send --handoff` does for a live program.
 		scfg.Pause = func(ctx context.Context, idx []int) ([][]byte, error) {
-			return conn.PauseItems(ctx, items, idx, 10*time.Second)
+			return conn.PauseItems(ctx, items, idx, fdpass.DefaultPauseTimeout)
 		}
 		scfg.PauseWaves = true // the workload answers every PAUSE
 	}

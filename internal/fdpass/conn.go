@@ -164,6 +164,10 @@ func (c *Conn) SendPause(ids []uint64) error {
 	return c.sendIDs(c.op("send pause"), KindPause, ids)
 }
 
+// DefaultPauseTimeout is how long an agent waits for a live program's
+// answer to a pause (`send --handoff`, and the bench's source agent).
+const DefaultPauseTimeout = 10 * time.Second
+
 // Pause asks the sender of a live message of sockets to stop using the
 // sockets with these IDs (SendPause) and waits up to timeout for its
 // answer (RecvPaused), which must name the same IDs, in any order. It
