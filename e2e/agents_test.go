@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -31,8 +32,16 @@ func (w *world) agents(allow []netip.Prefix, srcFault func(source.Step) error, d
 			}
 			return w.peer.FlushNeigh(svc.Addr())
 		},
-		Unclaim: func(_ context.Context, _ []netip.Prefix) error { return w.dst.DelAddr(svc) },
+		Unclaim:      func(_ context.Context, _ []netip.Prefix) error { return w.dst.DelAddr(svc) },
+		DeliverWaves: w.deliverWaves,
 		Deliver: func(_ context.Context, conns []*target.Delivered) map[uint32]error {
+			peers := make([]netip.AddrPort, len(conns))
+			for i, d := range conns {
+				peers[i] = netip.AddrPortFrom(d.Remote.Addr().Unmap(), d.Remote.Port())
+			}
+			w.mu.Lock()
+			w.deliveries = append(w.deliveries, peers)
+			w.mu.Unlock()
 			failed := map[uint32]error{}
 			for _, d := range conns {
 				ep := w.endpoint(d.Remote)
@@ -73,6 +82,96 @@ func (w *world) agents(allow []netip.Prefix, srcFault func(source.Step) error, d
 		},
 		Fault: srcFault,
 	}, srv
+}
+
+// TestGoAPIDeliverWaves moves connections of which half stream and half
+// have been idle for a while, so that the source copies the idle ones
+// before its lock and captures the streaming ones after it. With
+// DeliverWaves the target hands the streaming ones to the application in
+// a first Deliver call of their own, then the idle ones; without it, all
+// in one call. Every byte still arrives once, in order, with no reset.
+func TestGoAPIDeliverWaves(t *testing.T) {
+	for _, waves := range []bool{true, false} {
+		name := "waves"
+		if !waves {
+			name = "one"
+		}
+		t.Run(name, func(t *testing.T) {
+			w := newWorld(t, 8)
+			w.deliverWaves = waves
+			idle := w.quieten(4)
+			cfg, _ := w.agents([]netip.Prefix{svc}, nil, nil)
+			res, err := source.Migrate(ctxT(t), cfg, w.handOver())
+			if err != nil {
+				t.Fatalf("migrate: %v", err)
+			}
+			for _, c := range res.Conns {
+				if c.Outcome != source.Committed {
+					t.Errorf("connection %d: %s (%v)", c.Index, c.Outcome, c.Err)
+				}
+			}
+			t.Logf("%d held, %d pre-copied, %d confirmed", res.Held, res.Precopied, res.Confirmed)
+			if res.Precopied != len(idle) || res.Confirmed != len(idle) {
+				t.Fatalf("%d pre-copied and %d confirmed, want the %d idle connections each", res.Precopied, res.Confirmed, len(idle))
+			}
+			w.expectDeliveries(idle, waves)
+			w.restartQuiet()
+			w.check(500 * time.Millisecond)
+		})
+	}
+}
+
+// quieten stops the streams of the world's first n connections at both
+// ends, then waits three times source.DefaultQuietFor, so that the source
+// finds them quiet; it returns their peers' addresses.
+func (w *world) quieten(n int) map[netip.AddrPort]bool {
+	idle := map[netip.AddrPort]bool{}
+	for _, cl := range w.clients[:n] {
+		peer := cl.Conn().LocalAddr().(*net.TCPAddr).AddrPort()
+		cl.Pause()
+		w.endpoint(peer).Pause()
+		idle[peer] = true
+	}
+	w.quiet = n
+	time.Sleep(3 * source.DefaultQuietFor)
+	return idle
+}
+
+// restartQuiet starts again, at the peers, the streams quieten stopped
+// (the workload's ends started again at their delivery).
+func (w *world) restartQuiet() {
+	for _, cl := range w.clients[:w.quiet] {
+		cl.Start(cl.Conn())
+	}
+}
+
+// expectDeliveries checks the calls of the target's Deliver (or the
+// deliveries to the workload's new instance): with waves, one of the
+// connections that streamed, then one of the idle ones; without, one of
+// all of them.
+func (w *world) expectDeliveries(idle map[netip.AddrPort]bool, waves bool) {
+	t := w.t
+	t.Helper()
+	w.mu.Lock()
+	calls := slices.Clone(w.deliveries)
+	w.mu.Unlock()
+	want := [][]bool{{false, true}} // per delivery, whether its connections may be idle ones
+	if waves {
+		want = [][]bool{{false}, {true}}
+	}
+	if len(calls) != len(want) {
+		t.Fatalf("%d deliveries (%v), want %d", len(calls), calls, len(want))
+	}
+	for i, call := range calls {
+		if len(call) != len(w.clients)/len(want) {
+			t.Errorf("delivery %d had %d connections, want %d", i, len(call), len(w.clients)/len(want))
+		}
+		for _, p := range call {
+			if !slices.Contains(want[i], idle[p]) {
+				t.Errorf("delivery %d had %v (idle: %t)", i, p, idle[p])
+			}
+		}
+	}
 }
 
 // handOver pauses the workload and hands its sockets to the source agent.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -29,6 +30,23 @@ func TestCLIHandoffDeliver(t *testing.T) {
 	hc := w.handOff(hand)
 	defer hc.Close()
 	w.expectCommitted(hc, delivered, receiver, sender)
+}
+
+// TestCLIHandoffDeliverWaves: with `receive --deliver-waves` the workload's
+// new instance gets the streaming connections, captured after the source's
+// lock, in a delivery of their own, then the idle ones, pre-copied before
+// it. Every byte arrives once, in order, with no reset, the idle streams
+// carrying on once they are restarted at both ends.
+func TestCLIHandoffDeliverWaves(t *testing.T) {
+	w := newWorld(t, 8)
+	idle := w.quieten(4)
+	hand, receiver, sender, delivered := w.handoffAgents("--deliver-waves")
+	hc := w.handOff(hand)
+	defer hc.Close()
+	w.awaitCommitted(hc, delivered, receiver, sender)
+	w.expectDeliveries(idle, true)
+	w.restartQuiet()
+	w.check(500 * time.Millisecond)
 }
 
 // TestCLIHandoffLive runs the live hand-over with the real binary: the
@@ -77,11 +95,18 @@ func (w *world) expectPause(hc *fdpass.Conn) fdpass.Message {
 	return m
 }
 
-// expectCommitted waits for the source's COMMITTED of every connection on
-// hc, closes the workload's descriptors (of the source's copies, in repair
-// mode: silent), waits for the delivery and both agents, and checks the
+// expectCommitted waits for the commit (awaitCommitted) and checks the
 // streams.
 func (w *world) expectCommitted(hc *fdpass.Conn, delivered <-chan error, receiver, sender *exec.Cmd) {
+	w.t.Helper()
+	w.awaitCommitted(hc, delivered, receiver, sender)
+	w.check(500 * time.Millisecond)
+}
+
+// awaitCommitted waits for the source's COMMITTED of every connection on
+// hc, closes the workload's descriptors (of the source's copies, in repair
+// mode: silent), and waits for the delivery and both agents.
+func (w *world) awaitCommitted(hc *fdpass.Conn, delivered <-chan error, receiver, sender *exec.Cmd) {
 	t := w.t
 	t.Helper()
 	m, err := hc.Receive()
@@ -103,7 +128,6 @@ func (w *world) expectCommitted(hc *fdpass.Conn, delivered <-chan error, receive
 	if err := sender.Wait(); err != nil {
 		t.Errorf("send: %v", err)
 	}
-	w.check(500 * time.Millisecond)
 }
 
 // TestCLIHandoffLiveBadPause: a live workload that answers the pause for
@@ -274,30 +298,50 @@ func (w *world) handoffAgents(recvArgs ...string) (hand string, receiver, sender
 	return hand, receiver, sender, adopted
 }
 
-// adopt is the workload's new instance: it takes the delivered sockets and
-// carries on each stream from the offsets in its state.
+// adopt is the workload's new instance: it takes the delivered sockets, in
+// as many deliveries as the target makes of them (recorded in
+// w.deliveries), and carries on each stream from the offsets in its state.
 func (w *world) adopt(dl *fdpass.Listener) error {
+	for n := 0; n < len(w.conns); {
+		got, err := w.adoptOne(dl)
+		if err != nil {
+			return err
+		}
+		n += got
+	}
+	return nil
+}
+
+// adoptOne takes one delivery and returns how many sockets it had.
+func (w *world) adoptOne(dl *fdpass.Listener) (int, error) {
 	c, err := dl.Accept()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer c.Close()
 	items, err := c.RecvSockets()
 	if err != nil {
-		return err
+		return 0, err
 	}
+	peers := make([]netip.AddrPort, len(items))
+	for i, it := range items {
+		peers[i] = netip.AddrPortFrom(it.Remote.Addr().Unmap(), it.Remote.Port())
+	}
+	w.mu.Lock()
+	w.deliveries = append(w.deliveries, peers)
+	w.mu.Unlock()
 	var ids []uint64
 	for _, it := range items {
 		conn, err := net.FileConn(it.File)
 		it.File.Close()
 		if err != nil {
-			return err
+			return 0, err
 		}
 		ep := streamcheck.NewEndpoint(1, 0)
 		ep.Interval = time.Millisecond
 		if err := ep.SetState(it.State); err != nil {
 			conn.Close()
-			return err
+			return 0, err
 		}
 		ep.Start(conn.(*net.TCPConn))
 		w.mu.Lock()
@@ -305,7 +349,7 @@ func (w *world) adopt(dl *fdpass.Listener) error {
 		w.mu.Unlock()
 		ids = append(ids, it.ID)
 	}
-	return c.SendAck(ids)
+	return len(items), c.SendAck(ids)
 }
 
 func waitFile(t *testing.T, path string) {

@@ -41,6 +41,13 @@ type world struct {
 	watch *watch
 
 	policy target.Policy // the target agent's policy (agents)
+	// deliverWaves sets the target agent's DeliverWaves (agents).
+	deliverWaves bool
+	// deliveries lists the peers of the connections of each call of the
+	// target agent's Deliver, in order (agents; guarded by mu).
+	deliveries [][]netip.AddrPort
+	// quiet is how many of the first connections quieten stopped.
+	quiet int
 }
 
 func newWorld(t *testing.T, n int) *world {

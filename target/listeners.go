@@ -235,25 +235,27 @@ func (ls *listenerSet) failedEndpoints() []netip.AddrPort {
 	})
 }
 
-// deliver hands the committed connections, and the listeners with them, to
-// the application in one call of Config.Deliver; it returns the failures
-// of connections, as Deliver does. The listener lock goes once the
-// listeners are the application's: the SYNs it dropped are retransmitted
-// by the peers and reach the new instance.
-func (m *migration) deliver(ctx context.Context, conns []*Delivered) map[uint32]error {
+// deliver hands committed connections, and with withListeners the
+// listeners too, to the application in one call of Config.Deliver; it
+// returns the failures of connections, as Deliver does. The listener lock
+// goes once the listeners are the application's: the SYNs it dropped are
+// retransmitted by the peers and reach the new instance.
+func (m *migration) deliver(ctx context.Context, conns []*Delivered, withListeners bool) map[uint32]error {
 	ls := m.lsn
-	if ls == nil {
+	if ls != nil {
+		for _, d := range conns {
+			if i, ok := ls.pendingOf[d.Index]; ok {
+				d.PendingOn = ls.specs[i].Listener.Local
+			}
+		}
+	}
+	if ls == nil || !withListeners {
 		if m.srv.cfg.Deliver == nil {
 			return nil
 		}
 		return m.srv.cfg.Deliver(ctx, conns)
 	}
 	all := slices.Clone(conns)
-	for _, d := range all {
-		if i, ok := ls.pendingOf[d.Index]; ok {
-			d.PendingOn = ls.specs[i].Listener.Local
-		}
-	}
 	first := uint32(m.count) // listener i is delivered with index count+i
 	for i, fd := range ls.fds {
 		if fd < 0 {

@@ -118,6 +118,14 @@ type Config struct {
 	// connection it cannot take should be reported in the returned map
 	// (index → error); the others are considered delivered.
 	Deliver func(ctx context.Context, conns []*Delivered) map[uint32]error
+	// DeliverWaves says that Deliver may be called twice for one
+	// migration, never at once: first with the connections the source
+	// captured after its lock (those whose peers were busy), as soon as
+	// they are live, while the others are still being woken; then with
+	// the others and the listeners. Without it Deliver is called once,
+	// after every connection is live (docs/handoff.md, "Delivery in
+	// waves").
+	DeliverWaves bool
 	// JournalDir is where the target keeps its journal ("" = the default).
 	JournalDir string
 	// Log receives structured logs; nil discards them.
@@ -998,96 +1006,64 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	}
 	// From here the connections are the target's: a query says committed.
 	m.srv.record(m.id, transport.StateCommitted)
-	// Both cores, in two passes. The first ends each connection's freeze
-	// (Restorer.Wake: repair off, then the kick or probe), in chunks handed
-	// to whichever core is free, so that both finish together. The second
-	// puts back what leaving repair cleared (repair.Finish) and makes the
-	// Files (a name formatted, fcntl and epoll_ctl each): none of it
-	// lengthens a freeze, since every connection is awake by then.
-	resumed := make([]*Delivered, len(live))
-	resumeErrs := make([]error, len(live))
 	// When each connection's freeze ended, for the source's report.
 	resumedUs := make([]uint32, m.count)
-	// The chunks go out in order: the busy connections, first in live,
-	// are woken first.
-	shares.Chunks(len(live), minShare, chunk, func(chunks iter.Seq2[int, int]) error {
-		for lo, hi := range chunks {
-			for i := lo; i < hi; i++ {
-				c := live[i]
-				// A held connection is kicked here too: its peer waits at
-				// window 0 until then, so its freeze ends after the kick,
-				// not at the repair-off before it.
-				err := m.rs.r.Wake(c.fd, c.snap)
-				if err == nil || errors.Is(err, repair.ErrResumedLive) {
-					resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
-				}
-				resumeErrs[i] = err
-			}
-		}
-		return nil
-	})
-	shares.Run(len(live), minShare, func(lo, hi int) error {
-		for i := lo; i < hi; i++ {
-			c := live[i]
-			err := resumeErrs[i]
-			if err != nil && !errors.Is(err, repair.ErrResumedLive) {
-				continue // still in repair mode: discarded below
-			}
-			if err == nil && c.snap.Flags&repair.FlagHeld != 0 {
-				// The peer answered its kick with a burst that fills the
-				// restored window (a peer on this host within the kick's
-				// system call); nobody reads yet, so the kernel would hold
-				// its ACK for the delayed-ACK timer, 40 ms or more.
-				repair.AckNow(c.fd)
-			}
-			if err = errors.Join(err, repair.Finish(c.fd, c.snap)); err != nil {
-				// Live despite the error (a lost kick or probe, an option
-				// not put back): it is delivered like the others.
-				m.log.Warn("connection resumed with a lost finishing step", "conn", c.report.Index, "err", err)
-			}
-			resumeErrs[i] = nil
-			resumed[i] = &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
-				Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index}
-		}
-		return nil
-	})
-	// Again, for the bursts that were not in at the second pass (a peer a
-	// round trip away): they have had that pass's time to arrive.
-	shares.Run(len(live), minShare, func(lo, hi int) error {
-		for i := lo; i < hi; i++ {
-			if c := live[i]; resumeErrs[i] == nil && c.snap.Flags&repair.FlagHeld != 0 {
-				repair.AckNow(c.fd)
-			}
-		}
-		return nil
-	})
-	var delivered []*Delivered
-	for i, c := range live {
-		if err := resumeErrs[i]; err != nil {
-			// Still in repair mode (repair.Resume's contract): it never
-			// went live here, and closing it so is silent.
-			repair.Discard(c.fd)
-			c.fd = -1
-			fail(c, err)
-			continue
-		}
-		delivered = append(delivered, resumed[i])
-		c.fd = -1
+	// The busy connections, first in live, go to the application before
+	// the others are woken when it takes them in waves; otherwise all go
+	// together once all are live.
+	nBusy := 0
+	for nBusy < len(live) && !live[nBusy].precopied {
+		nBusy++
 	}
-	// The sockets are live: the record says so before anyone else has them.
-	// Not synced: it answers for the agent's crash; a crash of the machine
-	// takes the live sockets (and /run) with it (docs/faults.md).
-	m.rec.State = StateCommitted.String()
-	jerr := m.srv.jr.Update(&m.rec)
-	if err := m.fault(StepDeliver); err != nil {
+	groups := [][]*conn{live}
+	if m.srv.cfg.DeliverWaves && 0 < nBusy && nBusy < len(live) {
+		groups = [][]*conn{live[:nBusy], live[nBusy:]}
+	}
+	var (
+		delivered  []*Delivered
+		jerr, derr error
+		fails      = make([]map[uint32]error, len(groups))
+		early      sync.WaitGroup
+	)
+	for g, group := range groups {
+		ds := m.resume(group, start, resumedUs, fail)
+		delivered = append(delivered, ds...)
+		if g == 0 {
+			// The sockets are live: the record says so before anyone else
+			// has them. Not synced: it answers for the agent's crash; a
+			// crash of the machine takes the live sockets (and /run) with
+			// it (docs/faults.md).
+			m.rec.State = StateCommitted.String()
+			jerr = m.srv.jr.Update(&m.rec)
+			derr = m.fault(StepDeliver)
+		}
+		switch {
+		case derr != nil:
+			// Closed below, the connections live and owned by nobody.
+		case g < len(groups)-1:
+			// The application takes the busy ones while the others wake.
+			early.Add(1)
+			go func() {
+				defer early.Done()
+				fails[g] = m.deliver(ctx, ds, false)
+			}()
+		default:
+			early.Wait() // Deliver is never called twice at once
+			if len(ds) > 0 || m.lsn != nil {
+				fails[g] = m.deliver(ctx, ds, true)
+			}
+		}
+	}
+	if derr != nil {
 		for _, d := range delivered {
-			fail(m.conns[d.Index], err)
+			fail(m.conns[d.Index], derr)
 			d.File.Close() // the connection is live and owned by nobody: closing it ends it cleanly
 		}
 		delivered = nil
 		m.closeListeners()
-	} else if len(delivered) > 0 || m.lsn != nil {
-		for i, err := range m.deliver(ctx, delivered) {
+	}
+	for _, f := range fails {
+		for i, err := range f {
 			fail(m.conns[i], err)
 		}
 	}
@@ -1105,6 +1081,86 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	}
 	lerr := m.lock.Close()
 	return m.report(), errors.Join(jerr, lerr, m.rs.close(), m.closeListeners())
+}
+
+// resume ends the freeze of each connection of live, which the commit has
+// unlocked, and returns them ready for the application; a connection that
+// cannot be resumed is discarded and reported through fail. Both cores
+// work, in two passes. The first ends each connection's freeze
+// (Restorer.Wake: repair off, then the kick or probe), in chunks handed to
+// whichever core is free, in order, so that live[0] is woken first and
+// both cores finish together; resumedUs records when, from start. The
+// second puts back what leaving repair cleared (repair.Finish) and makes
+// the Files (a name formatted, fcntl and epoll_ctl each): none of it
+// lengthens a freeze, since every connection is awake by then.
+func (m *migration) resume(live []*conn, start time.Time, resumedUs []uint32, fail func(*conn, error)) []*Delivered {
+	resumed := make([]*Delivered, len(live))
+	errs := make([]error, len(live))
+	shares.Chunks(len(live), minShare, chunk, func(chunks iter.Seq2[int, int]) error {
+		for lo, hi := range chunks {
+			for i := lo; i < hi; i++ {
+				c := live[i]
+				// A held connection is kicked here too: its peer waits at
+				// window 0 until then, so its freeze ends after the kick,
+				// not at the repair-off before it.
+				err := m.rs.r.Wake(c.fd, c.snap)
+				if err == nil || errors.Is(err, repair.ErrResumedLive) {
+					resumedUs[c.report.Index] = uint32(max(1, time.Since(start).Microseconds()))
+				}
+				errs[i] = err
+			}
+		}
+		return nil
+	})
+	shares.Run(len(live), minShare, func(lo, hi int) error {
+		for i := lo; i < hi; i++ {
+			c := live[i]
+			err := errs[i]
+			if err != nil && !errors.Is(err, repair.ErrResumedLive) {
+				continue // still in repair mode: discarded below
+			}
+			if err == nil && c.snap.Flags&repair.FlagHeld != 0 {
+				// The peer answered its kick with a burst that fills the
+				// restored window (a peer on this host within the kick's
+				// system call); nobody reads yet, so the kernel would hold
+				// its ACK for the delayed-ACK timer, 40 ms or more.
+				repair.AckNow(c.fd)
+			}
+			if err = errors.Join(err, repair.Finish(c.fd, c.snap)); err != nil {
+				// Live despite the error (a lost kick or probe, an option
+				// not put back): it is delivered like the others.
+				m.log.Warn("connection resumed with a lost finishing step", "conn", c.report.Index, "err", err)
+			}
+			errs[i] = nil
+			resumed[i] = &Delivered{File: os.NewFile(uintptr(c.fd), "tcp:"+c.tuple.String()),
+				Local: c.snap.Local, Remote: c.snap.Remote, AppState: c.appState, Migration: m.id, Index: c.report.Index}
+		}
+		return nil
+	})
+	// Again, for the bursts that were not in at the second pass (a peer a
+	// round trip away): they have had that pass's time to arrive.
+	shares.Run(len(live), minShare, func(lo, hi int) error {
+		for i := lo; i < hi; i++ {
+			if c := live[i]; errs[i] == nil && c.snap.Flags&repair.FlagHeld != 0 {
+				repair.AckNow(c.fd)
+			}
+		}
+		return nil
+	})
+	var delivered []*Delivered
+	for i, c := range live {
+		if err := errs[i]; err != nil {
+			// Still in repair mode (repair.Resume's contract): it never
+			// went live here, and closing it so is silent.
+			repair.Discard(c.fd)
+			c.fd = -1
+			fail(c, err)
+			continue
+		}
+		delivered = append(delivered, resumed[i])
+		c.fd = -1
+	}
+	return delivered
 }
 
 // abort discards every restored socket, releases the locks and the claimed

@@ -20,8 +20,9 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"list"}, 2},
 		{[]string{"list", "--pid", "999999999"}, 1},                    // no such process: a failure, not a usage error
 		{[]string{"list", "--pid", "999999999", "--port", "70000"}, 2}, // a port out of range
-		{[]string{"receive", "--listen", "x", "--insecure", "--deliver", "unix:/x", "--claim-addr", "198.18.0.9/32"}, 2}, // --claim-addr without --dev
-		{[]string{"receive", "--listen", "x", "--insecure", "--allow", "198.18.0.9/32", "--deliver", "unix:"}, 2},        // --deliver without a path
+		{[]string{"receive", "--listen", "x", "--insecure", "--deliver", "unix:/x", "--claim-addr", "198.18.0.9/32"}, 2},               // --claim-addr without --dev
+		{[]string{"receive", "--listen", "x", "--insecure", "--allow", "198.18.0.9/32", "--deliver", "unix:"}, 2},                      // --deliver without a path
+		{[]string{"receive", "--listen", "x", "--insecure", "--allow", "198.18.0.9/32", "--deliver-waves", "--exec", "--", "true"}, 2}, // a second delivery would start a second program
 	} {
 		app := newApp()
 		app.Writer, app.ErrWriter = io.Discard, io.Discard

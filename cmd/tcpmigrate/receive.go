@@ -28,7 +28,7 @@ func receiveCommand() *cli.Command {
 		Usage: "accept migrations from source agents and deliver the connections",
 		UsageText: "tcpmigrate receive --listen HOST:PORT (--cert F --key F --ca F | --insecure) [--allow CIDR]... " +
 			"[--allow-port N]... [--claim-addr CIDR --dev IFACE] [--max-conns N] [--max-queue-bytes N] [--max-bytes N] " +
-			"[--audit-log FILE] [--once] (--exec -- CMD [ARG...] | --deliver unix:PATH)",
+			"[--audit-log FILE] [--once] (--exec -- CMD [ARG...] | --deliver unix:PATH [--deliver-waves])",
 		Flags: append(append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Usage: "address to accept source agents on, HOST:PORT"},
 			&cli.StringSliceFlag{Name: "allow", Usage: "local addresses (CIDR) connections may be restored for"},
@@ -44,6 +44,7 @@ func receiveCommand() *cli.Command {
 			&cli.BoolFlag{Name: "once", Usage: "exit after one migration: 0 if it committed"},
 			&cli.BoolFlag{Name: "exec", Usage: "start the command after -- with the sockets as fds 3, 4, ... (systemd socket activation)"},
 			&cli.StringFlag{Name: "deliver", Usage: "unix:PATH of a running program to pass the sockets to"},
+			&cli.BoolFlag{Name: "deliver-waves", Usage: "with --deliver: pass the connections whose peers were busy first, in a delivery of their own, while the others are still being woken"},
 		}, tlsFlags...), logFlags...),
 		Action: runReceive,
 	}
@@ -59,6 +60,10 @@ func runReceive(c *cli.Context) error {
 	}
 	if c.Bool("exec") && len(execArgs) == 0 {
 		return usageError{errors.New("--exec needs a command after --")}
+	}
+	if c.Bool("exec") && c.Bool("deliver-waves") {
+		// A second delivery would start a second program.
+		return usageError{errors.New("--deliver-waves needs --deliver unix:PATH, not --exec")}
 	}
 	tcfg, err := transportConfig(c)
 	if err != nil {
@@ -98,6 +103,7 @@ func runReceive(c *cli.Context) error {
 			return err
 		}
 		cfg.Deliver = socketDeliver(path, log)
+		cfg.DeliverWaves = c.Bool("deliver-waves")
 	}
 	if path := c.String("audit-log"); path != "" {
 		if cfg.Audit, err = audit.Open(path); err != nil {

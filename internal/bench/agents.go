@@ -194,6 +194,9 @@ func runTarget(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 		Transport: tcfg, JournalDir: tc.JournalDir, Log: childLog(),
 		Claim:   func(ctx context.Context, _ []netip.Prefix) error { return addrmove.Claim(ctx, am) },
 		Unclaim: func(ctx context.Context, _ []netip.Prefix) error { return addrmove.Release(ctx, am) },
+		// The workload takes each delivery on a connection of its own,
+		// as receive --deliver-waves would pass them.
+		DeliverWaves: true,
 		Deliver: func(_ context.Context, conns []*target.Delivered) map[uint32]error {
 			items := make([]fdpass.Item, len(conns))
 			for i, d := range conns {
