@@ -29,7 +29,10 @@ wait_idle() {
 # times): one run of them varies by 20-50 % on this shared machine. The
 # workload hands its sockets over live; one streaming run does it the old
 # way (--paused-handoff) for comparison. The source pre-copies its quiet
-# connections; three runs without (--no-precopy) are the baseline.
+# connections; three runs without (--no-precopy) are the baseline. The
+# target delivers the busy connections first; the 10,000-connection
+# streaming run, whose stall is closest to its target, is repeated three
+# times, and run once with one delivery (--one-delivery) as the baseline.
 runs=(
 	"--conns 1"
 	"--conns 1"
@@ -56,6 +59,9 @@ runs=(
 	"--conns 1000 --stream --no-precopy"
 	"--conns 1000 --queue 65536 --stream"
 	"--conns 10000 --stream"
+	"--conns 10000 --stream"
+	"--conns 10000 --stream"
+	"--conns 10000 --stream --one-delivery"
 	"--conns 10000 --queue 16384 --stream"
 )
 tmp=$work/out.json

@@ -15,7 +15,7 @@ func benchCommand() *cli.Command {
 		Name:  "bench",
 		Usage: "migrate connections in a lab of network namespaces and report the performance figures (needs root)",
 		UsageText: "tcpmigrate bench --conns N [--queue BYTES] [--stream [--stream-conns N] [--stream-interval D]] " +
-			"[--calibrate N] [--no-hold] [--no-precopy] [--paused-handoff] [--profile DIR] [--pcap FILE] [--json] [--verbose]",
+			"[--calibrate N] [--no-hold] [--no-precopy] [--one-delivery] [--paused-handoff] [--profile DIR] [--pcap FILE] [--json] [--verbose]",
 		Description: "Builds a peer, a source host and a target host in network namespaces, opens N connections from the\n" +
 			"peer to a workload on the source, migrates them once with the two agents (each in a process of its own)\n" +
 			"and prints the freeze, the phases, the peer stall, the per-connection costs beside the syscall floor,\n" +
@@ -29,6 +29,7 @@ func benchCommand() *cli.Command {
 			&cli.IntFlag{Name: "calibrate", Usage: "extra connections timed one by one for the per-connection costs (default 256)"},
 			&cli.StringFlag{Name: "profile", Usage: "directory to write a CPU profile of each process into"},
 			&cli.BoolFlag{Name: "no-precopy", Usage: "the source agent captures every connection inside the freeze, none before the lock (for a baseline)"},
+			&cli.BoolFlag{Name: "one-delivery", Usage: "the target agent delivers every connection in one call once all are awake, not the busy ones first (for a baseline)"},
 			&cli.BoolFlag{Name: "no-hold", Usage: "the source agent does not hold the peers with a zero window (drop-only lock, for a baseline)"},
 			&cli.BoolFlag{Name: "paused-handoff", Usage: "the workload stops serving before it hands its sockets over, instead of serving them until the source agent pauses it (for a baseline)"},
 			&cli.StringFlag{Name: "pcap", Usage: "file to record the migrated connections' segment headers on the bridge into, during the move"},
@@ -55,8 +56,8 @@ func runBench(c *cli.Context) error {
 	}
 	o := bench.Options{Conns: c.Int("conns"), Queue: c.Int("queue"), StreamInterval: c.Duration("stream-interval"),
 		Calibrate: c.Int("calibrate"), ProfileDir: c.String("profile"), Pcap: c.String("pcap"), NoHold: c.Bool("no-hold"), NoPrecopy: c.Bool("no-precopy"),
-		PausedHandoff: c.Bool("paused-handoff"),
-		Child:         []string{exe, "bench", "child"}}
+		PausedHandoff: c.Bool("paused-handoff"), OneDelivery: c.Bool("one-delivery"),
+		Child: []string{exe, "bench", "child"}}
 	if c.Bool("stream") {
 		o.StreamConns = min(c.Int("stream-conns"), o.Conns)
 	}

@@ -157,6 +157,8 @@ type targetConfig struct {
 	// Deliver is the unix socket path of the workload, where the committed
 	// sockets are passed (as by `receive --deliver`).
 	Deliver string `json:"deliver"`
+	// OneDelivery turns delivery in waves off (target.Config.DeliverWaves).
+	OneDelivery bool `json:"one_delivery,omitempty"`
 }
 
 // targetResult is what the target agent's child reports.
@@ -196,7 +198,7 @@ func runTarget(ctx context.Context, cfg *childConfig, enc *json.Encoder) error {
 		Unclaim: func(ctx context.Context, _ []netip.Prefix) error { return addrmove.Release(ctx, am) },
 		// The workload takes each delivery on a connection of its own,
 		// as receive --deliver-waves would pass them.
-		DeliverWaves: true,
+		DeliverWaves: !tc.OneDelivery,
 		Deliver: func(_ context.Context, conns []*target.Delivered) map[uint32]error {
 			items := make([]fdpass.Item, len(conns))
 			for i, d := range conns {

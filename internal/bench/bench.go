@@ -56,6 +56,10 @@ type Options struct {
 	// (source.Config.NoPrecopy): every connection is captured inside the
 	// freeze, for a baseline.
 	NoPrecopy bool
+	// OneDelivery makes the target agent deliver every connection in one
+	// call, once all are awake, instead of the busy ones first
+	// (target.Config.DeliverWaves false), for a baseline.
+	OneDelivery bool
 	// PausedHandoff makes the workload pause its streams before it hands
 	// its sockets over, as a program that is not live must (the baseline
 	// of the live hand-over: docs/handoff-socket.md, PAUSE).
@@ -148,7 +152,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if err := o.check(); err != nil {
 		return nil, err
 	}
-	x := &run{o: &o, r: &Report{Conns: o.Conns, QueueBytes: o.Queue, StreamConns: o.StreamConns, LiveHandoff: !o.PausedHandoff, Env: environment()}}
+	x := &run{o: &o, r: &Report{Conns: o.Conns, QueueBytes: o.Queue, StreamConns: o.StreamConns, LiveHandoff: !o.PausedHandoff, DeliverWaves: !o.OneDelivery, Env: environment()}}
 	if o.StreamConns > 0 {
 		x.r.StreamIntervalUS = us(o.StreamInterval)
 	}
@@ -388,6 +392,7 @@ func (x *run) migrate(ctx context.Context, srcTLS, dstTLS tlsFiles) error {
 	tgt, err := startChild(o, x.dst, childConfig{Role: roleTarget, CPUProfile: x.profile(roleTarget), TLS: dstTLS, Target: &targetConfig{
 		Listen: netip.AddrPortFrom(dstAddr.Addr(), agentPort).String(), Allow: []string{netip.PrefixFrom(svcAddr.Addr(), 32).String()},
 		Claim: svcAddr.String(), Dev: "eth0", JournalDir: filepath.Join(x.dir, "journal-target"), Deliver: filepath.Join(x.dir, "deliver.sock"),
+		OneDelivery: o.OneDelivery,
 	}})
 	if err != nil {
 		return err

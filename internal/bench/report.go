@@ -165,6 +165,9 @@ type Report struct {
 	// served them until the source agent's pause (Options.PausedHandoff
 	// false).
 	LiveHandoff bool `json:"live_handoff"`
+	// DeliverWaves says the target agent delivered the busy connections
+	// first, in a call of their own (Options.OneDelivery false).
+	DeliverWaves bool `json:"deliver_waves"`
 	// HandoffUS runs from the workload's pause (it stops using its
 	// sockets) until every socket is in the source agent's hands, or after
 	// a live hand-over until the workload has answered the agent's pause;
