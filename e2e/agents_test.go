@@ -35,6 +35,10 @@ func (w *world) agents(allow []netip.Prefix, srcFault func(source.Step) error, d
 		Unclaim:      func(_ context.Context, _ []netip.Prefix) error { return w.dst.DelAddr(svc) },
 		DeliverWaves: w.deliverWaves,
 		Deliver: func(_ context.Context, conns []*target.Delivered) map[uint32]error {
+			if !w.delivering.CompareAndSwap(false, true) {
+				t.Error("Deliver called while another call was running")
+			}
+			defer w.delivering.Store(false)
 			peers := make([]netip.AddrPort, len(conns))
 			for i, d := range conns {
 				peers[i] = netip.AddrPortFrom(d.Remote.Addr().Unmap(), d.Remote.Port())
@@ -85,11 +89,13 @@ func (w *world) agents(allow []netip.Prefix, srcFault func(source.Step) error, d
 }
 
 // TestGoAPIDeliverWaves moves connections of which half stream and half
-// have been idle for a while, so that the source copies the idle ones
-// before its lock and captures the streaming ones after it. With
-// DeliverWaves the target hands the streaming ones to the application in
-// a first Deliver call of their own, then the idle ones; without it, all
-// in one call. Every byte still arrives once, in order, with no reset.
+// have been idle for a while, handed over live (the owner pauses each
+// wave when asked), so that the source copies the idle ones before its
+// lock and captures the streaming ones after it. With DeliverWaves the
+// target hands the streaming ones to the application in a first Deliver
+// call of their own, then the idle ones; without it, all in one call;
+// never two calls at once. Every byte still arrives once, in order, with
+// no reset.
 func TestGoAPIDeliverWaves(t *testing.T) {
 	for _, waves := range []bool{true, false} {
 		name := "waves"
@@ -101,7 +107,7 @@ func TestGoAPIDeliverWaves(t *testing.T) {
 			w.deliverWaves = waves
 			idle := w.quieten(4)
 			cfg, _ := w.agents([]netip.Prefix{svc}, nil, nil)
-			res, err := source.Migrate(ctxT(t), cfg, w.handOver())
+			res, err := source.Migrate(ctxT(t), cfg, w.handOverLive(&cfg))
 			if err != nil {
 				t.Fatalf("migrate: %v", err)
 			}
@@ -172,6 +178,28 @@ func (w *world) expectDeliveries(idle map[netip.AddrPort]bool, waves bool) {
 			}
 		}
 	}
+}
+
+// handOverLive hands the workload's sockets to the source agent while it
+// goes on serving them: cfg.Pause pauses those the agent names, in as many
+// waves as it asks for.
+func (w *world) handOverLive(cfg *source.Config) []source.Conn {
+	var conns []source.Conn
+	for _, c := range w.conns {
+		f, err := c.File()
+		if err != nil {
+			w.t.Fatal(err)
+		}
+		conns = append(conns, source.Conn{File: f})
+	}
+	cfg.PauseWaves = true
+	cfg.Pause = func(_ context.Context, idx []int) ([][]byte, error) {
+		for _, i := range idx {
+			w.endpoint(w.conns[i].RemoteAddr().(*net.TCPAddr).AddrPort()).Pause()
+		}
+		return nil, nil
+	}
+	return conns
 }
 
 // handOver pauses the workload and hands its sockets to the source agent.

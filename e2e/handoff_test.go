@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -32,17 +33,43 @@ func TestCLIHandoffDeliver(t *testing.T) {
 	w.expectCommitted(hc, delivered, receiver, sender)
 }
 
-// TestCLIHandoffDeliverWaves: with `receive --deliver-waves` the workload's
-// new instance gets the streaming connections, captured after the source's
-// lock, in a delivery of their own, then the idle ones, pre-copied before
-// it. Every byte arrives once, in order, with no reset, the idle streams
-// carrying on once they are restarted at both ends.
+// TestCLIHandoffDeliverWaves: a workload that hands its sockets over live
+// to `send --pause-waves` is asked to pause its idle connections, then its
+// streaming ones; with `receive --deliver-waves` its new instance gets the
+// streaming connections, captured after the source's lock, in a delivery
+// of their own, then the idle ones, pre-copied before it. Every byte
+// arrives once, in order, with no reset, the idle streams carrying on once
+// they are restarted at both ends.
 func TestCLIHandoffDeliverWaves(t *testing.T) {
 	w := newWorld(t, 8)
 	idle := w.quieten(4)
-	hand, receiver, sender, delivered := w.handoffAgents("--deliver-waves")
-	hc := w.handOff(hand)
-	defer hc.Close()
+	w.sendArgs = []string{"--pause-waves"}
+	hc, _, receiver, sender, delivered := w.liveHandOff("--deliver-waves")
+	// The agent pauses the idle connections, then the streaming ones.
+	var pauses []int
+	for paused := 0; paused < len(w.conns); {
+		m, err := hc.Receive()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Kind != fdpass.KindPause {
+			t.Fatalf("the source sent a %s message after pausing %d of %d connections", m.Kind, paused, len(w.conns))
+		}
+		items := make([]fdpass.Item, len(m.IDs))
+		for i, id := range m.IDs {
+			ep := w.endpoint(w.conns[id].RemoteAddr().(*net.TCPAddr).AddrPort())
+			ep.Pause()
+			items[i] = fdpass.Item{ID: id, State: ep.State()}
+		}
+		if err := hc.SendPaused(items); err != nil {
+			t.Fatal(err)
+		}
+		paused += len(m.IDs)
+		pauses = append(pauses, len(m.IDs))
+	}
+	if !slices.Equal(pauses, []int{len(idle), len(w.conns) - len(idle)}) {
+		t.Errorf("the source paused %v connections in turn, want the %d idle ones, then the others", pauses, len(idle))
+	}
 	w.awaitCommitted(hc, delivered, receiver, sender)
 	w.expectDeliveries(idle, true)
 	w.restartQuiet()
@@ -292,7 +319,7 @@ func (w *world) handoffAgents(recvArgs ...string) (hand string, receiver, sender
 	receiver = agent(t, w.dst, recv...)
 	waitListening(t, w.dst, 7946)
 	send := append([]string{"send", "--to", "198.18.0.3:7946", "--handoff", "unix:" + hand,
-		"--release-addr", svc.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, tls...)
+		"--release-addr", svc.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, append(tls, w.sendArgs...)...)
 	sender = agent(t, w.src, send...)
 	waitFile(t, hand)
 	return hand, receiver, sender, adopted

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -48,6 +49,10 @@ type world struct {
 	deliveries [][]netip.AddrPort
 	// quiet is how many of the first connections quieten stopped.
 	quiet int
+	// delivering is set while the target agent's Deliver runs (agents).
+	delivering atomic.Bool
+	// sendArgs are added to `send` (handoffAgents).
+	sendArgs []string
 }
 
 func newWorld(t *testing.T, n int) *world {

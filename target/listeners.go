@@ -235,6 +235,16 @@ func (ls *listenerSet) failedEndpoints() []netip.AddrPort {
 	})
 }
 
+// isPending says whether c was taken from a listener's accept queue on the
+// source (it is delivered with the listeners).
+func (m *migration) isPending(c *conn) bool {
+	if m.lsn == nil {
+		return false
+	}
+	_, ok := m.lsn.pendingOf[c.report.Index]
+	return ok
+}
+
 // deliver hands committed connections, and with withListeners the
 // listeners too, to the application in one call of Config.Deliver; it
 // returns the failures of connections, as Deliver does. The listener lock
@@ -253,7 +263,7 @@ func (m *migration) deliver(ctx context.Context, conns []*Delivered, withListene
 		if m.srv.cfg.Deliver == nil {
 			return nil
 		}
-		return m.srv.cfg.Deliver(ctx, conns)
+		return m.onlyOf(conns, m.srv.cfg.Deliver(ctx, conns))
 	}
 	all := slices.Clone(conns)
 	first := uint32(m.count) // listener i is delivered with index count+i
@@ -290,7 +300,27 @@ func (m *migration) deliver(ctx context.Context, conns []*Delivered, withListene
 			m.log.Warn("listener lock", "err", err)
 		}
 	}
-	return out
+	return m.onlyOf(conns, out)
+}
+
+// onlyOf returns the failures in fails that name one of conns, the
+// connections of one Deliver call; an index the application made up, or
+// one of the other delivery, is logged and ignored.
+func (m *migration) onlyOf(conns []*Delivered, fails map[uint32]error) map[uint32]error {
+	if len(fails) == 0 {
+		return fails
+	}
+	in := make(map[uint32]bool, len(conns))
+	for _, d := range conns {
+		in[d.Index] = true
+	}
+	for i, err := range fails {
+		if !in[i] {
+			m.log.Warn("Deliver reported a failure of a connection it was not given", "conn", i, "err", err)
+			delete(fails, i)
+		}
+	}
+	return fails
 }
 
 // closeListeners closes the recreated listeners and their lock (abort, or

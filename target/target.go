@@ -119,11 +119,13 @@ type Config struct {
 	// (index → error); the others are considered delivered.
 	Deliver func(ctx context.Context, conns []*Delivered) map[uint32]error
 	// DeliverWaves says that Deliver may be called twice for one
-	// migration, never at once: first with the connections the source
-	// captured after its lock (those whose peers were busy), as soon as
-	// they are live, while the others are still being woken; then with
-	// the others and the listeners. Without it Deliver is called once,
-	// after every connection is live (docs/handoff.md, "Delivery in
+	// migration, never at once: first with the connections that have no
+	// confirmed pre-copy (the source captured them after its lock: their
+	// peers were busy), as soon as they are live, while the others are
+	// still being woken; then with the others, the listeners, and the
+	// connections pending on those listeners. Without it Deliver is called
+	// once, after every connection is live. A Deliver that starts a
+	// program per call must not set it (docs/handoff.md, "Delivery in
 	// waves").
 	DeliverWaves bool
 	// JournalDir is where the target keeps its journal ("" = the default).
@@ -949,16 +951,19 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		}
 	}
 	// The connections the source captured after its lock first: those
-	// that were busy (waves, in the source), whose peers are sending.
+	// that were busy (waves, in the source), whose peers are sending; of
+	// those, the ones taken from a listener's accept queue last, since
+	// they go to the application with their listeners.
 	live := make([]*conn, 0, len(m.conns))
-	for _, c := range m.conns {
-		if c != nil && c.fd >= 0 && !c.precopied {
-			live = append(live, c)
-		}
-	}
-	for _, c := range m.conns {
-		if c != nil && c.fd >= 0 && c.precopied {
-			live = append(live, c)
+	for _, pass := range []func(*conn) bool{
+		func(c *conn) bool { return !c.precopied && !m.isPending(c) },
+		func(c *conn) bool { return !c.precopied && m.isPending(c) },
+		func(c *conn) bool { return c.precopied },
+	} {
+		for _, c := range m.conns {
+			if c != nil && c.fd >= 0 && pass(c) {
+				live = append(live, c)
+			}
 		}
 	}
 	var failed []transport.Verdict
@@ -1008,22 +1013,23 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	m.srv.record(m.id, transport.StateCommitted)
 	// When each connection's freeze ended, for the source's report.
 	resumedUs := make([]uint32, m.count)
-	// The busy connections, first in live, go to the application before
-	// the others are woken when it takes them in waves; otherwise all go
-	// together once all are live.
-	nBusy := 0
-	for nBusy < len(live) && !live[nBusy].precopied {
-		nBusy++
+	// When the application takes them in waves, the connections without a
+	// confirmed copy (first in live), less those pending on a listener, go
+	// to it before the others are woken; otherwise all go together once
+	// all are live.
+	nFirst := 0
+	for nFirst < len(live) && !live[nFirst].precopied && !m.isPending(live[nFirst]) {
+		nFirst++
 	}
 	groups := [][]*conn{live}
-	if m.srv.cfg.DeliverWaves && 0 < nBusy && nBusy < len(live) {
-		groups = [][]*conn{live[:nBusy], live[nBusy:]}
+	if m.srv.cfg.DeliverWaves && 0 < nFirst && nFirst < len(live) {
+		groups = [][]*conn{live[:nFirst], live[nFirst:]}
 	}
 	var (
-		delivered  []*Delivered
-		jerr, derr error
-		fails      = make([]map[uint32]error, len(groups))
-		early      sync.WaitGroup
+		delivered     []*Delivered
+		jerr, derr    error
+		fails         = make([]map[uint32]error, len(groups))
+		firstDelivery sync.WaitGroup
 	)
 	for g, group := range groups {
 		ds := m.resume(group, start, resumedUs, fail)
@@ -1041,14 +1047,17 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 		case derr != nil:
 			// Closed below, the connections live and owned by nobody.
 		case g < len(groups)-1:
-			// The application takes the busy ones while the others wake.
-			early.Add(1)
+			if len(ds) == 0 {
+				break // none of them could be resumed
+			}
+			// The application takes these while the others wake.
+			firstDelivery.Add(1)
 			go func() {
-				defer early.Done()
+				defer firstDelivery.Done()
 				fails[g] = m.deliver(ctx, ds, false)
 			}()
 		default:
-			early.Wait() // Deliver is never called twice at once
+			firstDelivery.Wait() // Deliver is never called twice at once
 			if len(ds) > 0 || m.lsn != nil {
 				fails[g] = m.deliver(ctx, ds, true)
 			}
