@@ -39,13 +39,7 @@ func (w *world) agents(allow []netip.Prefix, srcFault func(source.Step) error, d
 				t.Error("Deliver called while another call was running")
 			}
 			defer w.delivering.Store(false)
-			peers := make([]netip.AddrPort, len(conns))
-			for i, d := range conns {
-				peers[i] = netip.AddrPortFrom(d.Remote.Addr().Unmap(), d.Remote.Port())
-			}
-			w.mu.Lock()
-			w.deliveries = append(w.deliveries, peers)
-			w.mu.Unlock()
+			w.recordDelivery(len(conns), func(i int) netip.AddrPort { return conns[i].Remote })
 			failed := map[uint32]error{}
 			for _, d := range conns {
 				ep := w.endpoint(d.Remote)

@@ -350,13 +350,7 @@ func (w *world) adoptOne(dl *fdpass.Listener) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	peers := make([]netip.AddrPort, len(items))
-	for i, it := range items {
-		peers[i] = netip.AddrPortFrom(it.Remote.Addr().Unmap(), it.Remote.Port())
-	}
-	w.mu.Lock()
-	w.deliveries = append(w.deliveries, peers)
-	w.mu.Unlock()
+	w.recordDelivery(len(items), func(i int) netip.AddrPort { return items[i].Remote })
 	var ids []uint64
 	for _, it := range items {
 		conn, err := net.FileConn(it.File)

@@ -102,6 +102,19 @@ func newWorldOn(t *testing.T, n int, ports ...uint16) *world {
 	return w
 }
 
+// recordDelivery adds to w.deliveries one delivery of n connections, the
+// i-th with its peer at remote(i).
+func (w *world) recordDelivery(n int, remote func(i int) netip.AddrPort) {
+	peers := make([]netip.AddrPort, n)
+	for i := range peers {
+		r := remote(i)
+		peers[i] = netip.AddrPortFrom(r.Addr().Unmap(), r.Port())
+	}
+	w.mu.Lock()
+	w.deliveries = append(w.deliveries, peers)
+	w.mu.Unlock()
+}
+
 // endpoint returns the workload endpoint of the connection with the peer at remote.
 func (w *world) endpoint(remote netip.AddrPort) *streamcheck.Endpoint {
 	w.mu.Lock()

@@ -1095,13 +1095,15 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 // resume ends the freeze of each connection of live, which the commit has
 // unlocked, and returns them ready for the application; a connection that
 // cannot be resumed is discarded and reported through fail. Both cores
-// work, in two passes. The first ends each connection's freeze
+// work, in three passes. The first ends each connection's freeze
 // (Restorer.Wake: repair off, then the kick or probe), in chunks handed to
 // whichever core is free, in order, so that live[0] is woken first and
 // both cores finish together; resumedUs records when, from start. The
-// second puts back what leaving repair cleared (repair.Finish) and makes
-// the Files (a name formatted, fcntl and epoll_ctl each): none of it
-// lengthens a freeze, since every connection is awake by then.
+// second acknowledges what the held peers sent at their kick
+// (repair.AckNow), puts back what leaving repair cleared (repair.Finish)
+// and makes the Files (a name formatted, fcntl and epoll_ctl each): none of
+// it lengthens a freeze, since every connection of live is awake by then.
+// The third acknowledges again, for the bursts that came later.
 func (m *migration) resume(live []*conn, start time.Time, resumedUs []uint32, fail func(*conn, error)) []*Delivered {
 	resumed := make([]*Delivered, len(live))
 	errs := make([]error, len(live))
