@@ -357,22 +357,18 @@ func (l *Link) ioErr(err error) error {
 func (l *Link) admit(size uint32) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.records+1 > uint64(l.limits.MaxConnections) {
-		return &LimitError{Limit: "connections", Value: l.records + 1, Max: uint64(l.limits.MaxConnections)}
-	}
 	if l.bytes+uint64(size) > l.limits.MaxMigration {
 		return &LimitError{Limit: "migration bytes", Value: l.bytes + uint64(size), Max: l.limits.MaxMigration}
 	}
-	l.records++
 	l.bytes += uint64(size)
 	return nil
 }
 
-// admitIndex records a received connection index and the pass of its
-// record: each index may have one pre-copy, before one final or confirming
-// record; a confirmation needs the pre-copy; pre-copies need version 3. A
-// pre-copy does not count as one of the link's records (admit counted it):
-// the bitmap bounds them.
+// admitIndex counts a received record against the connection limit and
+// records its index and pass: each index may have one pre-copy, before one
+// final or confirming record; a confirmation needs the pre-copy;
+// pre-copies need version 3. A pre-copy is not one of the link's records
+// (the bitmap bounds them).
 func (l *Link) admitIndex(i uint32, pass Pass) error {
 	if i >= l.limits.MaxConnections {
 		return &LimitError{Limit: "connection index", Value: uint64(i), Max: uint64(l.limits.MaxConnections) - 1}
@@ -382,13 +378,17 @@ func (l *Link) admitIndex(i uint32, pass Pass) error {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	w, bit := int(i/64), uint64(1)<<(i%64)
-	for _, set := range []*[]uint64{&l.seen, &l.pre} {
-		if w >= len(*set) {
-			*set = append(*set, make([]uint64, w+1-len(*set))...)
-		}
+	if pass != PassPre && l.records+1 > uint64(l.limits.MaxConnections) {
+		return &LimitError{Limit: "connections", Value: l.records + 1, Max: uint64(l.limits.MaxConnections)}
 	}
-	final, pre := l.seen[w]&bit != 0, l.pre[w]&bit != 0
+	w, bit := int(i/64), uint64(1)<<(i%64)
+	if w >= len(l.seen) {
+		l.seen = append(l.seen, make([]uint64, w+1-len(l.seen))...)
+	}
+	if pass == PassPre && w >= len(l.pre) {
+		l.pre = append(l.pre, make([]uint64, w+1-len(l.pre))...)
+	}
+	final, pre := l.seen[w]&bit != 0, w < len(l.pre) && l.pre[w]&bit != 0
 	switch {
 	case final:
 		return fmt.Errorf("%w: %d", ErrDuplicate, i)
@@ -399,9 +399,9 @@ func (l *Link) admitIndex(i uint32, pass Pass) error {
 	}
 	if pass == PassPre {
 		l.pre[w] |= bit
-		l.records--
 		return nil
 	}
+	l.records++
 	l.seen[w] |= bit
 	return nil
 }

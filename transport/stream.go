@@ -260,15 +260,13 @@ func (w *SnapshotWriter) WriteState(index uint32, s *repair.Snapshot, state []by
 // the lock, which a later WriteState or Confirm of the same index, on the
 // same stream, finalises. It needs a link of version 3.
 func (w *SnapshotWriter) WritePre(index uint32, s *repair.Snapshot, state []byte) error {
-	if v := w.link.Version(); v < 3 {
-		return opError("snapshot write", fmt.Errorf("%w: pre-copies need protocol version 3, the link runs %d", ErrUnexpected, v))
-	}
 	return w.write(index, PassPre, s, state)
 }
 
 // Confirm writes the record that makes connection index's pre-copy, written
 // earlier on the same stream, its final snapshot (PassConfirm): a few
-// bytes, where a final record would carry the whole snapshot again.
+// bytes, where a final record would carry the whole snapshot again. It
+// needs a link of version 3.
 func (w *SnapshotWriter) Confirm(index uint32) error {
 	return w.write(index, PassConfirm, &repair.Snapshot{}, nil)
 }
@@ -277,6 +275,9 @@ func (w *SnapshotWriter) write(index uint32, pass Pass, s *repair.Snapshot, stat
 	const op = "snapshot write"
 	if err := w.check(); err != nil {
 		return opError(op, err)
+	}
+	if v := w.link.Version(); pass != PassFinal && v < 3 {
+		return opError(op, fmt.Errorf("%w: a %s record needs protocol version 3, the link runs %d", ErrUnexpected, pass, v))
 	}
 	// The record is encoded with its queues last (as snapshotTable orders
 	// them), so that large queues are copied once, into the chunks.
