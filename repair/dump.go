@@ -147,10 +147,17 @@ func inspect(fd int, s *Snapshot, diagOf func(fd int, s *Snapshot) (diagInfo, er
 // calls when idle and 16 with data in flight and in both queues, repair on
 // included (docs/repair.md, "What Capture reads"); SO_PEEK_OFF set by the
 // owner costs one more.
-func Capture(fd int, s *Snapshot) (err error) {
+func Capture(fd int, s *Snapshot) error {
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 		return s.opErr("turn repair on", err)
 	}
+	return Recapture(fd, s)
+}
+
+// Recapture is Capture of a socket already in repair mode with no queue
+// selected, as Unchanged leaves a pre-copied connection that moved: it
+// spares the freeze a second repair-on. Its errors are Capture's.
+func Recapture(fd int, s *Snapshot) (err error) {
 	defer func() {
 		if err != nil {
 			_ = resume(fd, s, unix.TCP_REPAIR_OFF)

@@ -52,6 +52,10 @@ func Precapture(fd int, s *Snapshot) (Mark, error) {
 	if ti.NotsentBytes > 0 || ti.Unacked > 0 {
 		return m, s.opErr("pre-copy", ErrBusy)
 	}
+	// Checked again after the capture: the state can change meanwhile.
+	if st := State(ti.State); st != StateEstablished {
+		return m, &UnsupportedError{Local: s.Local, Remote: s.Remote, Reason: ReasonState, Detail: "pre-copy of " + st.String()}
+	}
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 		return m, s.opErr("pre-copy: turn repair on", err)
 	}
@@ -93,20 +97,24 @@ func Precapture(fd int, s *Snapshot) (Mark, error) {
 // it or left it, no byte was acknowledged, received or queued, its state is
 // the same, and its receive queue holds what it held. Either way the socket
 // is left in repair mode with no queue selected, as Capture leaves it: a
-// connection that moved is then captured again (Capture). On error the
-// socket is out of repair mode again. Call it under the lock, once nothing
+// connection that moved is then captured again (Recapture). On error the
+// socket is out of repair mode again, with what leaving it cleared put back,
+// as Capture leaves a socket it failed. Call it under the lock, once nothing
 // reaches the socket.
-func Unchanged(fd int, s *Snapshot, m *Mark) (bool, error) {
+func Unchanged(fd int, s *Snapshot, m *Mark) (same bool, err error) {
 	if err := setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 		return false, s.opErr("turn repair on", err)
 	}
+	defer func() {
+		if err != nil {
+			_ = resume(fd, s, repairOffQuiet())
+		}
+	}()
 	if !m.ok {
 		return false, nil
 	}
 	var now tcpInfoHead
 	if err := getInfoRaw(fd, &now); err != nil {
-		// Out of repair mode again, as Capture leaves a socket it failed.
-		_ = setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet())
 		return false, s.opErr("getsockopt TCP_INFO", err)
 	}
 	if whatMoved(&m.info, &now) != "" || m.info.SegsOut != now.SegsOut {
@@ -117,7 +125,6 @@ func Unchanged(fd int, s *Snapshot, m *Mark) (bool, error) {
 	if m.inq > 0 {
 		inq, err := ioctlIntRaw(fd, unix.SIOCINQ)
 		if err != nil {
-			_ = setIntRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, repairOffQuiet())
 			return false, s.opErr("ioctl SIOCINQ", err)
 		}
 		if inq != m.inq {

@@ -63,6 +63,21 @@ type conn struct {
 	pendingOn *listener
 }
 
+// load sets scratch to c's inspected snapshot, keeping scratch's queue
+// buffers (those of the last capture of a share) for the capture to fill.
+func (c *conn) load(scratch *repair.Snapshot) {
+	recvq, sendq := scratch.RecvQueue[:0], scratch.SendQueue[:0]
+	*scratch = c.snap
+	scratch.RecvQueue, scratch.SendQueue = recvq, sendq
+}
+
+// keep makes the captured scratch c's snapshot, without the queues, whose
+// buffers the share reuses once they are written.
+func (c *conn) keep(scratch *repair.Snapshot) {
+	c.snap = *scratch
+	c.snap.RecvQueue, c.snap.SendQueue = nil, nil
+}
+
 type migration struct {
 	cfg    Config
 	log    *slog.Logger
@@ -802,6 +817,7 @@ func (m *migration) captureShare(w *transport.SnapshotWriter, share, n int, done
 			// it in repair mode for good.
 			continue
 		}
+		capture := repair.Capture
 		if c.mark.Taken() {
 			same, err := repair.Unchanged(c.fd, &c.snap, &c.mark)
 			if err != nil {
@@ -821,14 +837,12 @@ func (m *migration) captureShare(w *transport.SnapshotWriter, share, n int, done
 				}
 				continue
 			}
-			// It moved: captured again below, and the target's copy is
-			// replaced.
+			// It moved: captured again below, in the repair mode Unchanged
+			// left it in, and the target's copy is replaced.
+			capture = repair.Recapture
 		}
-		// The inspected part, with the queue buffers of the last capture.
-		recvq, sendq := scratch.RecvQueue[:0], scratch.SendQueue[:0]
-		scratch = c.snap
-		scratch.RecvQueue, scratch.SendQueue = recvq, sendq
-		if err := repair.Capture(c.fd, &scratch); err != nil {
+		c.load(&scratch)
+		if err := capture(c.fd, &scratch); err != nil {
 			return err
 		}
 		if c.held {
@@ -838,8 +852,7 @@ func (m *migration) captureShare(w *transport.SnapshotWriter, share, n int, done
 		c.captured = true
 		m.res.RawBytes += int64(len(scratch.RecvQueue) + len(scratch.SendQueue))
 		m.mu.Unlock()
-		c.snap = scratch
-		c.snap.RecvQueue, c.snap.SendQueue = nil, nil
+		c.keep(&scratch)
 		if err := w.WriteState(c.index, &scratch, c.AppState); err != nil {
 			return err
 		}

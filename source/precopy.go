@@ -88,9 +88,7 @@ func (m *migration) precopyShare(w *transport.SnapshotWriter, share, n int) (int
 		if !c.held || c.done {
 			continue
 		}
-		recvq, sendq := scratch.RecvQueue[:0], scratch.SendQueue[:0]
-		scratch = c.snap
-		scratch.RecvQueue, scratch.SendQueue = recvq, sendq
+		c.load(&scratch)
 		mark, err := repair.Precapture(c.fd, &scratch)
 		if err != nil {
 			m.log.Debug("no pre-copy: captured in the freeze", "conn", c.tuple.String(), "err", err)
@@ -108,8 +106,7 @@ func (m *migration) precopyShare(w *transport.SnapshotWriter, share, n int) (int
 			return copied, err
 		}
 		c.mark, c.preRaw = mark, len(scratch.RecvQueue)+len(scratch.SendQueue)
-		c.snap = scratch
-		c.snap.RecvQueue, c.snap.SendQueue = nil, nil
+		c.keep(&scratch)
 		if copied++; copied == 1 || copied%flushEvery == 0 {
 			if err := w.Flush(); err != nil {
 				return copied, err
