@@ -181,10 +181,13 @@ func (c *Conn) Pause(ctx context.Context, ids []uint64, timeout time.Duration) (
 	}
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
-	// A cancelled ctx ends the wait as the timeout would.
+	// A cancelled ctx ends the wait as the timeout would, and is reported
+	// as the context's error (as Dial does).
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
-	defer stop()
 	got, err := c.RecvPaused()
+	if !stop() {
+		return nil, &OpError{Op: c.op("pause"), Err: ctx.Err()}
+	}
 	if err != nil {
 		return nil, err
 	}

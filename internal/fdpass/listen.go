@@ -112,7 +112,9 @@ func listen(path string, p Policy) (*Listener, error) {
 	if len(bindAt) >= len(unix.RawSockaddrUnix{}.Path) {
 		bindAt = path
 	}
-	os.Remove(bindAt) // a leftover of a crashed process with this pid
+	if bindAt != path {
+		os.Remove(bindAt) // a leftover of a crashed process with this pid
+	}
 	ln, err := lc.Listen(context.Background(), "unix", bindAt)
 	if err != nil {
 		return nil, err
@@ -126,7 +128,14 @@ func listen(path string, p Policy) (*Listener, error) {
 		err = os.Chmod(bindAt, mode)
 	}
 	if err == nil && bindAt != path {
-		err = os.Rename(bindAt, path)
+		// Not over a file that appeared since removeStale: bind at path
+		// would have failed with EADDRINUSE, and so does this.
+		if err = unix.Renameat2(unix.AT_FDCWD, bindAt, unix.AT_FDCWD, path, unix.RENAME_NOREPLACE); errors.Is(err, unix.EEXIST) {
+			err = unix.EADDRINUSE
+		}
+		if err != nil {
+			err = &os.LinkError{Op: "rename", Old: bindAt, New: path, Err: err}
+		}
 	}
 	if err != nil {
 		ul.Close()
