@@ -99,7 +99,7 @@ func TestGoAPIDeliverWaves(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			w := newWorld(t, 8)
 			w.deliverWaves = waves
-			idle := w.quieten(4)
+			idle, restart := w.quieten(4)
 			cfg, _ := w.agents([]netip.Prefix{svc}, nil, nil)
 			res, err := source.Migrate(ctxT(t), cfg, w.handOverLive(&cfg))
 			if err != nil {
@@ -115,7 +115,7 @@ func TestGoAPIDeliverWaves(t *testing.T) {
 				t.Fatalf("%d pre-copied and %d confirmed, want the %d idle connections each", res.Precopied, res.Confirmed, len(idle))
 			}
 			w.expectDeliveries(idle, waves)
-			w.restartQuiet()
+			restart()
 			w.check(500 * time.Millisecond)
 		})
 	}
@@ -123,25 +123,22 @@ func TestGoAPIDeliverWaves(t *testing.T) {
 
 // quieten stops the streams of the world's first n connections at both
 // ends, then waits three times source.DefaultQuietFor, so that the source
-// finds them quiet; it returns their peers' addresses.
-func (w *world) quieten(n int) map[netip.AddrPort]bool {
-	idle := map[netip.AddrPort]bool{}
+// finds them quiet. It returns their peers' addresses, and restart, which
+// starts those streams again at the peers (the workload's ends start
+// again at their delivery).
+func (w *world) quieten(n int) (idle map[netip.AddrPort]bool, restart func()) {
+	idle = map[netip.AddrPort]bool{}
 	for _, cl := range w.clients[:n] {
 		peer := cl.Conn().LocalAddr().(*net.TCPAddr).AddrPort()
 		cl.Pause()
 		w.endpoint(peer).Pause()
 		idle[peer] = true
 	}
-	w.quiet = n
 	time.Sleep(3 * source.DefaultQuietFor)
-	return idle
-}
-
-// restartQuiet starts again, at the peers, the streams quieten stopped
-// (the workload's ends started again at their delivery).
-func (w *world) restartQuiet() {
-	for _, cl := range w.clients[:w.quiet] {
-		cl.Start(cl.Conn())
+	return idle, func() {
+		for _, cl := range w.clients[:n] {
+			cl.Start(cl.Conn())
+		}
 	}
 }
 
@@ -155,16 +152,17 @@ func (w *world) expectDeliveries(idle map[netip.AddrPort]bool, waves bool) {
 	w.mu.Lock()
 	calls := slices.Clone(w.deliveries)
 	w.mu.Unlock()
-	want := [][]bool{{false, true}} // per delivery, whether its connections may be idle ones
+	// Per delivery, whether its connections may be idle ones, and how many.
+	want, sizes := [][]bool{{false, true}}, []int{len(w.clients)}
 	if waves {
-		want = [][]bool{{false}, {true}}
+		want, sizes = [][]bool{{false}, {true}}, []int{len(w.clients) - len(idle), len(idle)}
 	}
 	if len(calls) != len(want) {
 		t.Fatalf("%d deliveries (%v), want %d", len(calls), calls, len(want))
 	}
 	for i, call := range calls {
-		if len(call) != len(w.clients)/len(want) {
-			t.Errorf("delivery %d had %d connections, want %d", i, len(call), len(w.clients)/len(want))
+		if len(call) != sizes[i] {
+			t.Errorf("delivery %d had %d connections, want %d", i, len(call), sizes[i])
 		}
 		for _, p := range call {
 			if !slices.Contains(want[i], idle[p]) {

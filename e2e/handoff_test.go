@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"testing"
 	"time"
 
@@ -25,7 +24,7 @@ import (
 // verify every byte and see no reset.
 func TestCLIHandoffDeliver(t *testing.T) {
 	w := newWorld(t, 8)
-	hand, receiver, sender, delivered := w.handoffAgents()
+	hand, receiver, sender, delivered := w.handoffAgents(nil, nil)
 
 	// The workload hands its sockets over, each with its offsets.
 	hc := w.handOff(hand)
@@ -42,37 +41,14 @@ func TestCLIHandoffDeliver(t *testing.T) {
 // they are restarted at both ends.
 func TestCLIHandoffDeliverWaves(t *testing.T) {
 	w := newWorld(t, 8)
-	idle := w.quieten(4)
-	w.sendArgs = []string{"--pause-waves"}
-	hc, _, receiver, sender, delivered := w.liveHandOff("--deliver-waves")
+	idle, restart := w.quieten(4)
+	hc, _, receiver, sender, delivered := w.liveHandOff([]string{"--deliver-waves"}, []string{"--pause-waves"})
 	// The agent pauses the idle connections, then the streaming ones.
-	var pauses []int
-	for paused := 0; paused < len(w.conns); {
-		m, err := hc.Receive()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if m.Kind != fdpass.KindPause {
-			t.Fatalf("the source sent a %s message after pausing %d of %d connections", m.Kind, paused, len(w.conns))
-		}
-		items := make([]fdpass.Item, len(m.IDs))
-		for i, id := range m.IDs {
-			ep := w.endpoint(w.conns[id].RemoteAddr().(*net.TCPAddr).AddrPort())
-			ep.Pause()
-			items[i] = fdpass.Item{ID: id, State: ep.State()}
-		}
-		if err := hc.SendPaused(items); err != nil {
-			t.Fatal(err)
-		}
-		paused += len(m.IDs)
-		pauses = append(pauses, len(m.IDs))
-	}
-	if !slices.Equal(pauses, []int{len(idle), len(w.conns) - len(idle)}) {
-		t.Errorf("the source paused %v connections in turn, want the %d idle ones, then the others", pauses, len(idle))
-	}
+	w.answerPause(hc, w.expectMsg(hc, fdpass.KindPause, len(idle)).IDs)
+	w.answerPause(hc, w.expectMsg(hc, fdpass.KindPause, len(w.conns)-len(idle)).IDs)
 	w.awaitCommitted(hc, delivered, receiver, sender)
 	w.expectDeliveries(idle, true)
-	w.restartQuiet()
+	restart()
 	w.check(500 * time.Millisecond)
 }
 
@@ -86,40 +62,51 @@ func TestCLIHandoffDeliverWaves(t *testing.T) {
 // the hand-over; the peers verify every byte and see no reset.
 func TestCLIHandoffLive(t *testing.T) {
 	w := newWorld(t, 8)
-	hc, handed, receiver, sender, delivered := w.liveHandOff()
-	m := w.expectPause(hc)
-	paused := make([]fdpass.Item, len(m.IDs))
-	for i, id := range m.IDs {
-		if id >= uint64(len(w.conns)) {
-			t.Fatalf("the source paused connection %d, which the workload never handed over", id)
-		}
-		c := w.conns[id]
-		ep := w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort())
-		ep.Pause()
+	hc, handed, receiver, sender, delivered := w.liveHandOff(nil, nil)
+	m := w.expectMsg(hc, fdpass.KindPause, len(w.conns))
+	for _, ep := range w.answerPause(hc, m.IDs) {
 		if last := ep.LastReceived(); !last.After(handed) {
-			t.Errorf("connection %d received nothing after the hand-over (last at %v, handed over at %v)", id, last, handed)
+			t.Errorf("connection %s received nothing after the hand-over (last at %v, handed over at %v)", ep.Conn().RemoteAddr(), last, handed)
 		}
-		paused[i] = fdpass.Item{ID: id, State: ep.State()}
-	}
-	if err := hc.SendPaused(paused); err != nil {
-		t.Fatal(err)
 	}
 	w.expectCommitted(hc, delivered, receiver, sender)
 }
 
-// expectPause receives the source's PAUSE on hc, which must name every
-// connection.
-func (w *world) expectPause(hc *fdpass.Conn) fdpass.Message {
+// expectMsg receives the source's next message on hc, which must be of
+// kind and name n connections (by ID, or as sockets).
+func (w *world) expectMsg(hc *fdpass.Conn, kind fdpass.Kind, n int) fdpass.Message {
 	t := w.t
 	t.Helper()
 	m, err := hc.Receive()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.Kind != fdpass.KindPause || len(m.IDs) != len(w.conns) {
-		t.Fatalf("the source sent a %s message with %d IDs, want a pause of every connection", m.Kind, len(m.IDs))
+	if got := max(len(m.IDs), len(m.Items)); m.Kind != kind || got != n {
+		t.Fatalf("the source sent a %s message naming %d connections, want a %s of %d", m.Kind, got, kind, n)
 	}
 	return m
+}
+
+// answerPause is the live workload's answer to a PAUSE of ids: it stops
+// each of those streams at an exact offset and answers with the offsets as
+// the sockets' states. It returns the paused endpoints.
+func (w *world) answerPause(hc *fdpass.Conn, ids []uint64) []*streamcheck.Endpoint {
+	t := w.t
+	t.Helper()
+	eps := make([]*streamcheck.Endpoint, len(ids))
+	paused := make([]fdpass.Item, len(ids))
+	for i, id := range ids {
+		if id >= uint64(len(w.conns)) {
+			t.Fatalf("the source paused connection %d, which the workload never handed over", id)
+		}
+		eps[i] = w.endpoint(w.conns[id].RemoteAddr().(*net.TCPAddr).AddrPort())
+		eps[i].Pause()
+		paused[i] = fdpass.Item{ID: id, State: eps[i].State()}
+	}
+	if err := hc.SendPaused(paused); err != nil {
+		t.Fatal(err)
+	}
+	return eps
 }
 
 // expectCommitted waits for the commit (awaitCommitted) and checks the
@@ -136,13 +123,7 @@ func (w *world) expectCommitted(hc *fdpass.Conn, delivered <-chan error, receive
 func (w *world) awaitCommitted(hc *fdpass.Conn, delivered <-chan error, receiver, sender *exec.Cmd) {
 	t := w.t
 	t.Helper()
-	m, err := hc.Receive()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m.Kind != fdpass.KindCommitted || len(m.IDs) != len(w.conns) {
-		t.Fatalf("the source answered %s with %d IDs, want every connection committed", m.Kind, len(m.IDs))
-	}
+	w.expectMsg(hc, fdpass.KindCommitted, len(w.conns))
 	for _, c := range w.conns {
 		c.Close()
 	}
@@ -177,8 +158,8 @@ func TestCLIHandoffLiveBadPause(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			w := newWorld(t, 4)
-			hc, _, receiver, sender, _ := w.liveHandOff()
-			m := w.expectPause(hc)
+			hc, _, receiver, sender, _ := w.liveHandOff(nil, nil)
+			m := w.expectMsg(hc, fdpass.KindPause, len(w.conns))
 			// The workload pauses, then answers badly.
 			for _, c := range w.conns {
 				w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort()).Pause()
@@ -187,13 +168,7 @@ func TestCLIHandoffLiveBadPause(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tc.back {
-				m, err := hc.Receive()
-				if err != nil {
-					t.Fatal(err)
-				}
-				if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {
-					t.Fatalf("the source answered %s with %d sockets, want every socket handed back", m.Kind, len(m.Items))
-				}
+				m := w.expectMsg(hc, fdpass.KindHandBack, len(w.conns))
 				fdpass.CloseItems(m.Items) // the workload kept its own
 			}
 			if err := sender.Wait(); err == nil {
@@ -218,25 +193,9 @@ func TestCLIHandoffLiveBadPause(t *testing.T) {
 // verified and no reset is seen.
 func TestCLIHandoffLiveRolledBack(t *testing.T) {
 	w := newWorld(t, 4)
-	hc, _, receiver, sender, _ := w.liveHandOff("--allow-port", "1")
-	m := w.expectPause(hc)
-	paused := make([]fdpass.Item, len(m.IDs))
-	for i, id := range m.IDs {
-		c := w.conns[id]
-		ep := w.endpoint(c.RemoteAddr().(*net.TCPAddr).AddrPort())
-		ep.Pause()
-		paused[i] = fdpass.Item{ID: id, State: ep.State()}
-	}
-	if err := hc.SendPaused(paused); err != nil {
-		t.Fatal(err)
-	}
-	m, err := hc.Receive()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m.Kind != fdpass.KindHandBack || len(m.Items) != len(w.conns) {
-		t.Fatalf("the source answered %s with %d sockets, want every socket handed back", m.Kind, len(m.Items))
-	}
+	hc, _, receiver, sender, _ := w.liveHandOff([]string{"--allow-port", "1"}, nil)
+	w.answerPause(hc, w.expectMsg(hc, fdpass.KindPause, len(w.conns)).IDs)
+	m := w.expectMsg(hc, fdpass.KindHandBack, len(w.conns))
 	for _, c := range w.conns {
 		c.Close() // kept until now; the handed-back copies carry on
 	}
@@ -267,10 +226,10 @@ func TestCLIHandoffLiveRolledBack(t *testing.T) {
 // its descriptors and streams on. It returns the hand-over connection, the
 // time of the hand-over, the agents, and the result of the workload's new
 // instance adopting what the target delivers.
-func (w *world) liveHandOff(recvArgs ...string) (hc *fdpass.Conn, handed time.Time, receiver, sender *exec.Cmd, delivered <-chan error) {
+func (w *world) liveHandOff(recvArgs, sendArgs []string) (hc *fdpass.Conn, handed time.Time, receiver, sender *exec.Cmd, delivered <-chan error) {
 	t := w.t
 	t.Helper()
-	hand, receiver, sender, delivered := w.handoffAgents(recvArgs...)
+	hand, receiver, sender, delivered := w.handoffAgents(recvArgs, sendArgs)
 	var err error
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -296,10 +255,11 @@ func (w *world) liveHandOff(recvArgs ...string) (hc *fdpass.Conn, handed time.Ti
 
 // handoffAgents starts `receive --deliver --once` on the target host (with
 // recvArgs added), with the workload's new instance listening for the
-// delivery (adopt), and `send --handoff` on the source host. It returns
+// delivery (adopt), and `send --handoff` on the source host (with sendArgs
+// added). It returns
 // the hand-over socket's path once it is there, both agents, and the
 // outcome of the adoption.
-func (w *world) handoffAgents(recvArgs ...string) (hand string, receiver, sender *exec.Cmd, delivered <-chan error) {
+func (w *world) handoffAgents(recvArgs, sendArgs []string) (hand string, receiver, sender *exec.Cmd, delivered <-chan error) {
 	t := w.t
 	t.Helper()
 	cert, key, ca := certFiles(t)
@@ -319,7 +279,7 @@ func (w *world) handoffAgents(recvArgs ...string) (hand string, receiver, sender
 	receiver = agent(t, w.dst, recv...)
 	waitListening(t, w.dst, 7946)
 	send := append([]string{"send", "--to", "198.18.0.3:7946", "--handoff", "unix:" + hand,
-		"--release-addr", svc.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, append(tls, w.sendArgs...)...)
+		"--release-addr", svc.String(), "--dev", "eth0", "--journal-dir", filepath.Join(dir, "js")}, append(tls, sendArgs...)...)
 	sender = agent(t, w.src, send...)
 	waitFile(t, hand)
 	return hand, receiver, sender, adopted

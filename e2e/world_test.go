@@ -47,12 +47,8 @@ type world struct {
 	// deliveries lists the peers of the connections of each call of the
 	// target agent's Deliver, in order (agents; guarded by mu).
 	deliveries [][]netip.AddrPort
-	// quiet is how many of the first connections quieten stopped.
-	quiet int
 	// delivering is set while the target agent's Deliver runs (agents).
 	delivering atomic.Bool
-	// sendArgs are added to `send` (handoffAgents).
-	sendArgs []string
 }
 
 func newWorld(t *testing.T, n int) *world {

@@ -252,20 +252,19 @@ func (m *migration) isPending(c *conn) bool {
 // retransmitted by the peers and reach the new instance.
 func (m *migration) deliver(ctx context.Context, conns []*Delivered, withListeners bool) map[uint32]error {
 	ls := m.lsn
-	if ls != nil {
-		for _, d := range conns {
-			if i, ok := ls.pendingOf[d.Index]; ok {
-				d.PendingOn = ls.specs[i].Listener.Local
-			}
-		}
-	}
 	if ls == nil || !withListeners {
+		// No connection pending on a listener comes without the listeners.
 		if m.srv.cfg.Deliver == nil {
 			return nil
 		}
 		return m.onlyOf(conns, m.srv.cfg.Deliver(ctx, conns))
 	}
 	all := slices.Clone(conns)
+	for _, d := range all {
+		if i, ok := ls.pendingOf[d.Index]; ok {
+			d.PendingOn = ls.specs[i].Listener.Local
+		}
+	}
 	first := uint32(m.count) // listener i is delivered with index count+i
 	for i, fd := range ls.fds {
 		if fd < 0 {

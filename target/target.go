@@ -717,6 +717,10 @@ func finals(batch []record) uint32 {
 // connection's other record in its stream, and so in recs: splitting the
 // batch keeps that order for each connection.
 func (m *migration) restoreBatch(batch []record) ([]transport.Verdict, error) {
+	isPre := func(r record) bool { return r.pass == transport.PassPre }
+	if !slices.ContainsFunc(batch, isPre) {
+		return m.restoreRecords(batch, false) // the records after the lock
+	}
 	var pre, rest []record
 	for _, r := range batch {
 		if r.pass == transport.PassPre {
@@ -950,22 +954,24 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			}
 		}
 	}
-	// The connections the source captured after its lock first: those
-	// that were busy (waves, in the source), whose peers are sending; of
-	// those, the ones taken from a listener's accept queue last, since
-	// they go to the application with their listeners.
-	live := make([]*conn, 0, len(m.conns))
-	for _, pass := range []func(*conn) bool{
-		func(c *conn) bool { return !c.precopied && !m.isPending(c) },
-		func(c *conn) bool { return !c.precopied && m.isPending(c) },
-		func(c *conn) bool { return c.precopied },
-	} {
-		for _, c := range m.conns {
-			if c != nil && c.fd >= 0 && pass(c) {
-				live = append(live, c)
-			}
+	// The connections the source captured after its lock first (first):
+	// those that were busy (waves, in the source), whose peers are
+	// sending; then those of them taken from a listener's accept queue,
+	// which go to the application with their listeners; then the
+	// confirmed copies.
+	var first, pending, copied []*conn
+	for _, c := range m.conns {
+		switch {
+		case c == nil || c.fd < 0:
+		case c.precopied:
+			copied = append(copied, c)
+		case m.isPending(c):
+			pending = append(pending, c)
+		default:
+			first = append(first, c)
 		}
 	}
+	live := slices.Concat(first, pending, copied)
 	var failed []transport.Verdict
 	fail := func(c *conn, err error) {
 		c.report.Verdict, c.report.Err = transport.VerdictFailed, err
@@ -1004,7 +1010,8 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 			err = m.lock.Unlock(tuples)
 		}
 	}
-	live = slices.DeleteFunc(live, func(c *conn) bool { return c.fd < 0 })
+	gone := func(c *conn) bool { return c.fd < 0 }
+	live, first = slices.DeleteFunc(live, gone), slices.DeleteFunc(first, gone)
 	if err != nil {
 		m.log.Error("commit failed before any socket was resumed: backing out", "err", err)
 		return m.abort(ctx, fmt.Errorf("target: commit: %w", err), true)
@@ -1013,17 +1020,12 @@ func (m *migration) commit(ctx context.Context, msg *transport.Commit) (*Report,
 	m.srv.record(m.id, transport.StateCommitted)
 	// When each connection's freeze ended, for the source's report.
 	resumedUs := make([]uint32, m.count)
-	// When the application takes them in waves, the connections without a
-	// confirmed copy (first in live), less those pending on a listener, go
-	// to it before the others are woken; otherwise all go together once
-	// all are live.
-	nFirst := 0
-	for nFirst < len(live) && !live[nFirst].precopied && !m.isPending(live[nFirst]) {
-		nFirst++
-	}
+	// When the application takes them in waves, first (at the head of
+	// live) goes to it before the others are woken; otherwise all go
+	// together once all are live.
 	groups := [][]*conn{live}
-	if m.srv.cfg.DeliverWaves && 0 < nFirst && nFirst < len(live) {
-		groups = [][]*conn{live[:nFirst], live[nFirst:]}
+	if m.srv.cfg.DeliverWaves && 0 < len(first) && len(first) < len(live) {
+		groups = [][]*conn{first, live[len(first):]}
 	}
 	var (
 		delivered     []*Delivered
