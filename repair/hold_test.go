@@ -128,30 +128,8 @@ func testHeldMigration(t *testing.T, v6 bool, family int, hold bool, pace time.D
 		// it (before, a late ACK of the source host's could draw one).
 		before, beforeExt = tcpCounters(t, h.peer), tcpExtCounters(t, h.peer)
 	}
-	if err := srcLock.Lock([]firewall.Tuple{tuple}); err != nil {
-		t.Fatal(err)
-	}
 	locked := time.Now()
-	var snap Snapshot
-	if err := h.src.Do(func() error { return Dump(srcFd, &snap) }); err != nil {
-		t.Fatal(err)
-	}
-	if hold {
-		snap.MarkHeld()
-	}
-	if err := Discard(dupFd(t, srcFd)); err != nil {
-		t.Fatal(err)
-	}
-	src.Close()
-
-	dstLock := newLock(t, h.dst, "holdtest-dst", false)
-	if err := dstLock.Lock([]firewall.Tuple{tuple}); err != nil {
-		t.Fatal(err)
-	}
-	var fd int
-	if err := h.dst.Do(func() (err error) { fd, err = Restore(&snap); return err }); err != nil {
-		t.Fatal(err)
-	}
+	snap, fd, dstLock := h.moveLocked(t, srcLock, srcFd, src, tuple, hold, "holdtest-dst")
 	in := newInjector(t, h.dst, dstLock.BypassMark())
 	wantNoQueue(t, fd)
 	h.moveService(t)
@@ -354,26 +332,7 @@ func TestAckNowAfterKick(t *testing.T) {
 	if left, err := Drain([]int{srcFd}, 200*time.Millisecond); err != nil || left != 0 {
 		t.Fatalf("drain: %d left, %v", left, err)
 	}
-	if err := srcLock.Lock([]firewall.Tuple{tuple}); err != nil {
-		t.Fatal(err)
-	}
-	var snap Snapshot
-	if err := h.src.Do(func() error { return Dump(srcFd, &snap) }); err != nil {
-		t.Fatal(err)
-	}
-	snap.MarkHeld()
-	if err := Discard(dupFd(t, srcFd)); err != nil {
-		t.Fatal(err)
-	}
-	src.Close()
-	dstLock := newLock(t, h.dst, "acknow-dst", false)
-	if err := dstLock.Lock([]firewall.Tuple{tuple}); err != nil {
-		t.Fatal(err)
-	}
-	var fd int
-	if err := h.dst.Do(func() (err error) { fd, err = Restore(&snap); return err }); err != nil {
-		t.Fatal(err)
-	}
+	snap, fd, dstLock := h.moveLocked(t, srcLock, srcFd, src, tuple, true, "acknow-dst")
 	defer unix.Close(fd)
 	in := newInjector(t, h.dst, dstLock.BypassMark())
 	h.moveService(t)

@@ -51,6 +51,39 @@ func newHosts(t *testing.T, v6 bool) *hosts {
 	return h
 }
 
+// moveLocked moves the connection on srcFd (tuple) from the source host to
+// the target host as a migration does: srcLock locks it, Dump takes it
+// (marked held if held), the source's copy is discarded (a duplicate, in
+// repair mode: silent) and src closed, and the snapshot is restored on the
+// target host behind a lock of its own (instance dstName), left in repair
+// mode. It returns the snapshot, the restored socket and the target's lock.
+func (h *hosts) moveLocked(t *testing.T, srcLock *firewall.Lock, srcFd int, src io.Closer, tuple firewall.Tuple, held bool, dstName string) (Snapshot, int, *firewall.Lock) {
+	t.Helper()
+	if err := srcLock.Lock([]firewall.Tuple{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	var snap Snapshot
+	if err := h.src.Do(func() error { return Dump(srcFd, &snap) }); err != nil {
+		t.Fatal(err)
+	}
+	if held {
+		snap.MarkHeld()
+	}
+	if err := Discard(dupFd(t, srcFd)); err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+	dstLock := newLock(t, h.dst, dstName, false)
+	if err := dstLock.Lock([]firewall.Tuple{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	var fd int
+	if err := h.dst.Do(func() (err error) { fd, err = Restore(&snap); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return snap, fd, dstLock
+}
+
 // moveService moves the service address from the source to the target, as
 // the switch phase of a migration does, and makes the peer forget the old
 // link-layer address (a gratuitous ARP would do that on a real network).
