@@ -48,8 +48,9 @@ const (
 // getsockname and getpeername through inet_getname) while another task
 // owns it, or when a page fault on the user buffer has to find memory. So
 // the raw helpers serve only sockets no other task can hold, with small
-// buffers: the source's sockets from Capture on, whose owner is frozen
-// (Capture, Resume, Discard), and this process's own sockets (NewBlank,
+// buffers: the source's sockets once their owner is frozen or paused
+// (Precapture, before the lock but after the pause; Unchanged, Capture,
+// Recapture, Resume, Discard), and this process's own sockets (NewBlank,
 // Restorer.Preset, Restore, Settle, Restorer.Resume or Wake and Finish,
 // Discard on the target, and the binds of Listen and PortHeld), for option
 // calls and ioctls on a few bytes of stack, bind, and peeks of at most
